@@ -1,0 +1,5 @@
+import sys
+
+from mammorg.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""Dataset adapters, manifest validation, splits, audit and the torch dataset."""

@@ -1,0 +1,95 @@
+"""VinDr-Mammo adapter (also reads what ``mammorg synth`` writes)."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+from mammorg.data.common import IngestResult, exam_row, patient_split, read_csv_checked
+from mammorg.io import read_jsonl
+from mammorg.labels import BIRADS_VALUES, FINDINGS
+from mammorg.privacy import hash_id
+
+BREAST_COLUMNS = ["study_id", "image_id", "laterality", "view_position", "breast_birads",
+                  "breast_density", "split"]
+CATEGORY_MAP = {
+    "Mass": "mass", "Suspicious Calcification": "calcification", "Calcification": "calcification",
+    "Asymmetry": "asymmetry", "Focal Asymmetry": "asymmetry", "Global Asymmetry": "asymmetry",
+    "Architectural Distortion": "architectural_distortion", "Skin Thickening": "skin_thickening",
+    "Nipple Retraction": "nipple_retraction", "Suspicious Lymph Node": "lymph_node",
+    "Lymph Node": "lymph_node", "Skin Retraction": None, "No Finding": None,
+}
+
+
+def parse_birads(value: str) -> str | None:
+    """``"BI-RADS 4"`` → ``"4"``; ``"BI-RADS 4B"`` → ``"4B"``."""
+    token = value.upper().replace("BI-RADS", "").strip()
+    return token if token in BIRADS_VALUES else None
+
+
+def parse_density(value: str) -> str | None:
+    token = value.upper().replace("DENSITY", "").strip().lower()
+    return token if token in ("a", "b", "c", "d") else None
+
+
+def _categories(text: str) -> list[str]:
+    try:
+        value = ast.literal_eval(text) if text else []
+    except (ValueError, SyntaxError):
+        return [text]
+    return [str(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
+
+
+def _side_findings(rows, result: IngestResult, source: Path, exam_id: str) -> dict[str, dict]:
+    """Exhaustive annotation: listed categories are positive, the others negative."""
+    found: dict[str, set] = {"L": set(), "R": set()}
+    for row in rows:
+        for cat in _categories(row["finding_categories"]):
+            if cat not in CATEGORY_MAP:
+                result.problem(source, f"unknown finding category {cat!r}", exam_id)
+            elif CATEGORY_MAP[cat]:
+                found[row["laterality"]].add(CATEGORY_MAP[cat])
+    return {s: {f: ("pos" if f in found[s] else "neg") for f in FINDINGS} for s in "LR"}
+
+
+def ingest_vindr(root: str | Path) -> IngestResult:
+    root = Path(root)
+    result = IngestResult()
+    breast = read_csv_checked(root / "breast-level_annotations.csv", BREAST_COLUMNS)
+    finding_path = root / "finding_annotations.csv"
+    findings = read_csv_checked(finding_path, ["study_id", "laterality", "finding_categories"]) \
+        if finding_path.exists() else None
+    reports = {}
+    if (root / "reports.jsonl").exists():
+        reports = {r["study_id"]: r.get("text") for r in read_jsonl(root / "reports.jsonl")}
+    for study_id, rows in breast.groupby("study_id", sort=True):
+        exam_id = "vindr-" + hash_id(study_id)
+        views: dict[str, str] = {}
+        birads: dict[str, str | None] = {}
+        for _, row in rows.iterrows():
+            view = f"{row['laterality']}_{row['view_position']}"
+            rel = Path("images") / study_id / f"{row['image_id']}.dicom"
+            if row["laterality"] not in ("L", "R") or row["view_position"] not in ("CC", "MLO"):
+                result.problem(root / "breast-level_annotations.csv",
+                               f"image {hash_id(row['image_id'])}: unknown view {view}", exam_id)
+                continue
+            if view in views:
+                result.problem(rel, f"duplicate view {view}; first kept", exam_id)
+                continue
+            if not (root / rel).is_file():
+                result.problem(rel, "image file missing", exam_id)
+                continue
+            views[view] = str(rel)
+            birads[row["laterality"]] = parse_birads(row["breast_birads"])
+        if not views:
+            result.problem(root / "breast-level_annotations.csv", "no usable view", exam_id)
+            continue
+        densities = {parse_density(d) for d in rows["breast_density"]} - {None}
+        side_findings = {}
+        if findings is not None:
+            side_findings = _side_findings(findings[findings["study_id"] == study_id].to_dict(
+                "records"), result, finding_path, exam_id)
+        split = patient_split(study_id, dataset_split=rows["split"].iloc[0])
+        result.exams.append(exam_row(exam_id, "vindr", split, views,
+                                     max(densities) if densities else None, birads, side_findings,
+                                     reports.get(study_id), {"manufacturer": None}))
+    return result

@@ -1,0 +1,134 @@
+"""Reading mammography DICOM: decode, modality/VOI LUT, MONOCHROME1, padding, view and laterality."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.errors import InvalidDicomError
+from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+from mammorg.io import MammorgError
+
+# View Code Sequence code values (SNOMED RT and SNOMED CT) for the projections we use.
+_VIEW_CODES = {
+    "R-10242": "CC", "399162004": "CC", "R-1024A": "CC", "399067008": "CC",  # CC, XCCL
+    "R-10226": "MLO", "399368009": "MLO", "R-10224": "MLO", "399260004": "MLO",  # MLO, ML
+    "R-10230": "MLO", "399352003": "MLO",  # LM
+}
+_VIEW_POSITIONS = {"CC": "CC", "XCCL": "CC", "XCCM": "CC", "FB": "CC", "MLO": "MLO",
+                   "ML": "MLO", "LM": "MLO", "LMO": "MLO", "SIO": "MLO"}
+_MEANINGS = (("cranio-caudal", "CC"), ("craniocaudal", "CC"), ("medio-lateral oblique", "MLO"),
+             ("mediolateral oblique", "MLO"), ("medio-lateral", "MLO"), ("latero-medial", "MLO"))
+
+
+@dataclass
+class MammoImage:
+    """A decoded view: float32 pixels in [0, 1] (bright = dense) plus what we know about it."""
+
+    pixels: np.ndarray
+    view: str
+    meta: dict = field(default_factory=dict)
+
+
+class DicomViewError(MammorgError):
+    """The laterality or projection of an image cannot be determined."""
+
+
+def _laterality(ds: pydicom.Dataset) -> str | None:
+    for keyword in ("ImageLaterality", "Laterality"):
+        value = str(ds.get(keyword, "") or "").strip().upper()
+        if value in ("L", "R"):
+            return value
+    return None
+
+
+def _projection(ds: pydicom.Dataset) -> str | None:
+    for item in ds.get("ViewCodeSequence", []) or []:
+        code = str(item.get("CodeValue", "")).strip()
+        if code in _VIEW_CODES:
+            return _VIEW_CODES[code]
+        meaning = str(item.get("CodeMeaning", "")).lower()
+        for text, proj in _MEANINGS:
+            if text in meaning:
+                return proj
+    position = str(ds.get("ViewPosition", "") or "").strip().upper()
+    return _VIEW_POSITIONS.get(position)
+
+
+def view_of(ds: pydicom.Dataset, path: str | Path = "<dataset>") -> str:
+    """``"L_CC"`` etc. from Image Laterality → Laterality, View Code Sequence → View Position."""
+    side, proj = _laterality(ds), _projection(ds)
+    if side is None:
+        raise DicomViewError(f"{path}: laterality unknown (no ImageLaterality/Laterality L or R)")
+    if proj is None:
+        raise DicomViewError(f"{path}: view unknown (no usable ViewCodeSequence/ViewPosition)")
+    return f"{side}_{proj}"
+
+
+def _voi_range(ds: pydicom.Dataset, arr: np.ndarray) -> tuple[float, float]:
+    """Output range of the VOI transform, or the data range where none applies."""
+    has_window = "WindowCenter" in ds and "WindowWidth" in ds
+    if "VOILUTSequence" in ds or has_window:
+        bits = int(ds.get("BitsStored", 16))
+        if "VOILUTSequence" in ds:
+            lut_bits = ds.VOILUTSequence[0].LUTDescriptor[2]
+            return 0.0, float(2 ** int(lut_bits) - 1)
+        return 0.0, float(2**bits - 1)
+    lo, hi = np.percentile(arr, [0.0, 100.0])
+    return float(lo), float(hi)
+
+
+def _to_unit_range(ds: pydicom.Dataset, raw: np.ndarray) -> np.ndarray:
+    arr = apply_modality_lut(raw, ds)
+    arr = apply_voi_lut(arr, ds, index=0)
+    lo, hi = _voi_range(ds, arr)
+    out = (np.asarray(arr, dtype=np.float32) - lo) / max(hi - lo, 1e-6)
+    out = np.clip(out, 0.0, 1.0)
+    if str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1":
+        out = 1.0 - out
+    padding = ds.get("PixelPaddingValue")
+    if padding is not None:
+        out[raw == padding] = 0.0
+    return out
+
+
+def read_header(path: str | Path) -> pydicom.Dataset:
+    """Header only (no pixel data), with clear errors."""
+    try:
+        return pydicom.dcmread(str(path), stop_before_pixels=True)
+    except (InvalidDicomError, EOFError, OSError, ValueError) as exc:
+        raise MammorgError(f"{path}: not a readable DICOM file ({exc})") from None
+
+
+def read_dicom(path: str | Path, *, allow_for_processing: bool = False) -> MammoImage:
+    """Decode a mammogram to float32 in [0, 1], dense tissue bright."""
+    path = Path(path)
+    try:
+        ds = pydicom.dcmread(str(path))
+    except (InvalidDicomError, EOFError, OSError, ValueError) as exc:
+        raise MammorgError(f"{path}: not a readable DICOM file ({exc})") from None
+    if "PixelData" not in ds:
+        raise MammorgError(f"{path}: no pixel data")
+    intent = str(ds.get("PresentationIntentType", "")).upper()
+    if intent == "FOR PROCESSING" and not allow_for_processing:
+        raise MammorgError(f"{path}: FOR PROCESSING image (raw detector data); skipped")
+    view = view_of(ds, path)
+    try:
+        raw = ds.pixel_array
+    except Exception as exc:  # decoders raise many types
+        uid = getattr(ds.file_meta, "TransferSyntaxUID", "?")
+        raise MammorgError(f"{path}: cannot decode pixel data (transfer syntax {uid}): "
+                           f"{str(exc).splitlines()[0]}") from None
+    if raw.ndim != 2:
+        raise MammorgError(f"{path}: expected one grey-scale frame, got shape {raw.shape}")
+    meta = {
+        "manufacturer": str(ds.get("Manufacturer", "") or ""),
+        "photometric": str(ds.get("PhotometricInterpretation", "")),
+        "bits_stored": int(ds.get("BitsStored", 16)),
+        "transfer_syntax": str(getattr(ds.file_meta, "TransferSyntaxUID", "")),
+        "voi_lut_function": str(ds.get("VOILUTFunction", "") or "LINEAR"),
+        "presentation_intent": intent or None,
+    }
+    return MammoImage(pixels=_to_unit_range(ds, raw), view=view, meta=meta)

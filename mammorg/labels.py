@@ -1,0 +1,51 @@
+"""Canonical label space (DESIGN.md §3): sides, views, density, BI-RADS, findings."""
+from __future__ import annotations
+
+SIDES: tuple[str, ...] = ("L", "R")
+VIEWS: tuple[str, ...] = ("L_CC", "L_MLO", "R_CC", "R_MLO")
+PROJECTIONS: tuple[str, ...] = ("CC", "MLO")
+DENSITIES: tuple[str, ...] = ("a", "b", "c", "d")
+BIRADS_VALUES: tuple[str, ...] = ("0", "1", "2", "3", "4", "4A", "4B", "4C", "5", "6")
+# Classes of the stage-1 BI-RADS head; a bare "4" is a partial label over 4A/4B/4C.
+BIRADS_CLASSES: tuple[str, ...] = ("0", "1", "2", "3", "4A", "4B", "4C", "5", "6")
+FINDINGS: tuple[str, ...] = (
+    "mass",
+    "calcification",
+    "asymmetry",
+    "architectural_distortion",
+    "skin_thickening",
+    "nipple_retraction",
+    "lymph_node",
+)
+FINDING_STATES: tuple[str, ...] = ("pos", "neg", "unc")
+
+# Severity used for the exam-level category: 0 ranks above the benign categories.
+_SEVERITY = {"1": 0, "2": 1, "3": 2, "0": 3, "4": 4, "4A": 5, "4B": 6, "4C": 7, "5": 8, "6": 9}
+
+
+def birads_severity(value: str) -> int:
+    """Rank of a BI-RADS value; higher is more severe."""
+    return _SEVERITY[value]
+
+
+def most_severe(values: list[str | None]) -> str | None:
+    """The most severe of the given BI-RADS values (None entries ignored)."""
+    present = [v for v in values if v is not None]
+    return max(present, key=birads_severity) if present else None
+
+
+def birads_class_mask(value: str | None) -> list[bool]:
+    """Which BI-RADS head classes are compatible with a label (a bare 4 admits 4A/4B/4C)."""
+    if value is None:
+        return [False] * len(BIRADS_CLASSES)
+    if value == "4":
+        return [c in ("4A", "4B", "4C") for c in BIRADS_CLASSES]
+    return [c == value for c in BIRADS_CLASSES]
+
+
+def view_side(view: str) -> str:
+    return view.split("_", 1)[0]
+
+
+def view_projection(view: str) -> str:
+    return view.split("_", 1)[1]

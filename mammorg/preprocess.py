@@ -1,0 +1,198 @@
+"""Geometry normalisation (orientation, breast crop, resize) and the decoded-view cache."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from mammorg.dicom import read_dicom
+from mammorg.io import MammorgError, atomic_path, read_jsonl, write_json_atomic, write_jsonl_atomic
+from mammorg.labels import VIEWS
+
+
+@dataclass(frozen=True)
+class PreprocessSpec:
+    """Settings that define a cached view; part of the cache key."""
+
+    height: int = 512
+    width: int = 256
+    crop_threshold: float = 0.04
+    version: int = 1
+
+    def key(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:10]
+
+
+def orient_chest_wall_left(img: np.ndarray) -> tuple[np.ndarray, bool]:
+    """Flip horizontally so that the chest wall (the brighter half) is on the left."""
+    half = img.shape[1] // 2
+    flip = bool(img[:, half:].sum() > img[:, :half].sum())
+    return (img[:, ::-1] if flip else img), flip
+
+
+def breast_bbox(img: np.ndarray, threshold: float) -> tuple[int, int, int, int]:
+    """(top, bottom, left, right) of rows/columns whose foreground share exceeds 1%."""
+    fg = img > threshold
+    rows = np.flatnonzero(fg.mean(axis=1) > 0.01)
+    cols = np.flatnonzero(fg.mean(axis=0) > 0.01)
+    if rows.size == 0 or cols.size == 0:
+        return 0, img.shape[0], 0, img.shape[1]
+    return int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+
+
+def pad_to_aspect(img: np.ndarray, height: int, width: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """Zero-pad bottom/right (away from the chest wall) to the target aspect ratio."""
+    h, w = img.shape
+    target = height / width
+    if h / w > target:
+        new_w, new_h = int(round(h / target)), h
+    else:
+        new_w, new_h = w, int(round(w * target))
+    out = np.zeros((new_h, new_w), dtype=img.dtype)
+    top = (new_h - h) // 2
+    out[top:top + h, :w] = img
+    return out, (top, 0)
+
+
+def resize(img: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Anti-aliased bilinear resize of a 2-D float image."""
+    if img.shape == (height, width):
+        return img.astype(np.float32, copy=False)
+    t = torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32))[None, None]
+    out = F.interpolate(t, size=(height, width), mode="bilinear", antialias=True, align_corners=False)
+    return out[0, 0].clamp_(0, 1).numpy()
+
+
+def normalise_geometry(img: np.ndarray, spec: PreprocessSpec) -> tuple[np.ndarray, dict]:
+    """Orient, crop to the breast and resize; returns the image and the geometry applied."""
+    oriented, flipped = orient_chest_wall_left(img)
+    top, bottom, left, right = breast_bbox(oriented, spec.crop_threshold)
+    cropped = oriented[top:bottom, left:right]
+    padded, offset = pad_to_aspect(cropped, spec.height, spec.width)
+    out = resize(padded, spec.height, spec.width)
+    geometry = {"flipped": flipped, "crop": [top, bottom, left, right],
+                "pad_offset": list(offset), "scale": spec.height / padded.shape[0],
+                "source_shape": list(img.shape)}
+    return out, geometry
+
+
+def preprocess_file(path: str | Path, spec: PreprocessSpec) -> tuple[np.ndarray, str, dict]:
+    """Decode and normalise one image file (DICOM or 16-bit PNG)."""
+    path = Path(path)
+    if path.suffix.lower() == ".png":
+        from mammorg.png import read_png
+
+        image = read_png(path)
+    else:
+        image = read_dicom(path)
+    out, geometry = normalise_geometry(image.pixels, spec)
+    return out, image.view, {**image.meta, **geometry}
+
+
+def to_uint16(img: np.ndarray) -> np.ndarray:
+    return np.round(np.clip(img, 0, 1) * 65535).astype(np.uint16)
+
+
+def from_uint16(arr: np.ndarray) -> np.ndarray:
+    return arr.astype(np.float32) / 65535.0
+
+
+def file_digest(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:20]
+
+
+def cache_entry_path(cache_dir: Path, digest: str, spec: PreprocessSpec) -> Path:
+    return cache_dir / "views" / digest[:2] / f"{digest}_{spec.key()}.npy"
+
+
+def cache_view(path: str, cache_dir: str, spec: PreprocessSpec) -> dict:
+    """Decode one view into the cache unless already there; never raises for bad input."""
+    try:
+        entry = cache_entry_path(Path(cache_dir), file_digest(path), spec)
+        if not entry.exists():
+            img, view, meta = preprocess_file(path, spec)
+            with atomic_path(entry) as tmp:
+                with open(tmp, "wb") as fh:
+                    np.save(fh, to_uint16(img))
+            return {"entry": str(entry), "view": view, "cached": False}
+        return {"entry": str(entry), "view": None, "cached": True}
+    except MammorgError as exc:
+        return {"error": str(exc)}
+    except OSError as exc:
+        return {"error": f"{path}: {exc.strerror or exc}"}
+
+
+def resolve_view_path(manifest_dir: Path, value: str | None) -> Path | None:
+    if value is None:
+        return None
+    p = Path(value)
+    return p if p.is_absolute() else manifest_dir / p
+
+
+def preprocess_manifest(manifest: str | Path, cache_dir: str | Path, spec: PreprocessSpec,
+                        workers: int = 0, progress: bool = True) -> dict:
+    """Cache every view of a manifest; write ``cache_dir/manifest.jsonl`` with ``cache`` paths."""
+    manifest, cache_dir = Path(manifest), Path(cache_dir)
+    exams = read_jsonl(manifest)
+    jobs = [(i, v, str(resolve_view_path(manifest.parent, ex["views"].get(v))))
+            for i, ex in enumerate(exams) for v in VIEWS if ex["views"].get(v)]
+    workers = workers or max(1, min(os.cpu_count() or 1, 8))
+    results = _run_jobs(jobs, cache_dir, spec, workers, progress)
+    problems, out_rows = [], []
+    for i, ex in enumerate(exams):
+        cache = {}
+        for v in VIEWS:
+            res = results.get((i, v))
+            if res is None:
+                continue
+            if "error" in res:
+                problems.append({"exam_id": ex["exam_id"], "view": v, "problem": res["error"]})
+            else:
+                cache[v] = os.path.relpath(res["entry"], cache_dir)
+        if cache:
+            out_rows.append({**ex, "views": {v: (str(resolve_view_path(manifest.parent, p))
+                                                  if p else None) for v, p in ex["views"].items()},
+                             "cache": cache})
+        else:
+            problems.append({"exam_id": ex["exam_id"], "view": None, "problem": "no usable view"})
+    write_json_atomic(cache_dir / "spec.json", asdict(spec))
+    write_jsonl_atomic(cache_dir / "manifest.jsonl", out_rows)
+    write_jsonl_atomic(cache_dir / "problems.jsonl", problems)
+    n_new = sum(1 for r in results.values() if r.get("cached") is False)
+    return {"exams": len(out_rows), "views": len(jobs), "decoded": n_new,
+            "reused": sum(1 for r in results.values() if r.get("cached")), "problems": problems}
+
+
+def _run_jobs(jobs: list, cache_dir: Path, spec: PreprocessSpec, workers: int,
+              progress: bool) -> dict:
+    bar = tqdm(total=len(jobs), desc="preprocess", unit="view", disable=not progress)
+    results = {}
+    if workers <= 1:
+        for i, v, p in jobs:
+            results[(i, v)] = cache_view(p, str(cache_dir), spec)
+            bar.update()
+    else:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            futures = {(i, v): pool.submit(cache_view, p, str(cache_dir), spec) for i, v, p in jobs}
+            for key, fut in futures.items():
+                results[key] = fut.result()
+                bar.update()
+    bar.close()
+    return results
+
+
+def load_cached(cache_dir: str | Path, rel: str, mmap: bool = True) -> np.ndarray:
+    """Load a cached view as uint16 (memory-mapped by default)."""
+    return np.load(Path(cache_dir) / rel, mmap_mode="r" if mmap else None)

@@ -1,0 +1,1 @@
+"""Synthetic four-view exams with known ground truth (the embedded default data set)."""
