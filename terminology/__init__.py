@@ -1,0 +1,5 @@
+"""BI-RADS lexicon, term-aware normalisation and tokenizer extension."""
+from terminology.lexicon import Lexicon, Term, load_lexicon
+from terminology.normalize import Normalizer
+
+__all__ = ["Lexicon", "Term", "load_lexicon", "Normalizer"]

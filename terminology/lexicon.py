@@ -1,0 +1,74 @@
+"""Loading and validating the BI-RADS lexicon data file."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import yaml
+
+from mammorg.io import MammorgError
+
+DEFAULT_LEXICON = Path(__file__).with_name("lexicon.yaml")
+
+
+@dataclass(frozen=True)
+class Term:
+    term: str
+    category: str
+    variants: tuple[str, ...] = ()
+    label: dict = field(default_factory=dict, hash=False, compare=False)
+
+
+@dataclass(frozen=True)
+class Lexicon:
+    terms: tuple[Term, ...]
+    categories: tuple[str, ...]
+
+    def canonical_terms(self) -> list[str]:
+        return [t.term for t in self.terms]
+
+    def by_category(self, category: str) -> list[Term]:
+        return [t for t in self.terms if t.category == category]
+
+    def surface_map(self) -> dict[str, str]:
+        """Lower-cased variant or canonical form → canonical form."""
+        out = {}
+        for t in self.terms:
+            out[t.term.lower()] = t.term
+            for v in t.variants:
+                out[v.lower()] = t.term
+        return out
+
+
+def validate(raw: dict, source: Path) -> Lexicon:
+    categories = tuple(raw.get("categories") or ())
+    seen: dict[str, str] = {}
+    terms = []
+    for item in raw.get("terms") or []:
+        t = Term(term=str(item["term"]), category=str(item["category"]),
+                 variants=tuple(str(v) for v in item.get("variants") or ()),
+                 label=dict(item.get("label") or {}))
+        if t.category not in categories:
+            raise MammorgError(f"{source}: term {t.term!r} has unknown category {t.category!r}")
+        for surface in (t.term, *t.variants):
+            key = surface.lower()
+            if key in seen and seen[key] != t.term:
+                raise MammorgError(f"{source}: {surface!r} is a variant of both {seen[key]!r} "
+                                   f"and {t.term!r}")
+            seen[key] = t.term
+        terms.append(t)
+    if not terms:
+        raise MammorgError(f"{source}: no terms")
+    return Lexicon(terms=tuple(terms), categories=categories)
+
+
+@lru_cache(maxsize=8)
+def load_lexicon(path: str | Path = DEFAULT_LEXICON) -> Lexicon:
+    """Load and validate a lexicon file (cached per path)."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        raise MammorgError(f"{path}: cannot read lexicon ({exc})") from None
+    return validate(raw, path)

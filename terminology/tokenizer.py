@@ -1,0 +1,103 @@
+"""Atomic lexicon terms in Hugging Face tokenizers: extension, embedding init, BPE training."""
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import torch
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+from terminology.lexicon import Lexicon
+from terminology.normalize import Normalizer
+
+SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>",
+                  "unk_token": "<unk>"}
+
+
+def _atomic(term: str) -> AddedToken:
+    return AddedToken(term, single_word=True, lstrip=False, rstrip=False, normalized=False,
+                      special=False)
+
+
+def extend_tokenizer(tokenizer: PreTrainedTokenizerBase, lexicon: Lexicon,
+                     only_multi_piece: bool = True) -> dict[str, list[int]]:
+    """Add lexicon terms as atomic tokens; return each added term's original piece ids."""
+    pieces = {}
+    for term in lexicon.canonical_terms():
+        ids = tokenizer(term, add_special_tokens=False)["input_ids"]
+        if only_multi_piece and len(ids) == 1:
+            continue
+        if term in tokenizer.get_vocab():
+            continue
+        pieces[term] = ids
+    tokenizer.add_tokens([_atomic(t) for t in pieces])
+    return pieces
+
+
+@torch.no_grad()
+def init_term_embeddings(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
+                         pieces: dict[str, list[int]]) -> None:
+    """Resize embeddings and set each new term row to the mean of its sub-word pieces."""
+    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    matrices = [model.get_input_embeddings().weight]
+    out = model.get_output_embeddings()
+    if out is not None and out.weight.data_ptr() != matrices[0].data_ptr():
+        matrices.append(out.weight)
+    for term, ids in pieces.items():
+        new_id = tokenizer.convert_tokens_to_ids(term)
+        for weight in matrices:
+            weight[new_id] = weight[ids].mean(dim=0)
+
+
+def train_bpe_tokenizer(texts: Iterable[str], lexicon: Lexicon, out_dir: str | Path,
+                        vocab_size: int = 2000, normalizer: Normalizer | None = None
+                        ) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE on normalised reports; lexicon terms are atomic added tokens."""
+    normalizer = normalizer or Normalizer(lexicon)
+    corpus = [normalizer(t) for t in texts]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS.values()),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(corpus, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, clean_up_tokenization_spaces=False,
+                                   **SPECIAL_TOKENS)
+    fast.add_tokens([_atomic(t) for t in lexicon.canonical_terms()])
+    fast.save_pretrained(str(out_dir))
+    return fast
+
+
+def term_token_ids(tokenizer: PreTrainedTokenizerBase, lexicon: Lexicon) -> list[int]:
+    """Ids of lexicon terms that are single tokens in ``tokenizer``."""
+    vocab = tokenizer.get_vocab()
+    return sorted(vocab[t] for t in lexicon.canonical_terms() if t in vocab)
+
+
+def term_loss_weights(vocab_size: int, term_ids: Sequence[int], weight: float) -> torch.Tensor:
+    """Per-class weights for cross-entropy: ``weight`` on term tokens, 1 elsewhere."""
+    w = torch.ones(vocab_size)
+    if term_ids:
+        w[torch.as_tensor(list(term_ids))] = weight
+    return w
+
+
+def coverage_report(tokenizer: PreTrainedTokenizerBase, base_tokenizer: PreTrainedTokenizerBase,
+                    texts: Sequence[str], lexicon: Lexicon, normalizer: Normalizer) -> dict:
+    """Tokens per report with/without terms and the share of term occurrences kept atomic."""
+    norm = [normalizer(t) for t in texts]
+    with_terms = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in norm]
+    without = [len(base_tokenizer(t, add_special_tokens=False)["input_ids"]) for t in norm]
+    vocab = tokenizer.get_vocab()
+    occurrences = atomic = 0
+    for text in norm:
+        for term in lexicon.canonical_terms():
+            n = text.count(term)
+            occurrences += n
+            atomic += n if term in vocab else 0
+    return {"reports": len(texts), "mean_tokens_with_terms": sum(with_terms) / max(len(texts), 1),
+            "mean_tokens_without_terms": sum(without) / max(len(texts), 1),
+            "term_occurrences": occurrences,
+            "atomic_share": atomic / occurrences if occurrences else None}
