@@ -133,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--pred-b", default=None, help="second system for a paired significance test")
     s.add_argument("-o", "--out", required=True)
     s.add_argument("--bootstrap", type=int, default=1000)
+    s.add_argument("--no-meteor", action="store_true", help="skip METEOR (needs Java; slow)")
     s.set_defaults(func=_recipe("evaluation.cli", "evaluate_main"), command_path="evaluate")
     s = sub.add_parser("ablate")
     s.add_argument("--config", required=True)

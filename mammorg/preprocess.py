@@ -40,7 +40,7 @@ def orient_chest_wall_left(img: np.ndarray) -> tuple[np.ndarray, bool]:
 
 def breast_bbox(img: np.ndarray, threshold: float) -> tuple[int, int, int, int]:
     """(top, bottom, left, right) of rows/columns whose foreground share exceeds 1%."""
-    fg = img > threshold
+    fg = img > float(np.percentile(img, 1.0)) + threshold
     rows = np.flatnonzero(fg.mean(axis=1) > 0.01)
     cols = np.flatnonzero(fg.mean(axis=0) > 0.01)
     if rows.size == 0 or cols.size == 0:

@@ -89,8 +89,10 @@ def dicom_dataset(pixels: np.ndarray, view: str, ids: dict, rng: np.random.Gener
     spacing = round(FIELD_MM / pixels.shape[0], 4)
     ds.PixelSpacing = ds.ImagerPixelSpacing = [spacing, spacing]
     ds.RescaleSlope, ds.RescaleIntercept, ds.RescaleType = 1, 0, "US"
-    ds.WindowCenter, ds.WindowWidth = (2**bits) // 2, 2**bits
-    ds.VOILUTFunction = "SIGMOID" if rng.random() < 0.2 else "LINEAR"
+    sigmoid = bool(rng.random() < 0.2)
+    ds.VOILUTFunction = "SIGMOID" if sigmoid else "LINEAR"
+    # a sigmoid needs a narrower width to keep the background near black
+    ds.WindowCenter, ds.WindowWidth = (2**bits) // 2, 2 ** (bits - 1) if sigmoid else 2**bits
     ds.PixelData = to_stored(pixels, bits, mono1).tobytes()
     return ds
 

@@ -1,0 +1,114 @@
+"""Clinical-efficacy metrics on parsed reports: BI-RADS, density, side-aware findings."""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+from sklearn.metrics import f1_score
+
+from mammorg.labels import BIRADS_VALUES, DENSITIES, FINDINGS
+
+MISSING = "none"
+
+
+def _labels(structs: Sequence[dict], get: Callable[[dict], str | None]) -> list[str]:
+    return [get(s) or MISSING for s in structs]
+
+
+def macro_f1(ref: list[str], pred: list[str], classes: Sequence[str]) -> float:
+    """Macro-F1 over the reference classes present (a missing prediction counts as wrong)."""
+    present = [c for c in classes if c in ref]
+    if not present:
+        return float("nan")
+    return float(f1_score(ref, pred, labels=present, average="macro", zero_division=0))
+
+
+def _accuracy(ref: list[str], pred: list[str]) -> float:
+    pairs = [(r, p) for r, p in zip(ref, pred) if r != MISSING]
+    return float(np.mean([r == p for r, p in pairs])) if pairs else float("nan")
+
+
+def finding_counts(pred: dict, ref: dict) -> np.ndarray:
+    """Per category (tp, fp, fn) of positive findings, matched by side (L, R, U)."""
+    out = np.zeros((len(FINDINGS), 3), dtype=np.int64)
+    for side in ("L", "R", "U"):
+        p = (pred.get("findings") or {}).get(side) or {}
+        r = (ref.get("findings") or {}).get(side) or {}
+        for i, f in enumerate(FINDINGS):
+            pp, rp = p.get(f) == "pos", r.get(f) == "pos"
+            out[i] += (pp and rp, pp and not rp, rp and not pp)
+    return out
+
+
+def _f1(counts: np.ndarray) -> float:
+    tp, fp, fn = counts
+    return float(2 * tp / (2 * tp + fp + fn)) if (tp + fp + fn) else float("nan")
+
+
+def point_metrics(preds: Sequence[dict], refs: Sequence[dict]) -> dict:
+    """All clinical-efficacy point estimates for aligned parsed predictions and references."""
+    out = {}
+    for key, get in (("birads", lambda s: s["birads"].get("exam")),
+                     ("birads_L", lambda s: s["birads"].get("L")),
+                     ("birads_R", lambda s: s["birads"].get("R"))):
+        r, p = _labels(refs, get), _labels(preds, get)
+        out[f"{key}_acc"] = _accuracy(r, p)
+        out[f"{key}_f1"] = macro_f1(r, p, BIRADS_VALUES)
+    r, p = _labels(refs, lambda s: s.get("density")), _labels(preds, lambda s: s.get("density"))
+    out["density_acc"] = _accuracy(r, p)
+    out["density_f1"] = macro_f1(r, p, DENSITIES)
+    counts = sum((finding_counts(a, b) for a, b in zip(preds, refs)),
+                 np.zeros((len(FINDINGS), 3), dtype=np.int64))
+    out["finding_f1"] = _f1(counts.sum(axis=0))
+    out["finding_f1_macro"] = float(np.nanmean([_f1(c) for c in counts]) if counts.sum() else np.nan)
+    out["per_finding"] = {f: {"tp": int(c[0]), "fp": int(c[1]), "fn": int(c[2]), "f1": _f1(c)}
+                          for f, c in zip(FINDINGS, counts)}
+    return out
+
+
+def bootstrap_ci(preds: Sequence[dict], refs: Sequence[dict], keys: Sequence[str],
+                 n: int = 1000, seed: int = 0) -> dict[str, list[float]]:
+    """Percentile 95% intervals of the given metric keys over exams resampled with replacement."""
+    if n <= 0 or not preds:
+        return {}
+    rng = np.random.default_rng(seed)
+    samples: dict[str, list[float]] = {k: [] for k in keys}
+    idx_all = np.arange(len(preds))
+    for _ in range(n):
+        idx = rng.choice(idx_all, size=len(idx_all), replace=True)
+        m = point_metrics([preds[i] for i in idx], [refs[i] for i in idx])
+        for k in keys:
+            samples[k].append(m[k])
+    return {k: [float(np.nanpercentile(v, 2.5)), float(np.nanpercentile(v, 97.5))]
+            for k, v in samples.items() if not np.all(np.isnan(v))}
+
+
+def per_exam_scores(preds: Sequence[dict], refs: Sequence[dict]) -> dict[str, np.ndarray]:
+    """Per-exam scores for paired tests: BI-RADS/density correctness and finding counts."""
+    birads = np.array([p["birads"].get("exam") == r["birads"].get("exam") for p, r in zip(preds, refs)],
+                      dtype=float)
+    density = np.array([p.get("density") == r.get("density") for p, r in zip(preds, refs)], dtype=float)
+    counts = np.stack([finding_counts(p, r).sum(axis=0) for p, r in zip(preds, refs)]) \
+        if preds else np.zeros((0, 3))
+    return {"birads_acc": birads, "density_acc": density, "finding_counts": counts}
+
+
+def paired_bootstrap(a: dict[str, np.ndarray], b: dict[str, np.ndarray], n: int = 2000,
+                     seed: int = 0) -> dict[str, dict]:
+    """Paired bootstrap of system A − system B on the same references (two-sided p-values)."""
+    rng = np.random.default_rng(seed)
+    m = len(a["birads_acc"])
+    stats = {"birads_acc": lambda s, i: s["birads_acc"][i].mean(),
+             "density_acc": lambda s, i: s["density_acc"][i].mean(),
+             "finding_f1": lambda s, i: _f1(s["finding_counts"][i].sum(axis=0))}
+    out = {}
+    for key, stat in stats.items():
+        full = np.arange(m)
+        delta = stat(a, full) - stat(b, full)
+        diffs = np.array([stat(a, i) - stat(b, i) for i in
+                          (rng.integers(0, m, m) for _ in range(n))])
+        centred = diffs - np.nanmean(diffs)
+        p = float(np.nanmean(np.abs(centred) >= abs(delta))) if m else float("nan")
+        out[key] = {"delta": float(delta), "p_value": p,
+                    "ci95": [float(np.nanpercentile(diffs, 2.5)), float(np.nanpercentile(diffs, 97.5))]}
+    return out

@@ -1,0 +1,48 @@
+"""NLG metrics with the pycocoevalcap scorers on lower-cased, punctuation-split text."""
+from __future__ import annotations
+
+import re
+import shutil
+import warnings
+from collections.abc import Sequence
+
+from pycocoevalcap.bleu.bleu import Bleu
+from pycocoevalcap.cider.cider import Cider
+from pycocoevalcap.rouge.rouge import Rouge
+
+_TOKEN = re.compile(r"[a-z0-9]+(?:\.[0-9]+)?|[^\sa-z0-9]")
+
+
+def tokenize(text: str) -> str:
+    """Lower-case and split punctuation off words (numbers keep their decimal point)."""
+    return " ".join(_TOKEN.findall((text or "").lower()))
+
+
+def _meteor(gts: dict, res: dict) -> float | None:
+    if shutil.which("java") is None:
+        warnings.warn("METEOR needs Java, which was not found; meteor reported as null")
+        return None
+    from pycocoevalcap.meteor.meteor import Meteor
+
+    try:
+        scorer = Meteor()
+        try:
+            score, _ = scorer.compute_score(gts, res)
+        finally:
+            scorer.close() if hasattr(scorer, "close") else None
+        return float(score)
+    except Exception as exc:  # the Java subprocess fails in several ways
+        warnings.warn(f"METEOR failed ({exc}); meteor reported as null")
+        return None
+
+
+def nlg_metrics(preds: Sequence[str], refs: Sequence[str], meteor: bool = True) -> dict:
+    """BLEU-1..4, METEOR (null without Java), ROUGE-L and CIDEr over aligned pairs."""
+    gts = {i: [tokenize(r) or "."] for i, r in enumerate(refs)}
+    res = {i: [tokenize(p) or "."] for i, p in enumerate(preds)}
+    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+    rouge, _ = Rouge().compute_score(gts, res)
+    cider, _ = Cider().compute_score(gts, res)
+    out = {f"bleu_{i + 1}": float(b) for i, b in enumerate(bleu)}
+    out.update(meteor=_meteor(gts, res) if meteor else None, rouge_l=float(rouge), cider=float(cider))
+    return out
