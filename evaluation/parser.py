@@ -13,7 +13,7 @@ import spacy
 
 from mammorg.labels import FINDINGS, most_severe
 from terminology.lexicon import load_lexicon
-from terminology.normalize import Normalizer
+from terminology.normalize import Normalizer, canonical_birads
 
 NEG_PRE = (r"\bno\b|\bnot\b|\bwithout\b|\bfree of\b|\bnegative for\b|\bno evidence of\b|"
            r"\bnor\b|\babsence of\b|\bneither\b|\bruled out\b|\bresolved\b")
@@ -23,7 +23,7 @@ UNC_PRE = r"\bpossible\b|\bpossibly\b|\bprobable\b(?! ?benign)|\bquestionable\b|
           r"\bcould represent\b|\bindeterminate\b|\bequivocal\b|\bsuggestive of\b|\bconcerning for\b"
 UNC_POST = r"\bcannot be (?:excluded|ruled out)\b|\bcan not be excluded\b|\bnot excluded\b|" \
            r"\bindeterminate\b|\bof uncertain significance\b"
-TERMINATORS = re.compile(r"\bbut\b|\bhowever\b|\balthough\b|\bexcept\b|\bwhich\b|;|\bwith\b(?= "
+TERMINATORS = re.compile(r"\bbut\b|\bhowever\b|\balthough\b|\bexcept\b|;|\bwith\b(?= "
                          r"(?:an?|associated)\b)", re.IGNORECASE)
 SIDE_WORDS = re.compile(r"\b(?P<side>right|left|rt|lt|bilateral(?:ly)?|both breasts|both sides|"
                         r"either breast|each breast|both)\b", re.IGNORECASE)
@@ -40,6 +40,11 @@ DENSITY_PATTERNS = (
 PRIOR = re.compile(r"\b(?:unchanged|stable|new since|compared (?:to|with) (?:the )?prior|"
                    r"since the prior|interval (?:increase|decrease|change|development)|"
                    r"previously seen|prior (?:study|exam|mammogram)s?)\b", re.IGNORECASE)
+BOILERPLATE = re.compile(r"which (?:may|could|can) obscure (?:small )?(?:mass|lesion)(?:es|s)?",
+                         re.IGNORECASE)
+SIDE_BIRADS = re.compile(r"\b(?P<side>right|left)\s*[:\-]?\s*(?P<cat>[0-6](?:\s?[abc])?)(?![\w.])",
+                         re.IGNORECASE)
+BILATERAL_EXAM = re.compile(r"\bbilateral (?:screening |diagnostic )?mammogra", re.IGNORECASE)
 BIRADS_CANON = re.compile(r"BI-RADS (?P<cat>[0-6][ABC]?)\b")
 
 
@@ -128,23 +133,29 @@ def _density(text: str, rules: _Rules) -> str | None:
 
 
 def _sentences(text: str, rules: _Rules) -> list[tuple[str, tuple[str, ...]]]:
-    """(sentence, context sides) for each sentence; headings set the side context."""
+    """(sentence, context sides) per sentence. Headings set the side context; within a line, a
+    sentence without a side word inherits the side of the sentence before it."""
     out, context = [], ()
     for line in text.splitlines():
         head = HEADING.match(line)
         if head:
-            sides = _side_of(head.group("head").split()[0])
-            context = sides
+            context = _side_of(head.group("head").split()[0])
+        carried = context
         for sent in rules.nlp(line).sents:
-            if sent.text.strip():
-                out.append((sent.text, context))
+            if not sent.text.strip():
+                continue
+            out.append((sent.text, carried))
+            sides = {s for m in SIDE_WORDS.finditer(sent.text) for s in _side_of(m.group("side"))}
+            if sides:
+                carried = tuple(sorted(sides))
     return out
 
 
 def parse_report(text: str) -> dict:
     """Structured report from free text (DESIGN.md §5)."""
     rules = _rules()
-    norm = rules.normalizer(text or "")
+    norm = BOILERPLATE.sub("", rules.normalizer(text or ""))
+    bilateral_exam = bool(BILATERAL_EXAM.search(norm))
     findings: dict[str, dict] = {"L": {}, "R": {}, "U": {}}
     side_birads: dict[str, list[str]] = {"L": [], "R": []}
     all_birads: list[str] = []
@@ -155,10 +166,18 @@ def parse_report(text: str) -> dict:
             sides = _nearest_side(sentence[:m.start()], m.start()) or context
             if len(sides) == 1:
                 side_birads[sides[0]].append(cat)
+        if "BI-RADS" in sentence:
+            for m in SIDE_BIRADS.finditer(sentence):
+                cat = canonical_birads(m.group("cat"))
+                if cat:
+                    side_birads[_side_of(m.group("side"))[0]].append(cat)
+                    all_birads.append(cat)
         for m in rules.finding_pattern.finditer(sentence):
             finding = rules.finding_of[m.group(0)]
             state = _state(sentence, m.start(), m.end())
-            sides = _nearest_side(sentence, m.start()) or context or ("U",)
+            sides = _nearest_side(sentence, m.start()) or context
+            if not sides:
+                sides = ("L", "R") if bilateral_exam and state == "neg" else ("U",)
             for side in sides:
                 _merge(findings, side, finding, state)
     exam = most_severe(all_birads)

@@ -1,0 +1,96 @@
+"""Metrics on small cases with known values; NLG equals pycocoevalcap on the same tokens."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from pycocoevalcap.bleu.bleu import Bleu
+from pycocoevalcap.cider.cider import Cider
+from pycocoevalcap.rouge.rouge import Rouge
+
+from evaluation.clinical import paired_bootstrap, per_exam_scores, point_metrics
+from evaluation.evaluate import evaluate_files
+from evaluation.hallucination import exam_checks
+from evaluation.nlg import nlg_metrics, tokenize
+from mammorg.io import MammorgError
+
+
+def _s(density, exam, findings=None):
+    return {"density": density, "birads": {"L": None, "R": None, "exam": exam},
+            "findings": {"L": {}, "R": {}, "U": {}, **(findings or {})}}
+
+
+def test_clinical_known_values():
+    refs = [_s("a", "1"), _s("b", "4B", {"R": {"mass": "pos"}}), _s("c", "2", {"L": {"calcification": "pos"}})]
+    preds = [_s("a", "1"), _s("b", "4A", {"R": {"mass": "pos"}}), _s("d", "2", {"R": {"calcification": "pos"}})]
+    m = point_metrics(preds, refs)
+    assert m["birads_acc"] == pytest.approx(2 / 3)
+    # per class F1 over reference classes {1, 2, 4B}: 1, 1, 0 → macro 2/3
+    assert m["birads_f1"] == pytest.approx(2 / 3)
+    assert m["density_acc"] == pytest.approx(2 / 3)
+    # findings: tp=1 (R mass), fp=1 (R calc), fn=1 (L calc) → F1 = 2/4
+    assert m["finding_f1"] == pytest.approx(0.5)
+    assert m["per_finding"]["calcification"] == {"tp": 0, "fp": 1, "fn": 1, "f1": 0.0}
+
+
+def test_nlg_equals_pycocoevalcap():
+    preds = ["There is a 5 mm mass, right breast.", "No suspicious calcifications."]
+    refs = ["There is a 6 mm mass in the right breast.", "No suspicious calcifications seen."]
+    ours = nlg_metrics(preds, refs, meteor=False)
+    gts = {i: [tokenize(r)] for i, r in enumerate(refs)}
+    res = {i: [tokenize(p)] for i, p in enumerate(preds)}
+    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+    assert ours["bleu_1"] == pytest.approx(bleu[0]) and ours["bleu_4"] == pytest.approx(bleu[3])
+    assert ours["rouge_l"] == pytest.approx(Rouge().compute_score(gts, res)[0])
+    assert ours["cider"] == pytest.approx(Cider().compute_score(gts, res)[0])
+    assert tokenize("BI-RADS 4B, 2.5 cm.") == "bi - rads 4b , 2.5 cm ."
+    assert nlg_metrics(refs, refs, meteor=False)["bleu_1"] == pytest.approx(1.0)
+
+
+def test_hallucination_checks():
+    ref = _s("a", "4B", {"R": {"mass": "pos"}})
+    pred = _s("a", "1", {"L": {"mass": "pos", "calcification": "pos"}})
+    checks = exam_checks(pred, ref, "Stable mass.", "Mass.")
+    assert checks == {"wrong_side": 1, "invented_finding": 1, "invented_prior": 1,
+                      "birads_inconsistent": 1}
+
+
+def test_paired_bootstrap_detects_a_better_system():
+    refs = [_s("a", str(1 + i % 3)) for i in range(60)]
+    good = [_s("a", r["birads"]["exam"]) for r in refs]
+    bad = [_s("a", "1") for _ in refs]
+    out = paired_bootstrap(per_exam_scores(good, refs), per_exam_scores(bad, refs), n=300)
+    assert out["birads_acc"]["delta"] == pytest.approx(2 / 3) and out["birads_acc"]["p_value"] < 0.01
+
+
+def _jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_evaluate_files_and_bad_input(tmp_path):
+    ref = _jsonl(tmp_path / "ref.jsonl", [{"id": "1", "text": "ACR B. BI-RADS 1."},
+                                          {"id": "2", "text": "ACR C. Right mass. BI-RADS 4B."}])
+    pred = _jsonl(tmp_path / "pred.jsonl", [{"id": "2", "text": "ACR C. Right mass. BI-RADS 4B."},
+                                            {"id": "1", "text": "ACR B. BI-RADS 1."}])
+    m = evaluate_files(pred, ref, tmp_path / "out", pred_b_path=ref, bootstrap=20, meteor=False)
+    assert m["birads_acc"] == 1.0 and m["density_f1"] == 1.0 and m["finding_f1"] == 1.0
+    saved = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    for key in ("bleu_1", "bleu_4", "meteor", "rouge_l", "cider", "birads_f1", "birads_acc",
+                "density_f1", "finding_f1", "per_finding"):
+        assert key in saved
+    assert (tmp_path / "out" / "index.html").exists() and (tmp_path / "out" / "confusion_birads.png").exists()
+    dup = _jsonl(tmp_path / "dup.jsonl", [{"id": "1", "text": "a"}, {"id": "1", "text": "b"}])
+    with pytest.raises(MammorgError, match="duplicate id"):
+        evaluate_files(dup, ref, tmp_path / "o2")
+    empty = _jsonl(tmp_path / "empty.jsonl", [{"id": "1", "text": " "}, {"id": "2", "text": "x"}])
+    with pytest.raises(MammorgError, match="empty text"):
+        evaluate_files(empty, ref, tmp_path / "o3")
+    short = _jsonl(tmp_path / "short.jsonl", [{"id": "1", "text": "x"}])
+    with pytest.raises(MammorgError, match="ids differ"):
+        evaluate_files(short, ref, tmp_path / "o4")
+    (tmp_path / "bin.jsonl").write_bytes(b'{"id": "1", "text": "\xff"}\n')
+    with pytest.raises(MammorgError, match="not valid UTF-8"):
+        evaluate_files(tmp_path / "bin.jsonl", ref, tmp_path / "o5")
+    assert not math.isnan(m["bleu_1"])
