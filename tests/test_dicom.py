@@ -70,6 +70,7 @@ def _mg(pixels, monochrome1, tmp_path, name="mg.dcm", **tags):
            "monochrome1_fraction": 1.0 if monochrome1 else 0.0}
     ds = dicom_dataset(pixels, "R_MLO", ids, rng)
     ds.VOILUTFunction = "LINEAR"
+    ds.WindowCenter, ds.WindowWidth = 2 ** (ds.BitsStored - 1), 2**ds.BitsStored
     for k, v in tags.items():
         if v is None:
             delattr(ds, k)
