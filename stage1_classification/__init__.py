@@ -1,0 +1,1 @@
+"""Stage 1: multi-view, multi-head mammography classifier (clinical priors)."""
