@@ -57,7 +57,7 @@ def compute_metrics(pred_texts: list[str], ref_texts: list[str], bootstrap: int 
     return metrics, preds, refs
 
 
-def _confusion_png(ref: list, pred: list, classes: list, title: str, path: Path) -> None:
+def confusion_png(ref: list, pred: list, classes: list, title: str, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -139,9 +139,9 @@ def evaluate_files(pred_path, ref_path, out_dir, pred_b_path=None, bootstrap: in
                                                   per_exam_scores(preds_b, refs))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _confusion_png([r["birads"]["exam"] for r in refs], [p["birads"]["exam"] for p in preds],
+    confusion_png([r["birads"]["exam"] for r in refs], [p["birads"]["exam"] for p in preds],
                    list(BIRADS_VALUES), "BI-RADS (exam)", out / "confusion_birads.png")
-    _confusion_png([r["density"] for r in refs], [p["density"] for p in preds], list(DENSITIES),
+    confusion_png([r["density"] for r in refs], [p["density"] for p in preds], list(DENSITIES),
                    "density", out / "confusion_density.png")
     write_json_atomic(out / "metrics.json", metrics)
     write_text_atomic(out / "metrics.md", metrics_markdown(metrics))

@@ -116,7 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument("--manifest", required=True)
         g.add_argument("--out", required=True)
         if stage == "stage1":
-            g.add_argument("--features", default=None, help="folder for visual feature tokens")
+            g.add_argument("--features", default=None,
+                           help="folder for visual feature tokens (default: OUT's folder/features)")
+            g.add_argument("--oof", type=int, default=0, metavar="K",
+                           help="predict the training split out-of-fold with K fold models")
+            g.add_argument("--batch-size", type=int, default=8)
             g.set_defaults(func=_recipe(f"{module}.predict"), command_path="stage1 predict")
         else:
             g.add_argument("--batch-size", type=int, default=8)

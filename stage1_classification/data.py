@@ -1,6 +1,7 @@
 """Exam dataset over the preprocessing cache (dict-keyed samples) and augmentation."""
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -29,17 +30,27 @@ def _labels(exam: dict) -> dict[str, torch.Tensor]:
             "findings": f_target, "finding_mask": f_mask}
 
 
+def fold_of(exam_id: str, folds: int) -> int:
+    """Deterministic fold of an exam (a salted hash, so folds do not follow file order)."""
+    return int(hashlib.sha256(f"fold:{exam_id}".encode()).hexdigest(), 16) % folds
+
+
 class ExamDataset(Dataset):
     """Samples ``{"exam_id", "images" [4,1,H,W], "view_mask" [4], labels...}`` from a cache."""
 
     def __init__(self, cache_manifest: str | Path, split: str | None = None, augment: bool = False,
-                 seed: int = 0):
+                 seed: int = 0, folds: int | None = None, fold: int | None = None,
+                 holdout: bool = False):
         path = Path(cache_manifest)
         rows = read_jsonl(path)
         if rows and "cache" not in rows[0]:
             raise MammorgError(f"{path}: not a preprocessed manifest (run 'mammorg data preprocess')")
         self.root = path.parent
-        self.exams = [r for r in rows if split is None or r.get("split") == split]
+        rows = [r for r in rows if split is None or r.get("split") == split]
+        if folds:  # k-fold: keep the other folds (training) or only this one (``holdout``)
+            rows = [r for r in rows if (fold_of(r["exam_id"], folds) == fold) == holdout]
+        self.exams = [r for r in rows if any(r["cache"].get(v) for v in VIEWS)]
+        self.skipped = [r["exam_id"] for r in rows if not any(r["cache"].get(v) for v in VIEWS)]
         self.augment, self.seed, self.epoch = augment, seed, 0
 
     def __len__(self) -> int:

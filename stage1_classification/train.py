@@ -19,8 +19,10 @@ from mammorg.checkpoint import (load_training_state, load_weights, save_training
 from mammorg.config import load_config, save_config
 from mammorg.io import MammorgError
 from stage1_classification.data import ExamDataset, collate
+from stage1_classification.inference import predict_dataset
 from stage1_classification.metrics import stage1_metrics
 from stage1_classification.model import create_model, stage1_loss
+from stage1_classification.plots import confusion_pngs, learning_curve_png
 
 
 def cosine_with_warmup(optimizer, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:
@@ -78,13 +80,14 @@ def _append_log(path: Path, row: dict) -> None:
         fh.write(json.dumps(row) + "\n")
 
 
-def run(cfg: DictConfig) -> dict:
+def run(cfg: DictConfig, plots: bool = True) -> dict:
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir)
     torch.manual_seed(cfg.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    train_ds = ExamDataset(cfg.data.cache_manifest, cfg.data.train_split, augment=True, seed=cfg.seed)
+    train_ds = ExamDataset(cfg.data.cache_manifest, cfg.data.train_split, augment=True, seed=cfg.seed,
+                           folds=cfg.data.get("folds"), fold=cfg.data.get("fold"))
     val_ds = ExamDataset(cfg.data.cache_manifest, cfg.data.val_split)
     if len(train_ds) == 0:
         raise MammorgError(f"{cfg.data.cache_manifest}: no exams in split '{cfg.data.train_split}'")
@@ -122,7 +125,19 @@ def run(cfg: DictConfig) -> dict:
         save_training_state({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                              "torch_rng": torch.get_rng_state(), "epoch": epoch, "best": best},
                             last / "training_state.pt")
+    if plots and log.exists():
+        write_plots(model, val_ds, run_dir, log)
     return {"run_dir": str(run_dir), "best_score": best}
+
+
+def write_plots(model, val_ds: ExamDataset, run_dir: Path, log: Path) -> None:
+    """Learning curve, and confusion matrices of the best checkpoint on the validation split."""
+    learning_curve_png(log, run_dir / "learning_curve.png")
+    best = run_dir / "checkpoints" / "best" / "model.safetensors"
+    if len(val_ds) and best.exists():
+        load_weights(model, best)
+        records = predict_dataset(model.eval(), val_ds, progress=False)
+        confusion_pngs(records, val_ds.exams, run_dir)
 
 
 def main(args: argparse.Namespace) -> None:

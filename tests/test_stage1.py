@@ -52,3 +52,31 @@ def test_missing_views_are_masked_and_empty_exam_is_error():
     torch.testing.assert_close(model(changed, mask)["birads"][0], out["birads"][0])
     with pytest.raises(ValueError, match="no usable view"):
         model(images[:1], torch.zeros(1, 4, dtype=torch.bool))
+
+
+def test_predict_with_oof_and_features(cache_manifest, tmp_path):
+    from mammorg.cli import main as cli
+    from mammorg.io import read_jsonl
+    from safetensors.torch import load_file
+
+    run_dir = tmp_path / "run"
+    assert cli(["stage1", "train", "--config", "configs/stage1/tiny.yaml",
+                f"data.cache_manifest={cache_manifest}", "data.val_split=train",
+                f"run_dir={run_dir}", "train.epochs=1"]) == 0
+    assert (run_dir / "learning_curve.png").exists() and (run_dir / "confusion_birads.png").exists()
+    out = tmp_path / "pred" / "pred.jsonl"
+    assert cli(["stage1", "predict", "--run", str(run_dir), "--manifest", str(cache_manifest),
+                "--out", str(out), "--oof", "2"]) == 0
+    rows = read_jsonl(out)
+    exams = read_jsonl(cache_manifest)
+    assert [r["exam_id"] for r in rows] == [e["exam_id"] for e in exams]
+    train_ids = {e["exam_id"] for e in exams if e["split"] == "train"}
+    for r in rows:
+        assert r["source"].startswith("oof-fold") == (r["exam_id"] in train_ids)
+        assert abs(sum(r["probs"]["density"].values()) - 1) < 1e-4
+        assert r["pred"]["birads"]["exam"] in {r["pred"]["birads"]["L"], r["pred"]["birads"]["R"]}
+        feats = load_file(str(out.parent / r["features"]))
+        assert feats["tokens"].shape == (4, 4, 64) and feats["tokens"].abs().sum() > 0
+    assert (run_dir / "oof" / "fold1" / "checkpoints" / "last" / "model.safetensors").exists()
+    assert cli(["stage1", "predict", "--run", str(tmp_path / "nope"), "--manifest",
+                str(cache_manifest), "--out", str(out)]) == 2
