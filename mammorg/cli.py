@@ -123,8 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
             g.add_argument("--batch-size", type=int, default=8)
             g.set_defaults(func=_recipe(f"{module}.predict"), command_path="stage1 predict")
         else:
-            g.add_argument("--batch-size", type=int, default=8)
+            g.add_argument("--batch-size", type=int, default=None)
             g.add_argument("--num-beams", type=int, default=None)
+            g.add_argument("--predictions", default=None,
+                           help="stage-1 predictions with features (default: the run's data.predictions)")
+            g.add_argument("--split", default=None, help="only exams of this split")
             g.set_defaults(func=_recipe(f"{module}.generate"), command_path="stage2 generate")
 
     s = sub.add_parser("parse", help="structured extraction from free-text reports")

@@ -18,20 +18,12 @@ from mammorg.checkpoint import (load_training_state, load_weights, save_training
                                 save_weights)
 from mammorg.config import load_config, save_config
 from mammorg.io import MammorgError
+from mammorg.optim import cosine_with_warmup
 from stage1_classification.data import ExamDataset, collate
 from stage1_classification.inference import predict_dataset
 from stage1_classification.metrics import stage1_metrics
 from stage1_classification.model import create_model, stage1_loss
 from stage1_classification.plots import confusion_pngs, learning_curve_png
-
-
-def cosine_with_warmup(optimizer, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / max(warmup, 1)
-        progress = (step - warmup) / max(total - warmup, 1)
-        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def _loader(ds: ExamDataset, cfg: DictConfig, epoch: int, shuffle: bool) -> DataLoader:

@@ -51,9 +51,10 @@ def init_term_embeddings(model: torch.nn.Module, tokenizer: PreTrainedTokenizerB
 
 
 def train_bpe_tokenizer(texts: Iterable[str], lexicon: Lexicon, out_dir: str | Path,
-                        vocab_size: int = 2000, normalizer: Normalizer | None = None
-                        ) -> PreTrainedTokenizerFast:
-    """Train a byte-level BPE on normalised reports; lexicon terms are atomic added tokens."""
+                        vocab_size: int = 2000, normalizer: Normalizer | None = None,
+                        atomic_terms: bool = True) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE on normalised reports; lexicon terms are atomic added tokens
+    (unless ``atomic_terms`` is false: the ablation without terminology tokens)."""
     normalizer = normalizer or Normalizer(lexicon)
     corpus = [normalizer(t) for t in texts]
     tok = Tokenizer(models.BPE())
@@ -65,7 +66,8 @@ def train_bpe_tokenizer(texts: Iterable[str], lexicon: Lexicon, out_dir: str | P
     tok.train_from_iterator(corpus, trainer=trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, clean_up_tokenization_spaces=False,
                                    **SPECIAL_TOKENS)
-    fast.add_tokens([_atomic(t) for t in lexicon.canonical_terms()])
+    if atomic_terms:
+        fast.add_tokens([_atomic(t) for t in lexicon.canonical_terms()])
     fast.save_pretrained(str(out_dir))
     return fast
 

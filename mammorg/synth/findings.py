@@ -110,7 +110,7 @@ def _associated_features(rng: np.random.Generator, lesions: list[dict]) -> list[
 
 
 def _noisy(rng: np.random.Generator, value: str, options: tuple[str, ...], p: float) -> str:
-    if rng.random() >= p:
+    if rng.random() >= p or value not in options:  # e.g. a recall ("0") keeps its category
         return value
     i = options.index(value)
     j = min(len(options) - 1, max(0, i + int(rng.choice((-1, 1)))))

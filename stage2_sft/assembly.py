@@ -1,0 +1,136 @@
+"""Assemble the stage-2 model from a config: tokenizer, decoder, LoRA, and reloading a saved one.
+
+A saved generator folder (a run's checkpoint or an export bundle) holds::
+
+    tokenizer/                 HF tokenizer with terminology and stage-2 special tokens
+    decoder/                   HF model folder (full weights), or a PEFT adapter folder
+    base_decoder/              the frozen base model under a LoRA adapter (LoRA only)
+    extras.safetensors         projector and soft-knowledge weights
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file
+from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM,
+                          PreTrainedModel, PreTrainedTokenizerBase)
+
+from mammorg.io import MammorgError
+from stage2_sft.knowledge import MODES, SOURCES
+from stage2_sft.model import ReportGenerator, SpecialIds, prompt_tokens
+from terminology.lexicon import load_lexicon
+from terminology.normalize import Normalizer
+from terminology.tokenizer import (extend_tokenizer, init_term_embeddings, term_loss_weights,
+                                   term_token_ids, train_bpe_tokenizer)
+
+
+def check_config(cfg: DictConfig) -> None:
+    if cfg.knowledge.mode not in MODES:
+        raise MammorgError(f"knowledge.mode={cfg.knowledge.mode!r}: expected one of {', '.join(MODES)}")
+    if cfg.knowledge.source not in SOURCES:
+        raise MammorgError(f"knowledge.source={cfg.knowledge.source!r}: expected {' or '.join(SOURCES)}")
+    if not cfg.decoder.name_or_path and not cfg.decoder.from_config:
+        raise MammorgError("decoder: set name_or_path (a local model folder) or from_config")
+
+
+def _lexicon(cfg: DictConfig):
+    return load_lexicon(cfg.terminology.lexicon) if cfg.terminology.lexicon else load_lexicon()
+
+
+def _local_pretrained(path: str) -> Path:
+    folder = Path(path)
+    if not (folder / "config.json").is_file():
+        raise MammorgError(f"{folder}: not a local Hugging Face model folder (no config.json); "
+                           "models are never downloaded")
+    return folder
+
+
+def build_tokenizer(cfg: DictConfig, train_texts: list[str], out_dir: Path
+                    ) -> tuple[PreTrainedTokenizerBase, dict[str, list[int]]]:
+    """The decoder's tokenizer with atomic lexicon terms (optional) and stage-2 special tokens."""
+    lexicon = _lexicon(cfg)
+    pieces: dict[str, list[int]] = {}
+    if cfg.decoder.name_or_path:
+        tok = AutoTokenizer.from_pretrained(_local_pretrained(cfg.decoder.name_or_path),
+                                            local_files_only=True)
+        if cfg.terminology.atomic_terms:
+            pieces = extend_tokenizer(tok, lexicon)
+    else:
+        tok = train_bpe_tokenizer(train_texts, lexicon, out_dir, cfg.terminology.vocab_size,
+                                  atomic_terms=cfg.terminology.atomic_terms)
+    tok.add_tokens(prompt_tokens(), special_tokens=True)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.save_pretrained(str(out_dir))
+    return tok, pieces
+
+
+def build_decoder(cfg: DictConfig, tok: PreTrainedTokenizerBase,
+                  pieces: dict[str, list[int]]) -> PreTrainedModel:
+    """A local pretrained causal LM (embeddings resized for new tokens) or a fresh Llama."""
+    if cfg.decoder.name_or_path:
+        model = AutoModelForCausalLM.from_pretrained(_local_pretrained(cfg.decoder.name_or_path),
+                                                     local_files_only=True, dtype=torch.float32,
+                                                     attn_implementation=cfg.decoder.attn_implementation)
+        init_term_embeddings(model, tok, pieces)  # also resizes for the special tokens
+        return model
+    arch = OmegaConf.to_container(cfg.decoder.from_config, resolve=True)
+    config = LlamaConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id,
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **arch)
+    config._attn_implementation = cfg.decoder.attn_implementation
+    return LlamaForCausalLM(config)
+
+
+def apply_lora(decoder: PreTrainedModel, lora: DictConfig) -> PeftModel:
+    config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                        target_modules=list(lora.target_modules),
+                        modules_to_save=list(lora.modules_to_save) if lora.modules_to_save else None,
+                        task_type="CAUSAL_LM")
+    return get_peft_model(decoder, config)
+
+
+def term_weights(cfg: DictConfig, tok: PreTrainedTokenizerBase) -> torch.Tensor | None:
+    if not cfg.terminology.term_loss_weight or cfg.terminology.term_loss_weight == 1.0:
+        return None
+    ids = term_token_ids(tok, _lexicon(cfg))
+    return term_loss_weights(len(tok), ids, cfg.terminology.term_loss_weight)
+
+
+def wrap(cfg: DictConfig, decoder: PreTrainedModel, tok: PreTrainedTokenizerBase,
+         visual_dim: int) -> ReportGenerator:
+    return ReportGenerator(decoder, SpecialIds.from_tokenizer(tok), visual_dim,
+                           cfg.knowledge.mode, term_weights(cfg, tok))
+
+
+def normalizer_for(cfg: DictConfig) -> Normalizer | None:
+    if not cfg.terminology.normalize:
+        return None
+    return Normalizer(_lexicon(cfg))
+
+
+def load_generator(folder: str | Path, cfg: DictConfig, visual_dim: int,
+                   shared: str | Path | None = None, dtype: torch.dtype = torch.float32
+                   ) -> tuple[ReportGenerator, PreTrainedTokenizerBase]:
+    """Reload a saved generator (see module docstring); ``tokenizer/`` and ``base_decoder/`` are
+    looked up in ``shared`` (a run folder) when given, else in ``folder`` (a bundle)."""
+    folder = Path(folder)
+    shared = Path(shared) if shared is not None else folder
+    tok = AutoTokenizer.from_pretrained(str(shared / "tokenizer"), local_files_only=True)
+    if (folder / "decoder" / "adapter_config.json").exists():
+        base = AutoModelForCausalLM.from_pretrained(str(shared / "base_decoder"), dtype=dtype,
+                                                    local_files_only=True)
+        decoder = PeftModel.from_pretrained(base, str(folder / "decoder"))
+    else:
+        decoder = AutoModelForCausalLM.from_pretrained(str(folder / "decoder"), dtype=dtype,
+                                                       local_files_only=True)
+    model = wrap(cfg, decoder, tok, visual_dim)
+    extras = load_file(str(folder / "extras.safetensors"))
+    missing, unexpected = model.load_state_dict(extras, strict=False)
+    wrong = [k for k in missing if not k.startswith("decoder.")] + list(unexpected)
+    if wrong:
+        raise MammorgError(f"{folder / 'extras.safetensors'}: weights do not match the config "
+                           f"({', '.join(wrong[:3])})")
+    return model.to(dtype).eval(), tok

@@ -1,0 +1,140 @@
+"""Stage-2 samples: prompt (view markers, visual placeholders, knowledge) + report, and batching."""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch.utils.data import Dataset
+from transformers import PreTrainedTokenizerBase
+
+from mammorg.io import MammorgError, read_jsonl
+from mammorg.labels import VIEWS
+from stage2_sft.knowledge import (SOFT_SLOTS, discrete_tokens, state_from_labels,
+                                  state_from_prediction)
+from stage2_sft.model import IMAGE, KNOWLEDGE, MISSING, REPORT, VIEW_MARKERS
+from terminology.normalize import Normalizer
+
+
+@dataclass
+class PromptBuilder:
+    """Token ids of the prompt and of the target report for one exam."""
+
+    tokenizer: PreTrainedTokenizerBase
+    visual_tokens_per_view: int
+    knowledge_mode: str = "discrete"
+    visual: bool = True
+    max_report_tokens: int = 256
+    normalizer: Normalizer | None = None
+
+    def prompt_ids(self, view_mask: list[bool], state: dict | None) -> list[int]:
+        tok = self.tokenizer
+        pieces: list[str] = []
+        if self.visual:
+            for marker, present in zip(VIEW_MARKERS, view_mask):
+                pieces += [marker] + ([IMAGE] * self.visual_tokens_per_view if present else [MISSING])
+        if self.knowledge_mode in ("discrete", "both"):
+            pieces += discrete_tokens(state)
+        if self.knowledge_mode in ("soft", "both"):
+            pieces += [KNOWLEDGE] * SOFT_SLOTS
+        ids = tok.convert_tokens_to_ids(pieces + [REPORT])
+        return ([tok.bos_token_id] if tok.bos_token_id is not None else []) + ids
+
+    def report_ids(self, text: str) -> list[int]:
+        text = self.normalizer(text) if self.normalizer else text
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"][: self.max_report_tokens]
+        return ids + [self.tokenizer.eos_token_id]
+
+
+def _resolve(base: Path, rel: str) -> Path:
+    p = Path(rel)
+    return p if p.is_absolute() else base / p
+
+
+class ReportDataset(Dataset):
+    """Exams of a manifest joined with stage-1 predictions (knowledge source + feature tokens)."""
+
+    def __init__(self, manifest: str | Path, predictions: str | Path, builder: PromptBuilder,
+                 split: str | None = None, source: str = "predicted", with_reports: bool = True):
+        rows = [r for r in read_jsonl(manifest) if split is None or r.get("split") == split]
+        preds_path = Path(predictions)
+        preds = {p["exam_id"]: p for p in read_jsonl(preds_path)}
+        missing = [r["exam_id"] for r in rows if r["exam_id"] not in preds]
+        if missing:
+            raise MammorgError(f"{preds_path}: no stage-1 prediction for {len(missing)} exam(s) "
+                               f"of {manifest}, e.g. {missing[0]}")
+        if with_reports:
+            rows = [r for r in rows if r.get("report")]
+        self.rows, self.preds, self.pred_dir = rows, preds, preds_path.parent
+        self.builder, self.source, self.with_reports = builder, source, with_reports
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def knowledge(self, row: dict) -> dict[str, torch.Tensor]:
+        if self.source == "gold":
+            return state_from_labels(row.get("labels") or {}, row.get("views") or {})
+        return state_from_prediction(self.preds[row["exam_id"]])
+
+    def __getitem__(self, i: int) -> dict:
+        row = self.rows[i]
+        pred = self.preds[row["exam_id"]]
+        feats = load_file(str(_resolve(self.pred_dir, pred["features"])))
+        view_mask = feats["view_mask"].bool()
+        state = self.knowledge(row)
+        prompt = self.builder.prompt_ids(view_mask.tolist(), state)
+        report = self.builder.report_ids(row["report"]) if self.with_reports else []
+        sample = {"exam_id": row["exam_id"], "prompt": prompt, "report": report, "knowledge": state,
+                  "views": [v for v, m in zip(VIEWS, view_mask.tolist()) if m]}
+        if self.builder.visual:
+            sample["visual"] = feats["tokens"][view_mask].float()
+        return sample
+
+    def lengths(self) -> list[int]:
+        """Approximate sequence lengths (for length-grouped batching) without loading features."""
+        approx = 4 * (1 + self.builder.visual_tokens_per_view) + SOFT_SLOTS + 24
+        return [approx + len(self.builder.tokenizer(r["report"], add_special_tokens=False)["input_ids"])
+                for r in self.rows]
+
+
+def collate(samples: list[dict], pad_id: int, for_generation: bool = False) -> dict:
+    """Training: right-padded prompt+report with labels only on the report. Generation: left-padded
+    prompts. Visual tokens are packed ``[sum of views, N, D]`` in prompt order."""
+    seqs = [s["prompt"] if for_generation else s["prompt"] + s["report"] for s in samples]
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    attn = torch.zeros(len(seqs), width, dtype=torch.long)
+    labels = torch.full((len(seqs), width), -100, dtype=torch.long)
+    for i, (s, seq) in enumerate(zip(samples, seqs)):
+        span = slice(width - len(seq), width) if for_generation else slice(0, len(seq))
+        ids[i, span] = torch.tensor(seq)
+        attn[i, span] = 1
+        if not for_generation:
+            labels[i, len(s["prompt"]):len(seq)] = torch.tensor(s["report"])
+    out = {"input_ids": ids, "attention_mask": attn, "exam_id": [s["exam_id"] for s in samples],
+           "knowledge": {k: torch.stack([s["knowledge"][k] for s in samples])
+                         for k in samples[0]["knowledge"]}}
+    if not for_generation:
+        out["labels"] = labels
+    if "visual" in samples[0]:
+        out["visual"] = torch.cat([s["visual"] for s in samples])
+    return out
+
+
+def length_grouped_batches(lengths: list[int], batch_size: int, seed: int, epoch: int,
+                           rank: int = 0, world: int = 1, mega: int = 16) -> list[list[int]]:
+    """Shuffled batches of similar lengths; every rank gets the same number of batches."""
+    rng = random.Random(seed * 100_003 + epoch)
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    batches = []
+    for start in range(0, len(order), batch_size * mega):
+        chunk = sorted(order[start:start + batch_size * mega], key=lambda i: -lengths[i])
+        batches += [chunk[j:j + batch_size] for j in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    per_rank = len(batches) // world if world > 1 else len(batches)
+    if per_rank == 0:
+        raise MammorgError(f"{len(lengths)} training exams give fewer batches than {world} ranks")
+    return batches[rank::world][:per_rank]

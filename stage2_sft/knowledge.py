@@ -1,0 +1,109 @@
+"""Knowledge tokens from stage-1 predictions (or gold labels): discrete tokens and soft mixes.
+
+A *knowledge state* is a dict of probability tensors::
+
+    {"density": [4], "birads": [2, 9], "findings": [2, 7], "sides": [2]}   # sides: breast imaged
+
+``discrete`` turns it into special tokens (``<density=c> <conf:high> <R:birads=4B> ...``);
+``soft`` turns it into one embedding per head (and per finding) mixed from learned class
+embeddings, filled into ``<knowledge>`` placeholders.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mammorg.labels import BIRADS_CLASSES, DENSITIES, FINDINGS, birads_class_mask
+
+MODES = ("none", "discrete", "soft", "both")
+SOURCES = ("predicted", "gold")
+CONFIDENCE = (("low", 0.5), ("mid", 0.8), ("high", 1.01))  # bucket: upper bound of max prob
+SOFT_SLOTS = 1 + 2 + 2 * len(FINDINGS)  # density, BI-RADS per side, each finding per side
+
+
+def discrete_vocabulary() -> list[str]:
+    """Every special token the discrete knowledge mode can emit."""
+    tokens = [f"<density={d}>" for d in DENSITIES]
+    tokens += [f"<{s}:birads={c}>" for s in "LR" for c in BIRADS_CLASSES]
+    tokens += [f"<{s}:{f}>" for s in "LR" for f in FINDINGS]
+    tokens += [f"<{s}:no_finding>" for s in "LR"] + [f"<{s}:not_imaged>" for s in "LR"]
+    return tokens + [f"<conf:{name}>" for name, _ in CONFIDENCE]
+
+
+def _confidence(p: float) -> str:
+    return next(f"<conf:{name}>" for name, hi in CONFIDENCE if p < hi)
+
+
+def state_from_prediction(record: dict) -> dict[str, torch.Tensor]:
+    """Knowledge state from one ``stage1 predict`` line."""
+    probs = record["probs"]
+    birads = torch.zeros(2, len(BIRADS_CLASSES))
+    findings = torch.zeros(2, len(FINDINGS))
+    sides = torch.zeros(2)
+    for i, side in enumerate("LR"):
+        if probs["birads"].get(side) is not None:
+            birads[i] = torch.tensor([probs["birads"][side][c] for c in BIRADS_CLASSES])
+            findings[i] = torch.tensor([probs["findings"][side][f] for f in FINDINGS])
+            sides[i] = 1.0
+    return {"density": torch.tensor([probs["density"][d] for d in DENSITIES]), "birads": birads,
+            "findings": findings, "sides": sides}
+
+
+def state_from_labels(labels: dict, views: dict) -> dict[str, torch.Tensor]:
+    """Oracle knowledge state from manifest labels (``source: gold``); ``unc`` counts as 0.5."""
+    density = torch.zeros(len(DENSITIES))
+    if labels.get("density") in DENSITIES:
+        density[DENSITIES.index(labels["density"])] = 1.0
+    birads = torch.zeros(2, len(BIRADS_CLASSES))
+    findings = torch.zeros(2, len(FINDINGS))
+    sides = torch.zeros(2)
+    for i, side in enumerate("LR"):
+        sides[i] = float(any(views.get(f"{side}_{p}") for p in ("CC", "MLO")))
+        mask = torch.tensor(birads_class_mask((labels.get("birads") or {}).get(side)), dtype=torch.float)
+        if mask.sum():
+            birads[i] = mask / mask.sum()  # a bare "4" spreads over 4A/4B/4C
+        states = (labels.get("findings") or {}).get(side) or {}
+        findings[i] = torch.tensor([{"pos": 1.0, "unc": 0.5}.get(states.get(f), 0.0) for f in FINDINGS])
+    return {"density": density, "birads": birads, "findings": findings, "sides": sides}
+
+
+def discrete_tokens(state: dict[str, torch.Tensor], threshold: float = 0.5) -> list[str]:
+    """``<density=c> <conf:high> <L:birads=1> <conf:high> <L:no_finding> <R:birads=4B> ...``."""
+    out = []
+    if state["density"].sum() > 0:
+        p, k = state["density"].max(0)
+        out += [f"<density={DENSITIES[int(k)]}>", _confidence(float(p))]
+    for i, side in enumerate("LR"):
+        if not state["sides"][i]:
+            out.append(f"<{side}:not_imaged>")
+            continue
+        if state["birads"][i].sum() > 0:
+            p, k = state["birads"][i].max(0)
+            out += [f"<{side}:birads={BIRADS_CLASSES[int(k)]}>", _confidence(float(p))]
+        found = [(f, float(p)) for f, p in zip(FINDINGS, state["findings"][i]) if p >= threshold]
+        for name, p in found:
+            out += [f"<{side}:{name}>", _confidence(p)]
+        if not found:
+            out.append(f"<{side}:no_finding>")
+    return out
+
+
+class SoftKnowledge(nn.Module):
+    """Probability-weighted mixes of learned class embeddings: ``SOFT_SLOTS`` vectors per exam."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.density = nn.Parameter(torch.randn(len(DENSITIES), hidden) * 0.02)
+        self.birads = nn.Parameter(torch.randn(2, len(BIRADS_CLASSES), hidden) * 0.02)
+        self.finding_pos = nn.Parameter(torch.randn(2, len(FINDINGS), hidden) * 0.02)
+        self.finding_neg = nn.Parameter(torch.randn(2, len(FINDINGS), hidden) * 0.02)
+
+    def forward(self, density: torch.Tensor, birads: torch.Tensor, findings: torch.Tensor,
+                sides: torch.Tensor) -> torch.Tensor:
+        """``[B, SOFT_SLOTS, H]`` from ``density [B,4]``, ``birads [B,2,9]``, ``findings [B,2,7]``."""
+        dens = density @ self.density  # [B, H]
+        bir = torch.einsum("bsc,sch->bsh", birads, self.birads)  # [B, 2, H]
+        side = sides[..., None, None]
+        find = (findings[..., None] * self.finding_pos + (1 - findings[..., None]) * self.finding_neg)
+        find = (find * side).flatten(1, 2)  # [B, 14, H]; a breast not imaged contributes zeros
+        return torch.cat([dens[:, None], bir, find], dim=1)

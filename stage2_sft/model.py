@@ -1,0 +1,119 @@
+"""Report generator: a causal LM with projected visual tokens and knowledge tokens.
+
+Placeholders (``<image>`` per visual token, ``<knowledge>`` per soft slot) are expanded at
+tokenisation and filled here with ``masked_scatter``, after checking that the number of
+features equals the number of placeholders (the LLaVA port's pattern).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from mammorg.labels import VIEWS
+from stage2_sft.knowledge import SOFT_SLOTS, SoftKnowledge, discrete_vocabulary
+
+IMAGE, KNOWLEDGE, REPORT, MISSING = "<image>", "<knowledge>", "<report>", "<missing_view>"
+VIEW_MARKERS = tuple(f"<view:{v}>" for v in VIEWS)
+
+
+def prompt_tokens() -> list[str]:
+    """Special tokens every stage-2 tokenizer carries (structure + discrete knowledge)."""
+    return [IMAGE, KNOWLEDGE, REPORT, MISSING, *VIEW_MARKERS, *discrete_vocabulary()]
+
+
+class PlaceholderMismatch(ValueError):
+    """The number of features differs from the number of placeholder tokens."""
+
+
+@dataclass(frozen=True)
+class SpecialIds:
+    image: int
+    knowledge: int
+    report: int
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer: PreTrainedTokenizerBase) -> "SpecialIds":
+        ids = [tokenizer.convert_tokens_to_ids(t) for t in (IMAGE, KNOWLEDGE, REPORT)]
+        if tokenizer.unk_token_id is not None and tokenizer.unk_token_id in ids:
+            raise ValueError("tokenizer lacks the stage-2 special tokens (use build_tokenizer)")
+        return cls(*ids)
+
+
+class VisualProjector(nn.Module):
+    """Two-layer MLP from stage-1 feature tokens to the decoder's hidden size."""
+
+    def __init__(self, visual_dim: int, hidden: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.LayerNorm(visual_dim), nn.Linear(visual_dim, hidden), nn.GELU(),
+                                 nn.Linear(hidden, hidden))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def fill_placeholders(embeds: torch.Tensor, input_ids: torch.Tensor, token_id: int,
+                      features: torch.Tensor, name: str) -> torch.Tensor:
+    """Replace the embeddings at ``token_id`` positions with ``features`` (row order kept)."""
+    mask = input_ids == token_id
+    n_slots, n_feats = int(mask.sum()), features.shape[0]
+    if n_slots != n_feats:
+        raise PlaceholderMismatch(f"{name}: {n_feats} feature vectors for {n_slots} placeholder tokens")
+    if n_slots == 0:
+        return embeds
+    return embeds.masked_scatter(mask.unsqueeze(-1), features.to(embeds.dtype))
+
+
+class ReportGenerator(nn.Module):
+    """Decoder + projector + soft knowledge; ``forward`` gives the LM loss on report tokens."""
+
+    def __init__(self, decoder: PreTrainedModel, ids: SpecialIds, visual_dim: int,
+                 knowledge_mode: str = "discrete", term_weights: torch.Tensor | None = None):
+        super().__init__()
+        hidden = decoder.get_input_embeddings().embedding_dim
+        self.decoder, self.ids, self.knowledge_mode = decoder, ids, knowledge_mode
+        self.projector = VisualProjector(visual_dim, hidden)
+        self.soft = SoftKnowledge(hidden) if knowledge_mode in ("soft", "both") else None
+        self.register_buffer("term_weights", term_weights, persistent=False)
+
+    def embed(self, input_ids: torch.Tensor, visual: torch.Tensor | None = None,
+              knowledge: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """Input embeddings with visual tokens (``visual [V, N, D]``, in prompt order) filled in."""
+        embeds = self.decoder.get_input_embeddings()(input_ids)
+        hidden = embeds.shape[-1]
+        feats = embeds.new_zeros(0, hidden) if visual is None else \
+            self.projector(visual.to(embeds.dtype)).reshape(-1, hidden)
+        embeds = fill_placeholders(embeds, input_ids, self.ids.image, feats, "visual tokens")
+        soft = embeds.new_zeros(0, hidden)
+        if self.soft is not None and knowledge is not None:
+            soft = self.soft(**{k: knowledge[k].to(embeds.dtype) for k in
+                                ("density", "birads", "findings", "sides")}).reshape(-1, hidden)
+        return fill_placeholders(embeds, input_ids, self.ids.knowledge, soft, "soft knowledge")
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+                visual: torch.Tensor | None = None,
+                knowledge: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        embeds = self.embed(input_ids, visual, knowledge)
+        if self.term_weights is None:
+            return self.decoder(inputs_embeds=embeds, attention_mask=attention_mask,
+                                labels=labels, use_cache=False).loss
+        logits = self.decoder(inputs_embeds=embeds, attention_mask=attention_mask,
+                              use_cache=False).logits[:, :-1].float()
+        return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                           labels[:, 1:].reshape(-1), weight=self.term_weights,
+                                           ignore_index=-100)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 visual: torch.Tensor | None = None, knowledge: dict[str, torch.Tensor] | None = None,
+                 **generation_kwargs) -> torch.Tensor:
+        """New token ids for left-padded prompts (KV cache, greedy or beam search)."""
+        embeds = self.embed(input_ids, visual, knowledge)
+        return self.decoder.generate(inputs_embeds=embeds, attention_mask=attention_mask,
+                                     **generation_kwargs)
+
+    def extra_state_dict(self) -> dict[str, torch.Tensor]:
+        """Weights outside the decoder (projector, soft knowledge)."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("decoder.")}
