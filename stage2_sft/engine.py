@@ -11,10 +11,11 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from mammorg.checkpoint import load_training_state, save_training_state
-from mammorg.io import MammorgError
+from mammorg.io import MammorgError, atomic_path
 
 
 def world() -> tuple[int, int]:
@@ -72,11 +73,19 @@ class TorchBackend:
             self.optimizer.zero_grad(set_to_none=True)
 
     def save_state(self, folder: Path, client: dict) -> None:
+        trainable = {n: p.detach().cpu().contiguous() for n, p in self.module.named_parameters()
+                     if p.requires_grad}
+        with atomic_path(folder / "trainable.safetensors") as tmp:
+            save_file(trainable, str(tmp))
         save_training_state({"optimizer": self.optimizer.state_dict(),
                              "scheduler": self.scheduler.state_dict(), **client},
                             folder / "training_state.pt")
 
     def load_state(self, folder: Path) -> dict:
+        weights = load_file(str(folder / "trainable.safetensors"))
+        unexpected = self.module.load_state_dict(weights, strict=False).unexpected_keys
+        if unexpected:
+            raise MammorgError(f"{folder}: checkpoint does not match the model ({unexpected[0]})")
         state = load_training_state(folder / "training_state.pt")
         self.optimizer.load_state_dict(state.pop("optimizer"))
         self.scheduler.load_state_dict(state.pop("scheduler"))

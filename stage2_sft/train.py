@@ -179,7 +179,7 @@ def train_epoch(backend, ds: ReportDataset, batches: list[list[int]], pad_id: in
         loss = _loss(backend, collate([ds[j] for j in idx], pad_id), device)
         backend.backward(loss)
         backend.step(last_of_epoch=i + 1 == len(batches))
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     return sum(losses) / max(len(losses), 1)
 
 

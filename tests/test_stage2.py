@@ -1,0 +1,150 @@
+"""Stage 2 end to end on tiny configs: knowledge modes, resume, placeholders, LoRA, DeepSpeed."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mammorg.cli import main as cli
+from mammorg.config import load_config
+from mammorg.data.ingest import ingest
+from mammorg.io import read_jsonl
+from mammorg.preprocess import PreprocessSpec, preprocess_manifest
+from stage2_sft.generate import generate_reports, generation_kwargs, load_run, make_builder
+from stage2_sft.data import ReportDataset
+from stage2_sft.model import PlaceholderMismatch, fill_placeholders
+from stage2_sft.train import run
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "configs/stage2/tiny.yaml")
+
+
+@pytest.fixture(scope="module")
+def stage1_outputs(synth_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("s2")
+    ingest("vindr", synth_dir, root / "m.jsonl")
+    preprocess_manifest(root / "m.jsonl", root / "cache", PreprocessSpec(64, 32), workers=1,
+                        progress=False)
+    assert cli(["stage1", "train", "--config", str(ROOT / "configs/stage1/tiny.yaml"),
+                f"data.cache_manifest={root / 'cache/manifest.jsonl'}", f"run_dir={root / 's1'}",
+                "train.epochs=1"]) == 0
+    assert cli(["stage1", "predict", "--run", str(root / "s1"), "--manifest",
+                str(root / "cache/manifest.jsonl"), "--out", str(root / "s1/pred.jsonl")]) == 0
+    return root
+
+
+def _overrides(root: Path, run_dir: Path, *extra: str) -> list[str]:
+    # every exam is trained on so that 8 synthetic exams give a few batches
+    return [f"data.manifest={root / 'm.jsonl'}", f"data.predictions={root / 's1/pred.jsonl'}",
+            f"run_dir={run_dir}", "data.train_split=train", "train.batch_size=2", *extra]
+
+
+def _all_train(root: Path) -> None:
+    rows = read_jsonl(root / "m.jsonl")
+    (root / "m_all.jsonl").write_text("".join(json.dumps({**r, "split": "train"}) + "\n" for r in rows))
+
+
+@pytest.mark.parametrize("mode", ["none", "discrete", "soft", "both"])
+def test_knowledge_modes_train_and_generate(stage1_outputs, tmp_path, mode):
+    root = stage1_outputs
+    cfg = load_config(TINY, _overrides(root, tmp_path / mode, f"knowledge.mode={mode}", "train.epochs=1",
+                                       "generate.max_new_tokens=6"))
+    result = run(cfg)
+    assert (tmp_path / mode / "checkpoints" / "best" / "extras.safetensors").exists()
+    assert result["best_val_loss"] is None or result["best_val_loss"] > 0
+    rcfg, model, tok = load_run(tmp_path / mode)
+    ds = ReportDataset(root / "m.jsonl", root / "s1/pred.jsonl", make_builder(rcfg, tok),
+                       with_reports=False)
+    rows = generate_reports(model, tok, ds, generation_kwargs(rcfg, tok, num_beams=2), 4, False)
+    assert len(rows) == len(ds) == 8 and all("structured" in r for r in rows)
+    sample = ds[0]
+    n_image = sample["prompt"].count(tok.convert_tokens_to_ids("<image>"))
+    assert n_image == sample["visual"].shape[0] * sample["visual"].shape[1]
+    has_soft = tok.convert_tokens_to_ids("<knowledge>") in sample["prompt"]
+    has_discrete = any(tok.convert_ids_to_tokens(i).startswith("<density=") for i in sample["prompt"])
+    assert has_soft == (mode in ("soft", "both")) and has_discrete == (mode in ("discrete", "both"))
+
+
+def test_resume_continues_the_same_loss_curve(stage1_outputs, tmp_path):
+    root = stage1_outputs
+    run(load_config(TINY, _overrides(root, tmp_path / "a", "train.epochs=3")))
+    run(load_config(TINY, _overrides(root, tmp_path / "b", "train.epochs=3", "train.stop_after_epochs=1")))
+    run(load_config(TINY, _overrides(root, tmp_path / "b", "train.epochs=3")))
+    curve = lambda d: [json.loads(x)["train_loss"] for x in (d / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    assert curve(tmp_path / "a") == pytest.approx(curve(tmp_path / "b"), rel=1e-5)
+    assert len(curve(tmp_path / "a")) == 3
+
+
+def test_placeholder_count_mismatch_is_a_clear_error():
+    embeds = torch.zeros(1, 5, 4)
+    ids = torch.tensor([[1, 7, 7, 7, 2]])
+    filled = fill_placeholders(embeds, ids, 7, torch.ones(3, 4), "visual tokens")
+    assert filled[0, 1:4].eq(1).all() and filled[0, 0].eq(0).all()
+    with pytest.raises(PlaceholderMismatch, match="2 feature vectors for 3 placeholder tokens"):
+        fill_placeholders(embeds, ids, 7, torch.ones(2, 4), "visual tokens")
+
+
+def _local_decoder(root: Path) -> Path:
+    """A small 'pretrained' local model folder for the name_or_path + LoRA path."""
+    folder = root / "local_llama"
+    if not (folder / "config.json").exists():
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        tok_dir = root / "bpe"
+        from terminology.lexicon import load_lexicon
+        from terminology.tokenizer import train_bpe_tokenizer
+
+        texts = [r["report"] for r in read_jsonl(root / "m.jsonl") if r.get("report")]
+        tok = train_bpe_tokenizer(texts, load_lexicon(), tok_dir, 400, atomic_terms=False)
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                                             num_hidden_layers=2, num_attention_heads=4,
+                                             num_key_value_heads=2, bos_token_id=tok.bos_token_id,
+                                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
+        model.save_pretrained(folder)
+        tok.save_pretrained(folder)
+    return folder
+
+
+def test_lora_on_local_pretrained_decoder(stage1_outputs, tmp_path):
+    root = stage1_outputs
+    local = _local_decoder(root)
+    cfg = load_config(TINY, _overrides(root, tmp_path / "lora", f"decoder.name_or_path={local}",
+                                       "lora.enabled=true", "train.epochs=1"))
+    run(cfg)
+    best = tmp_path / "lora" / "checkpoints" / "best"
+    adapter = load_file(str(best / "decoder" / "adapter_model.safetensors"))
+    assert adapter and any("lora_B" in k and v.abs().sum() > 0 for k, v in adapter.items())
+    _, model, tok = load_run(tmp_path / "lora")
+    assert "architectural distortion" in tok.get_vocab()  # terminology added to the local tokenizer
+
+
+def _deepspeed_run(root: Path, run_dir: Path, zero: int) -> subprocess.CompletedProcess:
+    local = _local_decoder(root)
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(29500 + zero), "-m", "mammorg.cli", "stage2", "train", "--config", TINY,
+           *_overrides(root, run_dir, f"decoder.name_or_path={local}", "lora.enabled=true",
+                       "train.epochs=1", f"deepspeed.config={ROOT / f'configs/deepspeed/zero{zero}.json'}")]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zero", [2, 3])
+def test_deepspeed_two_ranks_saves_complete_lora_adapters(stage1_outputs, tmp_path, zero):
+    proc = _deepspeed_run(stage1_outputs, tmp_path / f"z{zero}", zero)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    best = tmp_path / f"z{zero}" / "checkpoints" / "best"
+    adapter = load_file(str(best / "decoder" / "adapter_model.safetensors"))
+    assert adapter and all(v.numel() > 0 for v in adapter.values())
+    assert any("lora_B" in k and v.abs().sum() > 0 for k, v in adapter.items())
+    extras = load_file(str(best / "extras.safetensors"))
+    assert all(v.numel() > 0 for v in extras.values())
+    _, model, _ = load_run(tmp_path / f"z{zero}")  # reloads with transformers + peft alone
+    assert sum(p.numel() for p in model.parameters()) > 0
