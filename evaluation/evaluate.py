@@ -18,8 +18,9 @@ MAX_CHARS = 20_000
 CI_KEYS = ("birads_acc", "birads_f1", "density_f1", "finding_f1")
 
 
-def load_texts(path: str | Path) -> dict[str, str]:
-    """``{"id", "text"}`` lines → {id: text}; duplicates, empty and overlong texts are errors."""
+def load_texts(path: str | Path, allow_empty: bool = False) -> dict[str, str]:
+    """``{"id", "text"}`` lines → {id: text}; duplicates, overlong and (unless ``allow_empty``:
+    a model may generate nothing) empty texts are errors."""
     out: dict[str, str] = {}
     for lineno, row in enumerate(read_jsonl(path), 1):
         if "id" not in row or "text" not in row:
@@ -27,7 +28,7 @@ def load_texts(path: str | Path) -> dict[str, str]:
         rid, text = str(row["id"]), row["text"]
         if rid in out:
             raise MammorgError(f"{path}:{lineno}: duplicate id {rid!r}")
-        if not isinstance(text, str) or not text.strip():
+        if not isinstance(text, str) or (not text.strip() and not allow_empty):
             raise MammorgError(f"{path}:{lineno}: empty text for id {rid!r}")
         if len(text) > MAX_CHARS:
             raise MammorgError(f"{path}:{lineno}: text of id {rid!r} is longer than {MAX_CHARS} chars")
@@ -54,6 +55,7 @@ def compute_metrics(pred_texts: list[str], ref_texts: list[str], bootstrap: int 
     metrics["hallucination"] = hallucination_summary(preds, refs, pred_texts, ref_texts)
     metrics["ci95"] = bootstrap_ci(preds, refs, CI_KEYS, n=bootstrap)
     metrics["n"] = len(preds)
+    metrics["empty_predictions"] = sum(1 for t in pred_texts if not t.strip())
     return metrics, preds, refs
 
 
@@ -127,12 +129,12 @@ def _md_table_html(m: dict) -> str:
 def evaluate_files(pred_path, ref_path, out_dir, pred_b_path=None, bootstrap: int = 1000,
                    meteor: bool = True) -> dict:
     """Evaluate aligned JSONL files and write metrics.json, metrics.md, PNGs and index.html."""
-    pred, ref = load_texts(pred_path), load_texts(ref_path)
+    pred, ref = load_texts(pred_path, allow_empty=True), load_texts(ref_path)
     ids = aligned(pred, ref, pred_path, ref_path)
     pred_texts, ref_texts = [pred[i] for i in ids], [ref[i] for i in ids]
     metrics, preds, refs = compute_metrics(pred_texts, ref_texts, bootstrap, meteor)
     if pred_b_path:
-        pred_b = load_texts(pred_b_path)
+        pred_b = load_texts(pred_b_path, allow_empty=True)
         aligned(pred_b, ref, pred_b_path, ref_path)
         preds_b = [parse_report(pred_b[i]) for i in ids]
         metrics["paired_vs_b"] = paired_bootstrap(per_exam_scores(preds, refs),

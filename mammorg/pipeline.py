@@ -1,97 +1,183 @@
-"""``mammorg demo``: the pipeline on synthetic data, as far as the stages are built.
+"""The whole pipeline from one YAML (``mammorg demo``, ``scripts/pipeline.sh CONFIG OUT``).
 
-synthesise → ingest (VinDr adapter) → preprocess (cache) → audit → parse reference reports and
-score the parser against the generator's ground truth → ``index.html``.
+synthesise → ingest → preprocess → stage-1 train → predict (out-of-fold) → stage-2 train →
+generate → evaluate → export → report on a held-out exam → ``index.html``. Every step is run
+through the command-line interface (the same commands a user types), so the library imports no
+recipe; steps whose outputs exist are reused (the training recipes resume).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import html
+import io
 import json
 import time
 from pathlib import Path
 
-from mammorg.data.audit import audit_manifest, format_audit
-from mammorg.data.ingest import ingest
-from mammorg.io import read_jsonl, write_json_atomic, write_text_atomic
-from mammorg.preprocess import PreprocessSpec, load_cached, preprocess_manifest
-from mammorg.synth.writer import SynthSettings, synthesise
+from omegaconf import DictConfig, OmegaConf
 
-DEMO_SETTINGS = SynthSettings(exams=60, seed=0, height=256, width=128)
+from mammorg.config import load_config
+from mammorg.io import MammorgError, read_jsonl, write_json_atomic, write_jsonl_atomic, write_text_atomic
+from mammorg.preprocess import load_cached
 
-
-def _step(name: str, log: list) -> float:
-    print(f"[demo] {name} ...", flush=True)
-    log.append(name)
-    return time.perf_counter()
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "pipeline" / "demo.yaml"
 
 
-def _parser_scores(manifest: Path) -> dict:
-    """Clinical-efficacy of the parser on reference reports against the generator's truth."""
-    from evaluation.clinical import point_metrics
-    from evaluation.parser import parse_report
+class Pipeline:
+    """Runs the steps of a pipeline config into one output folder."""
 
-    rows = [r for r in read_jsonl(manifest) if r["meta"]["report_style"] != "single_image"]
-    preds = [parse_report(r["report"]) for r in rows]
-    refs = [{**r["labels"], "findings": {**r["labels"]["findings"], "U": {}}} for r in rows]
-    m = point_metrics(preds, refs)
-    return {k: m[k] for k in ("birads_acc", "birads_f1", "density_f1", "finding_f1")} | {"n": len(rows)}
+    def __init__(self, cfg: DictConfig, config_dir: Path, out: Path):
+        self.cfg, self.config_dir, self.out = cfg, config_dir, out
+        self.timings: dict[str, float] = {}
+
+    def path(self, rel: str) -> str:
+        return str(self.out / rel)
+
+    def cli(self, step: str, argv: list[str], capture: bool = False) -> str:
+        """Run one ``mammorg`` command; a failing step stops the pipeline with its name."""
+        from mammorg.cli import main as cli_main
+
+        print(f"[pipeline] {step}: mammorg {' '.join(argv[:3])} ...", flush=True)
+        t0 = time.perf_counter()
+        buffer = io.StringIO()
+        with contextlib.redirect_stdout(buffer) if capture else contextlib.nullcontext():
+            rc = cli_main(argv)
+        self.timings[step] = round(time.perf_counter() - t0, 1)
+        if rc != 0:
+            raise MammorgError(f"pipeline step '{step}' failed (exit {rc})")
+        return buffer.getvalue()
+
+    def stage_config(self, name: str) -> str:
+        return str((self.config_dir / self.cfg[name].config).resolve())
+
+    def run(self) -> dict:
+        c, p = self.cfg, self.path
+        if not (self.out / "synth" / "manifest.jsonl").exists():
+            self.cli("synthesise", ["synth", "--out", p("synth"), "--exams", str(c.synth.exams),
+                                    "--seed", str(c.synth.seed), "--size", str(c.synth.height),
+                                    str(c.synth.width), "--styles", ",".join(c.synth.styles)], True)
+        self.cli("ingest", ["data", "ingest", "--format", "vindr", "--root", p("synth"),
+                            "--out", p("manifest.jsonl")], True)
+        self.cli("preprocess", ["data", "preprocess", "--manifest", p("manifest.jsonl"), "--out",
+                                p("cache"), "--size", str(c.preprocess.height),
+                                str(c.preprocess.width), "--workers", str(c.preprocess.workers)], True)
+        cache = p("cache/manifest.jsonl")
+        self.cli("stage-1 train", ["stage1", "train", "--config", self.stage_config("stage1"),
+                                   f"data.cache_manifest={cache}", f"run_dir={p('stage1')}",
+                                   *c.stage1.overrides])
+        self.cli("stage-1 predict", ["stage1", "predict", "--run", p("stage1"), "--manifest", cache,
+                                     "--out", p("stage1/predictions.jsonl"), "--oof",
+                                     str(c.stage1.oof_folds)])
+        self.cli("stage-2 train", ["stage2", "train", "--config", self.stage_config("stage2"),
+                                   f"data.manifest={cache}", f"run_dir={p('stage2')}",
+                                   f"data.predictions={p('stage1/predictions.jsonl')}",
+                                   f"data.stage1_run={p('stage1')}", *c.stage2.overrides])
+        self.cli("generate", ["stage2", "generate", "--run", p("stage2"), "--manifest", cache,
+                              "--out", p("generated.jsonl"), "--split", c.generate.split])
+        self.write_references(cache)
+        self.cli("evaluate", ["evaluate", "--pred", p("generated.jsonl"), "--ref",
+                              p("references.jsonl"), "-o", p("evaluation"), "--bootstrap",
+                              str(c.evaluate.bootstrap), *([] if c.evaluate.meteor else ["--no-meteor"])],
+                 True)
+        self.cli("export", ["export", "--run", p("stage2"), "--out", p("bundle"), "--metrics",
+                            p("evaluation/metrics.json")] + (["--merge-lora"] if c.export.merge_lora else []),
+                 True)
+        held_out = self.held_out_exam(cache)
+        report = json.loads(self.cli("report", ["report", "--bundle", p("bundle"), held_out["folder"],
+                                                "--json"], True))
+        write_json_atomic(self.out / "report_example.json", {**report, "exam_id": held_out["exam_id"]})
+        return self.summary(report)
+
+    def write_references(self, cache: str) -> None:
+        rows = [{"id": r["exam_id"], "text": r["report"]} for r in read_jsonl(cache)
+                if r.get("split") == self.cfg.generate.split and r.get("report")]
+        write_jsonl_atomic(self.out / "references.jsonl", rows)
+
+    def held_out_exam(self, cache: str) -> dict:
+        """A test exam's image folder (the synthetic layout keeps one folder per study)."""
+        exam = next(r for r in read_jsonl(cache) if r.get("split") == self.cfg.generate.split)
+        folder = Path(next(v for v in exam["views"].values() if v)).parent
+        return {"exam_id": exam["exam_id"], "folder": str(folder)}
+
+    def summary(self, report: dict) -> dict:
+        metrics = json.loads((self.out / "evaluation" / "metrics.json").read_text())
+        s1 = read_jsonl(self.out / "stage1" / "metrics.jsonl")
+        keys = ("birads_f1", "birads_acc", "density_f1", "finding_f1", "bleu_1", "bleu_4",
+                "rouge_l", "cider", "meteor")
+        summary = {"generated_test_reports": metrics.get("n"),
+                   "metrics": {k: metrics.get(k) for k in keys},
+                   "stage1_val": {k: v for k, v in max(s1, key=lambda r: r["val"].get("score", -1))["val"].items()
+                                  if isinstance(v, float)} if s1 else {},
+                   "report_seconds": report.get("seconds"), "timings_s": self.timings,
+                   "seconds": round(sum(self.timings.values()), 1)}
+        write_json_atomic(self.out / "summary.json", summary)
+        write_text_atomic(self.out / "index.html", index_html(self.out, summary, report))
+        return summary
 
 
-def _sample_figure(cache_dir: Path, out: Path) -> None:
+def _sample_figure(out: Path, exam_ids: list[str]) -> str:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = read_jsonl(cache_dir / "manifest.jsonl")[:3]
-    fig, axes = plt.subplots(len(rows), 4, figsize=(6, 3.2 * len(rows)))
+    cache_dir = out / "cache"
+    rows = [r for r in read_jsonl(cache_dir / "manifest.jsonl") if r["exam_id"] in exam_ids]
+    fig, axes = plt.subplots(len(rows), 4, figsize=(6, 3.0 * len(rows)), squeeze=False)
     for r, row in enumerate(rows):
         for c, view in enumerate(("R_CC", "L_CC", "R_MLO", "L_MLO")):
             ax = axes[r][c]
-            ax.imshow(load_cached(cache_dir, row["cache"][view]), cmap="gray")
-            ax.set_title(f"{view}  BI-RADS {row['labels']['birads'][view[0]]}", fontsize=7)
+            if row["cache"].get(view):
+                ax.imshow(load_cached(cache_dir, row["cache"][view]), cmap="gray")
+            ax.set_title(f"{row['exam_id'][-6:]} {view}", fontsize=7)
             ax.axis("off")
     fig.tight_layout()
-    fig.savefig(out, dpi=90)
+    fig.savefig(out / "samples.png", dpi=80)
     plt.close(fig)
+    return "samples.png"
 
 
-def run_demo(out: str | Path, settings: SynthSettings = DEMO_SETTINGS) -> dict:
+def index_html(out: Path, summary: dict, report: dict) -> str:
+    gen = {r["id"]: r["text"] for r in read_jsonl(out / "generated.jsonl")}
+    ref = {r["id"]: r["text"] for r in read_jsonl(out / "references.jsonl")}
+    ids = [i for i in gen if i in ref][:3]
+    _sample_figure(out, ids)
+    table = "".join(f"<tr><td>{k}</td><td>{'n/a' if v is None else f'{v:.3f}'}</td></tr>"
+                    for k, v in summary["metrics"].items())
+    samples = "".join(f"<h3>{html.escape(i)}</h3><p><b>generated</b>: {html.escape(gen[i])}</p>"
+                      f"<p><b>reference</b>: {html.escape(ref[i])}</p>" for i in ids)
+    plots = "".join(f"<img src='{p}' style='max-width:45%'>" for p in
+                    ("stage1/learning_curve.png", "stage1/confusion_birads.png",
+                     "evaluation/confusion_birads.png", "evaluation/confusion_density.png")
+                    if (out / p).exists())
+    return ("<!doctype html><meta charset='utf-8'><title>mammorg pipeline</title>"
+            "<h1>mammorg pipeline</h1><h2>Test-split metrics (generated vs. reference reports)</h2>"
+            f"<table border=1 cellpadding=4>{table}</table><p>Full tables: "
+            "<a href='evaluation/index.html'>evaluation</a>, <a href='bundle/README.md'>model card</a></p>"
+            f"<h2>Plots</h2>{plots}<h2>Sample exams</h2><img src='samples.png'>{samples}"
+            "<h2>mammorg report on a held-out exam (from the bundle)</h2><pre>"
+            + html.escape(json.dumps({k: report[k] for k in ("text", "structured", "missing_views",
+                                                              "seconds") if k in report}, indent=2))
+            + "</pre><h2>Summary</h2><pre>" + html.escape(json.dumps(summary, indent=2)) + "</pre>")
+
+
+def run_pipeline(config: str | Path, out: str | Path, overrides: list[str] = ()) -> dict:
+    config = Path(config)
+    cfg = load_config(config, overrides)
     out = Path(out)
-    log: list[str] = []
-    t0 = _step("synthesise", log)
-    synthesise(out / "synth", settings)
-    _step("ingest (vindr adapter)", log)
-    result = ingest("vindr", out / "synth", out / "manifest.jsonl")
-    _step("preprocess", log)
-    spec = PreprocessSpec(height=settings.height, width=settings.width)
-    preprocess_manifest(out / "manifest.jsonl", out / "cache", spec, workers=2)
-    _step("audit", log)
-    audit = audit_manifest(out / "manifest.jsonl")
-    print(format_audit(audit))
-    _step("parse reference reports", log)
-    scores = _parser_scores(out / "synth" / "manifest.jsonl")
-    _sample_figure(out / "cache", out / "samples.png")
-    summary = {"exams": len(result.exams), "problems": len(result.problems),
-               "parser_vs_truth": scores, "seconds": round(time.perf_counter() - t0, 1),
-               "stages_not_built": ["stage1", "stage2", "export", "report"]}
-    write_json_atomic(out / "summary.json", summary)
-    write_text_atomic(out / "index.html", _index(summary, audit))
-    return summary
+    out.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, out / "pipeline.yaml")
+    return Pipeline(cfg, config.resolve().parent, out).run()
 
 
-def _index(summary: dict, audit: dict) -> str:
-    return ("<!doctype html><meta charset='utf-8'><title>mammorg demo</title>"
-            "<h1>mammorg demo</h1><h2>Summary</h2><pre>" + html.escape(json.dumps(summary, indent=2))
-            + "</pre><h2>Sample exams (preprocessed cache)</h2><img src='samples.png'>"
-            "<h2>Audit</h2><pre>" + html.escape(json.dumps(audit, indent=2)[:20000]) + "</pre>")
+def print_summary(summary: dict, out: str | Path) -> None:
+    print("\n| metric (test split, generated vs. reference) | value |\n|---|---|")
+    for k, v in summary["metrics"].items():
+        print(f"| {k} | {'n/a' if v is None else f'{v:.3f}'} |")
+    print(f"\npipeline finished in {summary['seconds']} s; open {out}/index.html")
 
 
 def demo_main(args: argparse.Namespace) -> None:
-    summary = run_demo(args.out)
-    print("\n| metric (parser on reference reports vs. ground truth) | value |\n|---|---|")
-    for k, v in summary["parser_vs_truth"].items():
-        print(f"| {k} | {v:.3f} |" if isinstance(v, float) else f"| {k} | {v} |")
-    print(f"\ndemo finished in {summary['seconds']} s; open {args.out}/index.html")
-    print("not built yet (no output faked): " + ", ".join(summary["stages_not_built"]))
+    summary = run_pipeline(args.config or DEFAULT_CONFIG, args.out, args.overrides)
+    print_summary(summary, args.out)

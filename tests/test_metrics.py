@@ -86,7 +86,9 @@ def test_evaluate_files_and_bad_input(tmp_path):
         evaluate_files(dup, ref, tmp_path / "o2")
     empty = _jsonl(tmp_path / "empty.jsonl", [{"id": "1", "text": " "}, {"id": "2", "text": "x"}])
     with pytest.raises(MammorgError, match="empty text"):
-        evaluate_files(empty, ref, tmp_path / "o3")
+        evaluate_files(ref, empty, tmp_path / "o3")  # an empty reference is an error
+    assert evaluate_files(empty, empty_ref_ok(tmp_path), tmp_path / "o4", bootstrap=5,
+                          meteor=False)["empty_predictions"] == 1  # an empty generation is scored
     short = _jsonl(tmp_path / "short.jsonl", [{"id": "1", "text": "x"}])
     with pytest.raises(MammorgError, match="ids differ"):
         evaluate_files(short, ref, tmp_path / "o4")
@@ -94,3 +96,8 @@ def test_evaluate_files_and_bad_input(tmp_path):
     with pytest.raises(MammorgError, match="not valid UTF-8"):
         evaluate_files(tmp_path / "bin.jsonl", ref, tmp_path / "o5")
     assert not math.isnan(m["bleu_1"])
+
+
+def empty_ref_ok(tmp_path):
+    return _jsonl(tmp_path / "ref_ok.jsonl", [{"id": "1", "text": "BI-RADS 1."},
+                                               {"id": "2", "text": "BI-RADS 2."}])
