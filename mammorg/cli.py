@@ -144,6 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_recipe("evaluation.cli", "evaluate_main"), command_path="evaluate")
     s = sub.add_parser("ablate")
     s.add_argument("--config", required=True)
+    s.add_argument("overrides", nargs="*", help="key=value")
     s.set_defaults(func=_recipe("mammorg.ablate"), command_path="ablate")
     s = sub.add_parser("export")
     s.add_argument("--run", required=True)

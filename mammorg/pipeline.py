@@ -52,6 +52,22 @@ class Pipeline:
         return str((self.config_dir / self.cfg[name].config).resolve())
 
     def run(self) -> dict:
+        cache = self.prepare_data()
+        self.train_stage1("stage1", list(self.cfg.stage1.overrides))
+        self.train_stage2("stage2", "stage1", list(self.cfg.stage2.overrides))
+        self.generate_and_evaluate("stage2", "")
+        c, p = self.cfg, self.path
+        self.cli("export", ["export", "--run", p("stage2"), "--out", p("bundle"), "--metrics",
+                            p("evaluation/metrics.json")] + (["--merge-lora"] if c.export.merge_lora else []),
+                 True)
+        held_out = self.held_out_exam(cache)
+        report = json.loads(self.cli("report", ["report", "--bundle", p("bundle"), held_out["folder"],
+                                                "--json"], True))
+        write_json_atomic(self.out / "report_example.json", {**report, "exam_id": held_out["exam_id"]})
+        return self.summary(report)
+
+    def prepare_data(self) -> str:
+        """synthesise → ingest → preprocess; returns the cache manifest."""
         c, p = self.cfg, self.path
         if not (self.out / "synth" / "manifest.jsonl").exists():
             self.cli("synthesise", ["synth", "--out", p("synth"), "--exams", str(c.synth.exams),
@@ -62,32 +78,37 @@ class Pipeline:
         self.cli("preprocess", ["data", "preprocess", "--manifest", p("manifest.jsonl"), "--out",
                                 p("cache"), "--size", str(c.preprocess.height),
                                 str(c.preprocess.width), "--workers", str(c.preprocess.workers)], True)
-        cache = p("cache/manifest.jsonl")
+        self.write_references(p("cache/manifest.jsonl"))
+        return p("cache/manifest.jsonl")
+
+    def train_stage1(self, run: str, overrides: list[str]) -> None:
+        """Stage-1 training, then predictions (out-of-fold on the training split) with features."""
+        cache = self.path("cache/manifest.jsonl")
         self.cli("stage-1 train", ["stage1", "train", "--config", self.stage_config("stage1"),
-                                   f"data.cache_manifest={cache}", f"run_dir={p('stage1')}",
-                                   *c.stage1.overrides])
-        self.cli("stage-1 predict", ["stage1", "predict", "--run", p("stage1"), "--manifest", cache,
-                                     "--out", p("stage1/predictions.jsonl"), "--oof",
-                                     str(c.stage1.oof_folds)])
+                                   f"data.cache_manifest={cache}", f"run_dir={self.path(run)}",
+                                   *overrides])
+        if not (self.out / run / "predictions.jsonl").exists():
+            self.cli("stage-1 predict", ["stage1", "predict", "--run", self.path(run), "--manifest",
+                                         cache, "--out", self.path(f"{run}/predictions.jsonl"),
+                                         "--oof", str(self.cfg.stage1.oof_folds)])
+
+    def train_stage2(self, run: str, stage1_run: str, overrides: list[str]) -> None:
         self.cli("stage-2 train", ["stage2", "train", "--config", self.stage_config("stage2"),
-                                   f"data.manifest={cache}", f"run_dir={p('stage2')}",
-                                   f"data.predictions={p('stage1/predictions.jsonl')}",
-                                   f"data.stage1_run={p('stage1')}", *c.stage2.overrides])
-        self.cli("generate", ["stage2", "generate", "--run", p("stage2"), "--manifest", cache,
-                              "--out", p("generated.jsonl"), "--split", c.generate.split])
-        self.write_references(cache)
-        self.cli("evaluate", ["evaluate", "--pred", p("generated.jsonl"), "--ref",
-                              p("references.jsonl"), "-o", p("evaluation"), "--bootstrap",
+                                   f"data.manifest={self.path('cache/manifest.jsonl')}",
+                                   f"run_dir={self.path(run)}",
+                                   f"data.predictions={self.path(stage1_run + '/predictions.jsonl')}",
+                                   f"data.stage1_run={self.path(stage1_run)}", *overrides])
+
+    def generate_and_evaluate(self, run: str, prefix: str) -> None:
+        """``{prefix}generated.jsonl`` on the test split and ``{prefix}evaluation/``."""
+        c, p = self.cfg, self.path
+        self.cli("generate", ["stage2", "generate", "--run", p(run), "--manifest",
+                              p("cache/manifest.jsonl"), "--out", p(f"{prefix}generated.jsonl"),
+                              "--split", c.generate.split])
+        self.cli("evaluate", ["evaluate", "--pred", p(f"{prefix}generated.jsonl"), "--ref",
+                              p("references.jsonl"), "-o", p(f"{prefix}evaluation"), "--bootstrap",
                               str(c.evaluate.bootstrap), *([] if c.evaluate.meteor else ["--no-meteor"])],
                  True)
-        self.cli("export", ["export", "--run", p("stage2"), "--out", p("bundle"), "--metrics",
-                            p("evaluation/metrics.json")] + (["--merge-lora"] if c.export.merge_lora else []),
-                 True)
-        held_out = self.held_out_exam(cache)
-        report = json.loads(self.cli("report", ["report", "--bundle", p("bundle"), held_out["folder"],
-                                                "--json"], True))
-        write_json_atomic(self.out / "report_example.json", {**report, "exam_id": held_out["exam_id"]})
-        return self.summary(report)
 
     def write_references(self, cache: str) -> None:
         rows = [{"id": r["exam_id"], "text": r["report"]} for r in read_jsonl(cache)

@@ -1,0 +1,140 @@
+"""``mammorg ablate --config configs/ablations/<name>.yaml``: clinical-efficacy ablations.
+
+Each grid row names stage-1 and stage-2 overrides; every row runs for every seed in its own
+folder (a run whose evaluation exists is not redone). Data and each distinct stage-1 setting are
+prepared once. Writes ``table.csv``, ``table.md`` (mean ± 95% t-interval over seeds, paired
+bootstrap against the baseline row on the pooled test exams) and ``ablation.png``.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from omegaconf import DictConfig, OmegaConf
+from scipy import stats
+
+from evaluation.clinical import paired_bootstrap, per_exam_scores
+from evaluation.parser import parse_report
+from mammorg.config import load_config
+from mammorg.io import MammorgError, atomic_path, read_jsonl, write_text_atomic
+from mammorg.pipeline import Pipeline
+
+METRICS = ("birads_f1", "birads_acc", "density_f1", "finding_f1", "bleu_4", "rouge_l", "cider")
+
+
+def _stage1_key(overrides: list[str]) -> str:
+    return "stage1-" + hashlib.sha1(json.dumps(sorted(overrides)).encode()).hexdigest()[:8]
+
+
+def run_grid(cfg: DictConfig, config_dir: Path) -> Path:
+    out = Path(cfg.out)
+    pipe_path = (config_dir / cfg.pipeline).resolve()
+    pipe = Pipeline(load_config(pipe_path), pipe_path.parent, out)
+    pipe.prepare_data()
+    if cfg.baseline not in cfg.grid:
+        raise MammorgError(f"baseline '{cfg.baseline}' is not a row of the grid")
+    for name, row in cfg.grid.items():
+        s1 = list(pipe.cfg.stage1.overrides) + list(row.get("stage1") or [])
+        s1_run = _stage1_key(s1)
+        pipe.train_stage1(s1_run, s1)
+        for seed in cfg.seeds:
+            run = f"runs/{name}/seed{seed}"
+            if (out / run / "evaluation" / "metrics.json").exists():
+                print(f"[ablate] {name} seed {seed}: done before, skipped")
+                continue
+            s2 = list(pipe.cfg.stage2.overrides) + list(row.get("stage2") or []) + [f"seed={seed}"]
+            pipe.train_stage2(f"{run}/stage2", s1_run, s2)
+            pipe.generate_and_evaluate(f"{run}/stage2", f"{run}/")
+    return write_table(cfg, out)
+
+
+def _mean_ci(values: list[float]) -> tuple[float, float]:
+    v = np.asarray([x for x in values if x is not None], dtype=float)
+    if len(v) < 2:
+        return (float(v.mean()) if len(v) else float("nan"), float("nan"))
+    half = stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v))
+    return float(v.mean()), float(half)
+
+
+def _pooled_scores(out: Path, name: str, seeds: list) -> dict[str, np.ndarray]:
+    refs = {r["id"]: parse_report(r["text"]) for r in read_jsonl(out / "references.jsonl")}
+    pooled: dict[str, list] = {}
+    for seed in seeds:
+        gen = read_jsonl(out / f"runs/{name}/seed{seed}/generated.jsonl")
+        scores = per_exam_scores([g["structured"] for g in gen], [refs[g["id"]] for g in gen])
+        for k, v in scores.items():
+            pooled.setdefault(k, []).append(v)
+    return {k: np.concatenate(v) for k, v in pooled.items()}
+
+
+def write_table(cfg: DictConfig, out: Path) -> Path:
+    seeds = list(cfg.seeds)
+    base = _pooled_scores(out, cfg.baseline, seeds)
+    rows = []
+    for name in cfg.grid:
+        per_seed = [json.loads((out / f"runs/{name}/seed{s}/evaluation/metrics.json").read_text())
+                    for s in seeds]
+        row: dict = {"row": name, "seeds": len(seeds)}
+        for key in METRICS:
+            row[key], row[f"{key}_ci95"] = _mean_ci([m.get(key) for m in per_seed])
+        if name != cfg.baseline:
+            test = paired_bootstrap(_pooled_scores(out, name, seeds), base, n=cfg.bootstrap)
+            for key, res in test.items():
+                row[f"{key}_delta_vs_{cfg.baseline}"] = res["delta"]
+                row[f"{key}_p_vs_{cfg.baseline}"] = res["p_value"]
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    with atomic_path(out / "table.csv") as tmp:
+        table.to_csv(tmp, index=False)
+    write_text_atomic(out / "table.md", markdown(table, cfg.baseline))
+    bar_plot(table, out / "ablation.png")
+    print(markdown(table, cfg.baseline))
+    return out / "table.md"
+
+
+def markdown(table: pd.DataFrame, baseline: str) -> str:
+    keys = ("birads_f1", "density_f1", "finding_f1", "bleu_4", "rouge_l")
+    head = "| row | " + " | ".join(keys) + f" | p (BI-RADS acc vs {baseline}) |\n"
+    head += "|---" * (len(keys) + 2) + "|\n"
+    fmt = lambda m, h: f"{m:.3f}" + ("" if np.isnan(h) else f" ± {h:.3f}")  # noqa: E731
+    lines = []
+    for _, r in table.iterrows():
+        p = r.get(f"birads_acc_p_vs_{baseline}")
+        p_text = "baseline" if r["row"] == baseline else ("n/a" if p is None or pd.isna(p) else f"{p:.3f}")
+        lines.append(f"| {r['row']} | " + " | ".join(fmt(r[k], r[f'{k}_ci95']) for k in keys)
+                     + f" | {p_text} |")
+    return head + "\n".join(lines) + "\n"
+
+
+def bar_plot(table: pd.DataFrame, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = ("birads_f1", "density_f1", "finding_f1")
+    x = np.arange(len(table))
+    fig, ax = plt.subplots(figsize=(1.6 + 1.2 * len(table), 3.2))
+    for i, key in enumerate(keys):
+        err = np.nan_to_num(table[f"{key}_ci95"].to_numpy(dtype=float))
+        ax.bar(x + (i - 1) * 0.27, table[key], 0.27, yerr=err, label=key, capsize=2)
+    ax.set_xticks(x, table["row"], rotation=20)
+    ax.set_ylabel("test split (mean over seeds)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
+
+
+def main(args: argparse.Namespace) -> None:
+    path = Path(args.config)
+    cfg = load_config(path, getattr(args, "overrides", []))
+    if not cfg.grid:
+        raise MammorgError(f"{path}: the grid is empty")
+    OmegaConf.to_container(cfg, resolve=True)
+    print(json.dumps({"table": str(run_grid(cfg, path.resolve().parent))}))

@@ -1,0 +1,89 @@
+"""End to end: the tiny pipeline, export + reload + report on a new exam, tampering, ablations."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from mammorg.bundle import load_bundle
+from mammorg.cli import main as cli
+from mammorg.io import read_jsonl
+from mammorg.synth.writer import SynthSettings, synthesise
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("pipeline")
+    assert cli(["demo", "--config", str(ROOT / "configs/pipeline/tiny.yaml"), "--out", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def new_exam(tmp_path_factory):
+    root = tmp_path_factory.mktemp("new_exam")
+    synthesise(root, SynthSettings(exams=1, seed=99, height=128, width=64), progress=False)
+    return sorted((root / "images").iterdir())[0]
+
+
+def test_pipeline_outputs(demo):
+    summary = json.loads((demo / "summary.json").read_text())
+    assert set(summary["metrics"]) >= {"birads_f1", "density_f1", "finding_f1", "bleu_4", "rouge_l"}
+    assert summary["generated_test_reports"] == len(read_jsonl(demo / "references.jsonl")) > 0
+    assert "mammorg pipeline" in (demo / "index.html").read_text()
+    assert (demo / "samples.png").exists() and (demo / "stage1" / "learning_curve.png").exists()
+    example = json.loads((demo / "report_example.json").read_text())
+    assert "text" in example and example["missing_views"] == []
+
+
+def test_bundle_reloads_and_reports_a_new_exam(demo, new_exam, capsys):
+    bundle = load_bundle(demo / "bundle")
+    meta = bundle.metadata
+    assert meta["sha256"] and "transformers" in meta["versions"]
+    assert "architectural distortion" in bundle.tokenizer.get_vocab()
+    assert not list((demo / "bundle").rglob("*.bin")) and not list((demo / "bundle").rglob("*.pt"))
+    capsys.readouterr()
+    assert cli(["report", "--bundle", str(demo / "bundle"), str(new_exam), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert set(result) >= {"text", "structured", "stage1", "missing_views", "seconds"}
+    assert abs(sum(result["stage1"]["probs"]["density"].values()) - 1) < 1e-4
+    assert result["seconds"] < 2.0  # CPU latency after loading (tiny bundle)
+
+
+def test_missing_view_is_flagged(demo, new_exam, capsys):
+    files = sorted(str(p) for p in new_exam.iterdir())[:3]
+    capsys.readouterr()
+    assert cli(["report", "--bundle", str(demo / "bundle"), *files, "--json"]) == 0
+    captured = capsys.readouterr()
+    result = json.loads(captured.out)
+    assert len(result["missing_views"]) == 1 and result["flags"]
+    assert "WARNING" in captured.err
+
+
+def test_tampered_bundle_and_pickles_are_refused(demo, tmp_path, new_exam, capsys):
+    bad = tmp_path / "bundle"
+    shutil.copytree(demo / "bundle", bad)
+    data = bytearray((bad / "extras.safetensors").read_bytes())
+    data[-1] ^= 0xFF
+    (bad / "extras.safetensors").write_bytes(bytes(data))
+    assert cli(["report", "--bundle", str(bad), str(new_exam)]) == 2
+    assert "sha256 mismatch" in capsys.readouterr().err
+    shutil.copy2(demo / "bundle" / "extras.safetensors", bad / "extras.safetensors")
+    (bad / "stage1" / "extra.pt").write_bytes(b"\x80\x04N.")
+    assert cli(["report", "--bundle", str(bad), str(new_exam)]) == 2
+    assert "pickle file in bundle refused" in capsys.readouterr().err
+
+
+def test_ablation_grid_two_rows(tmp_path, capsys):
+    out = tmp_path / "ablation"
+    args = ["ablate", "--config", str(ROOT / "configs/ablations/tiny.yaml"), f"out={out}"]
+    assert cli(args) == 0
+    table = (out / "table.csv").read_text().splitlines()
+    assert len(table) == 3 and table[1].startswith("none") and "birads_acc_p_vs_none" in table[0]
+    assert (out / "ablation.png").exists() and "| discrete |" in (out / "table.md").read_text()
+    capsys.readouterr()
+    assert cli(args) == 0  # finished runs are not redone
+    assert capsys.readouterr().out.count("done before, skipped") == 2
