@@ -1,6 +1,6 @@
 """Stage-1 learning curve on synthetic exams: validation metrics vs. number of training exams.
 
-Usage: python benchmarks/stage1_learning_curve.py [--exams 480] [--sizes 60 150 360] [--out DIR]
+Usage: python benchmarks/stage1_learning_curve.py [--exams 480] [--sizes 60 150 360] [--size 128 64]
 Trains configs/stage1/default.yaml on nested subsets of one synthetic training split, evaluates
 each on the same validation exams, prints one JSON object and writes learning_curve_data.png.
 """
@@ -26,11 +26,11 @@ CHANCE = {"birads_f1": "macro-F1 of a constant majority guess is at most 1/k of 
           "density_f1": "0.25 accuracy for 4 balanced classes"}
 
 
-def prepare(out: Path, exams: int) -> Path:
+def prepare(out: Path, exams: int, size: tuple[int, int]) -> Path:
     if not (out / "cache" / "manifest.jsonl").exists():
         synthesise(out / "synth", SynthSettings(exams=exams, seed=11, height=256, width=128))
         ingest("vindr", out / "synth", out / "manifest.jsonl")
-        preprocess_manifest(out / "manifest.jsonl", out / "cache", PreprocessSpec(256, 128), workers=2)
+        preprocess_manifest(out / "manifest.jsonl", out / "cache", PreprocessSpec(*size), workers=2)
     return out / "cache" / "manifest.jsonl"
 
 
@@ -50,9 +50,10 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[60, 150, 360])
     ap.add_argument("--out", default="runs/bench-stage1-curve")
     ap.add_argument("--epochs", type=int, default=12)
+    ap.add_argument("--size", type=int, nargs=2, default=[128, 64], metavar=("H", "W"))
     args = ap.parse_args()
     out = Path(args.out)
-    manifest = prepare(out, args.exams)
+    manifest = prepare(out, args.exams, tuple(args.size))
     results = []
     for n in args.sizes:
         sub = subset(manifest, n, manifest.parent / f"subset-{n}.jsonl")

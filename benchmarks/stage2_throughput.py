@@ -1,0 +1,157 @@
+"""Stage-2 throughput: the generator (visual + knowledge tokens) vs. a bare transformers(+peft) loop.
+
+Usage: python benchmarks/stage2_throughput.py [--shape llama-3.2-1b|tiny] [--batch 8] [--seq 1024]
+Defaults: a Llama-3.2-1B-shaped decoder (random init, bf16, sdpa) on a GPU; the tiny default
+(configs/stage2/tiny.yaml) in fp32 on CPU. Both loops see the same token batches; the recipe's
+carry four views of visual tokens filled through the projector with masked_scatter. Reports
+training tokens/s for full fine-tuning and LoRA, their ratio to the bare loop, model FLOP
+utilisation on a GPU (6 x params x tokens), and generation reports/s. Prints one JSON object.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from peft import LoraConfig, get_peft_model  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+from stage2_sft.model import ReportGenerator, SpecialIds  # noqa: E402
+
+SHAPES = {
+    "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                         num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                         max_position_embeddings=4096, tie_word_embeddings=True),
+    "tiny": dict(hidden_size=96, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=1200, max_position_embeddings=1024,
+                 tie_word_embeddings=True),
+}
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+VISUAL_DIM, TOKENS_PER_VIEW = 128, 8
+IMAGE_ID, KNOWLEDGE_ID, REPORT_ID = 3, 4, 5
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def decoder(shape: str, device, dtype, lora: bool):
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**SHAPES[shape], attn_implementation="sdpa")).to(device, dtype)
+    if lora:
+        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, task_type="CAUSAL_LM",
+                                                 target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
+                                                                 "gate_proj", "up_proj", "down_proj"]))
+    return model
+
+
+def batches(n: int, batch: int, seq: int, vocab: int, device):
+    """Token batches: 4 views x N image placeholders, then report tokens (labels on the report)."""
+    out = []
+    n_img = 4 * TOKENS_PER_VIEW
+    for i in range(n):
+        g = torch.Generator().manual_seed(i)
+        ids = torch.randint(10, vocab, (batch, seq), generator=g)
+        ids[:, 1:1 + n_img] = IMAGE_ID
+        labels = ids.clone()
+        labels[:, :2 + n_img] = -100
+        visual = torch.randn(batch * 4, TOKENS_PER_VIEW, VISUAL_DIM, generator=g)
+        out.append({k: v.to(device) for k, v in
+                    {"input_ids": ids, "labels": labels, "visual": visual,
+                     "attention_mask": torch.ones_like(ids)}.items()})
+    return out
+
+
+def timed(step, data, warmup: int, device) -> float:
+    for b in data[:warmup]:
+        step(b)
+    _sync(device)
+    t0 = time.perf_counter()
+    for b in data[warmup:]:
+        step(b)
+    _sync(device)
+    return sum(b["input_ids"].numel() for b in data[warmup:]) / (time.perf_counter() - t0)
+
+
+def train_step_fn(model, forward, amp: bool, device):
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5,
+                            fused=device.type == "cuda")
+
+    def step(b):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            loss = forward(b)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+def measure(shape, lora, data, device, dtype, amp, warmup):
+    bare = decoder(shape, device, dtype, lora)
+    bare_tps = timed(train_step_fn(bare, lambda b: bare(input_ids=b["input_ids"], labels=b["labels"],
+                                                        use_cache=False).loss, amp, device),
+                     data, warmup, device)
+    n_params = sum(p.numel() for p in bare.parameters())
+    del bare
+    gen = ReportGenerator(decoder(shape, device, dtype, lora), SpecialIds(IMAGE_ID, KNOWLEDGE_ID, REPORT_ID),
+                          VISUAL_DIM, "discrete").to(device)
+    gen.projector.to(dtype)
+    ours = timed(train_step_fn(gen, lambda b: gen(b["input_ids"], b["attention_mask"], b["labels"],
+                                                  b["visual"]), amp, device), data, warmup, device)
+    return ours, bare_tps, n_params, gen
+
+
+def generation_rate(gen, batch: int, device) -> float:
+    ids = torch.full((batch, 2 + 4 * TOKENS_PER_VIEW), IMAGE_ID, device=device)
+    ids[:, 0], ids[:, -1] = 1, REPORT_ID
+    visual = torch.randn(batch * 4, TOKENS_PER_VIEW, VISUAL_DIM, device=device)
+    mask = torch.ones_like(ids)
+    gen.eval()
+    kwargs = dict(max_new_tokens=128, min_new_tokens=128, do_sample=False, pad_token_id=0)
+    gen.generate(ids, mask, visual, None, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    _sync(device)
+    t0 = time.perf_counter()
+    gen.generate(ids, mask, visual, None, **kwargs)
+    _sync(device)
+    return batch / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    gpu = torch.cuda.is_available()
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", default="llama-3.2-1b" if gpu else "tiny", choices=list(SHAPES))
+    ap.add_argument("--batch", type=int, default=8 if gpu else 4)
+    ap.add_argument("--seq", type=int, default=1024 if gpu else 256)
+    ap.add_argument("--steps", type=int, default=12 if gpu else 8)
+    args = ap.parse_args()
+    device = torch.device("cuda" if gpu else "cpu")
+    dtype = torch.bfloat16 if gpu else torch.float32
+    data = batches(args.steps, args.batch, args.seq, SHAPES[args.shape]["vocab_size"], device)
+    out = {"benchmark": "stage2_throughput", "device": torch.cuda.get_device_name() if gpu else "cpu",
+           "shape": args.shape, "batch": args.batch, "seq": args.seq,
+           "precision": "bf16" if gpu else "fp32", "visual_tokens": 4 * TOKENS_PER_VIEW}
+    peak = next((v for k, v in PEAK_BF16.items() if gpu and k in out["device"]), None)
+    for mode in ("full", "lora"):
+        ours, bare, n_params, gen = measure(args.shape, mode == "lora", data, device, dtype, False, 2)
+        out[f"{mode}_tokens_s"] = round(ours, 1)
+        out[f"{mode}_bare_tokens_s"] = round(bare, 1)
+        out[f"{mode}_ratio"] = round(ours / bare, 3)
+        if peak and mode == "full":
+            out["full_mfu"] = round(6 * n_params * ours / peak, 3)
+            out["full_bare_mfu"] = round(6 * n_params * bare / peak, 3)
+        if mode == "lora":
+            out["generate_reports_s"] = round(generation_rate(gen, args.batch, device), 2)
+        del gen
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
