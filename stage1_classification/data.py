@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import Dataset
 
 from mammorg.io import MammorgError, read_jsonl
-from mammorg.labels import DENSITIES, FINDINGS, VIEWS, birads_class_mask
+from mammorg.labels import BIRADS_CLASSES, DENSITIES, FINDINGS, VIEWS, birads_class_mask
 from mammorg.preprocess import from_uint16, load_cached
 
 
@@ -92,3 +92,16 @@ def collate(samples: list[dict]) -> dict:
     out = {k: torch.stack([s[k] for s in samples]) for k in samples[0] if k != "exam_id"}
     out["exam_id"] = [s["exam_id"] for s in samples]
     return out
+
+
+def birads_class_weights(ds: ExamDataset, power: float = 0.5) -> torch.Tensor:
+    """Inverse-frequency weights ``(1 / freq) ** power`` of the BI-RADS classes (mean 1)."""
+    counts = torch.ones(len(BIRADS_CLASSES))  # +1 smoothing: absent classes stay finite
+    for exam in ds.exams:
+        birads = (exam.get("labels") or {}).get("birads") or {}
+        for side in "LR":
+            mask = torch.tensor(birads_class_mask(birads.get(side)), dtype=torch.float)
+            if mask.sum():
+                counts += mask / mask.sum()
+    w = (counts.sum() / counts) ** power
+    return w / w.mean()

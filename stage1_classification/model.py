@@ -73,8 +73,10 @@ def create_model(cfg) -> MultiViewClassifier:
                                pretrained_path=cfg.get("pretrained_path"))
 
 
-def stage1_loss(out: dict, batch: dict, focal_gamma: float = 0.0) -> torch.Tensor:
-    """Density CE + BI-RADS partial-label NLL (label masks) + masked (focal) BCE for findings."""
+def stage1_loss(out: dict, batch: dict, focal_gamma: float = 0.0,
+                birads_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Density CE + BI-RADS partial-label NLL (label masks; optional per-class weights) + masked
+    (focal) BCE for findings."""
     dens = batch["density"]
     loss = out["density"].new_zeros(())
     if (dens >= 0).any():
@@ -84,7 +86,11 @@ def stage1_loss(out: dict, batch: dict, focal_gamma: float = 0.0) -> torch.Tenso
     if has.any():
         logp = out["birads"].log_softmax(-1)
         nll = -torch.logsumexp(logp.masked_fill(~mask, -1e4), dim=-1)
-        loss = loss + nll[has].mean()
+        if birads_weights is None:
+            loss = loss + nll[has].mean()
+        else:  # a partial label takes the mean weight of its compatible classes
+            w = (mask.float() * birads_weights).sum(-1) / mask.sum(-1).clamp_min(1)
+            loss = loss + (nll * w)[has].sum() / w[has].sum()
     fmask = batch["finding_mask"]
     if fmask.any():
         bce = F.binary_cross_entropy_with_logits(out["findings"], batch["findings"], reduction="none")

@@ -19,7 +19,7 @@ from mammorg.checkpoint import (load_training_state, load_weights, save_training
 from mammorg.config import load_config, save_config
 from mammorg.io import MammorgError
 from mammorg.optim import cosine_with_warmup
-from stage1_classification.data import ExamDataset, collate
+from stage1_classification.data import ExamDataset, birads_class_weights, collate
 from stage1_classification.inference import predict_dataset
 from stage1_classification.metrics import stage1_metrics
 from stage1_classification.model import create_model, stage1_loss
@@ -49,14 +49,16 @@ def evaluate(model, ds: ExamDataset, cfg: DictConfig, device) -> dict:
     return stage1_metrics(outputs, batches) if outputs else {}
 
 
-def train_epoch(model, loader, optimizer, scheduler, cfg: DictConfig, device, epoch: int) -> float:
+def train_epoch(model, loader, optimizer, scheduler, cfg: DictConfig, device, epoch: int,
+                birads_weights: torch.Tensor | None = None) -> float:
     losses, accum = [], cfg.train.grad_accum
     optimizer.zero_grad(set_to_none=True)
     for step, batch in enumerate(tqdm(loader, desc=f"stage1 epoch {epoch}", leave=False)):
         batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             out = _forward(model, batch, device)
-        loss = stage1_loss({k: v.float() for k, v in out.items()}, batch, cfg.train.focal_gamma)
+        loss = stage1_loss({k: v.float() for k, v in out.items()}, batch, cfg.train.focal_gamma,
+                           birads_weights)
         (loss / accum).backward()
         if (step + 1) % accum == 0 or step + 1 == len(loader):
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -101,11 +103,13 @@ def run(cfg: DictConfig, plots: bool = True) -> dict:
         start, best = int(state["epoch"]) + 1, float(state["best"])
         print(f"resumed from {last} at epoch {start}")
     log = run_dir / "metrics.jsonl"
+    weights = birads_class_weights(train_ds, cfg.train.class_weight_power).to(device) \
+        if cfg.train.class_weight_power else None
     stop = cfg.train.epochs if cfg.train.stop_after_epochs is None else \
         min(cfg.train.epochs, start + cfg.train.stop_after_epochs)
     for epoch in range(start, stop):
         loss = train_epoch(model, _loader(train_ds, cfg, epoch, True), optimizer, scheduler, cfg,
-                           device, epoch)
+                           device, epoch, weights)
         val = evaluate(model, val_ds, cfg, device) if len(val_ds) else {}
         _append_log(log, {"epoch": epoch, "train_loss": loss, "val": val})
         print(f"epoch {epoch}: train_loss={loss:.4f} val_score={val.get('score', float('nan')):.3f}")
