@@ -111,6 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
         t.add_argument("--local_rank", "--local-rank", type=int, default=None,
                        help=argparse.SUPPRESS)
         t.set_defaults(func=_recipe(f"{module}.train"), command_path=f"{stage} train")
+        if stage == "stage2":
+            pre = sp.add_parser("pretrain", help="domain pre-training of the small decoder on reports")
+            pre.add_argument("--config", required=True)
+            pre.add_argument("overrides", nargs="*", help="key=value")
+            pre.set_defaults(func=_recipe("stage2_sft.pretrain"), command_path="stage2 pretrain")
         g = sp.add_parser("predict" if stage == "stage1" else "generate")
         g.add_argument("--run", required=True)
         g.add_argument("--manifest", required=True)

@@ -91,38 +91,38 @@ def test_placeholder_count_mismatch_is_a_clear_error():
 
 
 def _local_decoder(root: Path) -> Path:
-    """A small 'pretrained' local model folder for the name_or_path + LoRA path."""
+    """A small 'pretrained' local model folder (the pretrain recipe) for name_or_path + LoRA."""
     folder = root / "local_llama"
     if not (folder / "config.json").exists():
-        from transformers import LlamaConfig, LlamaForCausalLM
-
-        tok_dir = root / "bpe"
-        from terminology.lexicon import load_lexicon
-        from terminology.tokenizer import train_bpe_tokenizer
-
-        texts = [r["report"] for r in read_jsonl(root / "m.jsonl") if r.get("report")]
-        tok = train_bpe_tokenizer(texts, load_lexicon(), tok_dir, 400, atomic_terms=False)
-        torch.manual_seed(0)
-        model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
-                                             num_hidden_layers=2, num_attention_heads=4,
-                                             num_key_value_heads=2, bos_token_id=tok.bos_token_id,
-                                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
-        model.save_pretrained(folder)
-        tok.save_pretrained(folder)
+        assert cli(["stage2", "pretrain", "--config", str(ROOT / "configs/stage2/pretrain.yaml"),
+                    f"data.manifest={root / 'm.jsonl'}", "data.split=null", f"out_dir={folder}",
+                    "train.epochs=2", "model.hidden_size=64", "model.intermediate_size=128",
+                    "model.num_hidden_layers=2", "vocab_size=400"]) == 0
+        log = json.loads((folder / "pretrain_log.json").read_text())
+        assert log["epoch_losses"][1] < log["epoch_losses"][0]
     return folder
 
 
 def test_lora_on_local_pretrained_decoder(stage1_outputs, tmp_path):
     root = stage1_outputs
     local = _local_decoder(root)
-    cfg = load_config(TINY, _overrides(root, tmp_path / "lora", f"decoder.name_or_path={local}",
-                                       "lora.enabled=true", "train.epochs=1"))
+    cfg = load_config(str(ROOT / "configs/stage2/lora.yaml"),
+                      _overrides(root, tmp_path / "lora", f"decoder.name_or_path={local}", "train.epochs=1"))
     run(cfg)
     best = tmp_path / "lora" / "checkpoints" / "best"
     adapter = load_file(str(best / "decoder" / "adapter_model.safetensors"))
     assert adapter and any("lora_B" in k and v.abs().sum() > 0 for k, v in adapter.items())
     _, model, tok = load_run(tmp_path / "lora")
     assert "architectural distortion" in tok.get_vocab()  # terminology added to the local tokenizer
+    for merge in (False, True):  # adapter folder (+ base) or merged full weights
+        out = tmp_path / f"bundle-{merge}"
+        assert cli(["export", "--run", str(tmp_path / "lora"), "--out", str(out),
+                    "--stage1-run", str(root / "s1")] + (["--merge-lora"] if merge else [])) == 0
+        assert (out / "decoder" / "adapter_config.json").exists() != merge
+        assert (out / "base_decoder").exists() != merge
+        from mammorg.bundle import load_bundle
+
+        assert load_bundle(out).generator is not None
 
 
 def _deepspeed_run(root: Path, run_dir: Path, zero: int) -> subprocess.CompletedProcess:
