@@ -21,7 +21,7 @@ from evaluation.clinical import paired_bootstrap, per_exam_scores
 from evaluation.parser import parse_report
 from mammorg.config import load_config
 from mammorg.io import MammorgError, atomic_path, read_jsonl, write_text_atomic
-from mammorg.pipeline import Pipeline
+from mammorg.pipeline import Pipeline, stage1_as_report_metrics
 
 METRICS = ("birads_f1", "birads_acc", "density_f1", "finding_f1", "bleu_4", "rouge_l", "cider")
 
@@ -34,6 +34,8 @@ def run_grid(cfg: DictConfig, config_dir: Path) -> Path:
     out = Path(cfg.out)
     pipe_path = (config_dir / cfg.pipeline).resolve()
     pipe = Pipeline(load_config(pipe_path), pipe_path.parent, out)
+    out.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(pipe.cfg, out / "pipeline.yaml")
     pipe.prepare_data()
     if cfg.baseline not in cfg.grid:
         raise MammorgError(f"baseline '{cfg.baseline}' is not a row of the grid")
@@ -71,6 +73,11 @@ def _pooled_scores(out: Path, name: str, seeds: list) -> dict[str, np.ndarray]:
     return {k: np.concatenate(v) for k, v in pooled.items()}
 
 
+def cfg_pipeline_stage1(out: Path) -> list[str]:
+    """The pipeline's base stage-1 overrides, as saved by ``run_grid``."""
+    return list(OmegaConf.load(out / "pipeline.yaml").stage1.overrides)
+
+
 def write_table(cfg: DictConfig, out: Path) -> Path:
     seeds = list(cfg.seeds)
     base = _pooled_scores(out, cfg.baseline, seeds)
@@ -79,6 +86,9 @@ def write_table(cfg: DictConfig, out: Path) -> Path:
         per_seed = [json.loads((out / f"runs/{name}/seed{s}/evaluation/metrics.json").read_text())
                     for s in seeds]
         row: dict = {"row": name, "seeds": len(seeds)}
+        s1_run = _stage1_key(list(cfg_pipeline_stage1(out)) + list(cfg.grid[name].get("stage1") or []))
+        s1 = stage1_as_report_metrics(out, out / s1_run / "predictions.jsonl")
+        row.update({f"stage1_{k}": v for k, v in s1.items()})
         for key in METRICS:
             row[key], row[f"{key}_ci95"] = _mean_ci([m.get(key) for m in per_seed])
         if name != cfg.baseline:
@@ -98,15 +108,15 @@ def write_table(cfg: DictConfig, out: Path) -> Path:
 
 def markdown(table: pd.DataFrame, baseline: str) -> str:
     keys = ("birads_f1", "density_f1", "finding_f1", "bleu_4", "rouge_l")
-    head = "| row | " + " | ".join(keys) + f" | p (BI-RADS acc vs {baseline}) |\n"
-    head += "|---" * (len(keys) + 2) + "|\n"
+    head = "| row | " + " | ".join(keys) + f" | p (BI-RADS acc vs {baseline}) | stage-1 labels: birads_f1 |\n"
+    head += "|---" * (len(keys) + 3) + "|\n"
     fmt = lambda m, h: f"{m:.3f}" + ("" if np.isnan(h) else f" ± {h:.3f}")  # noqa: E731
     lines = []
     for _, r in table.iterrows():
         p = r.get(f"birads_acc_p_vs_{baseline}")
         p_text = "baseline" if r["row"] == baseline else ("n/a" if p is None or pd.isna(p) else f"{p:.3f}")
         lines.append(f"| {r['row']} | " + " | ".join(fmt(r[k], r[f'{k}_ci95']) for k in keys)
-                     + f" | {p_text} |")
+                     + f" | {p_text} | {r['stage1_birads_f1']:.3f} |")
     return head + "\n".join(lines) + "\n"
 
 

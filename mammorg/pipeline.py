@@ -130,11 +130,26 @@ class Pipeline:
                    "metrics": {k: metrics.get(k) for k in keys},
                    "stage1_val": {k: v for k, v in max(s1, key=lambda r: r["val"].get("score", -1))["val"].items()
                                   if isinstance(v, float)} if s1 else {},
+                   "stage1_test_as_report": stage1_as_report_metrics(
+                       self.out, self.out / "stage1" / "predictions.jsonl"),
                    "report_seconds": report.get("seconds"), "timings_s": self.timings,
                    "seconds": round(sum(self.timings.values()), 1)}
         write_json_atomic(self.out / "summary.json", summary)
         write_text_atomic(self.out / "index.html", index_html(self.out, summary, report))
         return summary
+
+
+def stage1_as_report_metrics(out: Path, predictions: Path) -> dict:
+    """Stage-1 argmax labels scored like generated reports (same references, same metrics)."""
+    from evaluation.clinical import point_metrics
+    from evaluation.parser import parse_report
+
+    refs = {r["id"]: parse_report(r["text"]) for r in read_jsonl(out / "references.jsonl")}
+    preds = {r["exam_id"]: {**r["pred"], "findings": {**r["pred"]["findings"], "U": {}}}
+             for r in read_jsonl(predictions)}
+    ids = [i for i in refs if i in preds]
+    m = point_metrics([preds[i] for i in ids], [refs[i] for i in ids])
+    return {k: m[k] for k in ("birads_f1", "birads_acc", "density_f1", "finding_f1")}
 
 
 def _sample_figure(out: Path, exam_ids: list[str]) -> str:
@@ -193,9 +208,12 @@ def run_pipeline(config: str | Path, out: str | Path, overrides: list[str] = ())
 
 
 def print_summary(summary: dict, out: str | Path) -> None:
-    print("\n| metric (test split, generated vs. reference) | value |\n|---|---|")
+    stage1 = summary["stage1_test_as_report"]
+    print("\n| metric (test split vs. reference reports) | generated report | stage-1 labels |")
+    print("|---|---|---|")
     for k, v in summary["metrics"].items():
-        print(f"| {k} | {'n/a' if v is None else f'{v:.3f}'} |")
+        s1 = stage1.get(k)
+        print(f"| {k} | {'n/a' if v is None else f'{v:.3f}'} | {'' if s1 is None else f'{s1:.3f}'} |")
     print(f"\npipeline finished in {summary['seconds']} s; open {out}/index.html")
 
 
