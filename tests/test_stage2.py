@@ -29,6 +29,9 @@ TINY = str(ROOT / "configs/stage2/tiny.yaml")
 def stage1_outputs(synth_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("s2")
     ingest("vindr", synth_dir, root / "m.jsonl")
+    rows = read_jsonl(root / "m.jsonl")
+    rows[0]["views"]["R_MLO"], rows[3]["views"]["L_CC"] = None, None  # exams with 3 views
+    (root / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     preprocess_manifest(root / "m.jsonl", root / "cache", PreprocessSpec(64, 32), workers=1,
                         progress=False)
     assert cli(["stage1", "train", "--config", str(ROOT / "configs/stage1/tiny.yaml"),
@@ -63,9 +66,12 @@ def test_knowledge_modes_train_and_generate(stage1_outputs, tmp_path, mode):
                        with_reports=False)
     rows = generate_reports(model, tok, ds, generation_kwargs(rcfg, tok, num_beams=2), 4, False)
     assert len(rows) == len(ds) == 8 and all("structured" in r for r in rows)
+    for sample, n_views in ((ds[0], 3), (ds[1], 4)):  # exam 0 lacks R_MLO: 3 views' tokens
+        n_image = sample["prompt"].count(tok.convert_tokens_to_ids("<image>"))
+        assert sample["visual"].shape[0] == n_views
+        assert n_image == sample["visual"].shape[0] * sample["visual"].shape[1]
+    assert tok.convert_tokens_to_ids("<missing_view>") in ds[0]["prompt"]
     sample = ds[0]
-    n_image = sample["prompt"].count(tok.convert_tokens_to_ids("<image>"))
-    assert n_image == sample["visual"].shape[0] * sample["visual"].shape[1]
     has_soft = tok.convert_tokens_to_ids("<knowledge>") in sample["prompt"]
     has_discrete = any(tok.convert_ids_to_tokens(i).startswith("<density=") for i in sample["prompt"])
     assert has_soft == (mode in ("soft", "both")) and has_discrete == (mode in ("discrete", "both"))
