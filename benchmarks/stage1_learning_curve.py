@@ -51,6 +51,7 @@ def main() -> None:
     ap.add_argument("--out", default="runs/bench-stage1-curve")
     ap.add_argument("--epochs", type=int, default=12)
     ap.add_argument("--size", type=int, nargs=2, default=[128, 64], metavar=("H", "W"))
+    ap.add_argument("overrides", nargs="*", help="key=value for configs/stage1/default.yaml")
     args = ap.parse_args()
     out = Path(args.out)
     manifest = prepare(out, args.exams, tuple(args.size))
@@ -59,7 +60,7 @@ def main() -> None:
         sub = subset(manifest, n, manifest.parent / f"subset-{n}.jsonl")
         cfg = load_config(ROOT / "configs/stage1/default.yaml",
                           [f"data.cache_manifest={sub}", f"run_dir={out / f'run-{n}'}",
-                           f"train.epochs={args.epochs}"])
+                           f"train.epochs={args.epochs}", *args.overrides])
         t0 = time.perf_counter()
         run(cfg)
         log = [json.loads(x) for x in (out / f"run-{n}" / "metrics.jsonl").read_text().splitlines()]
@@ -71,6 +72,7 @@ def main() -> None:
     val_n = sum(1 for r in read_jsonl(manifest) if r["split"] != "train")
     _plot(results, out / "learning_curve_data.png")
     print(json.dumps({"benchmark": "stage1_learning_curve", "val_exams": val_n,
+                      "overrides": args.overrides,
                       "config": "configs/stage1/default.yaml", "points": results,
                       "plot": str(out / "learning_curve_data.png")}))
 

@@ -42,8 +42,11 @@ def apply_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
         if "=" not in item:
             raise MammorgError(f"override '{item}' is not of the form key=value")
         key = item.split("=", 1)[0]
-        if OmegaConf.select(cfg, key, default="__missing__") == "__missing__":
+        node = OmegaConf.select(cfg, key, default="__missing__")
+        if isinstance(node, str) and node == "__missing__":
             raise MammorgError(f"unknown config key '{key}'")
+        if isinstance(node, DictConfig) and len(node) == 0:
+            OmegaConf.set_struct(node, False)  # an empty mapping (e.g. backbone_kwargs) is open
     try:
         merged = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
     except OmegaConfBaseException as exc:

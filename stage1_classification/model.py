@@ -16,10 +16,11 @@ class MultiViewClassifier(nn.Module):
     """Input ``images [B, 4, 1, H, W]`` (views L_CC, L_MLO, R_CC, R_MLO) and ``view_mask [B, 4]``."""
 
     def __init__(self, backbone: str = "resnet10t", dim: int = 128, tokens: tuple[int, int] = (4, 2),
-                 heads: int = 4, dropout: float = 0.1, pretrained_path: str | None = None):
+                 heads: int = 4, dropout: float = 0.1, pretrained_path: str | None = None,
+                 backbone_kwargs: dict | None = None):
         super().__init__()
         self.backbone = timm.create_model(backbone, pretrained=False, in_chans=1, num_classes=0,
-                                          global_pool="")
+                                          global_pool="", **(backbone_kwargs or {}))
         if pretrained_path:
             state = load_file(str(Path(pretrained_path)))
             self.backbone.load_state_dict(state, strict=False)
@@ -68,9 +69,11 @@ class MultiViewClassifier(nn.Module):
 
 def create_model(cfg) -> MultiViewClassifier:
     """Build from a config node with keys backbone, dim, tokens, heads, dropout, pretrained_path."""
+    kwargs = cfg.get("backbone_kwargs")
     return MultiViewClassifier(backbone=cfg.backbone, dim=cfg.dim, tokens=tuple(cfg.tokens),
                                heads=cfg.heads, dropout=cfg.dropout,
-                               pretrained_path=cfg.get("pretrained_path"))
+                               pretrained_path=cfg.get("pretrained_path"),
+                               backbone_kwargs=dict(kwargs) if kwargs else None)
 
 
 def stage1_loss(out: dict, batch: dict, focal_gamma: float = 0.0,
