@@ -81,7 +81,8 @@ def stage1_loss(out: dict, batch: dict, focal_gamma: float = 0.0,
     """Density CE + BI-RADS partial-label NLL (label masks; optional per-class weights) + masked
     (focal) BCE for findings."""
     dens = batch["density"]
-    loss = out["density"].new_zeros(())
+    # every head joins the graph even when a batch has none of its labels (DDP needs all grads)
+    loss = 0.0 * sum(out[k].sum() for k in ("density", "birads", "findings"))
     if (dens >= 0).any():
         loss = loss + F.cross_entropy(out["density"][dens >= 0], dens[dens >= 0])
     mask = batch["birads_mask"]  # [B, 2, C] compatible classes

@@ -1,5 +1,7 @@
 """Recipe: ``mammorg stage1 train --config configs/stage1/<name>.yaml [key=value ...]``.
 
+Several GPUs (DDP): ``torchrun --nproc_per_node N -m mammorg.cli stage1 train --config ...``.
+
 setup → train (resumable, deterministic data order) → save (last + best checkpoints).
 """
 from __future__ import annotations
@@ -7,11 +9,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from omegaconf import DictConfig
-from torch.utils.data import DataLoader
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from mammorg.checkpoint import (load_training_state, load_weights, save_training_state,
@@ -26,11 +31,43 @@ from stage1_classification.model import create_model, stage1_loss
 from stage1_classification.plots import confusion_pngs, learning_curve_png
 
 
-def _loader(ds: ExamDataset, cfg: DictConfig, epoch: int, shuffle: bool) -> DataLoader:
+def _loader(ds: ExamDataset, cfg: DictConfig, epoch: int, shuffle: bool, rank: int = 0,
+            world: int = 1) -> DataLoader:
+    """Deterministic order per (seed, epoch); with several ranks each takes an equal shard."""
     ds.epoch = epoch
+    common = dict(batch_size=cfg.train.batch_size, num_workers=cfg.data.num_workers, collate_fn=collate,
+                  pin_memory=torch.cuda.is_available())
+    if world > 1:
+        sampler = DistributedSampler(ds, world, rank, shuffle=shuffle, seed=int(cfg.seed))
+        sampler.set_epoch(epoch)
+        return DataLoader(ds, sampler=sampler, **common)
     gen = torch.Generator().manual_seed(int(cfg.seed) * 1000 + epoch)
-    return DataLoader(ds, batch_size=cfg.train.batch_size, shuffle=shuffle, generator=gen,
-                      num_workers=cfg.data.num_workers, collate_fn=collate)
+    return DataLoader(ds, shuffle=shuffle, generator=gen, **common)
+
+
+def distributed() -> tuple[int, int, torch.device]:
+    """(rank, world size, device); joins the process group under torchrun (NCCL or gloo)."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local)
+        return rank, world, torch.device("cuda", local)
+    return rank, world, torch.device("cpu")
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        dist.barrier()
+
+
+def _mean_over_ranks(value: float, world: int) -> float:
+    if world == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t)
+    return float(t.item()) / world
 
 
 def _forward(model, batch, device):
@@ -74,12 +111,33 @@ def _append_log(path: Path, row: dict) -> None:
         fh.write(json.dumps(row) + "\n")
 
 
+def _resume(model, optimizer, scheduler, last: Path) -> tuple[int, float]:
+    load_weights(model, last / "model.safetensors")
+    state = load_training_state(last / "training_state.pt")
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["torch_rng"])
+    print(f"resumed from {last} at epoch {int(state['epoch']) + 1}")
+    return int(state["epoch"]) + 1, float(state["best"])
+
+
+def _save(model, optimizer, scheduler, run_dir: Path, epoch: int, best: float, is_best: bool) -> None:
+    if is_best:
+        save_weights(model, run_dir / "checkpoints" / "best" / "model.safetensors")
+    last = run_dir / "checkpoints" / "last"
+    save_weights(model, last / "model.safetensors")
+    save_training_state({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                         "torch_rng": torch.get_rng_state(), "epoch": epoch, "best": best},
+                        last / "training_state.pt")
+
+
 def run(cfg: DictConfig, plots: bool = True) -> dict:
+    rank, world, device = distributed()
     run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir)
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir)
     torch.manual_seed(cfg.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     train_ds = ExamDataset(cfg.data.cache_manifest, cfg.data.train_split, augment=True, seed=cfg.seed,
                            folds=cfg.data.get("folds"), fold=cfg.data.get("fold"))
     val_ds = ExamDataset(cfg.data.cache_manifest, cfg.data.val_split)
@@ -90,39 +148,34 @@ def run(cfg: DictConfig, plots: bool = True) -> dict:
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr,
                                   weight_decay=cfg.train.weight_decay)
-    steps = cfg.train.epochs * math.ceil(len(train_ds) / cfg.train.batch_size / cfg.train.grad_accum)
+    per_rank = math.ceil(len(train_ds) / world)
+    steps = cfg.train.epochs * math.ceil(per_rank / cfg.train.batch_size / cfg.train.grad_accum)
     scheduler = cosine_with_warmup(optimizer, cfg.train.warmup_steps, steps)
     start, best = 0, -1.0
-    last = run_dir / "checkpoints" / "last"
-    if cfg.train.resume and (last / "training_state.pt").exists():
-        load_weights(model, last / "model.safetensors")
-        state = load_training_state(last / "training_state.pt")
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["torch_rng"])
-        start, best = int(state["epoch"]) + 1, float(state["best"])
-        print(f"resumed from {last} at epoch {start}")
-    log = run_dir / "metrics.jsonl"
+    if cfg.train.resume and (run_dir / "checkpoints/last/training_state.pt").exists():
+        start, best = _resume(model, optimizer, scheduler, run_dir / "checkpoints" / "last")
+    trained = DistributedDataParallel(model) if world > 1 else model
     weights = birads_class_weights(train_ds, cfg.train.class_weight_power).to(device) \
         if cfg.train.class_weight_power else None
     stop = cfg.train.epochs if cfg.train.stop_after_epochs is None else \
         min(cfg.train.epochs, start + cfg.train.stop_after_epochs)
+    log = run_dir / "metrics.jsonl"
     for epoch in range(start, stop):
-        loss = train_epoch(model, _loader(train_ds, cfg, epoch, True), optimizer, scheduler, cfg,
-                           device, epoch, weights)
-        val = evaluate(model, val_ds, cfg, device) if len(val_ds) else {}
-        _append_log(log, {"epoch": epoch, "train_loss": loss, "val": val})
-        print(f"epoch {epoch}: train_loss={loss:.4f} val_score={val.get('score', float('nan')):.3f}")
-        score = val.get("score", -loss)
-        if not math.isnan(score) and score > best:
-            best = score
-            save_weights(model, run_dir / "checkpoints" / "best" / "model.safetensors")
-        save_weights(model, last / "model.safetensors")
-        save_training_state({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                             "torch_rng": torch.get_rng_state(), "epoch": epoch, "best": best},
-                            last / "training_state.pt")
-    if plots and log.exists():
+        loss = train_epoch(trained, _loader(train_ds, cfg, epoch, True, rank, world), optimizer,
+                           scheduler, cfg, device, epoch, weights)
+        loss = _mean_over_ranks(loss, world)
+        if rank == 0:  # validation, log and checkpoints on rank 0; the others wait
+            val = evaluate(model, val_ds, cfg, device) if len(val_ds) else {}
+            _append_log(log, {"epoch": epoch, "train_loss": loss, "val": val})
+            print(f"epoch {epoch}: train_loss={loss:.4f} val_score={val.get('score', float('nan')):.3f}")
+            score = val.get("score", -loss)
+            is_best = not math.isnan(score) and score > best
+            best = score if is_best else best
+            _save(model, optimizer, scheduler, run_dir, epoch, best, is_best)
+        _barrier(world)
+    if plots and rank == 0 and log.exists():
         write_plots(model, val_ds, run_dir, log)
+    _barrier(world)
     return {"run_dir": str(run_dir), "best_score": best}
 
 
@@ -138,4 +191,6 @@ def write_plots(model, val_ds: ExamDataset, run_dir: Path, log: Path) -> None:
 
 def main(args: argparse.Namespace) -> None:
     cfg = load_config(args.config, args.overrides)
-    print(json.dumps(run(cfg)))
+    result = run(cfg)
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(json.dumps(result))

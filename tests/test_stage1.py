@@ -80,3 +80,22 @@ def test_predict_with_oof_and_features(cache_manifest, tmp_path):
     assert (run_dir / "oof" / "fold1" / "checkpoints" / "last" / "model.safetensors").exists()
     assert cli(["stage1", "predict", "--run", str(tmp_path / "nope"), "--manifest",
                 str(cache_manifest), "--out", str(out)]) == 2
+
+
+def test_ddp_two_ranks_on_cpu(cache_manifest, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           "29511", "-m", "mammorg.cli", "stage1", "train", "--config",
+           str(root / "configs/stage1/tiny.yaml"), f"data.cache_manifest={cache_manifest}",
+           "data.val_split=train", f"run_dir={tmp_path / 'ddp'}", "train.epochs=2"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=root)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(_losses(tmp_path / "ddp")) == 2
+    assert proc.stdout.count('"run_dir"') == 1  # one result line, from rank 0
+    assert (tmp_path / "ddp" / "checkpoints" / "best" / "model.safetensors").exists()
