@@ -87,3 +87,18 @@ def test_ablation_grid_two_rows(tmp_path, capsys):
     capsys.readouterr()
     assert cli(args) == 0  # finished runs are not redone
     assert capsys.readouterr().out.count("done before, skipped") == 2
+
+
+def test_batch_report_over_a_manifest_keeps_going_past_a_bad_exam(demo, tmp_path, capsys):
+    rows = read_jsonl(demo / "manifest.jsonl")[:3]
+    for row in rows:  # absolute paths, since the manifest moves
+        row["views"] = {v: (str(demo / p) if p else None) for v, p in row["views"].items()}
+    rows[1]["views"]["L_CC"] = str(tmp_path / "missing.dcm")
+    manifest = tmp_path / "exams.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "reports.jsonl"
+    assert cli(["report", "--bundle", str(demo / "bundle"), str(manifest), "--out", str(out)]) == 0
+    results = read_jsonl(out)
+    assert [r["id"] for r in results] == [r["exam_id"] for r in rows]
+    assert "error" in results[1] and "missing.dcm" in results[1]["error"]
+    assert "text" in results[0] and "text" in results[2]
