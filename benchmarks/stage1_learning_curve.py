@@ -26,9 +26,10 @@ CHANCE = {"birads_f1": "macro-F1 of a constant majority guess is at most 1/k of 
           "density_f1": "0.25 accuracy for 4 balanced classes"}
 
 
-def prepare(out: Path, exams: int, size: tuple[int, int]) -> Path:
+def prepare(out: Path, exams: int, size: tuple[int, int], difficulty: float) -> Path:
     if not (out / "cache" / "manifest.jsonl").exists():
-        synthesise(out / "synth", SynthSettings(exams=exams, seed=11, height=256, width=128))
+        synthesise(out / "synth", SynthSettings(exams=exams, seed=11, height=256, width=128,
+                                                difficulty=difficulty))
         ingest("vindr", out / "synth", out / "manifest.jsonl")
         preprocess_manifest(out / "manifest.jsonl", out / "cache", PreprocessSpec(*size), workers=2)
     return out / "cache" / "manifest.jsonl"
@@ -51,10 +52,11 @@ def main() -> None:
     ap.add_argument("--out", default="runs/bench-stage1-curve")
     ap.add_argument("--epochs", type=int, default=12)
     ap.add_argument("--size", type=int, nargs=2, default=[128, 64], metavar=("H", "W"))
+    ap.add_argument("--difficulty", type=float, default=0.5, help="synthetic lesion difficulty (0-1)")
     ap.add_argument("overrides", nargs="*", help="key=value for configs/stage1/default.yaml")
     args = ap.parse_args()
     out = Path(args.out)
-    manifest = prepare(out, args.exams, tuple(args.size))
+    manifest = prepare(out, args.exams, tuple(args.size), args.difficulty)
     results = []
     for n in args.sizes:
         sub = subset(manifest, n, manifest.parent / f"subset-{n}.jsonl")
@@ -72,7 +74,7 @@ def main() -> None:
     val_n = sum(1 for r in read_jsonl(manifest) if r["split"] != "train")
     _plot(results, out / "learning_curve_data.png")
     print(json.dumps({"benchmark": "stage1_learning_curve", "val_exams": val_n,
-                      "overrides": args.overrides,
+                      "overrides": args.overrides, "difficulty": args.difficulty,
                       "config": "configs/stage1/default.yaml", "points": results,
                       "plot": str(out / "learning_curve_data.png")}))
 

@@ -94,13 +94,19 @@ def train_step_fn(model, forward, amp: bool, device):
     return step
 
 
-def measure(shape, lora, data, device, dtype, amp, warmup):
+def bare_rate(shape, lora, data, device, dtype, amp, warmup) -> tuple[float, int]:
+    """Tokens/s of a plain transformers(+peft) loop; the model is freed on return."""
     bare = decoder(shape, device, dtype, lora)
-    bare_tps = timed(train_step_fn(bare, lambda b: bare(input_ids=b["input_ids"], labels=b["labels"],
-                                                        use_cache=False).loss, amp, device),
-                     data, warmup, device)
-    n_params = sum(p.numel() for p in bare.parameters())
-    del bare
+    tps = timed(train_step_fn(bare, lambda b: bare(input_ids=b["input_ids"], labels=b["labels"],
+                                                   use_cache=False).loss, amp, device),
+                data, warmup, device)
+    return tps, sum(p.numel() for p in bare.parameters())
+
+
+def measure(shape, lora, data, device, dtype, amp, warmup):
+    bare_tps, n_params = bare_rate(shape, lora, data, device, dtype, amp, warmup)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     gen = ReportGenerator(decoder(shape, device, dtype, lora), SpecialIds(IMAGE_ID, KNOWLEDGE_ID, REPORT_ID),
                           VISUAL_DIM, "discrete").to(device)
     gen.projector.to(dtype)

@@ -146,5 +146,4 @@ def main(args: argparse.Namespace) -> None:
     cfg = load_config(path, getattr(args, "overrides", []))
     if not cfg.grid:
         raise MammorgError(f"{path}: the grid is empty")
-    OmegaConf.to_container(cfg, resolve=True)
     print(json.dumps({"table": str(run_grid(cfg, path.resolve().parent))}))

@@ -13,7 +13,7 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from mammorg.labels import VIEWS
-from stage2_sft.knowledge import SOFT_SLOTS, SoftKnowledge, discrete_vocabulary
+from stage2_sft.knowledge import SoftKnowledge, discrete_vocabulary
 
 IMAGE, KNOWLEDGE, REPORT, MISSING = "<image>", "<knowledge>", "<report>", "<missing_view>"
 VIEW_MARKERS = tuple(f"<view:{v}>" for v in VIEWS)

@@ -17,6 +17,7 @@ import torch
 from omegaconf import DictConfig
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
+from transformers import AutoTokenizer
 
 from mammorg.config import load_config, save_config
 from mammorg.io import MammorgError, atomic_path, read_jsonl
@@ -26,7 +27,6 @@ from stage2_sft.assembly import (apply_lora, build_decoder, build_tokenizer, che
 from stage2_sft.data import PromptBuilder, ReportDataset, collate, length_grouped_batches
 from stage2_sft.engine import (DeepSpeedBackend, TorchBackend, barrier, fill_deepspeed_config,
                                init_distributed, world)
-from transformers import AutoTokenizer
 
 
 def visual_shape(predictions: str | Path) -> tuple[int, int]:

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from mammorg.labels import view_projection
 
 _FIBRO_FRACTION = {"a": 0.06, "b": 0.22, "c": 0.45, "d": 0.7}
 _DEPTH_X = {"anterior": 0.72, "middle": 0.48, "posterior": 0.25}
