@@ -28,7 +28,7 @@ from mammorg.synth.writer import SynthSettings, synthesise  # noqa: E402
 from stage1_classification.data import ExamDataset  # noqa: E402
 from stage1_classification.inference import predict_dataset  # noqa: E402
 from stage1_classification.model import create_model  # noqa: E402
-from stage1_classification.train import _loader, train_epoch  # noqa: E402
+from stage1_classification.train import _loader, make_backend, train_epoch  # noqa: E402
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
@@ -96,12 +96,13 @@ def recipe(manifest: Path, backbone: str, device, batch: int, epochs: int, worke
         model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    views = sum(int(s) for e in ds.exams for s in [len(e["cache"])])
-    train_epoch(model, _loader(ds, cfg, 0, True), opt, sched, cfg, device, 0)  # warm-up
+    backend = make_backend(cfg, model, opt, sched, world=1)
+    views = sum(len(e["cache"]) for e in ds.exams)
+    train_epoch(backend, _loader(ds, cfg, 0, True), cfg, device, 0)  # warm-up
     _sync(device)
     t0 = time.perf_counter()
     for epoch in range(1, epochs + 1):
-        train_epoch(model, _loader(ds, cfg, epoch, True), opt, sched, cfg, device, epoch)
+        train_epoch(backend, _loader(ds, cfg, epoch, True), cfg, device, epoch)
     _sync(device)
     train = views * epochs / (time.perf_counter() - t0)
     model.eval()

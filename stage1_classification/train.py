@@ -22,6 +22,8 @@ from tqdm import tqdm
 from mammorg.checkpoint import (load_training_state, load_weights, save_training_state,
                                 save_weights)
 from mammorg.config import load_config, save_config
+from mammorg.distributed import (DeepSpeedBackend, TorchBackend, fill_deepspeed_config,
+                                 init_distributed)
 from mammorg.io import MammorgError
 from mammorg.optim import cosine_with_warmup
 from stage1_classification.data import ExamDataset, birads_class_weights, collate
@@ -86,22 +88,18 @@ def evaluate(model, ds: ExamDataset, cfg: DictConfig, device) -> dict:
     return stage1_metrics(outputs, batches) if outputs else {}
 
 
-def train_epoch(model, loader, optimizer, scheduler, cfg: DictConfig, device, epoch: int,
+def train_epoch(backend, loader, cfg: DictConfig, device, epoch: int,
                 birads_weights: torch.Tensor | None = None) -> float:
-    losses, accum = [], cfg.train.grad_accum
-    optimizer.zero_grad(set_to_none=True)
+    """One epoch through a back-end (plain/DDP or DeepSpeed), which handles accumulation."""
+    losses = []
     for step, batch in enumerate(tqdm(loader, desc=f"stage1 epoch {epoch}", leave=False)):
         batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            out = _forward(model, batch, device)
+            out = _forward(backend.model, batch, device)
         loss = stage1_loss({k: v.float() for k, v in out.items()}, batch, cfg.train.focal_gamma,
                            birads_weights)
-        (loss / accum).backward()
-        if (step + 1) % accum == 0 or step + 1 == len(loader):
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+        backend.backward(loss)
+        backend.step(last_of_epoch=step + 1 == len(loader))
         losses.append(loss.item())
     return sum(losses) / max(len(losses), 1)
 
@@ -111,27 +109,68 @@ def _append_log(path: Path, row: dict) -> None:
         fh.write(json.dumps(row) + "\n")
 
 
-def _resume(model, optimizer, scheduler, last: Path) -> tuple[int, float]:
-    load_weights(model, last / "model.safetensors")
-    state = load_training_state(last / "training_state.pt")
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
+def make_backend(cfg: DictConfig, model, optimizer, scheduler, world: int):
+    """DeepSpeed (ZeRO 0-2) when ``deepspeed.config`` is set; else plain PyTorch, DDP on >1 rank."""
+    if cfg.deepspeed.config:
+        ds = fill_deepspeed_config(cfg.deepspeed.config, cfg.train.batch_size, cfg.train.grad_accum,
+                                   world, torch.cuda.is_available(), 1.0)
+        if int(ds.get("zero_optimization", {}).get("stage", 0)) > 2:
+            raise MammorgError(f"{cfg.deepspeed.config}: stage 1 supports ZeRO stages 0-2")
+        return DeepSpeedBackend(model, optimizer, scheduler, ds)
+    backend = TorchBackend(DistributedDataParallel(model) if world > 1 else model, optimizer,
+                           scheduler, cfg.train.grad_accum, 1.0)
+    backend.module = model
+    return backend
+
+
+def _resume(backend, last: Path) -> tuple[int, float]:
+    """Weights, optimiser, scheduler and RNG from ``checkpoints/last``; returns (epoch, best)."""
+    if isinstance(backend, DeepSpeedBackend):
+        state = backend.load_state(last)
+    else:
+        load_weights(backend.module, last / "model.safetensors")
+        state = load_training_state(last / "training_state.pt")
+        backend.optimizer.load_state_dict(state["optimizer"])
+        backend.scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["torch_rng"])
     print(f"resumed from {last} at epoch {int(state['epoch']) + 1}")
     return int(state["epoch"]) + 1, float(state["best"])
 
 
-def _save(model, optimizer, scheduler, run_dir: Path, epoch: int, best: float, is_best: bool) -> None:
-    if is_best:
-        save_weights(model, run_dir / "checkpoints" / "best" / "model.safetensors")
+def _can_resume(last: Path) -> bool:
+    return (last / "training_state.pt").exists() or (last / "deepspeed").exists()
+
+
+def _save(backend, run_dir: Path, epoch: int, best: float, is_best: bool, rank: int) -> None:
+    """Weights as safetensors (rank 0) and the resumable state (DeepSpeed: every rank)."""
     last = run_dir / "checkpoints" / "last"
-    save_weights(model, last / "model.safetensors")
-    save_training_state({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                         "torch_rng": torch.get_rng_state(), "epoch": epoch, "best": best},
-                        last / "training_state.pt")
+    client = {"torch_rng": torch.get_rng_state(), "epoch": epoch, "best": best}
+    if rank == 0:
+        if is_best:
+            save_weights(backend.module, run_dir / "checkpoints" / "best" / "model.safetensors")
+        save_weights(backend.module, last / "model.safetensors")
+    if isinstance(backend, DeepSpeedBackend):
+        backend.save_state(last, client)
+    elif rank == 0:
+        save_training_state({"optimizer": backend.optimizer.state_dict(),
+                             "scheduler": backend.scheduler.state_dict(), **client},
+                            last / "training_state.pt")
+
+
+def _validate(model, val_ds: ExamDataset, cfg: DictConfig, device, log: Path, epoch: int,
+              loss: float, best: float) -> tuple[float, bool]:
+    """Rank 0: validation metrics, a log line; returns (best score, whether this epoch is best)."""
+    val = evaluate(model, val_ds, cfg, device) if len(val_ds) else {}
+    _append_log(log, {"epoch": epoch, "train_loss": loss, "val": val})
+    print(f"epoch {epoch}: train_loss={loss:.4f} val_score={val.get('score', float('nan')):.3f}")
+    score = val.get("score", -loss)
+    is_best = not math.isnan(score) and score > best
+    return (score if is_best else best), is_best
 
 
 def run(cfg: DictConfig, plots: bool = True) -> dict:
+    if cfg.deepspeed.config:
+        init_distributed(True)
     rank, world, device = distributed()
     run_dir = Path(cfg.run_dir)
     if rank == 0:
@@ -150,31 +189,25 @@ def run(cfg: DictConfig, plots: bool = True) -> dict:
                                   weight_decay=cfg.train.weight_decay)
     per_rank = math.ceil(len(train_ds) / world)
     steps = cfg.train.epochs * math.ceil(per_rank / cfg.train.batch_size / cfg.train.grad_accum)
-    scheduler = cosine_with_warmup(optimizer, cfg.train.warmup_steps, steps)
-    start, best = 0, -1.0
-    if cfg.train.resume and (run_dir / "checkpoints/last/training_state.pt").exists():
-        start, best = _resume(model, optimizer, scheduler, run_dir / "checkpoints" / "last")
-    trained = DistributedDataParallel(model) if world > 1 else model
+    backend = make_backend(cfg, model, optimizer,
+                           cosine_with_warmup(optimizer, cfg.train.warmup_steps, steps), world)
+    last = run_dir / "checkpoints" / "last"
+    start, best = _resume(backend, last) if cfg.train.resume and _can_resume(last) else (0, -1.0)
     weights = birads_class_weights(train_ds, cfg.train.class_weight_power).to(device) \
         if cfg.train.class_weight_power else None
     stop = cfg.train.epochs if cfg.train.stop_after_epochs is None else \
         min(cfg.train.epochs, start + cfg.train.stop_after_epochs)
     log = run_dir / "metrics.jsonl"
     for epoch in range(start, stop):
-        loss = train_epoch(trained, _loader(train_ds, cfg, epoch, True, rank, world), optimizer,
-                           scheduler, cfg, device, epoch, weights)
-        loss = _mean_over_ranks(loss, world)
-        if rank == 0:  # validation, log and checkpoints on rank 0; the others wait
-            val = evaluate(model, val_ds, cfg, device) if len(val_ds) else {}
-            _append_log(log, {"epoch": epoch, "train_loss": loss, "val": val})
-            print(f"epoch {epoch}: train_loss={loss:.4f} val_score={val.get('score', float('nan')):.3f}")
-            score = val.get("score", -loss)
-            is_best = not math.isnan(score) and score > best
-            best = score if is_best else best
-            _save(model, optimizer, scheduler, run_dir, epoch, best, is_best)
+        loss = _mean_over_ranks(train_epoch(backend, _loader(train_ds, cfg, epoch, True, rank, world),
+                                            cfg, device, epoch, weights), world)
+        is_best = False
+        if rank == 0:  # validation and log on rank 0; the others wait
+            best, is_best = _validate(backend.module, val_ds, cfg, device, log, epoch, loss, best)
+        _save(backend, run_dir, epoch, best, is_best, rank)
         _barrier(world)
     if plots and rank == 0 and log.exists():
-        write_plots(model, val_ds, run_dir, log)
+        write_plots(backend.module, val_ds, run_dir, log)
     _barrier(world)
     return {"run_dir": str(run_dir), "best_score": best}
 

@@ -25,7 +25,7 @@ from mammorg.optim import cosine_with_warmup
 from stage2_sft.assembly import (apply_lora, build_decoder, build_tokenizer, check_config,
                                  normalizer_for, wrap)
 from stage2_sft.data import PromptBuilder, ReportDataset, collate, length_grouped_batches
-from stage2_sft.engine import (DeepSpeedBackend, TorchBackend, barrier, fill_deepspeed_config,
+from mammorg.distributed import (DeepSpeedBackend, TorchBackend, barrier, fill_deepspeed_config,
                                init_distributed, world)
 
 

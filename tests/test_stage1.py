@@ -82,20 +82,29 @@ def test_predict_with_oof_and_features(cache_manifest, tmp_path):
                 str(cache_manifest), "--out", str(out)]) == 2
 
 
-def test_ddp_two_ranks_on_cpu(cache_manifest, tmp_path):
+@pytest.mark.parametrize("deepspeed", [False, True], ids=["ddp", "deepspeed-zero2"])
+def test_two_ranks_on_cpu(cache_manifest, tmp_path, deepspeed):
     import os
     import subprocess
     import sys
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           "29511", "-m", "mammorg.cli", "stage1", "train", "--config",
-           str(root / "configs/stage1/tiny.yaml"), f"data.cache_manifest={cache_manifest}",
-           "data.val_split=train", f"run_dir={tmp_path / 'ddp'}", "train.epochs=2"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=root)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert len(_losses(tmp_path / "ddp")) == 2
-    assert proc.stdout.count('"run_dir"') == 1  # one result line, from rank 0
-    assert (tmp_path / "ddp" / "checkpoints" / "best" / "model.safetensors").exists()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "DS_ACCELERATOR": "cpu"}
+    extra = [f"deepspeed.config={root / 'configs/deepspeed/zero2.json'}"] if deepspeed else []
+
+    def launch(*args):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               str(29511 + deepspeed), "-m", "mammorg.cli", "stage1", "train", "--config",
+               str(root / "configs/stage1/tiny.yaml"), f"data.cache_manifest={cache_manifest}",
+               "data.val_split=train", f"run_dir={tmp_path / 'run'}", "train.epochs=2", *extra, *args]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=root)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc
+
+    first = launch("train.stop_after_epochs=1")
+    assert first.stdout.count('"run_dir"') == 1  # one result line, from rank 0
+    second = launch()  # resumes at epoch 1 from checkpoints/last
+    assert "resumed from" in second.stdout
+    assert len(_losses(tmp_path / "run")) == 2
+    assert (tmp_path / "run" / "checkpoints" / "best" / "model.safetensors").exists()

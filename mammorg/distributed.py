@@ -1,7 +1,7 @@
 """Training back-ends with one interface: plain PyTorch (one process) and DeepSpeed ZeRO-2/3.
 
 ``backend.model`` is what the loop calls; ``backward``/``step`` hide gradient accumulation;
-``full_state_dict`` gathers ZeRO-3 partitions so that saved weights are complete, not empty.
+``gathered`` collects ZeRO-3 partitions so that saved weights are complete, not empty.
 """
 from __future__ import annotations
 
