@@ -56,7 +56,9 @@ def _all_train(root: Path) -> None:
 @pytest.mark.parametrize("mode", ["none", "discrete", "soft", "both"])
 def test_knowledge_modes_train_and_generate(stage1_outputs, tmp_path, mode):
     root = stage1_outputs
+    checkpointing = f"decoder.gradient_checkpointing={mode == 'both'}"  # exercised once
     cfg = load_config(TINY, _overrides(root, tmp_path / mode, f"knowledge.mode={mode}", "train.epochs=1",
+                                       checkpointing,
                                        "generate.max_new_tokens=6"))
     result = run(cfg)
     assert (tmp_path / mode / "checkpoints" / "best" / "extras.safetensors").exists()
