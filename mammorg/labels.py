@@ -49,3 +49,27 @@ def view_side(view: str) -> str:
 
 def view_projection(view: str) -> str:
     return view.split("_", 1)[1]
+
+
+# Optional per-breast descriptors (BI-RADS lexicon), one value per breast: the most suspicious
+# lesion's. Stored as ``labels.descriptors = {"L": {"mass_margin": "spiculated", ...}, "R": {}}``.
+DESCRIPTORS: dict[str, tuple[str, ...]] = {
+    "mass_shape": ("oval", "round", "irregular"),
+    "mass_margin": ("circumscribed", "obscured", "microlobulated", "indistinct", "spiculated"),
+    "calc_morphology": ("coarse or popcorn-like", "round", "rim", "vascular", "large rod-like",
+                        "amorphous", "coarse heterogeneous", "fine pleomorphic",
+                        "fine linear branching"),
+    "calc_distribution": ("diffuse", "regional", "grouped", "linear", "segmental"),
+}
+_DESCRIPTOR_ALIASES = {"scattered": "diffuse", "pleomorphic": "fine pleomorphic",
+                       "clustered": "grouped", "ill defined": "indistinct", "lobulated": "oval",
+                       "popcorn": "coarse or popcorn-like", "large rodlike": "large rod-like"}
+
+
+def canonical_descriptor(name: str, value: str | None) -> str | None:
+    """``("mass_margin", "SPICULATED")`` → ``"spiculated"``; None when not in the label space."""
+    if not value:
+        return None
+    v = value.strip().lower().replace("_", " ").replace("-", " ")
+    v = _DESCRIPTOR_ALIASES.get(v, v)
+    return next((c for c in DESCRIPTORS[name] if c.replace("-", " ") == v.replace("-", " ")), None)

@@ -9,7 +9,8 @@ import torch
 from torch.utils.data import Dataset
 
 from mammorg.io import MammorgError, read_jsonl
-from mammorg.labels import BIRADS_CLASSES, DENSITIES, FINDINGS, VIEWS, birads_class_mask
+from mammorg.labels import (BIRADS_CLASSES, DENSITIES, DESCRIPTORS, FINDINGS, VIEWS,
+                            birads_class_mask)
 from mammorg.preprocess import from_uint16, load_cached
 
 
@@ -25,7 +26,13 @@ def _labels(exam: dict) -> dict[str, torch.Tensor]:
             state = (findings.get(side) or {}).get(name)
             if state in ("pos", "neg"):
                 f_target[s, j], f_mask[s, j] = float(state == "pos"), 1.0
-    return {"density": torch.tensor(DENSITIES.index(density) if density in DENSITIES else -1),
+    desc = labels.get("descriptors") or {}
+    descriptor_targets = {
+        f"desc_{name}": torch.tensor([classes.index(v) if (v := (desc.get(s) or {}).get(name)) in classes
+                                      else -1 for s in "LR"])
+        for name, classes in DESCRIPTORS.items()}
+    return {**descriptor_targets,
+            "density": torch.tensor(DENSITIES.index(density) if density in DENSITIES else -1),
             "birads_mask": torch.tensor([birads_class_mask(birads.get(s)) for s in "LR"]),
             "findings": f_target, "finding_mask": f_mask}
 
@@ -79,7 +86,7 @@ def augment(sample: dict, rng: np.random.Generator) -> dict:
     if rng.random() < 0.5:  # views are oriented alike, so swapping sides is label-consistent
         order = [2, 3, 0, 1]
         out["images"], out["view_mask"] = sample["images"][order], sample["view_mask"][order]
-        for key in ("birads_mask", "findings", "finding_mask"):
+        for key in ("birads_mask", "findings", "finding_mask", *(k for k in sample if k.startswith("desc_"))):
             out[key] = sample[key].flip(0)
     img = out["images"].clamp(0, 1) ** float(rng.uniform(0.8, 1.25))
     img = (img * float(rng.uniform(0.9, 1.1))).clamp(0, 1)

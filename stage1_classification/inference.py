@@ -13,7 +13,7 @@ from tqdm import tqdm
 from mammorg.checkpoint import load_weights
 from mammorg.config import load_config
 from mammorg.io import MammorgError, atomic_path
-from mammorg.labels import BIRADS_CLASSES, DENSITIES, FINDINGS, VIEWS, most_severe
+from mammorg.labels import BIRADS_CLASSES, DENSITIES, DESCRIPTORS, FINDINGS, VIEWS, most_severe
 from stage1_classification.data import ExamDataset, collate
 from stage1_classification.model import MultiViewClassifier, create_model
 
@@ -34,7 +34,7 @@ def load_run(run_dir: str | Path, which: str = "best") -> tuple[DictConfig, Mult
 
 
 def exam_record(exam_id: str, density: torch.Tensor, birads: torch.Tensor, findings: torch.Tensor,
-                view_mask: torch.Tensor) -> dict:
+                view_mask: torch.Tensor, descriptors: dict[str, torch.Tensor] | None = None) -> dict:
     """One prediction line from the probabilities of one exam (``birads`` [2, 9], ``findings`` [2, 7])."""
     present = {s: bool(view_mask[2 * i:2 * i + 2].any()) for i, s in enumerate("LR")}
     probs = {"density": dict(zip(DENSITIES, density.tolist())),
@@ -49,7 +49,15 @@ def exam_record(exam_id: str, density: torch.Tensor, birads: torch.Tensor, findi
             "findings": {s: ({f: "pos" if p >= 0.5 else "neg" for f, p in zip(FINDINGS, findings[i].tolist())}
                              if present[s] else {}) for i, s in enumerate("LR")}}
     views = [v for v, m in zip(VIEWS, view_mask.tolist()) if m]
-    return {"exam_id": exam_id, "views": views, "probs": probs, "pred": pred}
+    record = {"exam_id": exam_id, "views": views, "probs": probs, "pred": pred}
+    if descriptors:
+        record["probs"]["descriptors"] = {
+            s: {name: dict(zip(DESCRIPTORS[name], p[i].tolist())) for name, p in descriptors.items()}
+            if present[s] else None for i, s in enumerate("LR")}
+        record["pred"]["descriptors"] = {
+            s: {name: DESCRIPTORS[name][int(p[i].argmax())] for name, p in descriptors.items()}
+            if present[s] else {} for i, s in enumerate("LR")}
+    return record
 
 
 def _feature_name(exam_id: str) -> str:
@@ -74,8 +82,10 @@ def predict_dataset(model: MultiViewClassifier, ds: ExamDataset, batch_size: int
         out = model(batch["images"].to(device), mask.to(device))
         dens, bir = out["density"].float().softmax(-1).cpu(), out["birads"].float().softmax(-1).cpu()
         find, tokens = out["findings"].float().sigmoid().cpu(), out["tokens"].float().cpu()
+        desc = {k[5:]: v.float().softmax(-1).cpu() for k, v in out.items() if k.startswith("desc_")}
         for i, exam_id in enumerate(batch["exam_id"]):
-            rec = exam_record(exam_id, dens[i], bir[i], find[i], mask[i])
+            rec = exam_record(exam_id, dens[i], bir[i], find[i], mask[i],
+                              {k: v[i] for k, v in desc.items()})
             if features_dir is not None:
                 name = _feature_name(exam_id)
                 save_features(features_dir / name, tokens[i], mask[i])

@@ -46,5 +46,10 @@ def stage1_metrics(outputs: list[dict], batches: list[dict]) -> dict:
             aurocs[name] = float(roc_auc_score(y, f_p[f_m[:, j], j]))
     out["finding_auroc"] = aurocs
     out["finding_auroc_mean"] = float(np.mean(list(aurocs.values()))) if aurocs else float("nan")
+    for key in (k for k in outputs[0] if k.startswith("desc_")):
+        y = torch.cat([b[key] for b in batches]).flatten()
+        pred = torch.cat([o[key] for o in outputs]).argmax(-1).flatten()
+        if (y >= 0).any():
+            out[f"{key}_acc"] = float((pred[y >= 0] == y[y >= 0]).float().mean())
     out["score"] = float(np.nanmean([out.get("birads_f1", np.nan), out.get("density_f1", np.nan)]))
     return out

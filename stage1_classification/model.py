@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
-from mammorg.labels import BIRADS_CLASSES, DENSITIES, FINDINGS
+from mammorg.labels import BIRADS_CLASSES, DENSITIES, DESCRIPTORS, FINDINGS
 
 
 class MultiViewClassifier(nn.Module):
@@ -17,7 +17,7 @@ class MultiViewClassifier(nn.Module):
 
     def __init__(self, backbone: str = "resnet10t", dim: int = 128, tokens: tuple[int, int] = (4, 2),
                  heads: int = 4, dropout: float = 0.1, pretrained_path: str | None = None,
-                 backbone_kwargs: dict | None = None):
+                 backbone_kwargs: dict | None = None, descriptor_heads: bool = False):
         super().__init__()
         self.backbone = timm.create_model(backbone, pretrained=False, in_chans=1, num_classes=0,
                                           global_pool="", **(backbone_kwargs or {}))
@@ -32,6 +32,9 @@ class MultiViewClassifier(nn.Module):
         self.density_head = nn.Linear(2 * dim, len(DENSITIES))
         self.birads_head = nn.Linear(dim, len(BIRADS_CLASSES))
         self.finding_head = nn.Linear(dim, len(FINDINGS))
+        self.descriptor_heads = nn.ModuleDict(
+            {name: nn.Linear(dim, len(classes)) for name, classes in DESCRIPTORS.items()}
+            if descriptor_heads else {})
         self.dim = dim
 
     def view_tokens(self, images: torch.Tensor, view_mask: torch.Tensor) -> torch.Tensor:
@@ -62,9 +65,11 @@ class MultiViewClassifier(nn.Module):
             keep = (~pad).float().unsqueeze(-1)
             breasts.append((fused * keep).sum(1) / keep.sum(1).clamp_min(1.0))
         breast = torch.stack(breasts, 1)  # [B, 2, D]  (L, R)
-        return {"density": self.density_head(breast.flatten(1)),
-                "birads": self.birads_head(breast), "findings": self.finding_head(breast),
-                "tokens": tokens}
+        out = {"density": self.density_head(breast.flatten(1)),
+               "birads": self.birads_head(breast), "findings": self.finding_head(breast),
+               "tokens": tokens}
+        out.update({f"desc_{name}": head(breast) for name, head in self.descriptor_heads.items()})
+        return out
 
 
 def create_model(cfg) -> MultiViewClassifier:
@@ -73,7 +78,8 @@ def create_model(cfg) -> MultiViewClassifier:
     return MultiViewClassifier(backbone=cfg.backbone, dim=cfg.dim, tokens=tuple(cfg.tokens),
                                heads=cfg.heads, dropout=cfg.dropout,
                                pretrained_path=cfg.get("pretrained_path"),
-                               backbone_kwargs=dict(kwargs) if kwargs else None)
+                               backbone_kwargs=dict(kwargs) if kwargs else None,
+                               descriptor_heads=bool(cfg.get("descriptor_heads", False)))
 
 
 def stage1_loss(out: dict, batch: dict, focal_gamma: float = 0.0,
@@ -82,7 +88,8 @@ def stage1_loss(out: dict, batch: dict, focal_gamma: float = 0.0,
     (focal) BCE for findings."""
     dens = batch["density"]
     # every head joins the graph even when a batch has none of its labels (DDP needs all grads)
-    loss = 0.0 * sum(out[k].sum() for k in ("density", "birads", "findings"))
+    heads = [k for k in out if k != "tokens"]
+    loss = 0.0 * sum(out[k].sum() for k in heads)
     if (dens >= 0).any():
         loss = loss + F.cross_entropy(out["density"][dens >= 0], dens[dens >= 0])
     mask = batch["birads_mask"]  # [B, 2, C] compatible classes
@@ -103,4 +110,8 @@ def stage1_loss(out: dict, batch: dict, focal_gamma: float = 0.0,
             pt = torch.where(batch["findings"] > 0.5, p, 1 - p)
             bce = bce * (1 - pt) ** focal_gamma
         loss = loss + (bce * fmask).sum() / fmask.sum()
+    for key in (k for k in heads if k.startswith("desc_")):  # descriptors: masked CE (-1 = none)
+        target = batch[key]
+        if (target >= 0).any():
+            loss = loss + F.cross_entropy(out[key].flatten(0, 1), target.flatten(), ignore_index=-1)
     return loss

@@ -169,3 +169,21 @@ def test_preprocess_cache_skips_done_and_records_bad(synth_dir, tmp_path):
     for view in ("L_CC", "R_CC"):
         a = load_cached(tmp_path / "cache", rows[1]["cache"][view]).astype(float)
         assert a[:, :16].sum() > a[:, 16:].sum()
+
+
+def test_descriptors_are_canonicalised():
+    from mammorg.data.cbis import side_descriptors
+    from mammorg.labels import canonical_descriptor
+
+    assert canonical_descriptor("mass_margin", "SPICULATED") == "spiculated"
+    assert canonical_descriptor("calc_morphology", "PLEOMORPHIC") == "fine pleomorphic"
+    assert canonical_descriptor("calc_morphology", "fine_linear_branching") == "fine linear branching"
+    assert canonical_descriptor("calc_distribution", "scattered") == "diffuse"
+    assert canonical_descriptor("mass_shape", "ARCHITECTURAL_DISTORTION") is None
+    lesions = [{"side": "R", "shape": ["irregular"], "margin": ["ill defined"], "morphology": [],
+                "distribution": []},
+               {"side": "L", "shape": [], "margin": [], "morphology": ["punctate", "pleomorphic"],
+                "distribution": ["clustered"]}]
+    assert side_descriptors(lesions) == {
+        "R": {"mass_shape": "irregular", "mass_margin": "indistinct"},
+        "L": {"calc_morphology": "fine pleomorphic", "calc_distribution": "grouped"}}

@@ -5,7 +5,7 @@ from pathlib import Path
 
 from mammorg.data.common import IngestResult, exam_row, patient_split, read_csv_checked
 from mammorg.io import MammorgError
-from mammorg.labels import DENSITIES, most_severe
+from mammorg.labels import DENSITIES, canonical_descriptor, most_severe
 from mammorg.privacy import hash_id
 
 ALIASES = {"breast_density": ["breast density"], "side": ["left or right breast"],
@@ -82,4 +82,19 @@ def _exam(root: Path, patient: str, split: str, rows: list, result: IngestResult
     side_birads = {s: most_severe(v) for s, v in birads.items()}
     return exam_row(exam_id, "cbis-ddsm", patient_split(patient, dataset_split=split), views,
                     max(densities) if densities else None, side_birads, findings,
-                    meta={"lesions": descriptors, "film": True})
+                    meta={"lesions": descriptors, "film": True},
+                    descriptors=side_descriptors(descriptors))
+
+
+def side_descriptors(lesions: list[dict]) -> dict[str, dict[str, str]]:
+    """First value in the label space per breast and descriptor (CBIS lists one per lesion)."""
+    fields = {"mass_shape": "shape", "mass_margin": "margin", "calc_morphology": "morphology",
+              "calc_distribution": "distribution"}
+    out: dict[str, dict[str, str]] = {"L": {}, "R": {}}
+    for lesion in lesions:
+        for name, key in fields.items():
+            for value in lesion.get(key) or []:
+                canonical = canonical_descriptor(name, value)
+                if canonical and name not in out[lesion["side"]]:
+                    out[lesion["side"]][name] = canonical
+    return out if any(out.values()) else {}

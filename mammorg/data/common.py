@@ -57,14 +57,17 @@ def read_csv_checked(path: Path, required: list[str], aliases: dict[str, list[st
 
 def exam_row(exam_id: str, dataset: str, split: str, views: dict[str, str | None],
              density: str | None, birads: dict[str, str | None], findings: dict[str, dict],
-             report: str | None = None, meta: dict | None = None) -> dict:
-    """A canonical manifest line (DESIGN.md §4)."""
+             report: str | None = None, meta: dict | None = None,
+             descriptors: dict[str, dict] | None = None) -> dict:
+    """A canonical manifest line (DESIGN.md §4); ``labels.descriptors`` only when known."""
     sides = {s: birads.get(s) for s in ("L", "R")}
     exam_birads = birads.get("exam") or most_severe(list(sides.values()))
+    labels = {"density": density, "birads": {**sides, "exam": exam_birads},
+              "findings": {"L": findings.get("L", {}), "R": findings.get("R", {})}}
+    if descriptors:
+        labels["descriptors"] = {s: descriptors.get(s, {}) for s in ("L", "R")}
     return {"exam_id": exam_id, "dataset": dataset, "split": split,
-            "views": {v: views.get(v) for v in VIEWS},
-            "labels": {"density": density, "birads": {**sides, "exam": exam_birads},
-                       "findings": {"L": findings.get("L", {}), "R": findings.get("R", {})}},
+            "views": {v: views.get(v) for v in VIEWS}, "labels": labels,
             "report": report, "meta": {**(meta or {}), "source_ids_hashed": True}}
 
 

@@ -58,9 +58,11 @@ def ingest_vindr(root: str | Path) -> IngestResult:
     finding_path = root / "finding_annotations.csv"
     findings = read_csv_checked(finding_path, ["study_id", "laterality", "finding_categories"]) \
         if finding_path.exists() else None
-    reports = {}
-    if (root / "reports.jsonl").exists():
-        reports = {r["study_id"]: r.get("text") for r in read_jsonl(root / "reports.jsonl")}
+    reports, descriptors = {}, {}
+    if (root / "reports.jsonl").exists():  # written by `mammorg synth` (not part of VinDr itself)
+        rows = read_jsonl(root / "reports.jsonl")
+        reports = {r["study_id"]: r.get("text") for r in rows}
+        descriptors = {r["study_id"]: r["descriptors"] for r in rows if r.get("descriptors")}
     for study_id, rows in breast.groupby("study_id", sort=True):
         exam_id = "vindr-" + hash_id(study_id)
         views: dict[str, str] = {}
@@ -91,5 +93,6 @@ def ingest_vindr(root: str | Path) -> IngestResult:
         split = patient_split(study_id, dataset_split=rows["split"].iloc[0])
         result.exams.append(exam_row(exam_id, "vindr", split, views,
                                      max(densities) if densities else None, birads, side_findings,
-                                     reports.get(study_id), {"manufacturer": None}))
+                                     reports.get(study_id), {"manufacturer": None},
+                                     descriptors.get(study_id)))
     return result

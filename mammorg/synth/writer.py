@@ -12,9 +12,9 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from tqdm import tqdm
 
 from mammorg.io import atomic_path, write_jsonl_atomic, write_text_atomic
-from mammorg.labels import VIEWS
+from mammorg.labels import VIEWS, birads_severity, canonical_descriptor
 from mammorg.privacy import hash_id
-from mammorg.synth.findings import BENIGN_CALCS, sample_exam
+from mammorg.synth.findings import BENIGN_CALCS, lesion_birads, sample_exam
 from mammorg.synth.phantom import FIELD_MM, render_view
 from mammorg.synth.reports import REPORT_STYLES, report_labels, write_report
 
@@ -39,6 +39,25 @@ class SynthSettings:
     test_fraction: float = 0.15
     monochrome1_fraction: float = 0.3
     styles: tuple[str, ...] = field(default_factory=lambda: REPORT_STYLES)
+
+
+def truth_descriptors(truth: dict) -> dict[str, dict[str, str]]:
+    """Per breast, the descriptors of its most suspicious mass and calcification."""
+    out: dict[str, dict[str, str]] = {}
+    for side, breast in truth["breasts"].items():
+        ranked = sorted(breast["lesions"], key=lambda x: birads_severity(lesion_birads(x) or "1"),
+                        reverse=True)
+        found: dict[str, str] = {}
+        for lesion in ranked:
+            if lesion["type"] == "mass" and "mass_shape" not in found:
+                found["mass_shape"], found["mass_margin"] = lesion["shape"], lesion["margin"]
+            if lesion["type"] == "calcification" and "calc_morphology" not in found:
+                found["calc_morphology"] = canonical_descriptor("calc_morphology",
+                                                                lesion["morphology"])
+                found["calc_distribution"] = canonical_descriptor("calc_distribution",
+                                                                  lesion["distribution"])
+        out[side] = {k: v for k, v in found.items() if v}
+    return out
 
 
 def vindr_categories(lesion: dict) -> str:
@@ -185,7 +204,8 @@ def synthesise(out: str | Path, settings: SynthSettings, progress: bool = True) 
     write_text_atomic(root / "breast-level_annotations.csv", _csv_text(BREAST_CSV_COLUMNS, breast_rows))
     write_text_atomic(root / "finding_annotations.csv", _csv_text(FINDING_CSV_COLUMNS, finding_rows))
     write_jsonl_atomic(root / "reports.jsonl", ({"study_id": e["ids"]["study_id"],
-                                                 "style": e["style"], "text": e["report"]}
+                                                 "style": e["style"], "text": e["report"],
+                                                 "descriptors": truth_descriptors(e["truth"])}
                                                 for e in exams))
     write_jsonl_atomic(root / "manifest.jsonl", (manifest_row(e) for e in exams))
     return {"exams": len(exams), "views": 4 * len(exams), "out": str(root)}
