@@ -11,7 +11,8 @@ from evaluation.clinical import bootstrap_ci, paired_bootstrap, per_exam_scores,
 from evaluation.hallucination import hallucination_summary
 from evaluation.nlg import nlg_metrics
 from evaluation.parser import parse_report
-from mammorg.io import MammorgError, read_jsonl, write_json_atomic, write_text_atomic
+from mammorg.io import (MammorgError, read_jsonl, save_figure_atomic, write_json_atomic,
+                        write_text_atomic)
 from mammorg.labels import BIRADS_VALUES, DENSITIES
 
 MAX_CHARS = 20_000
@@ -83,8 +84,7 @@ def confusion_png(ref: list, pred: list, classes: list, title: str, path: Path) 
     ax.set_ylabel("reference")
     ax.set_title(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure_atomic(fig, path)
 
 
 def _fmt(v) -> str:

@@ -18,10 +18,9 @@ from omegaconf import DictConfig, OmegaConf
 from scipy import stats
 
 from evaluation.clinical import paired_bootstrap, per_exam_scores
-from evaluation.parser import parse_report
 from mammorg.config import load_config
-from mammorg.io import MammorgError, atomic_path, read_jsonl, write_text_atomic
-from mammorg.pipeline import Pipeline, stage1_as_report_metrics
+from mammorg.io import MammorgError, atomic_path, read_jsonl, save_figure_atomic, write_text_atomic
+from mammorg.pipeline import Pipeline, parsed_references, stage1_as_report_metrics
 
 METRICS = ("birads_f1", "birads_acc", "density_f1", "finding_f1", "bleu_4", "rouge_l", "cider")
 
@@ -62,8 +61,7 @@ def _mean_ci(values: list[float]) -> tuple[float, float]:
     return float(v.mean()), float(half)
 
 
-def _pooled_scores(out: Path, name: str, seeds: list) -> dict[str, np.ndarray]:
-    refs = {r["id"]: parse_report(r["text"]) for r in read_jsonl(out / "references.jsonl")}
+def _pooled_scores(out: Path, name: str, seeds: list, refs: dict[str, dict]) -> dict[str, np.ndarray]:
     pooled: dict[str, list] = {}
     for seed in seeds:
         gen = read_jsonl(out / f"runs/{name}/seed{seed}/generated.jsonl")
@@ -80,19 +78,20 @@ def cfg_pipeline_stage1(out: Path) -> list[str]:
 
 def write_table(cfg: DictConfig, out: Path) -> Path:
     seeds = list(cfg.seeds)
-    base = _pooled_scores(out, cfg.baseline, seeds)
+    refs = parsed_references(out)
+    base = _pooled_scores(out, cfg.baseline, seeds, refs)
     rows = []
     for name in cfg.grid:
         per_seed = [json.loads((out / f"runs/{name}/seed{s}/evaluation/metrics.json").read_text())
                     for s in seeds]
         row: dict = {"row": name, "seeds": len(seeds)}
         s1_run = _stage1_key(list(cfg_pipeline_stage1(out)) + list(cfg.grid[name].get("stage1") or []))
-        s1 = stage1_as_report_metrics(out, out / s1_run / "predictions.jsonl")
+        s1 = stage1_as_report_metrics(refs, out / s1_run / "predictions.jsonl")
         row.update({f"stage1_{k}": v for k, v in s1.items()})
         for key in METRICS:
             row[key], row[f"{key}_ci95"] = _mean_ci([m.get(key) for m in per_seed])
         if name != cfg.baseline:
-            test = paired_bootstrap(_pooled_scores(out, name, seeds), base, n=cfg.bootstrap)
+            test = paired_bootstrap(_pooled_scores(out, name, seeds, refs), base, n=cfg.bootstrap)
             for key, res in test.items():
                 row[f"{key}_delta_vs_{cfg.baseline}"] = res["delta"]
                 row[f"{key}_p_vs_{cfg.baseline}"] = res["p_value"]
@@ -136,9 +135,7 @@ def bar_plot(table: pd.DataFrame, path: Path) -> None:
     ax.set_ylabel("test split (mean over seeds)")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
+    save_figure_atomic(fig, path)
 
 
 def main(args: argparse.Namespace) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from mammorg.checkpoint import load_training_state, save_training_state
 from mammorg.io import MammorgError, atomic_path
@@ -57,7 +58,8 @@ class TorchBackend:
     zero_stage = 0
 
     def __init__(self, model: nn.Module, optimizer, scheduler, grad_accum: int, clip: float):
-        self.model, self.module, self.optimizer, self.scheduler = model, model, optimizer, scheduler
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.module = model.module if isinstance(model, DistributedDataParallel) else model
         self.grad_accum, self.clip, self._micro = grad_accum, clip, 0
 
     def backward(self, loss: torch.Tensor) -> None:

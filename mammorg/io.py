@@ -68,3 +68,12 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
             raise MammorgError(f"{path}:{lineno}: expected a JSON object per line")
         rows.append(row)
     return rows
+
+
+def save_figure_atomic(fig: Any, path: str | os.PathLike, dpi: int = 100) -> None:
+    """Save a matplotlib figure as PNG through a temporary name, then close it."""
+    import matplotlib.pyplot as plt
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, format="png")
+    plt.close(fig)

@@ -18,7 +18,8 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from mammorg.config import load_config
-from mammorg.io import MammorgError, read_jsonl, write_json_atomic, write_jsonl_atomic, write_text_atomic
+from mammorg.io import (MammorgError, read_jsonl, save_figure_atomic, write_json_atomic,
+                        write_jsonl_atomic, write_text_atomic)
 from mammorg.preprocess import load_cached
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "pipeline" / "demo.yaml"
@@ -131,7 +132,7 @@ class Pipeline:
                    "stage1_val": {k: v for k, v in max(s1, key=lambda r: r["val"].get("score", -1))["val"].items()
                                   if isinstance(v, float)} if s1 else {},
                    "stage1_test_as_report": stage1_as_report_metrics(
-                       self.out, self.out / "stage1" / "predictions.jsonl"),
+                       parsed_references(self.out), self.out / "stage1" / "predictions.jsonl"),
                    "report_seconds": report.get("seconds"), "timings_s": self.timings,
                    "seconds": round(sum(self.timings.values()), 1)}
         write_json_atomic(self.out / "summary.json", summary)
@@ -139,12 +140,17 @@ class Pipeline:
         return summary
 
 
-def stage1_as_report_metrics(out: Path, predictions: Path) -> dict:
-    """Stage-1 argmax labels scored like generated reports (same references, same metrics)."""
-    from evaluation.clinical import point_metrics
+def parsed_references(out: Path) -> dict[str, dict]:
+    """The test-split reference reports of a pipeline folder, parsed once."""
     from evaluation.parser import parse_report
 
-    refs = {r["id"]: parse_report(r["text"]) for r in read_jsonl(out / "references.jsonl")}
+    return {r["id"]: parse_report(r["text"]) for r in read_jsonl(out / "references.jsonl")}
+
+
+def stage1_as_report_metrics(refs: dict[str, dict], predictions: Path) -> dict:
+    """Stage-1 argmax labels scored like generated reports (same references, same metrics)."""
+    from evaluation.clinical import point_metrics
+
     preds = {r["exam_id"]: {**r["pred"], "findings": {**r["pred"]["findings"], "U": {}}}
              for r in read_jsonl(predictions)}
     ids = [i for i in refs if i in preds]
@@ -169,8 +175,7 @@ def _sample_figure(out: Path, exam_ids: list[str]) -> str:
             ax.set_title(f"{row['exam_id'][-6:]} {view}", fontsize=7)
             ax.axis("off")
     fig.tight_layout()
-    fig.savefig(out / "samples.png", dpi=80)
-    plt.close(fig)
+    save_figure_atomic(fig, out / "samples.png", dpi=80)
     return "samples.png"
 
 

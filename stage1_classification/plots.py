@@ -10,7 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from evaluation.evaluate import confusion_png  # noqa: E402
-from mammorg.io import atomic_path  # noqa: E402
+from mammorg.io import save_figure_atomic  # noqa: E402
 from mammorg.labels import BIRADS_CLASSES, DENSITIES  # noqa: E402
 
 
@@ -28,9 +28,7 @@ def learning_curve_png(metrics_log: Path, out: Path) -> None:
     ax2.set_ylabel("validation")
     ax2.legend(fontsize=7)
     fig.tight_layout()
-    with atomic_path(out) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
+    save_figure_atomic(fig, out)
 
 
 def confusion_pngs(records: list[dict], exams: list[dict], out_dir: Path) -> None:

@@ -117,10 +117,8 @@ def make_backend(cfg: DictConfig, model, optimizer, scheduler, world: int):
         if int(ds.get("zero_optimization", {}).get("stage", 0)) > 2:
             raise MammorgError(f"{cfg.deepspeed.config}: stage 1 supports ZeRO stages 0-2")
         return DeepSpeedBackend(model, optimizer, scheduler, ds)
-    backend = TorchBackend(DistributedDataParallel(model) if world > 1 else model, optimizer,
-                           scheduler, cfg.train.grad_accum, 1.0)
-    backend.module = model
-    return backend
+    return TorchBackend(DistributedDataParallel(model) if world > 1 else model, optimizer,
+                        scheduler, cfg.train.grad_accum, 1.0)
 
 
 def _resume(backend, last: Path) -> tuple[int, float]:

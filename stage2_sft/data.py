@@ -69,9 +69,16 @@ class ReportDataset(Dataset):
             rows = [r for r in rows if r.get("report")]
         self.rows, self.preds, self.pred_dir = rows, preds, preds_path.parent
         self.builder, self.source, self.with_reports = builder, source, with_reports
+        self._report_ids: dict[int, list[int]] = {}
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    def report_ids(self, i: int) -> list[int]:
+        """Tokenised target report of exam ``i``, computed once (not every epoch)."""
+        if i not in self._report_ids:
+            self._report_ids[i] = self.builder.report_ids(self.rows[i]["report"])
+        return self._report_ids[i]
 
     def knowledge(self, row: dict) -> dict[str, torch.Tensor]:
         if self.source == "gold":
@@ -85,7 +92,7 @@ class ReportDataset(Dataset):
         view_mask = feats["view_mask"].bool()
         state = self.knowledge(row)
         prompt = self.builder.prompt_ids(view_mask.tolist(), state)
-        report = self.builder.report_ids(row["report"]) if self.with_reports else []
+        report = self.report_ids(i) if self.with_reports else []
         sample = {"exam_id": row["exam_id"], "prompt": prompt, "report": report, "knowledge": state,
                   "views": [v for v, m in zip(VIEWS, view_mask.tolist()) if m]}
         if self.builder.visual:
