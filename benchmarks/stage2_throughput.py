@@ -1,11 +1,15 @@
 """Stage-2 throughput: the generator (visual + knowledge tokens) vs. a bare transformers(+peft) loop.
 
 Usage: python benchmarks/stage2_throughput.py [--shape llama-3.2-1b|tiny] [--batch 8] [--seq 1024]
+                                             [--compile | --no-compile]
 Defaults: a Llama-3.2-1B-shaped decoder (random init, bf16, sdpa) on a GPU; the tiny default
 (configs/stage2/tiny.yaml) in fp32 on CPU. Both loops see the same token batches; the recipe's
 carry four views of visual tokens filled through the projector with masked_scatter. Reports
 training tokens/s for full fine-tuning and LoRA, their ratio to the bare loop, model FLOP
-utilisation on a GPU (6 x params x tokens), and generation reports/s. Prints one JSON object.
+utilisation on a GPU (6 x params x tokens), and generation reports/s. The recipe's model computes
+logits only at report positions and, with --compile (the default on a GPU, as train.compile=true),
+compiles each decoder block; the bare loops stay plain eager transformers(+peft). Prints one JSON
+object.
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 from peft import LoraConfig, get_peft_model  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
+from stage2_sft.assembly import compile_decoder  # noqa: E402
 from stage2_sft.model import ReportGenerator, SpecialIds  # noqa: E402
 
 SHAPES = {
@@ -103,13 +108,15 @@ def bare_rate(shape, lora, data, device, dtype, amp, warmup) -> tuple[float, int
     return tps, sum(p.numel() for p in bare.parameters())
 
 
-def measure(shape, lora, data, device, dtype, amp, warmup):
+def measure(shape, lora, data, device, dtype, amp, warmup, compiled: bool):
     bare_tps, n_params = bare_rate(shape, lora, data, device, dtype, amp, warmup)
     if device.type == "cuda":
         torch.cuda.empty_cache()
     gen = ReportGenerator(decoder(shape, device, dtype, lora), SpecialIds(IMAGE_ID, KNOWLEDGE_ID, REPORT_ID),
                           VISUAL_DIM, "discrete").to(device)
     gen.projector.to(dtype)
+    if compiled:
+        compile_decoder(gen.decoder)
     ours = timed(train_step_fn(gen, lambda b: gen(b["input_ids"], b["attention_mask"], b["labels"],
                                                   b["visual"]), amp, device), data, warmup, device)
     return ours, bare_tps, n_params, gen
@@ -122,7 +129,7 @@ def generation_rate(gen, batch: int, device) -> float:
     mask = torch.ones_like(ids)
     gen.eval()
     kwargs = dict(max_new_tokens=128, min_new_tokens=128, do_sample=False, pad_token_id=0)
-    gen.generate(ids, mask, visual, None, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    gen.generate(ids, mask, visual, None, **kwargs)  # warm-up (and compilation, if any)
     _sync(device)
     t0 = time.perf_counter()
     gen.generate(ids, mask, visual, None, **kwargs)
@@ -137,16 +144,20 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8 if gpu else 4)
     ap.add_argument("--seq", type=int, default=1024 if gpu else 256)
     ap.add_argument("--steps", type=int, default=12 if gpu else 8)
+    ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=gpu,
+                    help="torch.compile the recipe's decoder blocks (default: on a GPU)")
     args = ap.parse_args()
     device = torch.device("cuda" if gpu else "cpu")
     dtype = torch.bfloat16 if gpu else torch.float32
     data = batches(args.steps, args.batch, args.seq, SHAPES[args.shape]["vocab_size"], device)
     out = {"benchmark": "stage2_throughput", "device": torch.cuda.get_device_name() if gpu else "cpu",
            "shape": args.shape, "batch": args.batch, "seq": args.seq,
-           "precision": "bf16" if gpu else "fp32", "visual_tokens": 4 * TOKENS_PER_VIEW}
+           "precision": "bf16" if gpu else "fp32", "visual_tokens": 4 * TOKENS_PER_VIEW,
+           "compile": args.compile}
     peak = next((v for k, v in PEAK_BF16.items() if gpu and k in out["device"]), None)
     for mode in ("full", "lora"):
-        ours, bare, n_params, gen = measure(args.shape, mode == "lora", data, device, dtype, False, 2)
+        ours, bare, n_params, gen = measure(args.shape, mode == "lora", data, device, dtype, False,
+                                            3 if args.compile else 2, args.compile)
         out[f"{mode}_tokens_s"] = round(ours, 1)
         out[f"{mode}_bare_tokens_s"] = round(bare, 1)
         out[f"{mode}_ratio"] = round(ours / bare, 3)

@@ -10,6 +10,7 @@ import argparse
 import json
 import math
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -131,7 +132,7 @@ def _resume(backend, last: Path) -> tuple[int, float]:
         backend.optimizer.load_state_dict(state["optimizer"])
         backend.scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["torch_rng"])
-    print(f"resumed from {last} at epoch {int(state['epoch']) + 1}")
+    print(f"resumed from {last} at epoch {int(state['epoch']) + 1}", file=sys.stderr)
     return int(state["epoch"]) + 1, float(state["best"])
 
 
@@ -160,7 +161,8 @@ def _validate(model, val_ds: ExamDataset, cfg: DictConfig, device, log: Path, ep
     """Rank 0: validation metrics, a log line; returns (best score, whether this epoch is best)."""
     val = evaluate(model, val_ds, cfg, device) if len(val_ds) else {}
     _append_log(log, {"epoch": epoch, "train_loss": loss, "val": val})
-    print(f"epoch {epoch}: train_loss={loss:.4f} val_score={val.get('score', float('nan')):.3f}")
+    print(f"epoch {epoch}: train_loss={loss:.4f} val_score={val.get('score', float('nan')):.3f}",
+          file=sys.stderr)
     score = val.get("score", -loss)
     is_best = not math.isnan(score) and score > best
     return (score if is_best else best), is_best

@@ -92,6 +92,22 @@ def apply_lora(decoder: PreTrainedModel, lora: DictConfig) -> PeftModel:
     return get_peft_model(decoder, config)
 
 
+def compile_decoder(decoder: PreTrainedModel) -> int:
+    """``torch.compile`` each transformer block in place; returns the number of compiled modules.
+
+    Blocks share one graph (torchtune's per-layer compile), so compilation is quick and state-dict
+    keys are unchanged. Models without a ``layers`` list are compiled whole.
+    """
+    body = decoder.get_decoder() if hasattr(decoder, "get_decoder") else None
+    layers = getattr(body, "layers", None)
+    if layers is None:
+        decoder.compile()
+        return 1
+    for layer in layers:
+        layer.compile()
+    return len(layers)
+
+
 def term_weights(cfg: DictConfig, tok: PreTrainedTokenizerBase) -> torch.Tensor | None:
     if not cfg.terminology.term_loss_weight or cfg.terminology.term_loss_weight == 1.0:
         return None

@@ -6,6 +6,7 @@ features equals the number of placeholders (the LLaVA port's pattern).
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +17,7 @@ from mammorg.labels import VIEWS
 from stage2_sft.knowledge import SoftKnowledge, discrete_vocabulary
 
 IMAGE, KNOWLEDGE, REPORT, MISSING = "<image>", "<knowledge>", "<report>", "<missing_view>"
+IGNORE_INDEX = -100
 VIEW_MARKERS = tuple(f"<view:{v}>" for v in VIEWS)
 
 
@@ -77,6 +79,8 @@ class ReportGenerator(nn.Module):
         self.projector = VisualProjector(visual_dim, hidden)
         self.soft = SoftKnowledge(hidden) if knowledge_mode in ("soft", "both") else None
         self.register_buffer("term_weights", term_weights, persistent=False)
+        base = decoder.get_base_model() if hasattr(decoder, "get_base_model") else decoder
+        self._keeps_logits = "logits_to_keep" in inspect.signature(type(base).forward).parameters
 
     def embed(self, input_ids: torch.Tensor, visual: torch.Tensor | None = None,
               knowledge: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
@@ -95,15 +99,24 @@ class ReportGenerator(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
                 visual: torch.Tensor | None = None,
                 knowledge: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """Mean (term-weighted) next-token CE over report tokens.
+
+        Logits are computed only at positions that predict a report token somewhere in the batch
+        (``logits_to_keep``), so the prompt (visual and knowledge tokens) costs no LM-head work.
+        """
         embeds = self.embed(input_ids, visual, knowledge)
-        if self.term_weights is None:
-            return self.decoder(inputs_embeds=embeds, attention_mask=attention_mask,
-                                labels=labels, use_cache=False).loss
-        logits = self.decoder(inputs_embeds=embeds, attention_mask=attention_mask,
-                              use_cache=False).logits[:, :-1].float()
-        return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                           labels[:, 1:].reshape(-1), weight=self.term_weights,
-                                           ignore_index=-100)
+        targets = labels[:, 1:]
+        positions = (targets != IGNORE_INDEX).any(0).nonzero().squeeze(1)
+        if positions.numel() == 0:
+            return embeds.sum() * 0.0  # nothing to learn here; keeps every parameter in the graph
+        keep = {"logits_to_keep": positions} if self._keeps_logits else {}
+        logits = self.decoder(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False,
+                              **keep).logits
+        if not keep:
+            logits = logits[:, positions]
+        return nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
+                                           targets[:, positions].reshape(-1),
+                                           weight=self.term_weights, ignore_index=IGNORE_INDEX)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,

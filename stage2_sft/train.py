@@ -11,6 +11,7 @@ import argparse
 import json
 import math
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -23,7 +24,7 @@ from mammorg.config import load_config, save_config
 from mammorg.io import MammorgError, atomic_path, read_jsonl
 from mammorg.optim import cosine_with_warmup
 from stage2_sft.assembly import (apply_lora, build_decoder, build_tokenizer, check_config,
-                                 normalizer_for, wrap)
+                                 compile_decoder, normalizer_for, wrap)
 from stage2_sft.data import PromptBuilder, ReportDataset, collate, length_grouped_batches
 from mammorg.distributed import (DeepSpeedBackend, TorchBackend, barrier, fill_deepspeed_config,
                                init_distributed, world)
@@ -70,6 +71,8 @@ def build_generator(cfg: DictConfig, tok, pieces: dict, run_dir: Path, rank: int
         decoder = apply_lora(decoder, cfg.lora)
     if cfg.decoder.gradient_checkpointing:
         decoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.train.get("compile", False):
+        compile_decoder(decoder)
     return wrap(cfg, decoder, tok, cfg.visual.dim)
 
 
@@ -208,7 +211,7 @@ def run(cfg: DictConfig) -> dict:
         torch.set_rng_state(client["torch_rng"])
         start, best = int(client["epoch"]) + 1, float(client["best"])
         if rank == 0:
-            print(f"resumed from {last} at epoch {start}")
+            print(f"resumed from {last} at epoch {start}", file=sys.stderr)
     stop = cfg.train.epochs if cfg.train.stop_after_epochs is None else \
         min(cfg.train.epochs, start + cfg.train.stop_after_epochs)
     for epoch in range(start, stop):
@@ -219,7 +222,8 @@ def run(cfg: DictConfig) -> dict:
         _log(run_dir, {"epoch": epoch, "train_loss": loss, "val_loss": val,
                        "lr": backend.scheduler.get_last_lr()[0]}, rank)
         if rank == 0:
-            print(f"epoch {epoch}: train_loss={loss:.4f} val_loss={val if val is None else round(val, 4)}")
+            print(f"epoch {epoch}: train_loss={loss:.4f} val_loss={val if val is None else round(val, 4)}",
+                  file=sys.stderr)
         is_best = score < best
         best = min(best, score)
         save_checkpoint(backend, cfg, run_dir, {"epoch": epoch, "best": best,

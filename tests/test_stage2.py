@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -156,3 +157,43 @@ def test_deepspeed_two_ranks_saves_complete_lora_adapters(stage1_outputs, tmp_pa
     assert all(v.numel() > 0 for v in extras.values())
     _, model, _ = load_run(tmp_path / f"z{zero}")  # reloads with transformers + peft alone
     assert sum(p.numel() for p in model.parameters()) > 0
+
+
+def test_report_only_logits_give_the_full_lm_loss():
+    """Logits kept only at report positions: same loss and gradients as the plain LM loss."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from stage2_sft.model import ReportGenerator, SpecialIds
+
+    torch.manual_seed(0)
+    decoder = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32,
+                                           num_hidden_layers=1, num_attention_heads=2,
+                                           num_key_value_heads=1))
+    gen = ReportGenerator(decoder, SpecialIds(3, 4, 5), visual_dim=8, knowledge_mode="none")
+    ids = torch.randint(10, 50, (2, 12))
+    ids[:, 1:5] = 3
+    labels = ids.clone()
+    labels[0, :7], labels[1, :9], labels[1, 11:] = -100, -100, -100  # prompts and padding
+    mask = torch.ones_like(ids)
+    visual = torch.randn(2, 4, 8)
+    loss = gen(ids, mask, labels, visual)
+    loss.backward()
+    grads = [p.grad.clone() for p in decoder.parameters()]
+    decoder.zero_grad()
+    ref = decoder(inputs_embeds=gen.embed(ids, visual), attention_mask=mask, labels=labels).loss
+    ref.backward()
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-6)
+    for g, p in zip(grads, decoder.parameters()):
+        torch.testing.assert_close(g, p.grad, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("cc") is None,
+                    reason="torch.compile on CPU needs a C++ compiler")
+def test_compiled_decoder_trains_like_eager_and_saves_plain_keys(stage1_outputs, tmp_path):
+    root = stage1_outputs
+    for name, flag in (("eager", "false"), ("compiled", "true")):
+        run(load_config(TINY, _overrides(root, tmp_path / name, "train.epochs=1", f"train.compile={flag}")))
+    curve = lambda d: [json.loads(x)["train_loss"] for x in (d / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    assert curve(tmp_path / "compiled") == pytest.approx(curve(tmp_path / "eager"), rel=1e-3)
+    saved = load_file(str(tmp_path / "compiled/checkpoints/last/trainable.safetensors"))
+    assert saved and not any("_orig_mod" in k for k in saved)

@@ -7,6 +7,7 @@ import numpy as np
 _FIBRO_FRACTION = {"a": 0.06, "b": 0.22, "c": 0.45, "d": 0.7}
 _DEPTH_X = {"anterior": 0.72, "middle": 0.48, "posterior": 0.25}
 FIELD_MM = 220.0  # image height in millimetres
+_FAT_LEVEL, _DENSE_LEVEL = 0.28, 0.62  # intensity of fatty and fibroglandular tissue
 
 
 def lowpass_noise(rng: np.random.Generator, shape: tuple[int, int], scale: float) -> np.ndarray:
@@ -67,7 +68,7 @@ def _background(c: Canvas, density: str) -> None:
     inside = c.breast
     threshold = np.quantile(field[inside], 1.0 - min(frac, 0.95))
     tissue = 1.0 / (1.0 + np.exp(-(field - threshold) * 1.6))
-    fat, dense = 0.28, 0.62
+    fat, dense = _FAT_LEVEL, _DENSE_LEVEL
     img = fat + (dense - fat) * tissue
     img *= 1.0 - 0.35 * np.clip(c.radius, 0, 1) ** 6  # thinner periphery
     c.image = np.where(inside, img, 0.0).astype(np.float32)
@@ -93,6 +94,18 @@ def _skin_and_nipple(c: Canvas, thick_skin: bool, retracted: bool) -> None:
         c.image[ys, xs][bump & (dx >= 0)] = 0.45
 
 
+def _insert_dense(c: Canvas, ys: slice, xs: slice, profile: np.ndarray, contrast: float) -> None:
+    """Blend a compact structure at least as dense as fibroglandular tissue into the image.
+
+    Its core sits ``contrast`` above the brighter of the local tissue and the fibroglandular
+    level, so dense breasts lower its conspicuity (masking) without hiding it outright. Nothing
+    is drawn outside the body (where the image is still zero).
+    """
+    local = c.image[ys, xs]
+    core = np.maximum(local, _DENSE_LEVEL) + contrast
+    c.image[ys, xs] = np.where(local > 0, local + (core - local) * profile, local)
+
+
 def _blob(c: Canvas, y: float, x: float, radius_px: float, contrast: float, lesion: dict) -> None:
     half = int(radius_px * 3 + 4)
     ys, xs, dy, dx = c.patch(y, x, half)
@@ -112,7 +125,7 @@ def _blob(c: Canvas, y: float, x: float, radius_px: float, contrast: float, lesi
     dist = np.sqrt(dy**2 + dx**2)
     profile = 1.0 / (1.0 + np.exp((dist - edge) / (softness * radius_px + 0.5)))
     scale = {"high": 1.3, "equal": 1.0, "low": 0.7}.get(lesion.get("density"), 1.0)
-    c.image[ys, xs] += contrast * scale * profile
+    _insert_dense(c, ys, xs, profile, contrast * scale)
     if margin == "spiculated":
         _spicules(c, y, x, radius_px, 2.4 * radius_px, contrast * 0.8, n=14)
 
@@ -128,7 +141,7 @@ def _spicules(c: Canvas, y: float, x: float, r0: float, r1: float, contrast: flo
         width = 0.9 / np.maximum(dist, 1.0)
         line = np.exp(-0.5 * (diff / width) ** 2) * (dist > r0 * 0.5) * (dist < r1)
         out = np.maximum(out, line * (1 - dist / r1))
-    c.image[ys, xs] += contrast * out
+    c.image[ys, xs] += contrast * out * (c.image[ys, xs] > 0)
 
 
 _CALC_STYLE = {  # (count range, radius px, brightness, elongation)
@@ -181,7 +194,7 @@ def _distortion(c: Canvas, y: float, x: float, size_px: float, contrast: float) 
 def _asymmetry(c: Canvas, y: float, x: float, size_px: float, contrast: float) -> None:
     ys, xs, dy, dx = c.patch(y, x, int(size_px * 1.5))
     blob = np.exp(-0.5 * ((dy / (0.6 * size_px)) ** 2 + (dx / (0.45 * size_px)) ** 2))
-    c.image[ys, xs] += contrast * 0.8 * blob
+    _insert_dense(c, ys, xs, 0.8 * blob, 0.3 * contrast)  # tissue, not a mass: no convex border
 
 
 def _lymph_node(c: Canvas, y: float, x: float, lesion: dict, contrast: float) -> None:
@@ -191,7 +204,7 @@ def _lymph_node(c: Canvas, y: float, x: float, lesion: dict, contrast: float) ->
     body = 1.0 / (1.0 + np.exp((d - 1.0) / 0.08))
     if not lesion["enlarged"]:
         body -= 0.7 / (1.0 + np.exp((d - 0.45) / 0.08))  # fatty hilum
-    c.image[ys, xs] += contrast * 1.2 * body
+    _insert_dense(c, ys, xs, np.clip(body, 0.0, 1.0), 0.8 * contrast)
 
 
 def render_view(exam: dict, view: str, height: int, width: int, rng: np.random.Generator,
