@@ -20,7 +20,8 @@ def _cmd_synth(args: argparse.Namespace) -> None:
     styles = tuple(args.styles.split(",")) if args.styles else SynthSettings().styles
     settings = SynthSettings(exams=args.exams, seed=args.seed, height=args.size[0],
                              width=args.size[1], difficulty=args.difficulty,
-                             label_noise=args.label_noise, styles=styles)
+                             label_noise=args.label_noise, test_fraction=args.test_fraction,
+                             styles=styles)
     print(json.dumps(synthesise(args.out, settings)))
 
 
@@ -83,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     _size(s, (512, 256))
     s.add_argument("--difficulty", type=float, default=0.5)
     s.add_argument("--label-noise", type=float, default=0.03)
+    s.add_argument("--test-fraction", type=float, default=0.15, help="share of exams in the test split")
     s.add_argument("--styles", default="", help="comma-separated report styles (default: all)")
     s.set_defaults(func=_cmd_synth)
 

@@ -73,7 +73,8 @@ class Pipeline:
         if not (self.out / "synth" / "manifest.jsonl").exists():
             self.cli("synthesise", ["synth", "--out", p("synth"), "--exams", str(c.synth.exams),
                                     "--seed", str(c.synth.seed), "--size", str(c.synth.height),
-                                    str(c.synth.width), "--styles", ",".join(c.synth.styles)], True)
+                                    str(c.synth.width), "--styles", ",".join(c.synth.styles),
+                                    "--test-fraction", str(c.synth.get("test_fraction", 0.15))], True)
         self.cli("ingest", ["data", "ingest", "--format", "vindr", "--root", p("synth"),
                             "--out", p("manifest.jsonl")], True)
         self.cli("preprocess", ["data", "preprocess", "--manifest", p("manifest.jsonl"), "--out",
