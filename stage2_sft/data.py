@@ -100,10 +100,10 @@ class ReportDataset(Dataset):
         return sample
 
     def lengths(self) -> list[int]:
-        """Approximate sequence lengths (for length-grouped batching) without loading features."""
-        approx = 4 * (1 + self.builder.visual_tokens_per_view) + SOFT_SLOTS + 24
-        return [approx + len(self.builder.tokenizer(r["report"], add_special_tokens=False)["input_ids"])
-                for r in self.rows]
+        """Sequence lengths for length-grouped batching, without loading features: the exact
+        (normalised, truncated, cached) report length plus an upper bound of the prompt length."""
+        prompt = 4 * (1 + self.builder.visual_tokens_per_view) + SOFT_SLOTS + 24
+        return [prompt + len(self.report_ids(i)) for i in range(len(self.rows))]
 
 
 def collate(samples: list[dict], pad_id: int, for_generation: bool = False) -> dict:
