@@ -71,10 +71,12 @@ class Pipeline:
         """synthesise → ingest → preprocess; returns the cache manifest."""
         c, p = self.cfg, self.path
         if not (self.out / "synth" / "manifest.jsonl").exists():
+            split = [] if c.synth.get("test_fraction") is None else \
+                ["--test-fraction", str(c.synth.test_fraction)]  # else the CLI default
             self.cli("synthesise", ["synth", "--out", p("synth"), "--exams", str(c.synth.exams),
                                     "--seed", str(c.synth.seed), "--size", str(c.synth.height),
                                     str(c.synth.width), "--styles", ",".join(c.synth.styles),
-                                    "--test-fraction", str(c.synth.get("test_fraction", 0.15))], True)
+                                    *split], True)
         self.cli("ingest", ["data", "ingest", "--format", "vindr", "--root", p("synth"),
                             "--out", p("manifest.jsonl")], True)
         self.cli("preprocess", ["data", "preprocess", "--manifest", p("manifest.jsonl"), "--out",
