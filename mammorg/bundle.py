@@ -20,6 +20,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from omegaconf import DictConfig
 
@@ -27,6 +28,9 @@ from mammorg.config import load_config
 from mammorg.io import MammorgError, read_jsonl, write_json_atomic, write_text_atomic
 from mammorg.labels import BIRADS_CLASSES, DENSITIES, FINDINGS, VIEWS
 from mammorg.preprocess import PreprocessSpec
+
+if TYPE_CHECKING:
+    from stage1_classification.operating_points import OperatingPoints
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 PACKAGES = ("mammorg", "torch", "timm", "transformers", "peft", "safetensors", "tokenizers",
@@ -69,6 +73,7 @@ def export(run_dir: str | Path, out: str | Path, merge_lora: bool = False,
            stage1_run: str | None = None, eval_metrics: str | None = None) -> Path:
     """Write a bundle into a temporary folder, hash every file, then rename it into place."""
     from stage1_classification.inference import load_run as load_stage1
+    from stage1_classification.operating_points import OperatingPoints
     from stage2_sft.generate import load_run as load_stage2
 
     run_dir, out = Path(run_dir), Path(out)
@@ -85,6 +90,7 @@ def export(run_dir: str | Path, out: str | Path, merge_lora: bool = False,
     shutil.copy2(best if best.exists() else s1_dir / "checkpoints/last/model.safetensors",
                  tmp / "stage1" / "model.safetensors")
     shutil.copy2(s1_dir / "config.yaml", tmp / "stage1" / "config.yaml")
+    OperatingPoints.load(s1_dir).save(tmp / "stage1")
     _export_generator(model, tok, run_dir, tmp, merge_lora)
     shutil.copy2(run_dir / "config.yaml", tmp / "stage2_config.yaml")
     shutil.copy2(spec_file, tmp / "preprocess.json")
@@ -174,6 +180,7 @@ class Bundle:
     spec: PreprocessSpec
     stage2_cfg: DictConfig
     metadata: dict
+    stage1_points: OperatingPoints
 
 
 def verify(folder: Path, trust_pickle: bool = False) -> dict:
@@ -203,6 +210,7 @@ def load_bundle(folder: str | Path, trust_pickle: bool = False, device: str = "c
     """Verify and load a bundle: stage-1 model, generator, tokenizer, preprocessing spec."""
     from safetensors.torch import load_file
     from stage1_classification.model import create_model
+    from stage1_classification.operating_points import OperatingPoints
     from stage2_sft.assembly import load_generator
 
     folder = Path(folder)
@@ -214,7 +222,8 @@ def load_bundle(folder: str | Path, trust_pickle: bool = False, device: str = "c
     s2_cfg = load_config(folder / "stage2_config.yaml")
     generator, tok = load_generator(folder, s2_cfg, s2_cfg.visual.dim)
     spec = PreprocessSpec(**json.loads((folder / "preprocess.json").read_text()))
-    return Bundle(folder, stage1.eval().to(device), generator.to(device), tok, spec, s2_cfg, meta)
+    return Bundle(folder, stage1.eval().to(device), generator.to(device), tok, spec, s2_cfg, meta,
+                  OperatingPoints.load(folder / "stage1"))
 
 
 def export_main(args: argparse.Namespace) -> None:

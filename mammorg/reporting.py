@@ -69,7 +69,7 @@ def report_exam(bundle: Bundle, views: dict[str, np.ndarray], max_new_tokens: in
     out = bundle.stage1(images, mask)
     descriptors = {k[5:]: v[0].softmax(-1) for k, v in out.items() if k.startswith("desc_")}
     record = exam_record("exam", out["density"][0].softmax(-1), out["birads"][0].softmax(-1),
-                         out["findings"][0].sigmoid(), mask[0], descriptors)
+                         out["findings"][0].sigmoid(), mask[0], descriptors, bundle.stage1_points)
     cfg, tok = bundle.stage2_cfg, bundle.tokenizer
     builder = make_builder(cfg, tok)
     state = state_from_prediction(record)  # at inference the knowledge is always predicted

@@ -16,6 +16,7 @@ from mammorg.io import MammorgError, atomic_path
 from mammorg.labels import BIRADS_CLASSES, DENSITIES, DESCRIPTORS, FINDINGS, VIEWS, most_severe
 from stage1_classification.data import ExamDataset, collate
 from stage1_classification.model import MultiViewClassifier, create_model
+from stage1_classification.operating_points import OperatingPoints
 
 
 def load_run(run_dir: str | Path, which: str = "best") -> tuple[DictConfig, MultiViewClassifier]:
@@ -34,19 +35,21 @@ def load_run(run_dir: str | Path, which: str = "best") -> tuple[DictConfig, Mult
 
 
 def exam_record(exam_id: str, density: torch.Tensor, birads: torch.Tensor, findings: torch.Tensor,
-                view_mask: torch.Tensor, descriptors: dict[str, torch.Tensor] | None = None) -> dict:
-    """One prediction line from the probabilities of one exam (``birads`` [2, 9], ``findings`` [2, 7])."""
+                view_mask: torch.Tensor, descriptors: dict[str, torch.Tensor] | None = None,
+                points: OperatingPoints = OperatingPoints()) -> dict:
+    """One prediction line from the probabilities of one exam (``birads`` [2, 9], ``findings`` [2, 7]);
+    ``pred`` holds the labels decided at the run's operating points."""
     present = {s: bool(view_mask[2 * i:2 * i + 2].any()) for i, s in enumerate("LR")}
     probs = {"density": dict(zip(DENSITIES, density.tolist())),
              "birads": {s: dict(zip(BIRADS_CLASSES, birads[i].tolist())) if present[s] else None
                         for i, s in enumerate("LR")},
              "findings": {s: dict(zip(FINDINGS, findings[i].tolist())) if present[s] else None
                           for i, s in enumerate("LR")}}
-    side_birads = {s: BIRADS_CLASSES[int(birads[i].argmax())] if present[s] else None
-                   for i, s in enumerate("LR")}
+    birads_idx, positive = points.birads_labels(birads).tolist(), points.finding_positive(findings).tolist()
+    side_birads = {s: BIRADS_CLASSES[birads_idx[i]] if present[s] else None for i, s in enumerate("LR")}
     pred = {"density": DENSITIES[int(density.argmax())],
             "birads": {**side_birads, "exam": most_severe(list(side_birads.values()))},
-            "findings": {s: ({f: "pos" if p >= 0.5 else "neg" for f, p in zip(FINDINGS, findings[i].tolist())}
+            "findings": {s: ({f: "pos" if on else "neg" for f, on in zip(FINDINGS, positive[i])}
                              if present[s] else {}) for i, s in enumerate("LR")}}
     views = [v for v, m in zip(VIEWS, view_mask.tolist()) if m]
     record = {"exam_id": exam_id, "views": views, "probs": probs, "pred": pred}
@@ -72,7 +75,8 @@ def save_features(path: Path, tokens: torch.Tensor, view_mask: torch.Tensor) -> 
 
 @torch.no_grad()
 def predict_dataset(model: MultiViewClassifier, ds: ExamDataset, batch_size: int = 8,
-                    features_dir: Path | None = None, progress: bool = True) -> list[dict]:
+                    features_dir: Path | None = None, progress: bool = True,
+                    points: OperatingPoints = OperatingPoints()) -> list[dict]:
     """Records for every exam of ``ds``; writes feature files when ``features_dir`` is given."""
     device = next(model.parameters()).device
     records = []
@@ -85,7 +89,7 @@ def predict_dataset(model: MultiViewClassifier, ds: ExamDataset, batch_size: int
         desc = {k[5:]: v.float().softmax(-1).cpu() for k, v in out.items() if k.startswith("desc_")}
         for i, exam_id in enumerate(batch["exam_id"]):
             rec = exam_record(exam_id, dens[i], bir[i], find[i], mask[i],
-                              {k: v[i] for k, v in desc.items()})
+                              {k: v[i] for k, v in desc.items()}, points)
             if features_dir is not None:
                 name = _feature_name(exam_id)
                 save_features(features_dir / name, tokens[i], mask[i])

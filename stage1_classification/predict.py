@@ -1,6 +1,6 @@
 """Recipe: ``mammorg stage1 predict --run RUN --manifest CACHE_MANIFEST --out PRED.jsonl``.
 
-Per exam: probabilities of every head, argmax labels, and (with ``--features DIR``) the per-view
+Per exam: probabilities of every head, labels at the run's operating points, and (with ``--features DIR``) the per-view
 visual feature tokens ``[4, N, D]`` saved as safetensors for stage 2. With ``--oof K`` the exams
 of the training split are predicted by K fold models that never saw them (out-of-fold), so stage 2
 can train on predictions that do not leak the training labels; the visual features still come
@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 from mammorg.io import MammorgError, write_jsonl_atomic
 from stage1_classification.data import ExamDataset
 from stage1_classification.inference import load_run, predict_dataset
+from stage1_classification.operating_points import OperatingPoints
 from stage1_classification.train import run as train_run
 
 
@@ -32,7 +33,8 @@ def _fold_predictions(cfg: DictConfig, run_dir: Path, manifest: str, folds: int)
         train_run(fold_cfg, plots=False)
         _, model = load_run(fold_dir)
         held_out = ExamDataset(manifest, cfg.data.train_split, folds=folds, fold=fold, holdout=True)
-        for rec in predict_dataset(model, held_out, progress=False):
+        for rec in predict_dataset(model, held_out, progress=False,
+                                   points=OperatingPoints.load(fold_dir)):
             records[rec["exam_id"]] = {**rec, "source": f"oof-fold{fold}"}
     return records
 
@@ -50,7 +52,8 @@ def predict(run_dir: str | Path, manifest: str | Path, out: str | Path,
     if dataset.skipped:
         print(f"warning: {len(dataset.skipped)} exam(s) have no usable view and are not predicted: "
               + ", ".join(dataset.skipped[:5]))
-    records = predict_dataset(model, dataset, batch_size, features_dir)
+    records = predict_dataset(model, dataset, batch_size, features_dir,
+                              points=OperatingPoints.load(run_dir))
     if oof:
         if oof < 2:
             raise MammorgError(f"--oof {oof}: out-of-fold prediction needs at least 2 folds")

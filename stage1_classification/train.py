@@ -31,6 +31,7 @@ from stage1_classification.data import ExamDataset, birads_class_weights, collat
 from stage1_classification.inference import predict_dataset
 from stage1_classification.metrics import stage1_metrics
 from stage1_classification.model import create_model, stage1_loss
+from stage1_classification.operating_points import OperatingPoints, fit_from_outputs
 from stage1_classification.plots import confusion_pngs, learning_curve_png
 
 
@@ -78,7 +79,8 @@ def _forward(model, batch, device):
 
 
 @torch.no_grad()
-def evaluate(model, ds: ExamDataset, cfg: DictConfig, device) -> dict:
+def validation_pass(model, ds: ExamDataset, cfg: DictConfig, device) -> tuple[list[dict], list[dict]]:
+    """Head outputs (logits, on the CPU) and the label batches of every exam of ``ds``."""
     model.eval()
     outputs, batches = [], []
     for batch in _loader(ds, cfg, 0, shuffle=False):
@@ -86,6 +88,11 @@ def evaluate(model, ds: ExamDataset, cfg: DictConfig, device) -> dict:
         outputs.append({k: v.float().cpu() for k, v in out.items() if k != "tokens"})
         batches.append(batch)
     model.train()
+    return outputs, batches
+
+
+def evaluate(model, ds: ExamDataset, cfg: DictConfig, device) -> dict:
+    outputs, batches = validation_pass(model, ds, cfg, device)
     return stage1_metrics(outputs, batches) if outputs else {}
 
 
@@ -206,19 +213,34 @@ def run(cfg: DictConfig, plots: bool = True) -> dict:
             best, is_best = _validate(backend.module, val_ds, cfg, device, log, epoch, loss, best)
         _save(backend, run_dir, epoch, best, is_best, rank)
         _barrier(world)
-    if plots and rank == 0 and log.exists():
-        write_plots(backend.module, val_ds, run_dir, log)
+    if rank == 0:
+        points = fit_best_operating_points(backend.module, val_ds, cfg, device, run_dir)
+        if plots and log.exists():
+            write_plots(backend.module, val_ds, run_dir, log, points)
     _barrier(world)
     return {"run_dir": str(run_dir), "best_score": best}
 
 
-def write_plots(model, val_ds: ExamDataset, run_dir: Path, log: Path) -> None:
-    """Learning curve, and confusion matrices of the best checkpoint on the validation split."""
-    learning_curve_png(log, run_dir / "learning_curve.png")
+def fit_best_operating_points(model, val_ds: ExamDataset, cfg: DictConfig, device,
+                              run_dir: Path) -> OperatingPoints:
+    """Loads the best checkpoint into ``model`` and saves its validation operating points."""
     best = run_dir / "checkpoints" / "best" / "model.safetensors"
-    if len(val_ds) and best.exists():
-        load_weights(model, best)
-        records = predict_dataset(model.eval(), val_ds, progress=False)
+    if not len(val_ds) or not best.exists():
+        return OperatingPoints()
+    load_weights(model, best)
+    points = fit_from_outputs(*validation_pass(model, val_ds, cfg, device))
+    points.save(run_dir)
+    print(f"operating points: BI-RADS prior power {points.birads_prior_power}, finding thresholds "
+          f"{list(points.finding_thresholds)}", file=sys.stderr)
+    return points
+
+
+def write_plots(model, val_ds: ExamDataset, run_dir: Path, log: Path,
+                points: OperatingPoints) -> None:
+    """Learning curve, and confusion matrices of ``model`` (the best checkpoint) on validation."""
+    learning_curve_png(log, run_dir / "learning_curve.png")
+    if len(val_ds):
+        records = predict_dataset(model.eval(), val_ds, progress=False, points=points)
         confusion_pngs(records, val_ds.exams, run_dir)
 
 

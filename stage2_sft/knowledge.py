@@ -1,10 +1,13 @@
 """Knowledge tokens from stage-1 predictions (or gold labels): discrete tokens and soft mixes.
 
-A *knowledge state* is a dict of probability tensors::
+A *knowledge state* is a dict of probability tensors and of stage 1's decisions::
 
-    {"density": [4], "birads": [2, 9], "findings": [2, 7], "sides": [2]}   # sides: breast imaged
+    {"density": [4], "birads": [2, 9], "findings": [2, 7], "sides": [2],   # sides: breast imaged
+     "birads_label": [2] (class index, -1: none), "finding_on": [2, 7] (0/1)}
 
-``discrete`` turns it into special tokens (``<density=c> <conf:high> <R:birads=4B> ...``);
+The decisions are stage 1's labels at its operating points (``pred`` of a prediction line), so
+the discrete tokens state what stage 1 concluded, not a plain argmax of imbalanced probabilities.
+``discrete`` turns a state into special tokens (``<density=c> <conf:high> <R:birads=4B> ...``);
 ``soft`` turns it into one embedding per head (and per finding) mixed from learned class
 embeddings, filled into ``<knowledge>`` placeholders.
 """
@@ -35,18 +38,22 @@ def _confidence(p: float) -> str:
 
 
 def state_from_prediction(record: dict) -> dict[str, torch.Tensor]:
-    """Knowledge state from one ``stage1 predict`` line."""
-    probs = record["probs"]
+    """Knowledge state from one ``stage1 predict`` line (probabilities and ``pred`` labels)."""
+    probs, pred = record["probs"], record["pred"]
     birads = torch.zeros(2, len(BIRADS_CLASSES))
     findings = torch.zeros(2, len(FINDINGS))
     sides = torch.zeros(2)
+    label = torch.full((2,), -1, dtype=torch.long)
+    finding_on = torch.zeros(2, len(FINDINGS))
     for i, side in enumerate("LR"):
         if probs["birads"].get(side) is not None:
             birads[i] = torch.tensor([probs["birads"][side][c] for c in BIRADS_CLASSES])
             findings[i] = torch.tensor([probs["findings"][side][f] for f in FINDINGS])
             sides[i] = 1.0
+            label[i] = BIRADS_CLASSES.index(pred["birads"][side])
+            finding_on[i] = torch.tensor([float(pred["findings"][side].get(f) == "pos") for f in FINDINGS])
     return {"density": torch.tensor([probs["density"][d] for d in DENSITIES]), "birads": birads,
-            "findings": findings, "sides": sides}
+            "findings": findings, "sides": sides, "birads_label": label, "finding_on": finding_on}
 
 
 def state_from_labels(labels: dict, views: dict) -> dict[str, torch.Tensor]:
@@ -64,10 +71,12 @@ def state_from_labels(labels: dict, views: dict) -> dict[str, torch.Tensor]:
             birads[i] = mask / mask.sum()  # a bare "4" spreads over 4A/4B/4C
         states = (labels.get("findings") or {}).get(side) or {}
         findings[i] = torch.tensor([{"pos": 1.0, "unc": 0.5}.get(states.get(f), 0.0) for f in FINDINGS])
-    return {"density": density, "birads": birads, "findings": findings, "sides": sides}
+    label = torch.where(birads.sum(1) > 0, birads.argmax(1), -1)
+    return {"density": density, "birads": birads, "findings": findings, "sides": sides,
+            "birads_label": label, "finding_on": (findings >= 0.5).float()}
 
 
-def discrete_tokens(state: dict[str, torch.Tensor], threshold: float = 0.5) -> list[str]:
+def discrete_tokens(state: dict[str, torch.Tensor]) -> list[str]:
     """``<density=c> <conf:high> <L:birads=1> <conf:high> <L:no_finding> <R:birads=4B> ...``."""
     out = []
     if state["density"].sum() > 0:
@@ -77,10 +86,11 @@ def discrete_tokens(state: dict[str, torch.Tensor], threshold: float = 0.5) -> l
         if not state["sides"][i]:
             out.append(f"<{side}:not_imaged>")
             continue
-        if state["birads"][i].sum() > 0:
-            p, k = state["birads"][i].max(0)
-            out += [f"<{side}:birads={BIRADS_CLASSES[int(k)]}>", _confidence(float(p))]
-        found = [(f, float(p)) for f, p in zip(FINDINGS, state["findings"][i]) if p >= threshold]
+        k = int(state["birads_label"][i])
+        if k >= 0:
+            out += [f"<{side}:birads={BIRADS_CLASSES[k]}>", _confidence(float(state["birads"][i, k]))]
+        found = [(f, float(p)) for f, p, on in zip(FINDINGS, state["findings"][i], state["finding_on"][i])
+                 if on]
         for name, p in found:
             out += [f"<{side}:{name}>", _confidence(p)]
         if not found:

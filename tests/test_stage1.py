@@ -9,7 +9,9 @@ import torch
 from mammorg.config import load_config
 from mammorg.data.ingest import ingest
 from mammorg.preprocess import PreprocessSpec, preprocess_manifest
+from mammorg.labels import FINDINGS
 from stage1_classification.model import MultiViewClassifier
+from stage1_classification.operating_points import OperatingPoints
 from stage1_classification.train import run
 
 
@@ -64,6 +66,8 @@ def test_predict_with_oof_and_features(cache_manifest, tmp_path):
                 f"data.cache_manifest={cache_manifest}", "data.val_split=train",
                 f"run_dir={run_dir}", "train.epochs=1"]) == 0
     assert (run_dir / "learning_curve.png").exists() and (run_dir / "confusion_birads.png").exists()
+    points = OperatingPoints.load(run_dir)
+    assert (run_dir / "operating_points.json").exists() and points != OperatingPoints()
     out = tmp_path / "pred" / "pred.jsonl"
     assert cli(["stage1", "predict", "--run", str(run_dir), "--manifest", str(cache_manifest),
                 "--out", str(out), "--oof", "2"]) == 0
@@ -78,6 +82,13 @@ def test_predict_with_oof_and_features(cache_manifest, tmp_path):
         feats = load_file(str(out.parent / r["features"]))
         assert feats["tokens"].shape == (4, 4, 64) and feats["tokens"].abs().sum() > 0
     assert (run_dir / "oof" / "fold1" / "checkpoints" / "last" / "model.safetensors").exists()
+    assert (run_dir / "oof" / "fold1" / "operating_points.json").exists()
+    thresholds = dict(zip(FINDINGS, points.finding_thresholds))
+    model_rows = [r for r in rows if r["source"] == "model"]
+    for r in model_rows:  # labels follow the run's operating points, not 0.5
+        for side, found in r["pred"]["findings"].items():
+            for name, state in found.items():
+                assert (state == "pos") == (r["probs"]["findings"][side][name] >= thresholds[name])
     assert cli(["stage1", "predict", "--run", str(tmp_path / "nope"), "--manifest",
                 str(cache_manifest), "--out", str(out)]) == 2
 

@@ -1,0 +1,112 @@
+"""Decision rules of stage 1, fitted on the validation split after training.
+
+Argmax over the BI-RADS probabilities of a model trained on imbalanced labels almost always
+names the majority class, and a fixed 0.5 threshold on rare findings almost never fires. The
+operating points turn probabilities into labels the way a reader would want them:
+
+- BI-RADS: ``argmax(log p - tau * log prior)``, the prior being the mean predicted distribution
+  on the validation breasts; ``tau`` (0 = plain argmax) maximises validation macro-F1.
+- Findings: one threshold per finding maximising validation F1 (0.5 where the validation split
+  has no positive).
+
+They are saved as ``operating_points.json`` in the run folder; a run without the file decides
+by plain argmax and 0.5.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.metrics import f1_score
+
+from mammorg.io import MammorgError, write_json_atomic
+from mammorg.labels import BIRADS_CLASSES, FINDINGS
+
+FILENAME = "operating_points.json"
+PRIOR_POWERS = tuple(np.round(np.arange(0.0, 1.51, 0.125), 3).tolist())
+THRESHOLDS = tuple(np.round(np.arange(0.05, 0.951, 0.025), 3).tolist())
+
+
+@dataclass(frozen=True)
+class OperatingPoints:
+    birads_prior_power: float = 0.0
+    birads_log_prior: tuple[float, ...] = field(default=(0.0,) * len(BIRADS_CLASSES))
+    finding_thresholds: tuple[float, ...] = field(default=(0.5,) * len(FINDINGS))
+
+    def birads_labels(self, probs: torch.Tensor) -> torch.Tensor:
+        """Class indices from probabilities ``[..., 9]``."""
+        prior = torch.tensor(self.birads_log_prior, dtype=probs.dtype)
+        return (probs.clamp_min(1e-8).log() - self.birads_prior_power * prior).argmax(-1)
+
+    def finding_positive(self, probs: torch.Tensor) -> torch.Tensor:
+        """Boolean decisions from probabilities ``[..., 7]``."""
+        return probs >= torch.tensor(self.finding_thresholds, dtype=probs.dtype)
+
+    def save(self, run_dir: str | Path) -> None:
+        write_json_atomic(Path(run_dir) / FILENAME, asdict(self))
+
+    @classmethod
+    def load(cls, run_dir: str | Path) -> OperatingPoints:
+        """The run's operating points; argmax and 0.5 when it has none."""
+        path = Path(run_dir) / FILENAME
+        if not path.exists():
+            return cls()
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+            points = cls(float(raw["birads_prior_power"]), tuple(map(float, raw["birads_log_prior"])),
+                         tuple(map(float, raw["finding_thresholds"])))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise MammorgError(f"{path}: not an operating-points file ({exc})") from exc
+        if len(points.birads_log_prior) != len(BIRADS_CLASSES) or \
+                len(points.finding_thresholds) != len(FINDINGS):
+            raise MammorgError(f"{path}: expected {len(BIRADS_CLASSES)} BI-RADS priors and "
+                               f"{len(FINDINGS)} finding thresholds")
+        return points
+
+
+def _macro_f1(labels: np.ndarray, pred: np.ndarray) -> float:
+    return float(f1_score(labels, pred, average="macro", zero_division=0))
+
+
+def fit_birads(probs: np.ndarray, labels: np.ndarray) -> tuple[float, tuple[float, ...]]:
+    """(tau, log prior) maximising macro-F1 on breasts with one exact label; ties keep small tau."""
+    log_prior = np.log(probs.mean(0).clip(1e-8))
+    log_p = np.log(probs.clip(1e-8))
+    scores = [_macro_f1(labels, (log_p - tau * log_prior).argmax(1)) for tau in PRIOR_POWERS]
+    best = int(np.argmax(scores))  # first maximum: the smallest adjustment that reaches it
+    return float(PRIOR_POWERS[best]), tuple(log_prior.tolist())
+
+
+def fit_threshold(probs: np.ndarray, labels: np.ndarray) -> float:
+    """The threshold maximising F1 of one finding (0.5 without a positive label)."""
+    if labels.sum() == 0 or len(labels) == 0:
+        return 0.5
+    pred = probs[None, :] >= np.asarray(THRESHOLDS)[:, None]  # [thresholds, breasts]
+    tp = (pred & (labels[None] == 1)).sum(1)
+    f1 = 2 * tp / (pred.sum(1) + labels.sum())
+    return float(THRESHOLDS[int(np.argmax(f1))])
+
+
+def fit_operating_points(birads_probs: np.ndarray, birads_mask: np.ndarray, finding_probs: np.ndarray,
+                         finding_labels: np.ndarray, finding_mask: np.ndarray) -> OperatingPoints:
+    """Operating points from validation breasts: ``birads_* [N, 9]``, ``finding_* [N, 7]``."""
+    exact = birads_mask.sum(1) == 1
+    tau, prior = (fit_birads(birads_probs[exact], birads_mask[exact].argmax(1)) if exact.any()
+                  else (0.0, (0.0,) * len(BIRADS_CLASSES)))
+    thresholds = tuple(fit_threshold(finding_probs[finding_mask[:, j], j],
+                                     finding_labels[finding_mask[:, j], j])
+                       for j in range(len(FINDINGS)))
+    return OperatingPoints(tau, prior, thresholds)
+
+
+def fit_from_outputs(outputs: list[dict], batches: list[dict]) -> OperatingPoints:
+    """Operating points from the model outputs (logits) and label batches of a validation pass."""
+    bir_p = torch.cat([o["birads"] for o in outputs]).float().softmax(-1).reshape(-1, len(BIRADS_CLASSES))
+    f_p = torch.cat([o["findings"] for o in outputs]).float().sigmoid().reshape(-1, len(FINDINGS))
+    cat = {k: torch.cat([b[k] for b in batches]) for k in ("birads_mask", "findings", "finding_mask")}
+    return fit_operating_points(bir_p.numpy(), cat["birads_mask"].reshape(-1, len(BIRADS_CLASSES)).numpy(),
+                                f_p.numpy(), cat["findings"].reshape(-1, len(FINDINGS)).numpy(),
+                                cat["finding_mask"].reshape(-1, len(FINDINGS)).numpy() > 0)
