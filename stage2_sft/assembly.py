@@ -32,6 +32,9 @@ def check_config(cfg: DictConfig) -> None:
         raise MammorgError(f"knowledge.mode={cfg.knowledge.mode!r}: expected one of {', '.join(MODES)}")
     if cfg.knowledge.source not in SOURCES:
         raise MammorgError(f"knowledge.source={cfg.knowledge.source!r}: expected {' or '.join(SOURCES)}")
+    gold_fraction = cfg.knowledge.get("gold_fraction", 0.0)  # runs saved before the key existed
+    if not 0.0 <= float(gold_fraction) <= 1.0:
+        raise MammorgError(f"knowledge.gold_fraction={gold_fraction}: expected 0..1")
     if not cfg.decoder.name_or_path and not cfg.decoder.from_config:
         raise MammorgError("decoder: set name_or_path (a local model folder) or from_config")
 

@@ -5,6 +5,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file
 from torch.utils.data import Dataset
@@ -57,7 +58,8 @@ class ReportDataset(Dataset):
     """Exams of a manifest joined with stage-1 predictions (knowledge source + feature tokens)."""
 
     def __init__(self, manifest: str | Path, predictions: str | Path, builder: PromptBuilder,
-                 split: str | None = None, source: str = "predicted", with_reports: bool = True):
+                 split: str | None = None, source: str = "predicted", with_reports: bool = True,
+                 gold_fraction: float = 0.0, seed: int = 0):
         rows = [r for r in read_jsonl(manifest) if split is None or r.get("split") == split]
         preds_path = Path(predictions)
         preds = {p["exam_id"]: p for p in read_jsonl(preds_path)}
@@ -69,6 +71,7 @@ class ReportDataset(Dataset):
             rows = [r for r in rows if r.get("report")]
         self.rows, self.preds, self.pred_dir = rows, preds, preds_path.parent
         self.builder, self.source, self.with_reports = builder, source, with_reports
+        self.gold_fraction, self.seed, self.epoch = gold_fraction, seed, 0
         self._report_ids: dict[int, list[int]] = {}
 
     def __len__(self) -> int:
@@ -80,8 +83,17 @@ class ReportDataset(Dataset):
             self._report_ids[i] = self.builder.report_ids(self.rows[i]["report"])
         return self._report_ids[i]
 
-    def knowledge(self, row: dict) -> dict[str, torch.Tensor]:
+    def uses_gold(self, i: int) -> bool:
+        """Knowledge of exam ``i`` from its labels: the oracle source, or a ``gold_fraction`` draw
+        (deterministic per seed, epoch and exam, so a resumed run sees the same draws)."""
         if self.source == "gold":
+            return True
+        return self.gold_fraction > 0 and \
+            np.random.default_rng([self.seed, self.epoch, i]).random() < self.gold_fraction
+
+    def knowledge(self, i: int) -> dict[str, torch.Tensor]:
+        row = self.rows[i]
+        if self.uses_gold(i):
             return state_from_labels(row.get("labels") or {}, row.get("views") or {})
         return state_from_prediction(self.preds[row["exam_id"]])
 
@@ -90,7 +102,7 @@ class ReportDataset(Dataset):
         pred = self.preds[row["exam_id"]]
         feats = load_file(str(_resolve(self.pred_dir, pred["features"])))
         view_mask = feats["view_mask"].bool()
-        state = self.knowledge(row)
+        state = self.knowledge(i)
         prompt = self.builder.prompt_ids(view_mask.tolist(), state)
         report = self.report_ids(i) if self.with_reports else []
         sample = {"exam_id": row["exam_id"], "prompt": prompt, "report": report, "knowledge": state,

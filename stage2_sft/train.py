@@ -79,9 +79,9 @@ def build_generator(cfg: DictConfig, tok, pieces: dict, run_dir: Path, rank: int
 def datasets(cfg: DictConfig, tok) -> tuple[ReportDataset, ReportDataset, PromptBuilder]:
     builder = PromptBuilder(tok, cfg.visual.tokens_per_view, cfg.knowledge.mode, cfg.visual.enabled,
                             cfg.data.max_report_tokens, normalizer_for(cfg))
-    make = lambda split: ReportDataset(cfg.data.manifest, cfg.data.predictions, builder, split,  # noqa: E731
-                                       cfg.knowledge.source)
-    train = make(cfg.data.train_split)
+    make = lambda split, **kw: ReportDataset(cfg.data.manifest, cfg.data.predictions,  # noqa: E731
+                                             builder, split, cfg.knowledge.source, **kw)
+    train = make(cfg.data.train_split, gold_fraction=float(cfg.knowledge.gold_fraction), seed=cfg.seed)
     if len(train) == 0:
         raise MammorgError(f"{cfg.data.manifest}: no exams with reports in split '{cfg.data.train_split}'")
     return train, make(cfg.data.val_split), builder
@@ -216,6 +216,7 @@ def run(cfg: DictConfig) -> dict:
         min(cfg.train.epochs, start + cfg.train.stop_after_epochs)
     for epoch in range(start, stop):
         batches = length_grouped_batches(lengths, cfg.train.batch_size, cfg.seed, epoch, rank, n_ranks)
+        train_ds.epoch = epoch
         loss = train_epoch(backend, train_ds, batches, tok.pad_token_id, device, epoch, rank)
         val = validation_loss(backend, val_ds, tok.pad_token_id, cfg.train.batch_size, device)
         score = val if val is not None else loss

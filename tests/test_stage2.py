@@ -82,12 +82,38 @@ def test_knowledge_modes_train_and_generate(stage1_outputs, tmp_path, mode):
 
 def test_resume_continues_the_same_loss_curve(stage1_outputs, tmp_path):
     root = stage1_outputs
-    run(load_config(TINY, _overrides(root, tmp_path / "a", "train.epochs=3")))
-    run(load_config(TINY, _overrides(root, tmp_path / "b", "train.epochs=3", "train.stop_after_epochs=1")))
-    run(load_config(TINY, _overrides(root, tmp_path / "b", "train.epochs=3")))
+    mixed = "knowledge.gold_fraction=0.5"  # the per-epoch knowledge draws must resume too
+    run(load_config(TINY, _overrides(root, tmp_path / "a", "train.epochs=3", mixed)))
+    run(load_config(TINY, _overrides(root, tmp_path / "b", "train.epochs=3", mixed,
+                                     "train.stop_after_epochs=1")))
+    run(load_config(TINY, _overrides(root, tmp_path / "b", "train.epochs=3", mixed)))
     curve = lambda d: [json.loads(x)["train_loss"] for x in (d / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
     assert curve(tmp_path / "a") == pytest.approx(curve(tmp_path / "b"), rel=1e-5)
     assert len(curve(tmp_path / "a")) == 3
+
+
+def test_gold_fraction_draws_label_knowledge_per_epoch(stage1_outputs):
+    from stage2_sft.knowledge import state_from_labels, state_from_prediction
+
+    root = stage1_outputs
+    make = lambda **kw: ReportDataset(root / "m.jsonl", root / "s1/pred.jsonl", None, **kw)  # noqa: E731
+    ds = make(gold_fraction=0.5, seed=3)
+    draws = []
+    for ds.epoch in range(4):
+        draws.append([ds.uses_gold(i) for i in range(len(ds))])
+    flat = sum(draws, [])
+    assert any(flat) and not all(flat) and draws[0] != draws[1]
+    ds.epoch = 0
+    assert [ds.uses_gold(i) for i in range(len(ds))] == draws[0]  # deterministic: resumable
+    for i, gold in enumerate(draws[0]):
+        row = ds.rows[i]
+        expect = state_from_labels(row["labels"], row["views"]) if gold else \
+            state_from_prediction(ds.preds[row["exam_id"]])
+        assert all(torch.equal(ds.knowledge(i)[k], v) for k, v in expect.items())
+    assert not any(make().uses_gold(i) for i in range(len(ds)))
+    assert all(make(source="gold").uses_gold(i) for i in range(len(ds)))
+    with pytest.raises(Exception, match="gold_fraction=1.5: expected 0..1"):
+        run(load_config(TINY, _overrides(root, root / "never", "knowledge.gold_fraction=1.5")))
 
 
 def test_placeholder_count_mismatch_is_a_clear_error():
