@@ -20,6 +20,7 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llam
 
 from mammorg.io import MammorgError
 from stage2_sft.knowledge import MODES, SOURCES
+from stage2_sft.data import PromptBuilder
 from stage2_sft.model import ReportGenerator, SpecialIds, prompt_tokens
 from terminology.lexicon import load_lexicon
 from terminology.normalize import Normalizer
@@ -122,6 +123,13 @@ def wrap(cfg: DictConfig, decoder: PreTrainedModel, tok: PreTrainedTokenizerBase
          visual_dim: int) -> ReportGenerator:
     return ReportGenerator(decoder, SpecialIds.from_tokenizer(tok), visual_dim,
                            cfg.knowledge.mode, term_weights(cfg, tok))
+
+
+def make_builder(cfg: DictConfig, tok: PreTrainedTokenizerBase) -> PromptBuilder:
+    """The prompt/report tokeniser of a stage-2 config (training, generation and bundles alike)."""
+    return PromptBuilder(tok, cfg.visual.tokens_per_view, cfg.knowledge.mode, cfg.visual.enabled,
+                         cfg.data.max_report_tokens, normalizer_for(cfg),
+                         bool(cfg.knowledge.get("confidence", True)))  # older runs lack the key
 
 
 def normalizer_for(cfg: DictConfig) -> Normalizer | None:

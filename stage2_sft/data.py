@@ -29,6 +29,7 @@ class PromptBuilder:
     visual: bool = True
     max_report_tokens: int = 256
     normalizer: Normalizer | None = None
+    confidence: bool = True  # discrete knowledge with confidence-bucket tokens
 
     def prompt_ids(self, view_mask: list[bool], state: dict | None) -> list[int]:
         tok = self.tokenizer
@@ -37,7 +38,7 @@ class PromptBuilder:
             for marker, present in zip(VIEW_MARKERS, view_mask):
                 pieces += [marker] + ([IMAGE] * self.visual_tokens_per_view if present else [MISSING])
         if self.knowledge_mode in ("discrete", "both"):
-            pieces += discrete_tokens(state)
+            pieces += discrete_tokens(state, self.confidence)
         if self.knowledge_mode in ("soft", "both"):
             pieces += [KNOWLEDGE] * SOFT_SLOTS
         ids = tok.convert_tokens_to_ids(pieces + [REPORT])

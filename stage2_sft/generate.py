@@ -16,8 +16,8 @@ from tqdm import tqdm
 from evaluation.parser import parse_report
 from mammorg.config import load_config
 from mammorg.io import MammorgError, write_jsonl_atomic
-from stage2_sft.assembly import load_generator, normalizer_for
-from stage2_sft.data import PromptBuilder, ReportDataset, collate
+from stage2_sft.assembly import load_generator, make_builder
+from stage2_sft.data import ReportDataset, collate
 from stage2_sft.model import ReportGenerator
 
 
@@ -43,11 +43,6 @@ def generation_kwargs(cfg: DictConfig, tok, num_beams: int | None = None) -> dic
     if gen.no_repeat_ngram_size:
         kwargs["no_repeat_ngram_size"] = gen.no_repeat_ngram_size
     return kwargs
-
-
-def make_builder(cfg: DictConfig, tok) -> PromptBuilder:
-    return PromptBuilder(tok, cfg.visual.tokens_per_view, cfg.knowledge.mode, cfg.visual.enabled,
-                         cfg.data.max_report_tokens, normalizer_for(cfg))
 
 
 @torch.no_grad()

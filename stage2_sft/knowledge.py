@@ -76,26 +76,28 @@ def state_from_labels(labels: dict, views: dict) -> dict[str, torch.Tensor]:
             "birads_label": label, "finding_on": (findings >= 0.5).float()}
 
 
-def discrete_tokens(state: dict[str, torch.Tensor]) -> list[str]:
-    """``<density=c> <conf:high> <L:birads=1> <conf:high> <L:no_finding> <R:birads=4B> ...``."""
+def discrete_tokens(state: dict[str, torch.Tensor], confidence: bool = True) -> list[str]:
+    """``<density=c> <conf:high> <L:birads=1> <conf:high> <L:no_finding> <R:birads=4B> ...``;
+    without ``confidence`` the ``<conf:...>`` tokens are left out."""
+    conf = _confidence if confidence else (lambda p: None)
     out = []
     if state["density"].sum() > 0:
         p, k = state["density"].max(0)
-        out += [f"<density={DENSITIES[int(k)]}>", _confidence(float(p))]
+        out += [f"<density={DENSITIES[int(k)]}>", conf(float(p))]
     for i, side in enumerate("LR"):
         if not state["sides"][i]:
             out.append(f"<{side}:not_imaged>")
             continue
         k = int(state["birads_label"][i])
         if k >= 0:
-            out += [f"<{side}:birads={BIRADS_CLASSES[k]}>", _confidence(float(state["birads"][i, k]))]
+            out += [f"<{side}:birads={BIRADS_CLASSES[k]}>", conf(float(state["birads"][i, k]))]
         found = [(f, float(p)) for f, p, on in zip(FINDINGS, state["findings"][i], state["finding_on"][i])
                  if on]
         for name, p in found:
-            out += [f"<{side}:{name}>", _confidence(p)]
+            out += [f"<{side}:{name}>", conf(p)]
         if not found:
             out.append(f"<{side}:no_finding>")
-    return out
+    return [t for t in out if t is not None]
 
 
 class SoftKnowledge(nn.Module):

@@ -24,7 +24,7 @@ from mammorg.config import load_config, save_config
 from mammorg.io import MammorgError, atomic_path, read_jsonl
 from mammorg.optim import cosine_with_warmup
 from stage2_sft.assembly import (apply_lora, build_decoder, build_tokenizer, check_config,
-                                 compile_decoder, normalizer_for, wrap)
+                                 compile_decoder, make_builder, wrap)
 from stage2_sft.data import PromptBuilder, ReportDataset, collate, length_grouped_batches
 from mammorg.distributed import (DeepSpeedBackend, TorchBackend, barrier, fill_deepspeed_config,
                                init_distributed, world)
@@ -77,8 +77,7 @@ def build_generator(cfg: DictConfig, tok, pieces: dict, run_dir: Path, rank: int
 
 
 def datasets(cfg: DictConfig, tok) -> tuple[ReportDataset, ReportDataset, PromptBuilder]:
-    builder = PromptBuilder(tok, cfg.visual.tokens_per_view, cfg.knowledge.mode, cfg.visual.enabled,
-                            cfg.data.max_report_tokens, normalizer_for(cfg))
+    builder = make_builder(cfg, tok)
     make = lambda split, **kw: ReportDataset(cfg.data.manifest, cfg.data.predictions,  # noqa: E731
                                              builder, split, cfg.knowledge.source, **kw)
     train = make(cfg.data.train_split, gold_fraction=float(cfg.knowledge.gold_fraction), seed=cfg.seed)

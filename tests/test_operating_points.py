@@ -96,6 +96,8 @@ def test_prediction_labels_and_discrete_knowledge_follow_the_operating_points():
     assert "<R:birads=4B>" in tokens and "<R:mass>" in tokens and "<L:no_finding>" in tokens
     assert tokens[tokens.index("<R:birads=4B>") + 1] == "<conf:low>"
     assert "<R:birads=1>" in discrete_tokens(state_from_prediction(plain))
+    bare = discrete_tokens(state_from_prediction(tuned), confidence=False)
+    assert bare == [t for t in tokens if not t.startswith("<conf:")]
 
 
 def test_gold_state_decides_by_label():
