@@ -151,7 +151,7 @@ def parsed_references(out: Path) -> dict[str, dict]:
 
 
 def stage1_as_report_metrics(refs: dict[str, dict], predictions: Path) -> dict:
-    """Stage-1 labels (at its operating points) scored like generated reports (same references, same metrics)."""
+    """Stage-1 labels (operating points) scored like generated reports (same references, metrics)."""
     from evaluation.clinical import point_metrics
 
     preds = {r["exam_id"]: {**r["pred"], "findings": {**r["pred"]["findings"], "U": {}}}

@@ -1,10 +1,10 @@
 """Recipe: ``mammorg stage1 predict --run RUN --manifest CACHE_MANIFEST --out PRED.jsonl``.
 
-Per exam: probabilities of every head, labels at the run's operating points, and (with ``--features DIR``) the per-view
-visual feature tokens ``[4, N, D]`` saved as safetensors for stage 2. With ``--oof K`` the exams
-of the training split are predicted by K fold models that never saw them (out-of-fold), so stage 2
-can train on predictions that do not leak the training labels; the visual features still come
-from the run's own model, the one used at inference.
+Per exam: probabilities of every head, labels at the run's operating points, and (with
+``--features DIR``) the per-view visual feature tokens ``[4, N, D]`` saved as safetensors for
+stage 2. With ``--oof K`` the exams of the training split are predicted by K fold models that
+never saw them (out-of-fold), so stage 2 can train on predictions that do not leak the training
+labels; the visual features still come from the run's own model, the one used at inference.
 """
 from __future__ import annotations
 
