@@ -7,7 +7,7 @@ operating points turn probabilities into labels the way a reader would want them
 - BI-RADS: ``argmax(log p - tau * log prior)``, the prior being the mean predicted distribution
   on the validation breasts; ``tau`` (0 = plain argmax) maximises validation macro-F1.
 - Findings: one threshold per finding maximising validation F1 (0.5 where the validation split
-  has no positive).
+  has no positive, or where no threshold clearly beats calling every breast positive).
 
 They are saved as ``operating_points.json`` in the run folder; a run without the file decides
 by plain argmax and 0.5.
@@ -80,13 +80,18 @@ def fit_birads(probs: np.ndarray, labels: np.ndarray) -> tuple[float, tuple[floa
     return float(PRIOR_POWERS[best]), tuple(log_prior.tolist())
 
 
-def fit_threshold(probs: np.ndarray, labels: np.ndarray) -> float:
-    """The threshold maximising F1 of one finding (0.5 without a positive label)."""
+def fit_threshold(probs: np.ndarray, labels: np.ndarray, min_gain: float = 0.05) -> float:
+    """The threshold maximising F1 of one finding; 0.5 without a positive label, or when the best
+    F1 beats calling every breast positive by less than ``min_gain`` (a finding the model cannot
+    tell apart would otherwise be "found" everywhere)."""
     if labels.sum() == 0 or len(labels) == 0:
         return 0.5
     pred = probs[None, :] >= np.asarray(THRESHOLDS)[:, None]  # [thresholds, breasts]
     tp = (pred & (labels[None] == 1)).sum(1)
     f1 = 2 * tp / (pred.sum(1) + labels.sum())
+    all_positive = 2 * labels.sum() / (len(labels) + labels.sum())
+    if f1.max() < all_positive + min_gain:
+        return 0.5
     return float(THRESHOLDS[int(np.argmax(f1))])
 
 

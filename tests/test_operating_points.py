@@ -45,6 +45,9 @@ def test_threshold_separates_rare_positives_and_defaults_without_any():
     labels = np.array([0, 0, 0, 0, 1, 1])
     assert 0.12 < fit_threshold(probs, labels) <= 0.3
     assert fit_threshold(probs, np.zeros(6)) == 0.5
+    rng = np.random.default_rng(0)  # no skill: F1 would peak by calling every breast positive
+    noise, labels = rng.random(300) * 0.2, (rng.random(300) < 0.4).astype(int)
+    assert fit_threshold(noise, labels) == 0.5
 
 
 def test_fit_ignores_unlabelled_breasts_and_ambiguous_birads():
