@@ -31,6 +31,7 @@ from stage1_classification.data import ExamDataset, birads_class_weights, collat
 from stage1_classification.inference import predict_dataset
 from stage1_classification.metrics import stage1_metrics
 from stage1_classification.model import create_model, stage1_loss
+from stage1_classification.operating_points import FILENAME as OPERATING_POINTS_FILE
 from stage1_classification.operating_points import OperatingPoints, fit_from_outputs
 from stage1_classification.plots import confusion_pngs, learning_curve_png
 
@@ -214,20 +215,23 @@ def run(cfg: DictConfig, plots: bool = True) -> dict:
         _save(backend, run_dir, epoch, best, is_best, rank)
         _barrier(world)
     if rank == 0:
-        points = fit_best_operating_points(backend.module, val_ds, cfg, device, run_dir)
+        best_weights = run_dir / "checkpoints" / "best" / "model.safetensors"
+        if best_weights.exists():
+            load_weights(backend.module, best_weights)
+        saved = (run_dir / OPERATING_POINTS_FILE).exists() and start >= stop  # nothing trained now
+        points = OperatingPoints.load(run_dir) if saved or not best_weights.exists() else \
+            fit_operating_points(backend.module, val_ds, cfg, device, run_dir)
         if plots and log.exists():
             write_plots(backend.module, val_ds, run_dir, log, points)
     _barrier(world)
     return {"run_dir": str(run_dir), "best_score": best}
 
 
-def fit_best_operating_points(model, val_ds: ExamDataset, cfg: DictConfig, device,
-                              run_dir: Path) -> OperatingPoints:
-    """Loads the best checkpoint into ``model`` and saves its validation operating points."""
-    best = run_dir / "checkpoints" / "best" / "model.safetensors"
-    if not len(val_ds) or not best.exists():
+def fit_operating_points(model, val_ds: ExamDataset, cfg: DictConfig, device,
+                         run_dir: Path) -> OperatingPoints:
+    """The validation operating points of ``model`` (the best checkpoint), saved in the run."""
+    if not len(val_ds):
         return OperatingPoints()
-    load_weights(model, best)
     points = fit_from_outputs(*validation_pass(model, val_ds, cfg, device))
     points.save(run_dir)
     print(f"operating points: BI-RADS prior power {points.birads_prior_power}, finding thresholds "
