@@ -7,11 +7,10 @@ import subprocess
 import sys
 
 import numpy as np
-import pydicom
 import pytest
 
 from mammorg.data.audit import audit_manifest
-from mammorg.data.ingest import ingest, problems_path
+from mammorg.data.ingest import ingest
 from mammorg.io import MammorgError, read_jsonl
 from mammorg.preprocess import PreprocessSpec, load_cached, preprocess_manifest
 

@@ -2,10 +2,7 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,39 +11,15 @@ from safetensors.torch import load_file
 
 from mammorg.cli import main as cli
 from mammorg.config import load_config
-from mammorg.data.ingest import ingest
 from mammorg.io import read_jsonl
-from mammorg.preprocess import PreprocessSpec, preprocess_manifest
 from stage2_sft.generate import generate_reports, generation_kwargs, load_run, make_builder
 from stage2_sft.data import ReportDataset
 from stage2_sft.model import PlaceholderMismatch, fill_placeholders
 from stage2_sft.train import run
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = str(ROOT / "configs/stage2/tiny.yaml")
-
-
-@pytest.fixture(scope="module")
-def stage1_outputs(synth_dir, tmp_path_factory):
-    root = tmp_path_factory.mktemp("s2")
-    ingest("vindr", synth_dir, root / "m.jsonl")
-    rows = read_jsonl(root / "m.jsonl")
-    rows[0]["views"]["R_MLO"], rows[3]["views"]["L_CC"] = None, None  # exams with 3 views
-    (root / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    preprocess_manifest(root / "m.jsonl", root / "cache", PreprocessSpec(64, 32), workers=1,
-                        progress=False)
-    assert cli(["stage1", "train", "--config", str(ROOT / "configs/stage1/tiny.yaml"),
-                f"data.cache_manifest={root / 'cache/manifest.jsonl'}", f"run_dir={root / 's1'}",
-                "train.epochs=1"]) == 0
-    assert cli(["stage1", "predict", "--run", str(root / "s1"), "--manifest",
-                str(root / "cache/manifest.jsonl"), "--out", str(root / "s1/pred.jsonl")]) == 0
-    return root
-
-
-def _overrides(root: Path, run_dir: Path, *extra: str) -> list[str]:
-    # every exam is trained on so that 8 synthetic exams give a few batches
-    return [f"data.manifest={root / 'm.jsonl'}", f"data.predictions={root / 's1/pred.jsonl'}",
-            f"run_dir={run_dir}", "data.train_split=train", "train.batch_size=2", *extra]
+from conftest import ROOT, assert_complete_lora_run, launch_stage2
+from conftest import TINY_STAGE2 as TINY
+from conftest import stage2_overrides as _overrides
 
 
 def _all_train(root: Path) -> None:
@@ -125,22 +98,9 @@ def test_placeholder_count_mismatch_is_a_clear_error():
         fill_placeholders(embeds, ids, 7, torch.ones(2, 4), "visual tokens")
 
 
-def _local_decoder(root: Path) -> Path:
-    """A small 'pretrained' local model folder (the pretrain recipe) for name_or_path + LoRA."""
-    folder = root / "local_llama"
-    if not (folder / "config.json").exists():
-        assert cli(["stage2", "pretrain", "--config", str(ROOT / "configs/stage2/pretrain.yaml"),
-                    f"data.manifest={root / 'm.jsonl'}", "data.split=null", f"out_dir={folder}",
-                    "train.epochs=2", "model.hidden_size=64", "model.intermediate_size=128",
-                    "model.num_hidden_layers=2", "vocab_size=400"]) == 0
-        log = json.loads((folder / "pretrain_log.json").read_text())
-        assert log["epoch_losses"][1] < log["epoch_losses"][0]
-    return folder
-
-
-def test_lora_on_local_pretrained_decoder(stage1_outputs, tmp_path):
+def test_lora_on_local_pretrained_decoder(stage1_outputs, local_decoder, tmp_path):
     root = stage1_outputs
-    local = _local_decoder(root)
+    local = local_decoder
     cfg = load_config(str(ROOT / "configs/stage2/lora.yaml"),
                       _overrides(root, tmp_path / "lora", f"decoder.name_or_path={local}", "train.epochs=1"))
     run(cfg)
@@ -160,29 +120,13 @@ def test_lora_on_local_pretrained_decoder(stage1_outputs, tmp_path):
         assert load_bundle(out).generator is not None
 
 
-def _deepspeed_run(root: Path, run_dir: Path, zero: int) -> subprocess.CompletedProcess:
-    local = _local_decoder(root)
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(29500 + zero), "-m", "mammorg.cli", "stage2", "train", "--config", TINY,
-           *_overrides(root, run_dir, f"decoder.name_or_path={local}", "lora.enabled=true",
-                       "train.epochs=1", f"deepspeed.config={ROOT / f'configs/deepspeed/zero{zero}.json'}")]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("zero", [2, 3])
-def test_deepspeed_two_ranks_saves_complete_lora_adapters(stage1_outputs, tmp_path, zero):
-    proc = _deepspeed_run(stage1_outputs, tmp_path / f"z{zero}", zero)
+def test_deepspeed_two_ranks_saves_complete_lora_adapters(stage1_outputs, local_decoder, tmp_path, zero):
+    run_dir = tmp_path / f"z{zero}"
+    proc = launch_stage2(stage1_outputs, run_dir, local_decoder, zero, nproc=2, cpu=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    best = tmp_path / f"z{zero}" / "checkpoints" / "best"
-    adapter = load_file(str(best / "decoder" / "adapter_model.safetensors"))
-    assert adapter and all(v.numel() > 0 for v in adapter.values())
-    assert any("lora_B" in k and v.abs().sum() > 0 for k, v in adapter.items())
-    extras = load_file(str(best / "extras.safetensors"))
-    assert all(v.numel() > 0 for v in extras.values())
-    _, model, _ = load_run(tmp_path / f"z{zero}")  # reloads with transformers + peft alone
-    assert sum(p.numel() for p in model.parameters()) > 0
+    assert_complete_lora_run(run_dir)
 
 
 def test_report_only_logits_give_the_full_lm_loss():
