@@ -1,15 +1,16 @@
 """Stage-2 throughput: the generator (visual + knowledge tokens) vs. a bare transformers(+peft) loop.
 
 Usage: python benchmarks/stage2_throughput.py [--shape llama-3.2-1b|tiny] [--batch 8] [--seq 1024]
-                                             [--compile | --no-compile]
-Defaults: a Llama-3.2-1B-shaped decoder (random init, bf16, sdpa) on a GPU; the tiny default
-(configs/stage2/tiny.yaml) in fp32 on CPU. Both loops see the same token batches; the recipe's
-carry four views of visual tokens filled through the projector with masked_scatter. Reports
-training tokens/s for full fine-tuning and LoRA, their ratio to the bare loop, model FLOP
-utilisation on a GPU (6 x params x tokens), and generation reports/s. The recipe's model computes
-logits only at report positions and, with --compile (the default on a GPU, as train.compile=true),
-compiles each decoder block; the bare loops stay plain eager transformers(+peft). Prints one JSON
-object.
+                                             [--gen-batch 32] [--compile | --no-compile]
+Defaults: a Llama-3.2-1B-shaped decoder (random init, bf16 weights, sdpa) on a GPU; the tiny
+default (configs/stage2/tiny.yaml) in fp32 on CPU. Both loops see the same token batches; the
+recipe's carry four views of visual tokens filled through the projector with masked_scatter.
+Reports training tokens/s for full fine-tuning and LoRA (rank 16 on all seven projections), their
+ratio to the bare loop, model FLOP utilisation on a GPU (6 x params x tokens), and generation
+reports/s. The recipe's model computes logits only at report positions and, with --compile (the
+default on a GPU, as train.compile=true), compiles each decoder block and the report loss; its
+LoRA runs as ``apply_lora`` sets it up (under autocast on a GPU). The bare loops stay plain eager
+transformers(+peft with its defaults), without autocast. Prints one JSON object.
 """
 from __future__ import annotations
 
@@ -24,10 +25,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from omegaconf import OmegaConf  # noqa: E402
 from peft import LoraConfig, get_peft_model  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from stage2_sft.assembly import compile_decoder  # noqa: E402
+from stage2_sft.assembly import apply_lora, compile_generator  # noqa: E402
 from stage2_sft.model import ReportGenerator, SpecialIds  # noqa: E402
 
 SHAPES = {
@@ -41,6 +43,8 @@ SHAPES = {
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 VISUAL_DIM, TOKENS_PER_VIEW = 128, 8
 IMAGE_ID, KNOWLEDGE_ID, REPORT_ID = 3, 4, 5
+LORA = dict(rank=16, alpha=32, dropout=0.0, modules_to_save=None,
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
 
 
 def _sync(device):
@@ -49,13 +53,20 @@ def _sync(device):
 
 
 def decoder(shape: str, device, dtype, lora: bool):
+    """The bare model: transformers (+ peft with its defaults: fp32 adapters, fp32 input casts)."""
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**SHAPES[shape], attn_implementation="sdpa")).to(device, dtype)
     if lora:
-        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, task_type="CAUSAL_LM",
-                                                 target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
-                                                                 "gate_proj", "up_proj", "down_proj"]))
+        model = get_peft_model(model, LoraConfig(r=LORA["rank"], lora_alpha=LORA["alpha"],
+                                                 task_type="CAUSAL_LM", target_modules=LORA["target_modules"]))
     return model
+
+
+def recipe_decoder(shape: str, device, dtype, lora: bool):
+    """The recipe's model: the same weights; LoRA through ``apply_lora`` (fp32 adapters whose
+    matmuls run under autocast, without PEFT's fp32 input casts)."""
+    model = decoder(shape, device, dtype, False)
+    return apply_lora(model, OmegaConf.create(LORA)) if lora else model
 
 
 def batches(n: int, batch: int, seq: int, vocab: int, device):
@@ -109,26 +120,35 @@ def bare_rate(shape, lora, data, device, dtype, amp, warmup) -> tuple[float, int
 
 
 def measure(shape, lora, data, device, dtype, amp, warmup, compiled: bool):
-    bare_tps, n_params = bare_rate(shape, lora, data, device, dtype, amp, warmup)
+    bare_tps, n_params = bare_rate(shape, lora, data, device, dtype, False, warmup)
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    gen = ReportGenerator(decoder(shape, device, dtype, lora), SpecialIds(IMAGE_ID, KNOWLEDGE_ID, REPORT_ID),
-                          VISUAL_DIM, "discrete").to(device)
-    gen.projector.to(dtype)
+    gen = generator(recipe_decoder(shape, device, dtype, lora), device, dtype)
     if compiled:
-        compile_decoder(gen.decoder)
+        compile_generator(gen)
     ours = timed(train_step_fn(gen, lambda b: gen(b["input_ids"], b["attention_mask"], b["labels"],
                                                   b["visual"]), amp, device), data, warmup, device)
-    return ours, bare_tps, n_params, gen
+    return ours, bare_tps, n_params
 
 
-def generation_rate(gen, batch: int, device) -> float:
+def generator(model, device, dtype) -> ReportGenerator:
+    gen = ReportGenerator(model, SpecialIds(IMAGE_ID, KNOWLEDGE_ID, REPORT_ID), VISUAL_DIM, "discrete")
+    gen.to(device)
+    gen.projector.to(dtype)
+    return gen
+
+
+def generation_rate(shape: str, batch: int, device, dtype) -> float:
+    """Reports/s of 128-token greedy reports after four views' visual tokens (a fresh, uncompiled
+    generator, as ``mammorg stage2 generate`` loads it; static KV cache on a GPU, as its default)."""
+    gen = generator(decoder(shape, device, dtype, False), device, dtype).eval()
     ids = torch.full((batch, 2 + 4 * TOKENS_PER_VIEW), IMAGE_ID, device=device)
     ids[:, 0], ids[:, -1] = 1, REPORT_ID
     visual = torch.randn(batch * 4, TOKENS_PER_VIEW, VISUAL_DIM, device=device)
     mask = torch.ones_like(ids)
-    gen.eval()
     kwargs = dict(max_new_tokens=128, min_new_tokens=128, do_sample=False, pad_token_id=0)
+    if device.type == "cuda":
+        kwargs["cache_implementation"] = "static"
     gen.generate(ids, mask, visual, None, **kwargs)  # warm-up (and compilation, if any)
     _sync(device)
     t0 = time.perf_counter()
@@ -144,6 +164,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8 if gpu else 4)
     ap.add_argument("--seq", type=int, default=1024 if gpu else 256)
     ap.add_argument("--steps", type=int, default=12 if gpu else 8)
+    ap.add_argument("--gen-batch", type=int, default=32 if gpu else 4)
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=gpu,
                     help="torch.compile the recipe's decoder blocks (default: on a GPU)")
     args = ap.parse_args()
@@ -155,18 +176,19 @@ def main() -> None:
            "precision": "bf16" if gpu else "fp32", "visual_tokens": 4 * TOKENS_PER_VIEW,
            "compile": args.compile}
     peak = next((v for k, v in PEAK_BF16.items() if gpu and k in out["device"]), None)
-    for mode in ("full", "lora"):
-        ours, bare, n_params, gen = measure(args.shape, mode == "lora", data, device, dtype, False,
-                                            3 if args.compile else 2, args.compile)
+    for mode in ("full", "lora"):  # the recipe runs LoRA under CUDA autocast (bf16 adapter matmuls)
+        ours, bare, n_params = measure(args.shape, mode == "lora", data, device, dtype,
+                                       gpu and mode == "lora", 3 if args.compile else 2, args.compile)
         out[f"{mode}_tokens_s"] = round(ours, 1)
         out[f"{mode}_bare_tokens_s"] = round(bare, 1)
         out[f"{mode}_ratio"] = round(ours / bare, 3)
         if peak and mode == "full":
             out["full_mfu"] = round(6 * n_params * ours / peak, 3)
             out["full_bare_mfu"] = round(6 * n_params * bare / peak, 3)
-        if mode == "lora":
-            out["generate_reports_s"] = round(generation_rate(gen, args.batch, device), 2)
-        del gen
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    out["generate_batch"] = args.gen_batch
+    out["generate_reports_s"] = round(generation_rate(args.shape, args.gen_batch, device, dtype), 2)
     print(json.dumps(out))
 
 

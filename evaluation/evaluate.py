@@ -11,7 +11,8 @@ from evaluation.clinical import bootstrap_ci, paired_bootstrap, per_exam_scores,
 from evaluation.hallucination import hallucination_summary
 from evaluation.nlg import nlg_metrics
 from evaluation.parser import parse_report
-from mammorg.io import (MammorgError, read_jsonl, save_figure_atomic, write_json_atomic,
+from evaluation.plots import confusion_png
+from mammorg.io import (MammorgError, read_jsonl, write_json_atomic,
                         write_text_atomic)
 from mammorg.labels import BIRADS_VALUES, DENSITIES
 
@@ -58,33 +59,6 @@ def compute_metrics(pred_texts: list[str], ref_texts: list[str], bootstrap: int 
     metrics["n"] = len(preds)
     metrics["empty_predictions"] = sum(1 for t in pred_texts if not t.strip())
     return metrics, preds, refs
-
-
-def confusion_png(ref: list, pred: list, classes: list, title: str, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    labels = classes + ["none"]
-    index = {c: i for i, c in enumerate(labels)}
-    mat = np.zeros((len(labels), len(labels)), dtype=int)
-    for r, p in zip(ref, pred):
-        mat[index.get(r or "none", -1), index.get(p or "none", -1)] += 1
-    keep = [i for i in range(len(labels)) if mat[i].sum() or mat[:, i].sum()]
-    mat = mat[np.ix_(keep, keep)]
-    fig, ax = plt.subplots(figsize=(4.5, 4))
-    ax.imshow(mat, cmap="Blues")
-    ticks = [labels[i] for i in keep]
-    ax.set_xticks(range(len(keep)), ticks, rotation=45)
-    ax.set_yticks(range(len(keep)), ticks)
-    for (i, j), v in np.ndenumerate(mat):
-        ax.text(j, i, str(v), ha="center", va="center", fontsize=8)
-    ax.set_xlabel("generated")
-    ax.set_ylabel("reference")
-    ax.set_title(title)
-    fig.tight_layout()
-    save_figure_atomic(fig, path)
 
 
 def _fmt(v) -> str:

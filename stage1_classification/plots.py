@@ -9,7 +9,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from evaluation.evaluate import confusion_png  # noqa: E402
+from evaluation.plots import confusion_png  # noqa: E402
 from mammorg.io import save_figure_atomic  # noqa: E402
 from mammorg.labels import BIRADS_CLASSES, DENSITIES  # noqa: E402
 

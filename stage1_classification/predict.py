@@ -21,22 +21,25 @@ from stage1_classification.operating_points import OperatingPoints
 from stage1_classification.train import run as train_run
 
 
+def predict_fold(cfg: DictConfig, run_dir: Path, manifest: str, folds: int, fold: int) -> list[dict]:
+    """Train (or resume) fold ``fold`` of ``folds`` under ``RUN/oof/`` and predict its held-out
+    training exams at the fold's own operating points. Folds are independent (parallelisable)."""
+    fold_dir = run_dir / "oof" / f"fold{fold}"
+    fold_cfg = cfg.copy()
+    fold_cfg.run_dir, fold_cfg.data.folds, fold_cfg.data.fold = str(fold_dir), folds, fold
+    fold_cfg.train.resume, fold_cfg.train.stop_after_epochs = True, None
+    print(f"[oof] fold {fold + 1}/{folds}: {fold_dir}")
+    train_run(fold_cfg, plots=False)
+    _, model = load_run(fold_dir)
+    held_out = ExamDataset(manifest, cfg.data.train_split, folds=folds, fold=fold, holdout=True)
+    return [{**rec, "source": f"oof-fold{fold}"} for rec in
+            predict_dataset(model, held_out, progress=False, points=OperatingPoints.load(fold_dir))]
+
+
 def _fold_predictions(cfg: DictConfig, run_dir: Path, manifest: str, folds: int) -> dict[str, dict]:
     """Out-of-fold records for the training split: fold i's model never saw fold i's exams."""
-    records: dict[str, dict] = {}
-    for fold in range(folds):
-        fold_dir = run_dir / "oof" / f"fold{fold}"
-        fold_cfg = cfg.copy()
-        fold_cfg.run_dir, fold_cfg.data.folds, fold_cfg.data.fold = str(fold_dir), folds, fold
-        fold_cfg.train.resume, fold_cfg.train.stop_after_epochs = True, None
-        print(f"[oof] fold {fold + 1}/{folds}: {fold_dir}")
-        train_run(fold_cfg, plots=False)
-        _, model = load_run(fold_dir)
-        held_out = ExamDataset(manifest, cfg.data.train_split, folds=folds, fold=fold, holdout=True)
-        for rec in predict_dataset(model, held_out, progress=False,
-                                   points=OperatingPoints.load(fold_dir)):
-            records[rec["exam_id"]] = {**rec, "source": f"oof-fold{fold}"}
-    return records
+    return {rec["exam_id"]: rec for fold in range(folds)
+            for rec in predict_fold(cfg, run_dir, manifest, folds, fold)}
 
 
 def predict(run_dir: str | Path, manifest: str | Path, out: str | Path,

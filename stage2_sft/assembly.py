@@ -28,6 +28,9 @@ from terminology.tokenizer import (extend_tokenizer, init_term_embeddings, term_
                                    term_token_ids, train_bpe_tokenizer)
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
 def check_config(cfg: DictConfig) -> None:
     if cfg.knowledge.mode not in MODES:
         raise MammorgError(f"knowledge.mode={cfg.knowledge.mode!r}: expected one of {', '.join(MODES)}")
@@ -38,6 +41,11 @@ def check_config(cfg: DictConfig) -> None:
         raise MammorgError(f"knowledge.gold_fraction={gold_fraction}: expected 0..1")
     if not cfg.decoder.name_or_path and not cfg.decoder.from_config:
         raise MammorgError("decoder: set name_or_path (a local model folder) or from_config")
+    dtype = cfg.decoder.get("dtype", "float32")
+    if dtype not in DTYPES:
+        raise MammorgError(f"decoder.dtype={dtype!r}: expected {' or '.join(DTYPES)}")
+    if dtype == "bfloat16" and not torch.cuda.is_available():
+        raise MammorgError("decoder.dtype=bfloat16 trains under CUDA autocast: it needs a GPU")
 
 
 def _lexicon(cfg: DictConfig):
@@ -74,10 +82,12 @@ def build_tokenizer(cfg: DictConfig, train_texts: list[str], out_dir: Path
 
 def build_decoder(cfg: DictConfig, tok: PreTrainedTokenizerBase,
                   pieces: dict[str, list[int]]) -> PreTrainedModel:
-    """A local pretrained causal LM (embeddings resized for new tokens) or a fresh Llama."""
+    """A local pretrained causal LM (embeddings resized for new tokens) or a fresh Llama, in
+    ``decoder.dtype`` (float32, or bfloat16 on a GPU)."""
+    dtype = DTYPES[cfg.decoder.get("dtype", "float32")]
     if cfg.decoder.name_or_path:
         model = AutoModelForCausalLM.from_pretrained(_local_pretrained(cfg.decoder.name_or_path),
-                                                     local_files_only=True, dtype=torch.float32,
+                                                     local_files_only=True, dtype=dtype,
                                                      attn_implementation=cfg.decoder.attn_implementation)
         init_term_embeddings(model, tok, pieces)  # also resizes for the special tokens
         return model
@@ -85,15 +95,22 @@ def build_decoder(cfg: DictConfig, tok: PreTrainedTokenizerBase,
     config = LlamaConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id,
                          eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **arch)
     config._attn_implementation = cfg.decoder.attn_implementation
-    return LlamaForCausalLM(config)
+    return LlamaForCausalLM(config).to(dtype)
 
 
 def apply_lora(decoder: PreTrainedModel, lora: DictConfig) -> PeftModel:
+    """LoRA adapters with fp32 weights on any base dtype. PEFT's cast of each adapter's input to
+    fp32 is switched off: under CUDA autocast the adapter matmuls run in bf16 like the base's
+    (no fp32 copies of the activations), and an fp32 base needs no cast."""
     config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                         target_modules=list(lora.target_modules),
                         modules_to_save=list(lora.modules_to_save) if lora.modules_to_save else None,
                         task_type="CAUSAL_LM")
-    return get_peft_model(decoder, config)
+    model = get_peft_model(decoder, config)
+    for module in model.modules():
+        if hasattr(module, "cast_input_dtype_enabled"):
+            module.cast_input_dtype_enabled = False
+    return model
 
 
 def compile_decoder(decoder: PreTrainedModel) -> int:
@@ -110,6 +127,12 @@ def compile_decoder(decoder: PreTrainedModel) -> int:
     for layer in layers:
         layer.compile()
     return len(layers)
+
+
+def compile_generator(model: ReportGenerator) -> int:
+    """Compile the decoder blocks and the report loss; returns the number of compiled modules."""
+    model.compile_loss()
+    return compile_decoder(model.decoder)
 
 
 def term_weights(cfg: DictConfig, tok: PreTrainedTokenizerBase) -> torch.Tensor | None:

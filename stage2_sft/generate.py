@@ -35,14 +35,26 @@ def load_run(run_dir: str | Path, which: str = "best"):
     raise MammorgError(f"{run_dir}: no checkpoint (train first)")
 
 
-def generation_kwargs(cfg: DictConfig, tok, num_beams: int | None = None) -> dict:
+def generation_kwargs(cfg: DictConfig, tok, num_beams: int | None = None,
+                      device: torch.device | None = None) -> dict:
+    """``generate`` arguments of a config. ``generate.cache``: ``static`` preallocates the KV cache
+    so that transformers compiles the decoding step; ``auto`` picks it on a GPU."""
     gen = cfg.generate
     kwargs = {"max_new_tokens": gen.max_new_tokens, "num_beams": num_beams or gen.num_beams,
               "do_sample": False, "repetition_penalty": gen.repetition_penalty,
               "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
     if gen.no_repeat_ngram_size:
         kwargs["no_repeat_ngram_size"] = gen.no_repeat_ngram_size
+    cache = gen.get("cache", "auto")
+    if cache not in ("auto", "static", "dynamic"):
+        raise MammorgError(f"generate.cache={cache!r}: expected auto, static or dynamic")
+    if cache == "static" or (cache == "auto" and device is not None and device.type == "cuda"):
+        kwargs["cache_implementation"] = "static"
     return kwargs
+
+
+def inference_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 @torch.no_grad()
@@ -66,6 +78,8 @@ def generate_reports(model: ReportGenerator, tok, ds: ReportDataset, kwargs: dic
 
 def main(args: argparse.Namespace) -> None:
     cfg, model, tok = load_run(args.run)
+    device = inference_device()
+    model.to(device)
     predictions = args.predictions or cfg.data.predictions
     ds = ReportDataset(args.manifest, predictions, make_builder(cfg, tok), args.split,
                        cfg.knowledge.source, with_reports=False)
@@ -73,6 +87,6 @@ def main(args: argparse.Namespace) -> None:
         raise MammorgError(f"{args.manifest}: no exams to report" + (f" in split '{args.split}'"
                                                                       if args.split else ""))
     bs = args.batch_size or cfg.generate.batch_size
-    rows = generate_reports(model, tok, ds, generation_kwargs(cfg, tok, args.num_beams), bs)
+    rows = generate_reports(model, tok, ds, generation_kwargs(cfg, tok, args.num_beams, device), bs)
     write_jsonl_atomic(args.out, rows)
     print(json.dumps({"generated": len(rows), "out": str(args.out)}))

@@ -68,6 +68,14 @@ def fill_placeholders(embeds: torch.Tensor, input_ids: torch.Tensor, token_id: i
     return embeds.masked_scatter(mask.unsqueeze(-1), features.to(embeds.dtype))
 
 
+def report_cross_entropy(logits: torch.Tensor, targets: torch.Tensor,
+                         weight: torch.Tensor | None) -> torch.Tensor:
+    """Mean (optionally class-weighted) CE in fp32 over non-ignored targets; compiled, the fp32
+    upcast fuses into the softmax instead of materialising a float copy of the logits."""
+    return nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                       weight=weight, ignore_index=IGNORE_INDEX)
+
+
 class ReportGenerator(nn.Module):
     """Decoder + projector + soft knowledge; ``forward`` gives the LM loss on report tokens."""
 
@@ -81,6 +89,11 @@ class ReportGenerator(nn.Module):
         self.register_buffer("term_weights", term_weights, persistent=False)
         base = decoder.get_base_model() if hasattr(decoder, "get_base_model") else decoder
         self._keeps_logits = "logits_to_keep" in inspect.signature(type(base).forward).parameters
+        self.loss_fn = report_cross_entropy
+
+    def compile_loss(self) -> None:
+        """``torch.compile`` the report loss (dynamic: the number of report positions varies)."""
+        self.loss_fn = torch.compile(report_cross_entropy, dynamic=True)
 
     def embed(self, input_ids: torch.Tensor, visual: torch.Tensor | None = None,
               knowledge: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
@@ -114,9 +127,7 @@ class ReportGenerator(nn.Module):
                               **keep).logits
         if not keep:
             logits = logits[:, positions]
-        return nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
-                                           targets[:, positions].reshape(-1),
-                                           weight=self.term_weights, ignore_index=IGNORE_INDEX)
+        return self.loss_fn(logits, targets[:, positions], self.term_weights)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,

@@ -24,7 +24,7 @@ from mammorg.config import load_config, save_config
 from mammorg.io import MammorgError, atomic_path, read_jsonl
 from mammorg.optim import cosine_with_warmup
 from stage2_sft.assembly import (apply_lora, build_decoder, build_tokenizer, check_config,
-                                 compile_decoder, make_builder, wrap)
+                                 compile_generator, make_builder, wrap)
 from stage2_sft.data import PromptBuilder, ReportDataset, collate, length_grouped_batches
 from mammorg.distributed import (DeepSpeedBackend, TorchBackend, barrier, fill_deepspeed_config,
                                init_distributed, world)
@@ -71,9 +71,10 @@ def build_generator(cfg: DictConfig, tok, pieces: dict, run_dir: Path, rank: int
         decoder = apply_lora(decoder, cfg.lora)
     if cfg.decoder.gradient_checkpointing:
         decoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = wrap(cfg, decoder, tok, cfg.visual.dim)
     if cfg.train.get("compile", False):
-        compile_decoder(decoder)
-    return wrap(cfg, decoder, tok, cfg.visual.dim)
+        compile_generator(model)
+    return model
 
 
 def datasets(cfg: DictConfig, tok) -> tuple[ReportDataset, ReportDataset, PromptBuilder]:
@@ -159,7 +160,8 @@ def save_checkpoint(backend, cfg: DictConfig, run_dir: Path, client: dict, is_be
 
 def make_backend(cfg: DictConfig, model, steps: int, n_ranks: int):
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    fused = torch.cuda.is_available() and not cfg.deepspeed.config  # one kernel for all parameters
+    optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, fused=fused)
     scheduler = cosine_with_warmup(optimizer, cfg.train.warmup_steps, steps)
     if cfg.deepspeed.config:
         ds = fill_deepspeed_config(cfg.deepspeed.config, cfg.train.batch_size, cfg.train.grad_accum,

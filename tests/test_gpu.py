@@ -37,7 +37,9 @@ def test_both_stages_train_in_bf16_and_generate_on_cuda(stage1_outputs, tmp_path
     cfg, model, tok = load_run(tmp_path)
     model.to("cuda")
     ds = ReportDataset(root / "m.jsonl", root / "s1/pred.jsonl", make_builder(cfg, tok), with_reports=False)
-    rows = generate_reports(model, tok, ds, generation_kwargs(cfg, tok, num_beams=2), 4, False)
+    kwargs = generation_kwargs(cfg, tok, num_beams=2, device=torch.device("cuda"))  # static cache
+    assert kwargs["cache_implementation"] == "static"
+    rows = generate_reports(model, tok, ds, kwargs, 4, False)
     assert len(rows) == len(ds) and all(isinstance(r["text"], str) for r in rows)
 
 
@@ -56,7 +58,7 @@ def test_bf16_compiled_report_loss_matches_fp32_reference():
     ids[:, 1:33] = 3
     labels = ids.clone()
     labels[:, :34] = -100
-    mask, visual = torch.ones_like(ids), torch.randn(4, 8, 32, device="cuda")
+    mask, visual = torch.ones_like(ids), torch.randn(16, 8, 32, device="cuda")  # 4 views x 8
     reference = gen(ids, mask, labels, visual).item()
     compile_decoder(gen.decoder)
     for _ in range(2):  # compilation, then the compiled graph
@@ -72,4 +74,15 @@ def test_deepspeed_bf16_lora_on_one_gpu_saves_complete_adapters(stage1_outputs, 
                                                                 tmp_path, zero):
     proc = launch_stage2(stage1_outputs, tmp_path, local_decoder, zero, nproc=1, cpu=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_complete_lora_run(tmp_path)
+
+
+def test_lora_on_a_bf16_base_trains_and_saves_fp32_adapters(stage1_outputs, local_decoder, tmp_path):
+    from conftest import ROOT
+
+    run(load_config(str(ROOT / "configs/stage2/lora.yaml"),
+                    stage2_overrides(stage1_outputs, tmp_path, f"decoder.name_or_path={local_decoder}",
+                                     "decoder.dtype=bfloat16", "train.epochs=2", "train.compile=true")))
+    losses = _column(tmp_path / "metrics.jsonl", "train_loss")
+    assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
     assert_complete_lora_run(tmp_path)
