@@ -21,6 +21,7 @@ from mammorg.config import load_config
 from mammorg.io import (MammorgError, read_jsonl, save_figure_atomic, write_json_atomic,
                         write_jsonl_atomic, write_text_atomic)
 from mammorg.preprocess import load_cached
+from stage1_classification.predict import oof_folds
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "pipeline" / "demo.yaml"
 
@@ -91,7 +92,8 @@ class Pipeline:
         self.cli("stage-1 train", ["stage1", "train", "--config", self.stage_config("stage1"),
                                    f"data.cache_manifest={cache}", f"run_dir={self.path(run)}",
                                    *overrides])
-        if not (self.out / run / "predictions.jsonl").exists():
+        predictions = self.out / run / "predictions.jsonl"
+        if not predictions.exists() or oof_folds(predictions) != self.cfg.stage1.oof_folds:
             self.cli("stage-1 predict", ["stage1", "predict", "--run", self.path(run), "--manifest",
                                          cache, "--out", self.path(f"{run}/predictions.jsonl"),
                                          "--oof", str(self.cfg.stage1.oof_folds)])

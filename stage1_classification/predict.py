@@ -14,7 +14,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from mammorg.io import MammorgError, write_jsonl_atomic
+from mammorg.io import MammorgError, read_jsonl, write_jsonl_atomic
 from stage1_classification.data import ExamDataset
 from stage1_classification.inference import load_run, predict_dataset
 from stage1_classification.operating_points import OperatingPoints
@@ -22,9 +22,10 @@ from stage1_classification.train import run as train_run
 
 
 def predict_fold(cfg: DictConfig, run_dir: Path, manifest: str, folds: int, fold: int) -> list[dict]:
-    """Train (or resume) fold ``fold`` of ``folds`` under ``RUN/oof/`` and predict its held-out
-    training exams at the fold's own operating points. Folds are independent (parallelisable)."""
-    fold_dir = run_dir / "oof" / f"fold{fold}"
+    """Train (or resume) fold ``fold`` of ``folds`` under ``RUN/oof/k{folds}/`` and predict its
+    held-out training exams at the fold's own operating points. Folds are independent
+    (parallelisable); another number of folds splits differently, so it gets its own folder."""
+    fold_dir = run_dir / "oof" / f"k{folds}" / f"fold{fold}"
     fold_cfg = cfg.copy()
     fold_cfg.run_dir, fold_cfg.data.folds, fold_cfg.data.fold = str(fold_dir), folds, fold
     fold_cfg.train.resume, fold_cfg.train.stop_after_epochs = True, None
@@ -40,6 +41,11 @@ def _fold_predictions(cfg: DictConfig, run_dir: Path, manifest: str, folds: int)
     """Out-of-fold records for the training split: fold i's model never saw fold i's exams."""
     return {rec["exam_id"]: rec for fold in range(folds)
             for rec in predict_fold(cfg, run_dir, manifest, folds, fold)}
+
+
+def oof_folds(predictions: str | Path) -> int:
+    """Number of out-of-fold models behind a predictions file (0: none)."""
+    return len({r.get("source") for r in read_jsonl(predictions) if str(r.get("source")).startswith("oof-")})
 
 
 def predict(run_dir: str | Path, manifest: str | Path, out: str | Path,

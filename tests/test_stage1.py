@@ -11,6 +11,7 @@ from mammorg.data.ingest import ingest
 from mammorg.preprocess import PreprocessSpec, preprocess_manifest
 from mammorg.labels import FINDINGS
 from stage1_classification.model import MultiViewClassifier
+from stage1_classification.predict import oof_folds
 from stage1_classification.operating_points import OperatingPoints
 from stage1_classification.train import run
 
@@ -81,8 +82,9 @@ def test_predict_with_oof_and_features(cache_manifest, tmp_path):
         assert r["pred"]["birads"]["exam"] in {r["pred"]["birads"]["L"], r["pred"]["birads"]["R"]}
         feats = load_file(str(out.parent / r["features"]))
         assert feats["tokens"].shape == (4, 4, 64) and feats["tokens"].abs().sum() > 0
-    assert (run_dir / "oof" / "fold1" / "checkpoints" / "last" / "model.safetensors").exists()
-    assert (run_dir / "oof" / "fold1" / "operating_points.json").exists()
+    assert (run_dir / "oof" / "k2" / "fold1" / "checkpoints" / "last" / "model.safetensors").exists()
+    assert (run_dir / "oof" / "k2" / "fold1" / "operating_points.json").exists()
+    assert oof_folds(out) == 2  # the pipeline re-predicts when stage1.oof_folds changes
     thresholds = dict(zip(FINDINGS, points.finding_thresholds))
     model_rows = [r for r in rows if r["source"] == "model"]
     for r in model_rows:  # labels follow the run's operating points, not 0.5
