@@ -107,8 +107,7 @@ def recipe(manifest: Path, backbone: str, device, batch: int, epochs: int, worke
     train = views * epochs / (time.perf_counter() - t0)
     model.eval()
     t0 = time.perf_counter()
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        predict_dataset(model, ExamDataset(manifest), batch, progress=False)
+    predict_dataset(model, ExamDataset(manifest), batch, progress=False, num_workers=workers)  # bf16 on GPU
     _sync(device)
     return {"train_views_s": train, "infer_views_s": views / (time.perf_counter() - t0)}
 

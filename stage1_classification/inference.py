@@ -76,14 +76,19 @@ def save_features(path: Path, tokens: torch.Tensor, view_mask: torch.Tensor) -> 
 @torch.no_grad()
 def predict_dataset(model: MultiViewClassifier, ds: ExamDataset, batch_size: int = 8,
                     features_dir: Path | None = None, progress: bool = True,
-                    points: OperatingPoints = OperatingPoints()) -> list[dict]:
-    """Records for every exam of ``ds``; writes feature files when ``features_dir`` is given."""
+                    points: OperatingPoints = OperatingPoints(), num_workers: int = 0) -> list[dict]:
+    """Records for every exam of ``ds``; writes feature files when ``features_dir`` is given.
+    On a GPU the views load in ``num_workers`` processes into pinned memory and the model runs
+    under bf16 autocast (as in training)."""
     device = next(model.parameters()).device
+    cuda = device.type == "cuda"
     records = []
-    loader = DataLoader(ds, batch_size=batch_size, shuffle=False, collate_fn=collate)
+    loader = DataLoader(ds, batch_size=batch_size, shuffle=False, collate_fn=collate,
+                        num_workers=num_workers, pin_memory=cuda)
     for batch in tqdm(loader, desc="stage1 predict", disable=not progress, leave=False):
         mask = batch["view_mask"]
-        out = model(batch["images"].to(device), mask.to(device))
+        with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+            out = model(batch["images"].to(device, non_blocking=True), mask.to(device, non_blocking=True))
         dens, bir = out["density"].float().softmax(-1).cpu(), out["birads"].float().softmax(-1).cpu()
         find, tokens = out["findings"].float().sigmoid().cpu(), out["tokens"].float().cpu()
         desc = {k[5:]: v.float().softmax(-1).cpu() for k, v in out.items() if k.startswith("desc_")}

@@ -34,7 +34,8 @@ def predict_fold(cfg: DictConfig, run_dir: Path, manifest: str, folds: int, fold
     _, model = load_run(fold_dir)
     held_out = ExamDataset(manifest, cfg.data.train_split, folds=folds, fold=fold, holdout=True)
     return [{**rec, "source": f"oof-fold{fold}"} for rec in
-            predict_dataset(model, held_out, progress=False, points=OperatingPoints.load(fold_dir))]
+            predict_dataset(model, held_out, progress=False, points=OperatingPoints.load(fold_dir),
+                            num_workers=cfg.data.num_workers)]
 
 
 def _fold_predictions(cfg: DictConfig, run_dir: Path, manifest: str, folds: int) -> dict[str, dict]:
@@ -62,7 +63,7 @@ def predict(run_dir: str | Path, manifest: str | Path, out: str | Path,
         print(f"warning: {len(dataset.skipped)} exam(s) have no usable view and are not predicted: "
               + ", ".join(dataset.skipped[:5]))
     records = predict_dataset(model, dataset, batch_size, features_dir,
-                              points=OperatingPoints.load(run_dir))
+                              points=OperatingPoints.load(run_dir), num_workers=cfg.data.num_workers)
     if oof:
         if oof < 2:
             raise MammorgError(f"--oof {oof}: out-of-fold prediction needs at least 2 folds")
