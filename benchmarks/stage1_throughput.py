@@ -117,7 +117,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--backbone", default="convnext_small" if gpu else "resnet10t")
     ap.add_argument("--size", type=int, nargs=2, default=[1024, 512] if gpu else [256, 128])
-    ap.add_argument("--exams", type=int, default=64 if gpu else 24)
+    ap.add_argument("--exams", type=int, default=128 if gpu else 24)
     ap.add_argument("--batch", type=int, default=8 if gpu else 4, help="exams per batch (4 views each)")
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--workers", type=int, default=6 if gpu else 0)

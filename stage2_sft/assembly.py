@@ -19,7 +19,7 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llam
                           PreTrainedModel, PreTrainedTokenizerBase)
 
 from mammorg.io import MammorgError
-from stage2_sft.knowledge import MODES, SOURCES
+from stage2_sft.knowledge import MODES, SOURCES, verbal_forms
 from stage2_sft.data import PromptBuilder
 from stage2_sft.model import ReportGenerator, SpecialIds, prompt_tokens
 from terminology.lexicon import load_lexicon
@@ -142,10 +142,28 @@ def term_weights(cfg: DictConfig, tok: PreTrainedTokenizerBase) -> torch.Tensor 
     return term_loss_weights(len(tok), ids, cfg.terminology.term_loss_weight)
 
 
+def verbal_table(tok: PreTrainedTokenizerBase, forms: dict[str, str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(vocabulary id → row, rows of word-piece ids padded with -1) for ``ReportGenerator``; the
+    pieces are those of the words as written mid-sentence, bare-space pieces left out."""
+    row = torch.full((len(tok),), -1, dtype=torch.long)
+    seqs = []
+    for token, words in forms.items():
+        row[tok.convert_tokens_to_ids(token)] = len(seqs)
+        ids = tok(" " + words, add_special_tokens=False)["input_ids"]  # as written mid-sentence
+        seqs.append([i for i in ids if tok.decode([i]).strip()])  # without bare-space pieces
+    pieces = torch.full((len(seqs), max(map(len, seqs))), -1, dtype=torch.long)
+    for i, ids in enumerate(seqs):
+        pieces[i, :len(ids)] = torch.tensor(ids)
+    return row, pieces
+
+
 def wrap(cfg: DictConfig, decoder: PreTrainedModel, tok: PreTrainedTokenizerBase,
          visual_dim: int) -> ReportGenerator:
+    verbal = None
+    if cfg.knowledge.get("verbal_tie", False) and cfg.knowledge.mode in ("discrete", "both"):
+        verbal = verbal_table(tok, verbal_forms(_lexicon(cfg)))
     return ReportGenerator(decoder, SpecialIds.from_tokenizer(tok), visual_dim,
-                           cfg.knowledge.mode, term_weights(cfg, tok))
+                           cfg.knowledge.mode, term_weights(cfg, tok), verbal)
 
 
 def make_builder(cfg: DictConfig, tok: PreTrainedTokenizerBase) -> PromptBuilder:

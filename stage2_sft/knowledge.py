@@ -33,6 +33,18 @@ def discrete_vocabulary() -> list[str]:
     return tokens + [f"<conf:{name}>" for name, _ in CONFIDENCE]
 
 
+def verbal_forms(lexicon) -> dict[str, str]:
+    """The words a discrete token stands for, as reports write them (``<R:birads=4B>`` →
+    ``BI-RADS 4B``, ``<L:mass>`` → ``mass``, ``<density=c>`` → ``heterogeneously dense``).
+    Tokens without a report wording (confidence, no finding, not imaged) are absent."""
+    by_label = {(k, v): term.term for term in lexicon.terms for k, v in term.label.items()}
+    forms = {f"<density={d}>": by_label.get(("density", d), f"density {d}") for d in DENSITIES}
+    for side in "LR":
+        forms.update({f"<{side}:birads={c}>": f"BI-RADS {c}" for c in BIRADS_CLASSES})
+        forms.update({f"<{side}:{f}>": by_label.get(("finding", f), f.replace("_", " ")) for f in FINDINGS})
+    return forms
+
+
 def _confidence(p: float) -> str:
     return next(f"<conf:{name}>" for name, hi in CONFIDENCE if p < hi)
 

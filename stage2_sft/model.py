@@ -80,13 +80,18 @@ class ReportGenerator(nn.Module):
     """Decoder + projector + soft knowledge; ``forward`` gives the LM loss on report tokens."""
 
     def __init__(self, decoder: PreTrainedModel, ids: SpecialIds, visual_dim: int,
-                 knowledge_mode: str = "discrete", term_weights: torch.Tensor | None = None):
+                 knowledge_mode: str = "discrete", term_weights: torch.Tensor | None = None,
+                 verbal: tuple[torch.Tensor, torch.Tensor] | None = None):
         super().__init__()
         hidden = decoder.get_input_embeddings().embedding_dim
         self.decoder, self.ids, self.knowledge_mode = decoder, ids, knowledge_mode
         self.projector = VisualProjector(visual_dim, hidden)
         self.soft = SoftKnowledge(hidden) if knowledge_mode in ("soft", "both") else None
         self.register_buffer("term_weights", term_weights, persistent=False)
+        # verbal tie (see ``embed``): vocabulary id -> row of ``verbal_pieces`` (-1: none)
+        row, pieces = verbal if verbal is not None else (None, None)
+        self.register_buffer("verbal_row", row, persistent=False)
+        self.register_buffer("verbal_pieces", pieces, persistent=False)
         base = decoder.get_base_model() if hasattr(decoder, "get_base_model") else decoder
         self._keeps_logits = "logits_to_keep" in inspect.signature(type(base).forward).parameters
         self.loss_fn = report_cross_entropy
@@ -98,7 +103,10 @@ class ReportGenerator(nn.Module):
     def embed(self, input_ids: torch.Tensor, visual: torch.Tensor | None = None,
               knowledge: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """Input embeddings with visual tokens (``visual [V, N, D]``, in prompt order) filled in."""
-        embeds = self.decoder.get_input_embeddings()(input_ids)
+        table = self.decoder.get_input_embeddings()
+        embeds = table(input_ids)
+        if self.verbal_row is not None:
+            embeds = embeds + self._verbal_embeddings(table, input_ids)
         hidden = embeds.shape[-1]
         feats = embeds.new_zeros(0, hidden) if visual is None else \
             self.projector(visual.to(embeds.dtype)).reshape(-1, hidden)
@@ -108,6 +116,18 @@ class ReportGenerator(nn.Module):
             soft = self.soft(**{k: knowledge[k].to(embeds.dtype) for k in
                                 ("density", "birads", "findings", "sides")}).reshape(-1, hidden)
         return fill_placeholders(embeds, input_ids, self.ids.knowledge, soft, "soft knowledge")
+
+    def _verbal_embeddings(self, table: nn.Embedding, input_ids: torch.Tensor) -> torch.Tensor:
+        """Mean embedding of the words each knowledge token stands for (zero for other tokens).
+
+        A discrete token thus carries the embedding of its report wording (tied to the LM head),
+        so writing ``BI-RADS 5`` from ``<R:birads=5>`` uses the same copy route as the frequent
+        classes instead of a mapping learnt per token."""
+        row = self.verbal_row[input_ids.clamp(max=self.verbal_row.numel() - 1)]
+        pieces = self.verbal_pieces[row.clamp(min=0)]  # [B, T, P]
+        present = (pieces >= 0) & (row >= 0).unsqueeze(-1)
+        summed = (table(pieces.clamp(min=0)) * present.unsqueeze(-1)).sum(-2)
+        return summed / present.sum(-1, keepdim=True).clamp(min=1)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
                 visual: torch.Tensor | None = None,

@@ -167,3 +167,41 @@ def test_compiled_decoder_trains_like_eager_and_saves_plain_keys(stage1_outputs,
     assert curve(tmp_path / "compiled") == pytest.approx(curve(tmp_path / "eager"), rel=1e-3)
     saved = load_file(str(tmp_path / "compiled/checkpoints/last/trainable.safetensors"))
     assert saved and not any("_orig_mod" in k for k in saved)
+
+
+def test_decoder_dtype_and_generation_cache_settings_are_checked():
+    from stage2_sft.assembly import check_config
+
+    cfg = load_config(TINY, ["decoder.dtype=float16"])
+    with pytest.raises(Exception, match="decoder.dtype='float16': expected float32 or bfloat16"):
+        check_config(cfg)
+    if not torch.cuda.is_available():
+        with pytest.raises(Exception, match="needs a GPU"):
+            check_config(load_config(TINY, ["decoder.dtype=bfloat16"]))
+
+    class Tok:
+        eos_token_id, pad_token_id = 2, 0
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    auto = load_config(TINY)
+    assert "cache_implementation" not in generation_kwargs(auto, Tok(), device=cpu)
+    assert generation_kwargs(auto, Tok(), device=gpu)["cache_implementation"] == "static"
+    static = load_config(TINY, ["generate.cache=static"])
+    assert generation_kwargs(static, Tok(), device=cpu)["cache_implementation"] == "static"
+    with pytest.raises(Exception, match="generate.cache='paged'"):
+        generation_kwargs(load_config(TINY, ["generate.cache=paged"]), Tok())
+
+
+def test_verbal_tie_adds_the_report_words_to_knowledge_tokens_only(stage1_outputs, tmp_path):
+    run(load_config(TINY, _overrides(stage1_outputs, tmp_path, "train.epochs=1", "knowledge.verbal_tie=true")))
+    _, model, tok = load_run(tmp_path)
+    assert model.verbal_row is not None
+    table = model.decoder.get_input_embeddings()
+    knowledge, words = tok.convert_tokens_to_ids("<R:birads=4B>"), tok.convert_tokens_to_ids("BI-RADS 4B")
+    plain = tok.convert_tokens_to_ids("<conf:high>")
+    ids = torch.tensor([[knowledge, plain, words]])
+    with torch.no_grad():
+        out = model.embed(ids)
+        expect = table(ids)
+        expect[0, 0] += table.weight[words]
+    torch.testing.assert_close(out, expect)
