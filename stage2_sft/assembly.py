@@ -9,6 +9,8 @@ A saved generator folder (a run's checkpoint or an export bundle) holds::
 """
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -24,8 +26,8 @@ from stage2_sft.data import PromptBuilder
 from stage2_sft.model import ReportGenerator, SpecialIds, prompt_tokens
 from terminology.lexicon import load_lexicon
 from terminology.normalize import Normalizer
-from terminology.tokenizer import (extend_tokenizer, init_term_embeddings, term_loss_weights,
-                                   term_token_ids, train_bpe_tokenizer)
+from terminology.tokenizer import (extend_tokenizer, frequency_balanced_weights, init_term_embeddings,
+                                   term_loss_weights, term_token_ids, train_bpe_tokenizer)
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -140,6 +142,20 @@ def term_weights(cfg: DictConfig, tok: PreTrainedTokenizerBase) -> torch.Tensor 
         return None
     ids = term_token_ids(tok, _lexicon(cfg))
     return term_loss_weights(len(tok), ids, cfg.terminology.term_loss_weight)
+
+
+def category_weights(cfg: DictConfig, tok: PreTrainedTokenizerBase, reports: Iterable[list[int]],
+                     base: torch.Tensor | None) -> torch.Tensor | None:
+    """Loss weights with ``terminology.category_weight_power`` p > 0: each BI-RADS category term
+    (an atomic token) weighs ``(mean count / its count) ** p`` over the training reports, so
+    that stating a rare category (4C, 5) counts as much as the common ones."""
+    power = float(cfg.terminology.get("category_weight_power", 0.0))
+    if not power:
+        return base
+    ids = [tok.convert_tokens_to_ids(term.term) for term in _lexicon(cfg).terms if "birads" in term.label]
+    ids = [i for i in ids if i is not None and i != tok.unk_token_id]
+    counts = Counter(token for report in reports for token in report)
+    return frequency_balanced_weights(base if base is not None else torch.ones(len(tok)), ids, counts, power)
 
 
 def verbal_table(tok: PreTrainedTokenizerBase, forms: dict[str, str]) -> tuple[torch.Tensor, torch.Tensor]:

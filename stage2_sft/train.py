@@ -23,8 +23,8 @@ from transformers import AutoTokenizer
 from mammorg.config import load_config, save_config
 from mammorg.io import MammorgError, atomic_path, read_jsonl
 from mammorg.optim import cosine_with_warmup
-from stage2_sft.assembly import (apply_lora, build_decoder, build_tokenizer, check_config,
-                                 compile_generator, make_builder, wrap)
+from stage2_sft.assembly import (apply_lora, build_decoder, build_tokenizer, category_weights,
+                                 check_config, compile_generator, make_builder, wrap)
 from stage2_sft.data import PromptBuilder, ReportDataset, collate, length_grouped_batches
 from mammorg.distributed import (DeepSpeedBackend, TorchBackend, barrier, fill_deepspeed_config,
                                init_distributed, world)
@@ -201,6 +201,9 @@ def run(cfg: DictConfig) -> dict:
     device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
     model = build_generator(cfg, tok, pieces, run_dir, rank).to(device)
     train_ds, val_ds, _ = datasets(cfg, tok)
+    weights = category_weights(cfg, tok, (train_ds.report_ids(i) for i in range(len(train_ds))),
+                               model.term_weights)
+    model.term_weights = None if weights is None else weights.to(device)
     lengths = train_ds.lengths()
     per_epoch = len(length_grouped_batches(lengths, cfg.train.batch_size, cfg.seed, 0, rank, n_ranks))
     backend = make_backend(cfg, model, cfg.train.epochs * math.ceil(per_epoch / cfg.train.grad_accum),

@@ -1,7 +1,7 @@
 """Atomic lexicon terms in Hugging Face tokenizers: extension, embedding init, BPE training."""
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -84,6 +84,20 @@ def term_loss_weights(vocab_size: int, term_ids: Sequence[int], weight: float) -
     if term_ids:
         w[torch.as_tensor(list(term_ids))] = weight
     return w
+
+
+def frequency_balanced_weights(weights: torch.Tensor, token_ids: Sequence[int],
+                               counts: Mapping[int, int], power: float) -> torch.Tensor:
+    """Scale the loss weight of each of ``token_ids`` by ``(mean count / its count) ** power``;
+    tokens absent from ``counts`` keep their weight."""
+    seen = [i for i in token_ids if counts.get(i, 0) > 0]
+    if not seen:
+        return weights
+    mean = sum(counts[i] for i in seen) / len(seen)
+    out = weights.clone()
+    for i in seen:
+        out[i] *= (mean / counts[i]) ** power
+    return out
 
 
 def coverage_report(tokenizer: PreTrainedTokenizerBase, base_tokenizer: PreTrainedTokenizerBase,

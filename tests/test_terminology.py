@@ -98,3 +98,12 @@ def test_extended_stock_tokenizer_and_embedding_init(reports):
 def test_term_loss_weights():
     w = term_loss_weights(10, [2, 5], 3.0)
     assert w.tolist() == [1, 1, 3, 1, 1, 3, 1, 1, 1, 1]
+
+
+def test_frequency_balanced_weights_lift_rare_category_tokens():
+    from terminology.tokenizer import frequency_balanced_weights
+
+    base = torch.ones(6)
+    out = frequency_balanced_weights(base, [1, 2, 3], {1: 90, 2: 10, 5: 7}, power=0.5)
+    assert out[1] == pytest.approx((50 / 90) ** 0.5) and out[2] == pytest.approx((50 / 10) ** 0.5)
+    assert out[3] == 1 and out[5] == 1 and base.eq(1).all()  # unseen and other tokens untouched
