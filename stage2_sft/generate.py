@@ -12,11 +12,13 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 from tqdm import tqdm
+from transformers import LogitsProcessorList
 
 from evaluation.parser import parse_report
 from mammorg.config import load_config
 from mammorg.io import MammorgError, write_jsonl_atomic
 from stage2_sft.assembly import load_generator, make_builder
+from stage2_sft.constrained import ASSESSMENTS, StatedAssessment
 from stage2_sft.data import ReportDataset, collate
 from stage2_sft.model import ReportGenerator
 
@@ -59,7 +61,11 @@ def inference_device() -> torch.device:
 
 @torch.no_grad()
 def generate_reports(model: ReportGenerator, tok, ds: ReportDataset, kwargs: dict,
-                     batch_size: int = 8, progress: bool = True) -> list[dict]:
+                     batch_size: int = 8, progress: bool = True, assessment: str = "free") -> list[dict]:
+    """Reports for every exam of ``ds``; ``assessment="stage1"`` keeps the stated BI-RADS
+    categories on the knowledge state's decisions (``stage2_sft.constrained``)."""
+    if assessment not in ASSESSMENTS:
+        raise MammorgError(f"generate.assessment={assessment!r}: expected {' or '.join(ASSESSMENTS)}")
     device = next(model.parameters()).device
     rows = []
     for start in tqdm(range(0, len(ds), batch_size), desc="stage2 generate", disable=not progress,
@@ -67,6 +73,9 @@ def generate_reports(model: ReportGenerator, tok, ds: ReportDataset, kwargs: dic
         batch = collate([ds[i] for i in range(start, min(start + batch_size, len(ds)))],
                         tok.pad_token_id, for_generation=True)
         visual = batch.get("visual")
+        if assessment == "stage1":
+            kwargs = {**kwargs, "logits_processor": LogitsProcessorList(
+                [StatedAssessment(tok, batch["knowledge"]["birads_label"])])}
         out = model.generate(batch["input_ids"].to(device), batch["attention_mask"].to(device),
                              None if visual is None else visual.to(device),
                              {k: v.to(device) for k, v in batch["knowledge"].items()}, **kwargs)
@@ -87,6 +96,7 @@ def main(args: argparse.Namespace) -> None:
         raise MammorgError(f"{args.manifest}: no exams to report" + (f" in split '{args.split}'"
                                                                       if args.split else ""))
     bs = args.batch_size or cfg.generate.batch_size
-    rows = generate_reports(model, tok, ds, generation_kwargs(cfg, tok, args.num_beams, device), bs)
+    rows = generate_reports(model, tok, ds, generation_kwargs(cfg, tok, args.num_beams, device), bs,
+                            assessment=cfg.generate.get("assessment", "free"))
     write_jsonl_atomic(args.out, rows)
     print(json.dumps({"generated": len(rows), "out": str(args.out)}))
