@@ -205,3 +205,31 @@ def test_verbal_tie_adds_the_report_words_to_knowledge_tokens_only(stage1_output
         expect = table(ids)
         expect[0, 0] += table.weight[words]
     torch.testing.assert_close(out, expect)
+
+
+def test_stated_assessment_puts_stage1_categories_in_the_report(stage1_outputs, tmp_path):
+    from stage2_sft.constrained import StatedAssessment
+
+    root = stage1_outputs
+    run(load_config(TINY, _overrides(root, tmp_path, "train.epochs=1")))
+    cfg, model, tok = load_run(tmp_path)
+    # the processor alone: after "Right breast" only stage 1's right category keeps the best score
+    labels = torch.tensor([[1, 7]])  # L: BI-RADS 1, R: BI-RADS 5 (class indices)
+    proc = StatedAssessment(tok, labels)
+    cat = {c: tok.convert_tokens_to_ids(f"BI-RADS {c}") for c in ("1", "3", "5")}
+    scores = torch.zeros(1, len(tok))
+    scores[0, cat["3"]] = 5.0
+    right = torch.tensor([tok("OPINION: Right breast", add_special_tokens=False)["input_ids"]])
+    out = proc(right, scores.clone())
+    assert out[0, cat["5"]] == 5.0 and torch.isinf(out[0, cat["3"]]) and torch.isinf(out[0, cat["1"]])
+    ended = torch.tensor([tok("Right breast mass.", add_special_tokens=False)["input_ids"]])
+    assert proc(ended, scores.clone())[0, cat["5"]] == 5.0  # no side named: the exam's (most severe)
+    # end to end: every category the reports state is one stage 1 decided for that exam
+    ds = ReportDataset(root / "m.jsonl", root / "s1/pred.jsonl", make_builder(cfg, tok), with_reports=False)
+    rows = generate_reports(model, tok, ds, generation_kwargs(cfg, tok), 4, False, assessment="stage1")
+    preds = {r["exam_id"]: r["pred"]["birads"] for r in read_jsonl(root / "s1/pred.jsonl")}
+    for r in rows:
+        stated = {v for v in r["structured"]["birads"].values() if v is not None}
+        assert stated <= {preds[r["id"]]["L"], preds[r["id"]]["R"]}
+    with pytest.raises(Exception, match="generate.assessment='always'"):
+        generate_reports(model, tok, ds, generation_kwargs(cfg, tok), 4, False, assessment="always")
