@@ -55,6 +55,16 @@ def generation_kwargs(cfg: DictConfig, tok, num_beams: int | None = None,
     return kwargs
 
 
+def with_assessment(kwargs: dict, assessment: str, tok, birads_label: torch.Tensor) -> dict:
+    """``kwargs`` plus, for ``assessment="stage1"``, the processor that states stage 1's BI-RADS
+    decisions (``birads_label [N, 2]``) as the report's categories."""
+    if assessment not in ASSESSMENTS:
+        raise MammorgError(f"generate.assessment={assessment!r}: expected {' or '.join(ASSESSMENTS)}")
+    if assessment == "free":
+        return kwargs
+    return {**kwargs, "logits_processor": LogitsProcessorList([StatedAssessment(tok, birads_label)])}
+
+
 def inference_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -64,8 +74,7 @@ def generate_reports(model: ReportGenerator, tok, ds: ReportDataset, kwargs: dic
                      batch_size: int = 8, progress: bool = True, assessment: str = "free") -> list[dict]:
     """Reports for every exam of ``ds``; ``assessment="stage1"`` keeps the stated BI-RADS
     categories on the knowledge state's decisions (``stage2_sft.constrained``)."""
-    if assessment not in ASSESSMENTS:
-        raise MammorgError(f"generate.assessment={assessment!r}: expected {' or '.join(ASSESSMENTS)}")
+    with_assessment({}, assessment, tok, torch.zeros(0, 2, dtype=torch.long))  # checks the name
     device = next(model.parameters()).device
     rows = []
     for start in tqdm(range(0, len(ds), batch_size), desc="stage2 generate", disable=not progress,
@@ -73,12 +82,10 @@ def generate_reports(model: ReportGenerator, tok, ds: ReportDataset, kwargs: dic
         batch = collate([ds[i] for i in range(start, min(start + batch_size, len(ds)))],
                         tok.pad_token_id, for_generation=True)
         visual = batch.get("visual")
-        if assessment == "stage1":
-            kwargs = {**kwargs, "logits_processor": LogitsProcessorList(
-                [StatedAssessment(tok, batch["knowledge"]["birads_label"])])}
         out = model.generate(batch["input_ids"].to(device), batch["attention_mask"].to(device),
                              None if visual is None else visual.to(device),
-                             {k: v.to(device) for k, v in batch["knowledge"].items()}, **kwargs)
+                             {k: v.to(device) for k, v in batch["knowledge"].items()},
+                             **with_assessment(kwargs, assessment, tok, batch["knowledge"]["birads_label"]))
         for exam_id, ids in zip(batch["exam_id"], out):
             text = tok.decode(ids, skip_special_tokens=True).strip()
             rows.append({"id": exam_id, "text": text, "structured": parse_report(text)})

@@ -53,6 +53,18 @@ def test_bundle_reloads_and_reports_a_new_exam(demo, new_exam, capsys):
     assert result["seconds"] < 2.0  # CPU latency after loading (tiny bundle)
 
 
+def test_bundle_report_can_state_stage1_assessment(demo, new_exam):
+    from mammorg.reporting import load_views, report_exam
+
+    bundle = load_bundle(demo / "bundle")
+    bundle.stage2_cfg.generate.assessment = "stage1"
+    views = load_views(sorted(p for p in new_exam.rglob("*") if p.is_file()), bundle)
+    result = report_exam(bundle, views)
+    pred = result["stage1"]["pred"]["birads"]
+    stated = {v for v in result["structured"]["birads"].values() if v is not None}
+    assert stated <= {pred["L"], pred["R"]}
+
+
 def test_missing_view_is_flagged(demo, new_exam, capsys):
     files = sorted(str(p) for p in new_exam.iterdir())[:3]
     capsys.readouterr()
