@@ -41,6 +41,8 @@ def test_both_stages_train_in_bf16_and_generate_on_cuda(stage1_outputs, tmp_path
     assert kwargs["cache_implementation"] == "static"
     rows = generate_reports(model, tok, ds, kwargs, 4, False)
     assert len(rows) == len(ds) and all(isinstance(r["text"], str) for r in rows)
+    stated = generate_reports(model, tok, ds, kwargs, 4, False, assessment="stage1")  # on CUDA tensors
+    assert len(stated) == len(ds)
 
 
 def test_bf16_compiled_report_loss_matches_fp32_reference():
