@@ -1,9 +1,10 @@
 """Stage-1 throughput: the training/inference recipe vs. bare timm on the same tensors.
 
-Usage: python benchmarks/stage1_throughput.py [--backbone convnext_small] [--size 1024 512]
-Defaults: convnext_small at 1024x512 on a GPU (bf16), resnet10t at 256x128 on CPU. The recipe
-figure includes data loading from the preprocessing cache; the bare figure is timm's
-forward/backward (+AdamW) on tensors already in memory. Prints one JSON object.
+Usage: python benchmarks/stage1_throughput.py [--backbone convnext_small] [--size 1024 512] [--exams 128]
+Defaults: convnext_small at 1024x512 on 128 exams on a GPU (bf16, 6 loader workers), resnet10t at
+256x128 on 24 exams on CPU. The recipe figure includes data loading from the preprocessing cache
+(worker start-up of each pass too); the bare figure is timm's forward/backward (+AdamW) on
+tensors already in memory. Prints one JSON object.
 """
 from __future__ import annotations
 
