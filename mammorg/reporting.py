@@ -57,6 +57,7 @@ def report_exam(bundle: Bundle, views: dict[str, np.ndarray], max_new_tokens: in
     """Stage 1 → knowledge + visual tokens → stage 2 → narrative and structured report."""
     from stage1_classification.inference import exam_record
     from stage2_sft.data import collate
+    from stage2_sft.constrained import assessment_tokens
     from stage2_sft.generate import generation_kwargs, make_builder, with_assessment
     from stage2_sft.knowledge import state_from_prediction
 
@@ -78,8 +79,8 @@ def report_exam(bundle: Bundle, views: dict[str, np.ndarray], max_new_tokens: in
     if not cfg.visual.enabled:
         sample.pop("visual")
     batch = collate([sample], tok.pad_token_id, for_generation=True)
-    kwargs = with_assessment(generation_kwargs(cfg, tok), cfg.generate.get("assessment", "free"), tok,
-                             batch["knowledge"]["birads_label"])
+    tokens = assessment_tokens(cfg.generate.get("assessment", "free"), tok)
+    kwargs = with_assessment(generation_kwargs(cfg, tok), tokens, batch["knowledge"]["birads_label"])
     if max_new_tokens:
         kwargs["max_new_tokens"] = max_new_tokens
     ids = bundle.generator.generate(batch["input_ids"], batch["attention_mask"], batch.get("visual"),

@@ -8,6 +8,8 @@ score, so the choice to state a category at that point is unchanged.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from transformers import LogitsProcessor, PreTrainedTokenizerBase
 
@@ -19,23 +21,41 @@ SIDE_WORDS = {0: ("Left", "ĠLeft", "left", "Ġleft"), 1: ("Right", "ĠRight", "
 SENTENCE_ENDS = (".", "Ċ", "ĊĊ", ":")
 
 
-def _ids(tok: PreTrainedTokenizerBase, tokens) -> list[int]:
-    vocab = tok.get_vocab()
-    return [vocab[t] for t in tokens if t in vocab]
+def _ids(vocab: dict[str, int], tokens) -> torch.Tensor:
+    return torch.tensor([vocab[t] for t in tokens if t in vocab])
+
+
+@dataclass(frozen=True)
+class AssessmentTokens:
+    """Token ids the processor needs: BI-RADS category terms, side words, sentence ends."""
+
+    categories: torch.Tensor
+    sides: tuple[torch.Tensor, torch.Tensor]  # left, right
+    stops: torch.Tensor
+
+    @classmethod
+    def of(cls, tok: PreTrainedTokenizerBase) -> "AssessmentTokens":
+        vocab = tok.get_vocab()
+        if any(f"BI-RADS {c}" not in vocab for c in BIRADS_CLASSES):
+            raise MammorgError("generate.assessment=stage1 needs BI-RADS categories as atomic terms "
+                               "(terminology.atomic_terms: true)")
+        return cls(_ids(vocab, [f"BI-RADS {c}" for c in BIRADS_CLASSES]),
+                   (_ids(vocab, SIDE_WORDS[0]), _ids(vocab, SIDE_WORDS[1])), _ids(vocab, SENTENCE_ENDS))
+
+
+def assessment_tokens(assessment: str, tok: PreTrainedTokenizerBase) -> AssessmentTokens | None:
+    """The tokens for ``generate.assessment`` (None for ``free``); checks the setting."""
+    if assessment not in ASSESSMENTS:
+        raise MammorgError(f"generate.assessment={assessment!r}: expected {' or '.join(ASSESSMENTS)}")
+    return AssessmentTokens.of(tok) if assessment == "stage1" else None
 
 
 class StatedAssessment(LogitsProcessor):
     """Replace any BI-RADS category term the decoder is about to write with stage 1's."""
 
-    def __init__(self, tok: PreTrainedTokenizerBase, birads_label: torch.Tensor):
+    def __init__(self, tokens: AssessmentTokens, birads_label: torch.Tensor):
         """``birads_label``: ``[N, 2]`` stage-1 class index per exam and side (L, R; -1: none)."""
-        ids = [tok.convert_tokens_to_ids(f"BI-RADS {c}") for c in BIRADS_CLASSES]
-        if any(i is None or i == tok.unk_token_id for i in ids):
-            raise MammorgError("generate.assessment=stage1 needs BI-RADS categories as atomic terms "
-                               "(terminology.atomic_terms: true)")
-        self.category_ids = torch.tensor(ids)
-        self.side_ids = {side: torch.tensor(_ids(tok, words)) for side, words in SIDE_WORDS.items()}
-        self.stop_ids = torch.tensor(_ids(tok, SENTENCE_ENDS))
+        self.tokens = tokens
         self.targets = torch.cat([birads_label, self._exam(birads_label)], 1)  # [N, 3]: L, R, exam
 
     @staticmethod
@@ -55,7 +75,7 @@ class StatedAssessment(LogitsProcessor):
                 return input_ids.new_zeros(input_ids.shape[0])
             return (hit * pos).max(1).values
 
-        left, right, stop = last(self.side_ids[0]), last(self.side_ids[1]), last(self.stop_ids)
+        left, right, stop = last(self.tokens.sides[0]), last(self.tokens.sides[1]), last(self.tokens.stops)
         side = torch.full_like(left, 2)
         side = torch.where((left > stop) & (left > right), 0, side)
         return torch.where((right > stop) & (right > left), 1, side)
@@ -63,7 +83,7 @@ class StatedAssessment(LogitsProcessor):
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         targets = self.targets.to(scores.device).repeat_interleave(scores.shape[0] // self.targets.shape[0], 0)
         target = targets.gather(1, self._context(input_ids).unsqueeze(1)).squeeze(1)  # class index
-        cats = self.category_ids.to(scores.device)
+        cats = self.tokens.categories.to(scores.device)
         rows = (target >= 0).nonzero().squeeze(1)
         best = scores[rows][:, cats].max(1).values
         scores[rows.unsqueeze(1), cats.unsqueeze(0)] = float("-inf")

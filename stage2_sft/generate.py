@@ -18,7 +18,7 @@ from evaluation.parser import parse_report
 from mammorg.config import load_config
 from mammorg.io import MammorgError, write_jsonl_atomic
 from stage2_sft.assembly import load_generator, make_builder
-from stage2_sft.constrained import ASSESSMENTS, StatedAssessment
+from stage2_sft.constrained import AssessmentTokens, StatedAssessment, assessment_tokens
 from stage2_sft.data import ReportDataset, collate
 from stage2_sft.model import ReportGenerator
 
@@ -55,14 +55,12 @@ def generation_kwargs(cfg: DictConfig, tok, num_beams: int | None = None,
     return kwargs
 
 
-def with_assessment(kwargs: dict, assessment: str, tok, birads_label: torch.Tensor) -> dict:
-    """``kwargs`` plus, for ``assessment="stage1"``, the processor that states stage 1's BI-RADS
-    decisions (``birads_label [N, 2]``) as the report's categories."""
-    if assessment not in ASSESSMENTS:
-        raise MammorgError(f"generate.assessment={assessment!r}: expected {' or '.join(ASSESSMENTS)}")
-    if assessment == "free":
+def with_assessment(kwargs: dict, tokens: AssessmentTokens | None, birads_label: torch.Tensor) -> dict:
+    """``kwargs`` plus, with assessment ``tokens`` (``generate.assessment=stage1``), the processor
+    that states stage 1's BI-RADS decisions (``birads_label [N, 2]``) as the report's categories."""
+    if tokens is None:
         return kwargs
-    return {**kwargs, "logits_processor": LogitsProcessorList([StatedAssessment(tok, birads_label)])}
+    return {**kwargs, "logits_processor": LogitsProcessorList([StatedAssessment(tokens, birads_label)])}
 
 
 def inference_device() -> torch.device:
@@ -74,7 +72,7 @@ def generate_reports(model: ReportGenerator, tok, ds: ReportDataset, kwargs: dic
                      batch_size: int = 8, progress: bool = True, assessment: str = "free") -> list[dict]:
     """Reports for every exam of ``ds``; ``assessment="stage1"`` keeps the stated BI-RADS
     categories on the knowledge state's decisions (``stage2_sft.constrained``)."""
-    with_assessment({}, assessment, tok, torch.zeros(0, 2, dtype=torch.long))  # checks the name
+    tokens = assessment_tokens(assessment, tok)
     device = next(model.parameters()).device
     rows = []
     for start in tqdm(range(0, len(ds), batch_size), desc="stage2 generate", disable=not progress,
@@ -85,7 +83,7 @@ def generate_reports(model: ReportGenerator, tok, ds: ReportDataset, kwargs: dic
         out = model.generate(batch["input_ids"].to(device), batch["attention_mask"].to(device),
                              None if visual is None else visual.to(device),
                              {k: v.to(device) for k, v in batch["knowledge"].items()},
-                             **with_assessment(kwargs, assessment, tok, batch["knowledge"]["birads_label"]))
+                             **with_assessment(kwargs, tokens, batch["knowledge"]["birads_label"]))
         for exam_id, ids in zip(batch["exam_id"], out):
             text = tok.decode(ids, skip_special_tokens=True).strip()
             rows.append({"id": exam_id, "text": text, "structured": parse_report(text)})

@@ -208,14 +208,14 @@ def test_verbal_tie_adds_the_report_words_to_knowledge_tokens_only(stage1_output
 
 
 def test_stated_assessment_puts_stage1_categories_in_the_report(stage1_outputs, tmp_path):
-    from stage2_sft.constrained import StatedAssessment
+    from stage2_sft.constrained import AssessmentTokens, StatedAssessment
 
     root = stage1_outputs
     run(load_config(TINY, _overrides(root, tmp_path, "train.epochs=1")))
     cfg, model, tok = load_run(tmp_path)
     # the processor alone: after "Right breast" only stage 1's right category keeps the best score
     labels = torch.tensor([[1, 7]])  # L: BI-RADS 1, R: BI-RADS 5 (class indices)
-    proc = StatedAssessment(tok, labels)
+    proc = StatedAssessment(AssessmentTokens.of(tok), labels)
     cat = {c: tok.convert_tokens_to_ids(f"BI-RADS {c}") for c in ("1", "3", "5")}
     scores = torch.zeros(1, len(tok))
     scores[0, cat["3"]] = 5.0
