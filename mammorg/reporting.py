@@ -79,8 +79,10 @@ def report_exam(bundle: Bundle, views: dict[str, np.ndarray], max_new_tokens: in
     if not cfg.visual.enabled:
         sample.pop("visual")
     batch = collate([sample], tok.pad_token_id, for_generation=True)
-    tokens = assessment_tokens(cfg.generate.get("assessment", "free"), tok)
-    kwargs = with_assessment(generation_kwargs(cfg, tok), tokens, batch["knowledge"]["birads_label"])
+    assessment = cfg.generate.get("assessment", "free")
+    tokens = assessment_tokens(assessment, tok, builder.plan)
+    kwargs = with_assessment(generation_kwargs(cfg, tok), assessment, tokens,
+                             batch["knowledge"]["birads_label"])
     if max_new_tokens:
         kwargs["max_new_tokens"] = max_new_tokens
     ids = bundle.generator.generate(batch["input_ids"], batch["attention_mask"], batch.get("visual"),

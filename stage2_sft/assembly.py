@@ -186,7 +186,8 @@ def make_builder(cfg: DictConfig, tok: PreTrainedTokenizerBase) -> PromptBuilder
     """The prompt/report tokeniser of a stage-2 config (training, generation and bundles alike)."""
     return PromptBuilder(tok, cfg.visual.tokens_per_view, cfg.knowledge.mode, cfg.visual.enabled,
                          cfg.data.max_report_tokens, normalizer_for(cfg),
-                         bool(cfg.knowledge.get("confidence", True)))  # older runs lack the key
+                         bool(cfg.knowledge.get("confidence", True)),  # older runs lack these keys
+                         bool(cfg.data.get("assessment_plan", False)))
 
 
 def normalizer_for(cfg: DictConfig) -> Normalizer | None:

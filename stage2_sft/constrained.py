@@ -1,10 +1,14 @@
-"""Constrained generation: the report states stage 1's BI-RADS categories (``generate.assessment``).
+"""Constrained generation: which BI-RADS category the report states (``generate.assessment``).
 
-With ``assessment: stage1`` the decoder still chooses where a category goes and words the report
-freely, but whenever it writes a BI-RADS category term (an atomic token such as ``BI-RADS 4B``)
-the term is the one stage 1 decided for that breast: for the last side named in the sentence
-(``Right``/``Left``), else the exam's most severe category. Its score is the best category
-score, so the choice to state a category at that point is unchanged.
+- ``stage1``: each category the report states is the one stage 1 decided for that breast;
+- ``plan``: each category the report states is the one the decoder itself wrote in its
+  assessment plan (``data.assessment_plan``), so the wording cannot drift from its decision.
+
+The decoder still chooses where a category goes and words the report freely: whenever it writes a
+BI-RADS category term (an atomic token such as ``BI-RADS 4B``) the term becomes the target for the
+last side named in the sentence (``Right``/``Left``), else the exam's. Its score is the best
+category score, so the choice to state a category at that point is unchanged. With ``stage1`` and
+a plan, the plan's category tokens (``<R:birads=4B>``) are held to stage 1's decisions as well.
 """
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ from transformers import LogitsProcessor, PreTrainedTokenizerBase
 from mammorg.io import MammorgError
 from mammorg.labels import BIRADS_CLASSES, birads_severity
 
-ASSESSMENTS = ("free", "stage1")
+ASSESSMENTS = ("free", "stage1", "plan")
 SIDE_WORDS = {0: ("Left", "ĠLeft", "left", "Ġleft"), 1: ("Right", "ĠRight", "right", "Ġright")}
 SENTENCE_ENDS = (".", "Ċ", "ĊĊ", ":")
 
@@ -25,55 +29,81 @@ def _ids(vocab: dict[str, int], tokens) -> torch.Tensor:
     return torch.tensor([vocab[t] for t in tokens if t in vocab])
 
 
+def _plan_ids(vocab: dict[str, int]) -> torch.Tensor | None:
+    """``[3, 9]`` ids of ``<L:birads=c>``, ``<R:birads=c>``, ``<exam:birads=c>`` (None if absent)."""
+    names = [[f"<{s}:birads={c}>" for c in BIRADS_CLASSES] for s in ("L", "R", "exam")]
+    if any(n not in vocab for row in names for n in row):
+        return None
+    return torch.tensor([[vocab[n] for n in row] for row in names])
+
+
 @dataclass(frozen=True)
 class AssessmentTokens:
-    """Token ids the processor needs: BI-RADS category terms, side words, sentence ends."""
+    """Token ids the processors need: category terms, side words, sentence ends, plan tokens."""
 
     categories: torch.Tensor
     sides: tuple[torch.Tensor, torch.Tensor]  # left, right
     stops: torch.Tensor
+    plan: torch.Tensor | None = None  # [3, 9]: L, R, exam
 
     @classmethod
     def of(cls, tok: PreTrainedTokenizerBase) -> "AssessmentTokens":
         vocab = tok.get_vocab()
         if any(f"BI-RADS {c}" not in vocab for c in BIRADS_CLASSES):
-            raise MammorgError("generate.assessment=stage1 needs BI-RADS categories as atomic terms "
+            raise MammorgError("generate.assessment needs BI-RADS categories as atomic terms "
                                "(terminology.atomic_terms: true)")
         return cls(_ids(vocab, [f"BI-RADS {c}" for c in BIRADS_CLASSES]),
-                   (_ids(vocab, SIDE_WORDS[0]), _ids(vocab, SIDE_WORDS[1])), _ids(vocab, SENTENCE_ENDS))
+                   (_ids(vocab, SIDE_WORDS[0]), _ids(vocab, SIDE_WORDS[1])), _ids(vocab, SENTENCE_ENDS),
+                   _plan_ids(vocab))
 
 
-def assessment_tokens(assessment: str, tok: PreTrainedTokenizerBase) -> AssessmentTokens | None:
-    """The tokens for ``generate.assessment`` (None for ``free``); checks the setting."""
+def assessment_tokens(assessment: str, tok: PreTrainedTokenizerBase,
+                      plan: bool = False) -> AssessmentTokens | None:
+    """The tokens for ``generate.assessment`` (None for ``free``); checks the setting against the
+    run (``plan``: whether it was trained with assessment plans)."""
     if assessment not in ASSESSMENTS:
-        raise MammorgError(f"generate.assessment={assessment!r}: expected {' or '.join(ASSESSMENTS)}")
-    return AssessmentTokens.of(tok) if assessment == "stage1" else None
+        raise MammorgError(f"generate.assessment={assessment!r}: expected {', '.join(ASSESSMENTS)}")
+    if assessment == "plan" and not plan:
+        raise MammorgError("generate.assessment=plan needs a run trained with data.assessment_plan: true")
+    return AssessmentTokens.of(tok) if assessment != "free" else None
 
 
-class StatedAssessment(LogitsProcessor):
-    """Replace any BI-RADS category term the decoder is about to write with stage 1's."""
+def exam_category(label: torch.Tensor) -> torch.Tensor:
+    """``[N, 1]`` the most severe of the per-side class indices ``label [N, 2]`` (-1: none)."""
+    severity = torch.tensor([birads_severity(c) for c in BIRADS_CLASSES], dtype=torch.float,
+                            device=label.device)
+    score = torch.where(label >= 0, severity[label.clamp(min=0)], torch.full(label.shape, -1e9,
+                                                                            device=label.device))
+    return label.gather(1, score.argmax(1, keepdim=True))
 
-    def __init__(self, tokens: AssessmentTokens, birads_label: torch.Tensor):
-        """``birads_label``: ``[N, 2]`` stage-1 class index per exam and side (L, R; -1: none)."""
+
+def _force(scores: torch.Tensor, ids: torch.Tensor, target: torch.Tensor) -> None:
+    """In place: among the token ``ids`` only ``target`` (class index per row, -1: leave the row
+    alone) keeps a score, the best score of the group."""
+    rows = (target >= 0).nonzero().squeeze(1)
+    best = scores[rows][:, ids].max(1).values
+    scores[rows.unsqueeze(1), ids.unsqueeze(0)] = float("-inf")
+    scores[rows, ids[target[rows]]] = best
+
+
+class CategoryChoice(LogitsProcessor):
+    """Hold each stated BI-RADS category term to a target per side (``targets``: ``[B, 3]`` class
+    indices for L, R and the exam, -1 where the decoder stays free)."""
+
+    def __init__(self, tokens: AssessmentTokens):
         self.tokens = tokens
-        self.targets = torch.cat([birads_label, self._exam(birads_label)], 1)  # [N, 3]: L, R, exam
 
-    @staticmethod
-    def _exam(label: torch.Tensor) -> torch.Tensor:
-        severity = torch.tensor([birads_severity(c) for c in BIRADS_CLASSES], dtype=torch.float)
-        score = torch.where(label >= 0, severity[label.clamp(min=0)], torch.full(label.shape, -1e9))
-        best = score.argmax(1, keepdim=True)
-        return label.gather(1, best)
+    def targets(self, input_ids: torch.Tensor, batch: int) -> torch.Tensor:
+        raise NotImplementedError
 
     def _context(self, input_ids: torch.Tensor) -> torch.Tensor:
         """0 / 1 when the current sentence named the left / right breast last, else 2 (exam)."""
+        if not input_ids.shape[1]:  # first step: nothing generated yet
+            return input_ids.new_full((input_ids.shape[0],), 2)
         pos = torch.arange(1, input_ids.shape[1] + 1, device=input_ids.device)
 
         def last(ids: torch.Tensor) -> torch.Tensor:
-            hit = torch.isin(input_ids, ids.to(input_ids.device))
-            if not input_ids.shape[1]:  # first step: nothing generated yet
-                return input_ids.new_zeros(input_ids.shape[0])
-            return (hit * pos).max(1).values
+            return (torch.isin(input_ids, ids.to(input_ids.device)) * pos).max(1).values
 
         left, right, stop = last(self.tokens.sides[0]), last(self.tokens.sides[1]), last(self.tokens.stops)
         side = torch.full_like(left, 2)
@@ -81,11 +111,47 @@ class StatedAssessment(LogitsProcessor):
         return torch.where((right > stop) & (right > left), 1, side)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        targets = self.targets.to(scores.device).repeat_interleave(scores.shape[0] // self.targets.shape[0], 0)
-        target = targets.gather(1, self._context(input_ids).unsqueeze(1)).squeeze(1)  # class index
-        cats = self.tokens.categories.to(scores.device)
-        rows = (target >= 0).nonzero().squeeze(1)
-        best = scores[rows][:, cats].max(1).values
-        scores[rows.unsqueeze(1), cats.unsqueeze(0)] = float("-inf")
-        scores[rows, cats[target[rows]]] = best
+        targets = self.targets(input_ids, scores.shape[0]).to(scores.device)
+        target = targets.gather(1, self._context(input_ids).unsqueeze(1)).squeeze(1)
+        _force(scores, self.tokens.categories.to(scores.device), target)
         return scores
+
+
+class StatedAssessment(CategoryChoice):
+    """The report (and its plan, if any) states stage 1's BI-RADS decisions."""
+
+    def __init__(self, tokens: AssessmentTokens, birads_label: torch.Tensor):
+        """``birads_label``: ``[N, 2]`` stage-1 class index per exam and side (L, R; -1: none)."""
+        super().__init__(tokens)
+        self.fixed = torch.cat([birads_label, exam_category(birads_label)], 1)  # [N, 3]
+
+    def targets(self, input_ids: torch.Tensor, batch: int) -> torch.Tensor:
+        return self.fixed.repeat_interleave(batch // self.fixed.shape[0], 0)  # beams: rows repeat
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        scores = super().__call__(input_ids, scores)
+        if self.tokens.plan is not None:
+            targets = self.targets(input_ids, scores.shape[0]).to(scores.device)
+            for k in range(3):
+                _force(scores, self.tokens.plan[k].to(scores.device), targets[:, k])
+        return scores
+
+
+class PlannedAssessment(CategoryChoice):
+    """The report states the categories of the decoder's own assessment plan."""
+
+    def targets(self, input_ids: torch.Tensor, batch: int) -> torch.Tensor:
+        plan = self.tokens.plan.to(input_ids.device)  # [3, 9]
+        written = (input_ids[:, :, None, None] == plan).any(1)  # [B, 3, 9]
+        label = torch.where(written.any(2), written.float().argmax(2), -1)  # [B, 3]
+        sides = label[:, :2]
+        exam = torch.where(label[:, 2:] >= 0, label[:, 2:], exam_category(sides))
+        return torch.cat([sides, exam], 1)
+
+
+def assessment_processor(assessment: str, tokens: AssessmentTokens | None,
+                         birads_label: torch.Tensor) -> CategoryChoice | None:
+    """The processor of ``generate.assessment`` for a batch (None for ``free``)."""
+    if assessment == "stage1":
+        return StatedAssessment(tokens, birads_label)
+    return PlannedAssessment(tokens) if assessment == "plan" else None

@@ -11,9 +11,10 @@ from safetensors.torch import load_file
 from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
+from evaluation.parser import parse_report
 from mammorg.io import MammorgError, read_jsonl
 from mammorg.labels import VIEWS
-from stage2_sft.knowledge import (SOFT_SLOTS, discrete_tokens, state_from_labels,
+from stage2_sft.knowledge import (SOFT_SLOTS, discrete_tokens, plan_tokens, state_from_labels,
                                   state_from_prediction)
 from stage2_sft.model import IMAGE, KNOWLEDGE, MISSING, REPORT, VIEW_MARKERS
 from terminology.normalize import Normalizer
@@ -30,6 +31,7 @@ class PromptBuilder:
     max_report_tokens: int = 256
     normalizer: Normalizer | None = None
     confidence: bool = True  # discrete knowledge with confidence-bucket tokens
+    plan: bool = False  # the target starts with the report's assessment plan (``plan_tokens``)
 
     def prompt_ids(self, view_mask: list[bool], state: dict | None) -> list[int]:
         tok = self.tokenizer
@@ -45,9 +47,13 @@ class PromptBuilder:
         return ([tok.bos_token_id] if tok.bos_token_id is not None else []) + ids
 
     def report_ids(self, text: str) -> list[int]:
+        """Target ids: with ``plan``, the assessment plan first (the categories the report states,
+        decided before it is worded; special tokens, so decoding drops them), then the report."""
+        plan = self.tokenizer.convert_tokens_to_ids(plan_tokens(parse_report(text)["birads"])) \
+            if self.plan else []
         text = self.normalizer(text) if self.normalizer else text
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"][: self.max_report_tokens]
-        return ids + [self.tokenizer.eos_token_id]
+        return plan + ids + [self.tokenizer.eos_token_id]
 
 
 def _resolve(base: Path, rel: str) -> Path:

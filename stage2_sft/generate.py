@@ -18,7 +18,7 @@ from evaluation.parser import parse_report
 from mammorg.config import load_config
 from mammorg.io import MammorgError, write_jsonl_atomic
 from stage2_sft.assembly import load_generator, make_builder
-from stage2_sft.constrained import AssessmentTokens, StatedAssessment, assessment_tokens
+from stage2_sft.constrained import AssessmentTokens, assessment_processor, assessment_tokens
 from stage2_sft.data import ReportDataset, collate
 from stage2_sft.model import ReportGenerator
 
@@ -55,12 +55,14 @@ def generation_kwargs(cfg: DictConfig, tok, num_beams: int | None = None,
     return kwargs
 
 
-def with_assessment(kwargs: dict, tokens: AssessmentTokens | None, birads_label: torch.Tensor) -> dict:
-    """``kwargs`` plus, with assessment ``tokens`` (``generate.assessment=stage1``), the processor
-    that states stage 1's BI-RADS decisions (``birads_label [N, 2]``) as the report's categories."""
-    if tokens is None:
+def with_assessment(kwargs: dict, assessment: str, tokens: AssessmentTokens | None,
+                    birads_label: torch.Tensor) -> dict:
+    """``kwargs`` plus the processor of ``generate.assessment`` (``stage1``: the report states
+    stage 1's decisions ``birads_label [N, 2]``; ``plan``: those of the decoder's own plan)."""
+    processor = assessment_processor(assessment, tokens, birads_label)
+    if processor is None:
         return kwargs
-    return {**kwargs, "logits_processor": LogitsProcessorList([StatedAssessment(tokens, birads_label)])}
+    return {**kwargs, "logits_processor": LogitsProcessorList([processor])}
 
 
 def inference_device() -> torch.device:
@@ -70,9 +72,10 @@ def inference_device() -> torch.device:
 @torch.no_grad()
 def generate_reports(model: ReportGenerator, tok, ds: ReportDataset, kwargs: dict,
                      batch_size: int = 8, progress: bool = True, assessment: str = "free") -> list[dict]:
-    """Reports for every exam of ``ds``; ``assessment="stage1"`` keeps the stated BI-RADS
-    categories on the knowledge state's decisions (``stage2_sft.constrained``)."""
-    tokens = assessment_tokens(assessment, tok)
+    """Reports for every exam of ``ds``; ``assessment`` (``generate.assessment``) can hold the
+    stated BI-RADS categories to stage 1's decisions or to the decoder's plan
+    (``stage2_sft.constrained``)."""
+    tokens = assessment_tokens(assessment, tok, ds.builder.plan)
     device = next(model.parameters()).device
     rows = []
     for start in tqdm(range(0, len(ds), batch_size), desc="stage2 generate", disable=not progress,
@@ -83,7 +86,8 @@ def generate_reports(model: ReportGenerator, tok, ds: ReportDataset, kwargs: dic
         out = model.generate(batch["input_ids"].to(device), batch["attention_mask"].to(device),
                              None if visual is None else visual.to(device),
                              {k: v.to(device) for k, v in batch["knowledge"].items()},
-                             **with_assessment(kwargs, tokens, batch["knowledge"]["birads_label"]))
+                             **with_assessment(kwargs, assessment, tokens,
+                                                              batch["knowledge"]["birads_label"]))
         for exam_id, ids in zip(batch["exam_id"], out):
             text = tok.decode(ids, skip_special_tokens=True).strip()
             rows.append({"id": exam_id, "text": text, "structured": parse_report(text)})

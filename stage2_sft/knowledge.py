@@ -33,6 +33,24 @@ def discrete_vocabulary() -> list[str]:
     return tokens + [f"<conf:{name}>" for name, _ in CONFIDENCE]
 
 
+PLAN, PLAN_END = "<plan>", "</plan>"
+
+
+def plan_vocabulary() -> list[str]:
+    """Tokens of an assessment plan beyond the discrete ones: its brackets and exam categories."""
+    return [PLAN, PLAN_END, *(f"<exam:birads={c}>" for c in BIRADS_CLASSES)]
+
+
+def plan_tokens(birads: dict) -> list[str]:
+    """The assessment plan of a report from the BI-RADS categories it states (``{"L", "R",
+    "exam"}``, as parsed): ``<plan> <L:birads=1> <R:birads=4B> </plan>``; the exam category
+    only when no breast has its own. A category outside ``BIRADS_CLASSES`` (a bare "4") is left out."""
+    sides = [f"<{s}:birads={birads[s]}>" for s in "LR" if birads.get(s) in BIRADS_CLASSES]
+    if not sides and birads.get("exam") in BIRADS_CLASSES:
+        sides = [f"<exam:birads={birads['exam']}>"]
+    return [PLAN, *sides, PLAN_END]
+
+
 def verbal_forms(lexicon) -> dict[str, str]:
     """The words a discrete token stands for, as reports write them (``<R:birads=4B>`` →
     ``BI-RADS 4B``, ``<L:mass>`` → ``mass``, ``<density=c>`` → ``heterogeneously dense``).

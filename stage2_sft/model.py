@@ -14,7 +14,7 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from mammorg.labels import VIEWS
-from stage2_sft.knowledge import SoftKnowledge, discrete_vocabulary
+from stage2_sft.knowledge import SoftKnowledge, discrete_vocabulary, plan_vocabulary
 
 IMAGE, KNOWLEDGE, REPORT, MISSING = "<image>", "<knowledge>", "<report>", "<missing_view>"
 IGNORE_INDEX = -100
@@ -22,8 +22,8 @@ VIEW_MARKERS = tuple(f"<view:{v}>" for v in VIEWS)
 
 
 def prompt_tokens() -> list[str]:
-    """Special tokens every stage-2 tokenizer carries (structure + discrete knowledge)."""
-    return [IMAGE, KNOWLEDGE, REPORT, MISSING, *VIEW_MARKERS, *discrete_vocabulary()]
+    """Special tokens every stage-2 tokenizer carries (structure, discrete knowledge, plans)."""
+    return [IMAGE, KNOWLEDGE, REPORT, MISSING, *VIEW_MARKERS, *discrete_vocabulary(), *plan_vocabulary()]
 
 
 class PlaceholderMismatch(ValueError):

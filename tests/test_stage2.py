@@ -2,18 +2,21 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import LogitsProcessorList
 
 from mammorg.cli import main as cli
 from mammorg.config import load_config
 from mammorg.io import read_jsonl
 from stage2_sft.generate import generate_reports, generation_kwargs, load_run, make_builder
-from stage2_sft.data import ReportDataset
+from stage2_sft.data import ReportDataset, collate
+from stage2_sft.knowledge import plan_tokens
 from stage2_sft.model import PlaceholderMismatch, fill_placeholders
 from stage2_sft.train import run
 
@@ -233,3 +236,63 @@ def test_stated_assessment_puts_stage1_categories_in_the_report(stage1_outputs, 
         assert stated <= {preds[r["id"]]["L"], preds[r["id"]]["R"]}
     with pytest.raises(Exception, match="generate.assessment='always'"):
         generate_reports(model, tok, ds, generation_kwargs(cfg, tok), 4, False, assessment="always")
+
+
+def test_plan_tokens_state_the_report_categories():
+    assert plan_tokens({"L": "1", "R": "4B", "exam": "4B"}) == \
+        ["<plan>", "<L:birads=1>", "<R:birads=4B>", "</plan>"]
+    assert plan_tokens({"L": None, "R": None, "exam": "3"}) == ["<plan>", "<exam:birads=3>", "</plan>"]
+    assert plan_tokens({"L": "4", "R": None, "exam": "4"}) == ["<plan>", "</plan>"]  # a bare 4: no class
+
+
+class _Scripted:
+    """Logits processor for tests: forces ``script`` at the first steps, then favours ``then``."""
+
+    def __init__(self, script: list[int], then: int):
+        self.script, self.then = script, then
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        step = input_ids.shape[1]
+        scores[:] = -1e4
+        scores[:, self.script[step] if step < len(self.script) else self.then] = 0.0
+        return scores
+
+
+def test_assessment_plan_run_states_its_own_plan(stage1_outputs, tmp_path):
+    from evaluation.parser import parse_report
+    from stage2_sft.constrained import AssessmentTokens, PlannedAssessment, assessment_tokens
+
+    root = stage1_outputs
+    run(load_config(TINY, _overrides(root, tmp_path, "train.epochs=1", "data.assessment_plan=true")))
+    cfg, model, tok = load_run(tmp_path)
+    builder = make_builder(cfg, tok)
+    report = "Right breast BI-RADS 4B. Left breast BI-RADS 1."
+    ids = builder.report_ids(report)
+    assert tok.convert_ids_to_tokens(ids[:4]) == ["<plan>", "<L:birads=1>", "<R:birads=4B>", "</plan>"]
+    assert parse_report(tok.decode(ids, skip_special_tokens=True))["birads"]["R"] == "4B"  # plan dropped
+    # the processor alone: after "Right breast" only the plan's right category keeps the best score
+    proc = PlannedAssessment(AssessmentTokens.of(tok))
+    cat = {c: tok.convert_tokens_to_ids(f"BI-RADS {c}") for c in ("1", "3", "4B")}
+    written = torch.tensor([ids[:4] + tok("OPINION: Right breast", add_special_tokens=False)["input_ids"]])
+    scores = torch.zeros(1, len(tok))
+    scores[0, cat["3"]] = 5.0
+    out = proc(written, scores.clone())
+    assert out[0, cat["4B"]] == 5.0 and torch.isinf(out[0, cat["3"]]) and torch.isinf(out[0, cat["1"]])
+    unplanned = torch.tensor([tok("OPINION: Right breast", add_special_tokens=False)["input_ids"]])
+    assert proc(unplanned, scores.clone())[0, cat["3"]] == 5.0  # no plan yet: free
+    # in generate (KV cache, inputs_embeds): a scripted start writes a plan and "Right breast", then
+    # favours BI-RADS 3; the processor turns it into the plan's right category
+    script = tok.convert_tokens_to_ids(["<plan>", "<L:birads=1>", "<R:birads=5>", "</plan>"]) + \
+        tok("OPINION: Right breast", add_special_tokens=False)["input_ids"]
+    ds = ReportDataset(root / "m.jsonl", root / "s1/pred.jsonl", builder, with_reports=False)
+    batch = collate([ds[i] for i in range(len(ds))], tok.pad_token_id, for_generation=True)
+    kwargs = {**generation_kwargs(cfg, tok), "max_new_tokens": len(script) + 1,
+              "logits_processor": LogitsProcessorList([_Scripted(script, cat["3"]), proc])}
+    outs = model.generate(batch["input_ids"], batch["attention_mask"], batch["visual"], batch["knowledge"],
+                          **kwargs)
+    for out in outs:
+        assert parse_report(tok.decode(out, skip_special_tokens=True))["birads"]["R"] == "5"
+    rows = generate_reports(model, tok, ds, generation_kwargs(cfg, tok), 4, False, assessment="plan")
+    assert len(rows) == len(ds) and not any("<plan>" in r["text"] for r in rows)
+    with pytest.raises(Exception, match="assessment_plan"):
+        assessment_tokens("plan", tok, plan=False)
