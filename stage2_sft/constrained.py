@@ -12,6 +12,7 @@ a plan, the plan's category tokens (``<R:birads=4B>``) are held to stage 1's dec
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
@@ -86,15 +87,16 @@ def _force(scores: torch.Tensor, ids: torch.Tensor, target: torch.Tensor) -> Non
     scores[rows, ids[target[rows]]] = best
 
 
-class CategoryChoice(LogitsProcessor):
+class CategoryChoice(LogitsProcessor, ABC):
     """Hold each stated BI-RADS category term to a target per side (``targets``: ``[B, 3]`` class
     indices for L, R and the exam, -1 where the decoder stays free)."""
 
     def __init__(self, tokens: AssessmentTokens):
         self.tokens = tokens
 
+    @abstractmethod
     def targets(self, input_ids: torch.Tensor, batch: int) -> torch.Tensor:
-        raise NotImplementedError
+        """``[batch, 3]`` target class per row (L, R, exam; -1: free) given the ids so far."""
 
     def _context(self, input_ids: torch.Tensor) -> torch.Tensor:
         """0 / 1 when the current sentence named the left / right breast last, else 2 (exam)."""
@@ -110,10 +112,14 @@ class CategoryChoice(LogitsProcessor):
         side = torch.where((left > stop) & (left > right), 0, side)
         return torch.where((right > stop) & (right > left), 1, side)
 
+    def hold_plan(self, scores: torch.Tensor, targets: torch.Tensor) -> None:
+        """Also hold the plan's category tokens to ``targets`` (in place); by default the plan is free."""
+
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         targets = self.targets(input_ids, scores.shape[0]).to(scores.device)
         target = targets.gather(1, self._context(input_ids).unsqueeze(1)).squeeze(1)
         _force(scores, self.tokens.categories.to(scores.device), target)
+        self.hold_plan(scores, targets)
         return scores
 
 
@@ -128,13 +134,10 @@ class StatedAssessment(CategoryChoice):
     def targets(self, input_ids: torch.Tensor, batch: int) -> torch.Tensor:
         return self.fixed.repeat_interleave(batch // self.fixed.shape[0], 0)  # beams: rows repeat
 
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        scores = super().__call__(input_ids, scores)
+    def hold_plan(self, scores: torch.Tensor, targets: torch.Tensor) -> None:
         if self.tokens.plan is not None:
-            targets = self.targets(input_ids, scores.shape[0]).to(scores.device)
-            for k in range(3):
+            for k in range(3):  # L, R, exam
                 _force(scores, self.tokens.plan[k].to(scores.device), targets[:, k])
-        return scores
 
 
 class PlannedAssessment(CategoryChoice):

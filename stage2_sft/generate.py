@@ -83,11 +83,10 @@ def generate_reports(model: ReportGenerator, tok, ds: ReportDataset, kwargs: dic
         batch = collate([ds[i] for i in range(start, min(start + batch_size, len(ds)))],
                         tok.pad_token_id, for_generation=True)
         visual = batch.get("visual")
+        step_kwargs = with_assessment(kwargs, assessment, tokens, batch["knowledge"]["birads_label"])
         out = model.generate(batch["input_ids"].to(device), batch["attention_mask"].to(device),
                              None if visual is None else visual.to(device),
-                             {k: v.to(device) for k, v in batch["knowledge"].items()},
-                             **with_assessment(kwargs, assessment, tokens,
-                                                              batch["knowledge"]["birads_label"]))
+                             {k: v.to(device) for k, v in batch["knowledge"].items()}, **step_kwargs)
         for exam_id, ids in zip(batch["exam_id"], out):
             text = tok.decode(ids, skip_special_tokens=True).strip()
             rows.append({"id": exam_id, "text": text, "structured": parse_report(text)})
