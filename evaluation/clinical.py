@@ -84,31 +84,57 @@ def bootstrap_ci(preds: Sequence[dict], refs: Sequence[dict], keys: Sequence[str
 
 
 def per_exam_scores(preds: Sequence[dict], refs: Sequence[dict]) -> dict[str, np.ndarray]:
-    """Per-exam scores for paired tests: BI-RADS/density correctness and finding counts."""
+    """Per-exam scores for paired tests: BI-RADS/density correctness, finding counts, and the
+    exam BI-RADS categories as class codes (``birads_ref``/``birads_pred``, -1: none stated)."""
     birads = np.array([p["birads"].get("exam") == r["birads"].get("exam") for p, r in zip(preds, refs)],
                       dtype=float)
     density = np.array([p.get("density") == r.get("density") for p, r in zip(preds, refs)], dtype=float)
     counts = np.stack([finding_counts(p, r).sum(axis=0) for p, r in zip(preds, refs)]) \
         if preds else np.zeros((0, 3))
-    return {"birads_acc": birads, "density_acc": density, "finding_counts": counts}
+    return {"birads_acc": birads, "density_acc": density, "finding_counts": counts,
+            "birads_ref": _birads_codes(refs), "birads_pred": _birads_codes(preds)}
+
+
+def _birads_codes(structs: Sequence[dict]) -> np.ndarray:
+    codes = {c: i for i, c in enumerate(BIRADS_VALUES)}
+    return np.array([codes.get(s["birads"].get("exam"), -1) for s in structs], dtype=np.int64)
+
+
+def birads_macro_f1_codes(ref: np.ndarray, pred: np.ndarray) -> float:
+    """``macro_f1`` on class codes (vectorised for resampling): the mean F1 over the reference
+    classes present; a prediction of -1 (none) counts as wrong, a reference of -1 is left out."""
+    k = len(BIRADS_VALUES) + 1  # the last row/column: none
+    conf = np.bincount(np.where(ref < 0, k - 1, ref) * k + np.where(pred < 0, k - 1, pred),
+                       minlength=k * k).reshape(k, k)
+    tp, support, predicted = np.diag(conf)[:-1], conf[:-1].sum(axis=1), conf[:, :-1].sum(axis=0)
+    present = support > 0
+    if not present.any():
+        return float("nan")
+    return float(np.mean(2 * tp[present] / (support[present] + predicted[present])))
 
 
 def paired_bootstrap(a: dict[str, np.ndarray], b: dict[str, np.ndarray], n: int = 2000,
                      seed: int = 0) -> dict[str, dict]:
     """Paired bootstrap of system A − system B on the same references (two-sided p-values)."""
+    if "birads_ref" in a and "birads_ref" in b and not np.array_equal(a["birads_ref"], b["birads_ref"]):
+        raise ValueError("paired bootstrap: the two systems are scored against different references")
     rng = np.random.default_rng(seed)
     m = len(a["birads_acc"])
     stats = {"birads_acc": lambda s, i: s["birads_acc"][i].mean(),
              "density_acc": lambda s, i: s["density_acc"][i].mean(),
              "finding_f1": lambda s, i: _f1(s["finding_counts"][i].sum(axis=0))}
+    if "birads_ref" in a and "birads_ref" in b:
+        stats["birads_f1"] = lambda s, i: birads_macro_f1_codes(s["birads_ref"][i], s["birads_pred"][i])
     out = {}
     for key, stat in stats.items():
         full = np.arange(m)
         delta = stat(a, full) - stat(b, full)
         diffs = np.array([stat(a, i) - stat(b, i) for i in
                           (rng.integers(0, m, m) for _ in range(n))])
+        if not m or np.isnan(diffs).all():  # e.g. no finding in either system or reference
+            out[key] = {"delta": float(delta), "p_value": float("nan"), "ci95": [float("nan")] * 2}
+            continue
         centred = diffs - np.nanmean(diffs)
-        p = float(np.nanmean(np.abs(centred) >= abs(delta))) if m else float("nan")
-        out[key] = {"delta": float(delta), "p_value": p,
+        out[key] = {"delta": float(delta), "p_value": float(np.nanmean(np.abs(centred) >= abs(delta))),
                     "ci95": [float(np.nanpercentile(diffs, 2.5)), float(np.nanpercentile(diffs, 97.5))]}
     return out

@@ -3,7 +3,8 @@
 Each grid row names stage-1 and stage-2 overrides; every row runs for every seed in its own
 folder (a run whose evaluation exists is not redone). Data and each distinct stage-1 setting are
 prepared once. Writes ``table.csv``, ``table.md`` (mean ± 95% t-interval over seeds, paired
-bootstrap against the baseline row on the pooled test exams) and ``ablation.png``.
+bootstrap on the pooled test exams against the baseline row, or against the row a row names as
+``versus``) and ``ablation.png``.
 """
 from __future__ import annotations
 
@@ -36,8 +37,9 @@ def run_grid(cfg: DictConfig, config_dir: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(pipe.cfg, out / "pipeline.yaml")
     pipe.prepare_data()
-    if cfg.baseline not in cfg.grid:
-        raise MammorgError(f"baseline '{cfg.baseline}' is not a row of the grid")
+    for name in (cfg.baseline, *(row.get("versus") for row in cfg.grid.values() if row.get("versus"))):
+        if name not in cfg.grid:
+            raise MammorgError(f"baseline '{name}' is not a row of the grid")
     for name, row in cfg.grid.items():
         s1 = list(pipe.cfg.stage1.overrides) + list(row.get("stage1") or [])
         s1_run = _stage1_key(s1)
@@ -79,41 +81,42 @@ def cfg_pipeline_stage1(out: Path) -> list[str]:
 def write_table(cfg: DictConfig, out: Path) -> Path:
     seeds = list(cfg.seeds)
     refs = parsed_references(out)
-    base = _pooled_scores(out, cfg.baseline, seeds, refs)
+    pooled = {name: _pooled_scores(out, name, seeds, refs) for name in cfg.grid}
     rows = []
-    for name in cfg.grid:
+    for name, spec in cfg.grid.items():
         per_seed = [json.loads((out / f"runs/{name}/seed{s}/evaluation/metrics.json").read_text())
                     for s in seeds]
-        row: dict = {"row": name, "seeds": len(seeds)}
-        s1_run = _stage1_key(list(cfg_pipeline_stage1(out)) + list(cfg.grid[name].get("stage1") or []))
+        row: dict = {"row": name, "seeds": len(seeds), "versus": spec.get("versus") or cfg.baseline}
+        s1_run = _stage1_key(list(cfg_pipeline_stage1(out)) + list(spec.get("stage1") or []))
         s1 = stage1_as_report_metrics(refs, out / s1_run / "predictions.jsonl")
         row.update({f"stage1_{k}": v for k, v in s1.items()})
         for key in METRICS:
             row[key], row[f"{key}_ci95"] = _mean_ci([m.get(key) for m in per_seed])
-        if name != cfg.baseline:
-            test = paired_bootstrap(_pooled_scores(out, name, seeds, refs), base, n=cfg.bootstrap)
+        if name != row["versus"]:
+            test = paired_bootstrap(pooled[name], pooled[row["versus"]], n=cfg.bootstrap)
             for key, res in test.items():
-                row[f"{key}_delta_vs_{cfg.baseline}"] = res["delta"]
-                row[f"{key}_p_vs_{cfg.baseline}"] = res["p_value"]
+                row[f"{key}_delta"], row[f"{key}_p"] = res["delta"], res["p_value"]
         rows.append(row)
     table = pd.DataFrame(rows)
     with atomic_path(out / "table.csv") as tmp:
         table.to_csv(tmp, index=False)
-    write_text_atomic(out / "table.md", markdown(table, cfg.baseline))
+    write_text_atomic(out / "table.md", markdown(table))
     bar_plot(table, out / "ablation.png")
-    print(markdown(table, cfg.baseline))
+    print(markdown(table))
     return out / "table.md"
 
 
-def markdown(table: pd.DataFrame, baseline: str) -> str:
+def markdown(table: pd.DataFrame) -> str:
+    """The table's main columns; p: paired bootstrap of exam BI-RADS macro-F1 against ``versus``."""
     keys = ("birads_f1", "density_f1", "finding_f1", "bleu_4", "rouge_l")
-    head = "| row | " + " | ".join(keys) + f" | p (BI-RADS acc vs {baseline}) | stage-1 labels: birads_f1 |\n"
+    head = "| row | " + " | ".join(keys) + " | p (BI-RADS F1) vs | stage-1 labels: birads_f1 |\n"
     head += "|---" * (len(keys) + 3) + "|\n"
     fmt = lambda m, h: f"{m:.3f}" + ("" if np.isnan(h) else f" ± {h:.3f}")  # noqa: E731
     lines = []
     for _, r in table.iterrows():
-        p = r.get(f"birads_acc_p_vs_{baseline}")
-        p_text = "baseline" if r["row"] == baseline else ("n/a" if p is None or pd.isna(p) else f"{p:.3f}")
+        p = r.get("birads_f1_p")
+        p_text = "baseline" if r["row"] == r["versus"] else \
+            ("n/a" if p is None or pd.isna(p) else f"{p:.3f}") + f" vs {r['versus']}"
         lines.append(f"| {r['row']} | " + " | ".join(fmt(r[k], r[f'{k}_ci95']) for k in keys)
                      + f" | {p_text} | {r['stage1_birads_f1']:.3f} |")
     return head + "\n".join(lines) + "\n"

@@ -21,7 +21,7 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llam
                           PreTrainedModel, PreTrainedTokenizerBase)
 
 from mammorg.io import MammorgError
-from stage2_sft.knowledge import MODES, SOURCES, verbal_forms
+from stage2_sft.knowledge import HEAD_KEYS, MODES, SOURCES, verbal_forms
 from stage2_sft.data import PromptBuilder
 from stage2_sft.model import ReportGenerator, SpecialIds, prompt_tokens
 from terminology.lexicon import load_lexicon
@@ -41,6 +41,10 @@ def check_config(cfg: DictConfig) -> None:
     gold_fraction = cfg.knowledge.get("gold_fraction", 0.0)  # runs saved before the key existed
     if not 0.0 <= float(gold_fraction) <= 1.0:
         raise MammorgError(f"knowledge.gold_fraction={gold_fraction}: expected 0..1")
+    unknown = set(gold_heads(cfg)) - set(HEAD_KEYS)
+    if unknown or not gold_heads(cfg):
+        raise MammorgError(f"knowledge.gold_heads={list(gold_heads(cfg))}: expected a non-empty "
+                           f"subset of {', '.join(HEAD_KEYS)}")
     if not cfg.decoder.name_or_path and not cfg.decoder.from_config:
         raise MammorgError("decoder: set name_or_path (a local model folder) or from_config")
     dtype = cfg.decoder.get("dtype", "float32")
@@ -48,6 +52,12 @@ def check_config(cfg: DictConfig) -> None:
         raise MammorgError(f"decoder.dtype={dtype!r}: expected {' or '.join(DTYPES)}")
     if dtype == "bfloat16" and not torch.cuda.is_available():
         raise MammorgError("decoder.dtype=bfloat16 trains under CUDA autocast: it needs a GPU")
+
+
+def gold_heads(cfg: DictConfig) -> tuple[str, ...]:
+    """The stage-1 heads whose labels stand in for predictions when knowledge is gold."""
+    heads = cfg.knowledge.get("gold_heads")
+    return tuple(HEAD_KEYS) if heads is None else tuple(heads)  # runs saved before the key: all
 
 
 def _lexicon(cfg: DictConfig):

@@ -14,8 +14,8 @@ from transformers import PreTrainedTokenizerBase
 from evaluation.parser import parse_report
 from mammorg.io import MammorgError, read_jsonl
 from mammorg.labels import VIEWS
-from stage2_sft.knowledge import (SOFT_SLOTS, discrete_tokens, plan_tokens, state_from_labels,
-                                  state_from_prediction)
+from stage2_sft.knowledge import (HEAD_KEYS, SOFT_SLOTS, discrete_tokens, plan_tokens,
+                                  state_from_labels, state_from_prediction, with_gold_heads)
 from stage2_sft.model import IMAGE, KNOWLEDGE, MISSING, REPORT, VIEW_MARKERS
 from terminology.normalize import Normalizer
 
@@ -66,7 +66,7 @@ class ReportDataset(Dataset):
 
     def __init__(self, manifest: str | Path, predictions: str | Path, builder: PromptBuilder,
                  split: str | None = None, source: str = "predicted", with_reports: bool = True,
-                 gold_fraction: float = 0.0, seed: int = 0):
+                 gold_fraction: float = 0.0, seed: int = 0, gold_heads: tuple[str, ...] = tuple(HEAD_KEYS)):
         rows = [r for r in read_jsonl(manifest) if split is None or r.get("split") == split]
         preds_path = Path(predictions)
         preds = {p["exam_id"]: p for p in read_jsonl(preds_path)}
@@ -79,6 +79,7 @@ class ReportDataset(Dataset):
         self.rows, self.preds, self.pred_dir = rows, preds, preds_path.parent
         self.builder, self.source, self.with_reports = builder, source, with_reports
         self.gold_fraction, self.seed, self.epoch = gold_fraction, seed, 0
+        self.gold_heads = tuple(gold_heads)
         self._report_ids: dict[int, list[int]] = {}
 
     def __len__(self) -> int:
@@ -99,10 +100,14 @@ class ReportDataset(Dataset):
             np.random.default_rng([self.seed, self.epoch, i]).random() < self.gold_fraction
 
     def knowledge(self, i: int) -> dict[str, torch.Tensor]:
+        """Stage 1's predicted state of exam ``i``, or, on a gold draw, its labels for the heads in
+        ``gold_heads`` (all heads by default; the others stay predicted)."""
         row = self.rows[i]
-        if self.uses_gold(i):
-            return state_from_labels(row.get("labels") or {}, row.get("views") or {})
-        return state_from_prediction(self.preds[row["exam_id"]])
+        predicted = state_from_prediction(self.preds[row["exam_id"]])
+        if not self.uses_gold(i):
+            return predicted
+        gold = state_from_labels(row.get("labels") or {}, row.get("views") or {})
+        return gold if set(self.gold_heads) == set(HEAD_KEYS) else with_gold_heads(predicted, gold, self.gold_heads)
 
     def __getitem__(self, i: int) -> dict:
         row = self.rows[i]

@@ -17,7 +17,7 @@ from transformers import LogitsProcessorList
 from evaluation.parser import parse_report
 from mammorg.config import load_config
 from mammorg.io import MammorgError, write_jsonl_atomic
-from stage2_sft.assembly import load_generator, make_builder
+from stage2_sft.assembly import gold_heads, load_generator, make_builder
 from stage2_sft.constrained import AssessmentTokens, assessment_processor, assessment_tokens
 from stage2_sft.data import ReportDataset, collate
 from stage2_sft.model import ReportGenerator
@@ -99,7 +99,7 @@ def main(args: argparse.Namespace) -> None:
     model.to(device)
     predictions = args.predictions or cfg.data.predictions
     ds = ReportDataset(args.manifest, predictions, make_builder(cfg, tok), args.split,
-                       cfg.knowledge.source, with_reports=False)
+                       cfg.knowledge.source, with_reports=False, gold_heads=gold_heads(cfg))
     if len(ds) == 0:
         raise MammorgError(f"{args.manifest}: no exams to report" + (f" in split '{args.split}'"
                                                                       if args.split else ""))

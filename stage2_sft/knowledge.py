@@ -20,6 +20,8 @@ from mammorg.labels import BIRADS_CLASSES, DENSITIES, FINDINGS, birads_class_mas
 
 MODES = ("none", "discrete", "soft", "both")
 SOURCES = ("predicted", "gold")
+HEAD_KEYS = {"density": ("density",), "birads": ("birads", "birads_label"),
+             "findings": ("findings", "finding_on")}  # the state entries of each stage-1 head
 CONFIDENCE = (("low", 0.5), ("mid", 0.8), ("high", 1.01))  # bucket: upper bound of max prob
 SOFT_SLOTS = 1 + 2 + 2 * len(FINDINGS)  # density, BI-RADS per side, each finding per side
 
@@ -104,6 +106,12 @@ def state_from_labels(labels: dict, views: dict) -> dict[str, torch.Tensor]:
     label = torch.where(birads.sum(1) > 0, birads.argmax(1), -1)
     return {"density": density, "birads": birads, "findings": findings, "sides": sides,
             "birads_label": label, "finding_on": (findings >= 0.5).float()}
+
+
+def with_gold_heads(predicted: dict[str, torch.Tensor], gold: dict[str, torch.Tensor],
+                    heads: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """``predicted`` with the entries of ``heads`` (keys of ``HEAD_KEYS``) taken from ``gold``."""
+    return {**predicted, **{key: gold[key] for head in heads for key in HEAD_KEYS[head]}}
 
 
 def discrete_tokens(state: dict[str, torch.Tensor], confidence: bool = True) -> list[str]:

@@ -24,7 +24,7 @@ from mammorg.config import load_config, save_config
 from mammorg.io import MammorgError, atomic_path, read_jsonl
 from mammorg.optim import cosine_with_warmup
 from stage2_sft.assembly import (apply_lora, build_decoder, build_tokenizer, category_weights,
-                                 check_config, compile_generator, make_builder, wrap)
+                                 check_config, compile_generator, gold_heads, make_builder, wrap)
 from stage2_sft.data import PromptBuilder, ReportDataset, collate, length_grouped_batches
 from mammorg.distributed import (DeepSpeedBackend, TorchBackend, barrier, fill_deepspeed_config,
                                init_distributed, world)
@@ -81,7 +81,8 @@ def datasets(cfg: DictConfig, tok) -> tuple[ReportDataset, ReportDataset, Prompt
     builder = make_builder(cfg, tok)
     make = lambda split, **kw: ReportDataset(cfg.data.manifest, cfg.data.predictions,  # noqa: E731
                                              builder, split, cfg.knowledge.source, **kw)
-    train = make(cfg.data.train_split, gold_fraction=float(cfg.knowledge.gold_fraction), seed=cfg.seed)
+    train = make(cfg.data.train_split, gold_fraction=float(cfg.knowledge.gold_fraction), seed=cfg.seed,
+                 gold_heads=gold_heads(cfg))
     if len(train) == 0:
         raise MammorgError(f"{cfg.data.manifest}: no exams with reports in split '{cfg.data.train_split}'")
     return train, make(cfg.data.val_split), builder

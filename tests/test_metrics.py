@@ -4,12 +4,13 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider import Cider
 from pycocoevalcap.rouge.rouge import Rouge
 
-from evaluation.clinical import paired_bootstrap, per_exam_scores, point_metrics
+from evaluation.clinical import birads_macro_f1_codes, paired_bootstrap, per_exam_scores, point_metrics
 from evaluation.evaluate import evaluate_files
 from evaluation.hallucination import exam_checks
 from evaluation.nlg import nlg_metrics, tokenize
@@ -101,3 +102,18 @@ def test_evaluate_files_and_bad_input(tmp_path):
 def empty_ref_ok(tmp_path):
     return _jsonl(tmp_path / "ref_ok.jsonl", [{"id": "1", "text": "BI-RADS 1."},
                                                {"id": "2", "text": "BI-RADS 2."}])
+
+
+def test_vectorised_birads_f1_matches_macro_f1_and_bootstraps():
+    rng = np.random.default_rng(0)
+    classes = ["1", "2", "3", "4A", "4B", "5", None]
+    refs = [_s("a", classes[i]) for i in rng.integers(0, 7, 200)]
+    preds = [_s("a", classes[i]) for i in rng.integers(0, 7, 200)]
+    scores = per_exam_scores(preds, refs)
+    expected = point_metrics(preds, refs)["birads_f1"]
+    assert birads_macro_f1_codes(scores["birads_ref"], scores["birads_pred"]) == pytest.approx(expected)
+    good = per_exam_scores(refs, refs)
+    out = paired_bootstrap(good, scores, n=200)
+    assert out["birads_f1"]["delta"] == pytest.approx(1.0 - expected) and out["birads_f1"]["p_value"] < 0.01
+    with pytest.raises(ValueError, match="different references"):
+        paired_bootstrap(good, per_exam_scores(refs, preds), n=10)

@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 from mammorg.bundle import load_bundle
 from mammorg.cli import main as cli
@@ -94,11 +95,28 @@ def test_ablation_grid_two_rows(tmp_path, capsys):
     args = ["ablate", "--config", str(ROOT / "configs/ablations/tiny.yaml"), f"out={out}"]
     assert cli(args) == 0
     table = (out / "table.csv").read_text().splitlines()
-    assert len(table) == 3 and table[1].startswith("none") and "birads_acc_p_vs_none" in table[0]
+    assert len(table) == 3 and table[1].startswith("none") and "birads_f1_p" in table[0]
     assert (out / "ablation.png").exists() and "| discrete |" in (out / "table.md").read_text()
+    assert "| baseline |" in (out / "table.md").read_text()
     capsys.readouterr()
     assert cli(args) == 0  # finished runs are not redone
     assert capsys.readouterr().out.count("done before, skipped") == 2
+    versus = _ablation_with_versus(tmp_path, "discrete")
+    assert cli(["ablate", "--config", str(versus), f"out={out}"]) == 0
+    md = (out / "table.md").read_text()
+    assert "vs discrete |" in md and "vs none |" in md and "| baseline |" not in md
+    assert cli(["ablate", "--config", str(_ablation_with_versus(tmp_path, "elsewhere")), f"out={out}"]) == 2
+    assert "baseline 'elsewhere' is not a row of the grid" in capsys.readouterr().err
+
+
+def _ablation_with_versus(tmp_path: Path, versus: str) -> Path:
+    """The tiny ablation, its ``none`` row compared with row ``versus`` instead of the baseline."""
+    cfg = OmegaConf.load(ROOT / "configs/ablations/tiny.yaml")
+    cfg.pipeline = str(ROOT / "configs/pipeline/tiny.yaml")
+    cfg.grid.none.versus = versus
+    path = tmp_path / f"versus-{versus}.yaml"
+    OmegaConf.save(cfg, path)
+    return path
 
 
 def test_batch_report_over_a_manifest_keeps_going_past_a_bad_exam(demo, tmp_path, capsys):

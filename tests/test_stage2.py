@@ -92,6 +92,25 @@ def test_gold_fraction_draws_label_knowledge_per_epoch(stage1_outputs):
         run(load_config(TINY, _overrides(root, root / "never", "knowledge.gold_fraction=1.5")))
 
 
+def test_gold_heads_give_labels_for_some_heads_only(stage1_outputs):
+    from stage2_sft.knowledge import state_from_labels, state_from_prediction
+
+    root = stage1_outputs
+    ds = ReportDataset(root / "m.jsonl", root / "s1/pred.jsonl", None, source="gold", gold_heads=("birads",))
+    for i, row in enumerate(ds.rows):
+        gold = state_from_labels(row["labels"], row["views"])
+        predicted = state_from_prediction(ds.preds[row["exam_id"]])
+        state = ds.knowledge(i)
+        assert torch.equal(state["birads_label"], gold["birads_label"]) and torch.equal(state["birads"], gold["birads"])
+        for key in ("density", "findings", "finding_on", "sides"):
+            assert torch.equal(state[key], predicted[key])
+    assert any(not torch.equal(ds.knowledge(i)["birads_label"],
+                               state_from_prediction(ds.preds[r["exam_id"]])["birads_label"])
+               for i, r in enumerate(ds.rows))  # the fixture's stage 1 is not perfect: labels replaced
+    with pytest.raises(Exception, match=r"gold_heads=\['birads', 'margin'\]: expected a non-empty subset"):
+        run(load_config(TINY, _overrides(root, root / "never", "knowledge.gold_heads=[birads,margin]")))
+
+
 def test_placeholder_count_mismatch_is_a_clear_error():
     embeds = torch.zeros(1, 5, 4)
     ids = torch.tensor([[1, 7, 7, 7, 2]])
