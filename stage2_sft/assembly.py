@@ -21,7 +21,7 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llam
                           PreTrainedModel, PreTrainedTokenizerBase)
 
 from mammorg.io import MammorgError
-from stage2_sft.knowledge import HEAD_KEYS, MODES, SOURCES, verbal_forms
+from stage2_sft.knowledge import HEAD_KEYS, MODES, SOURCES, plan_category_tokens, verbal_forms
 from stage2_sft.data import PromptBuilder
 from stage2_sft.model import ReportGenerator, SpecialIds, prompt_tokens
 from terminology.lexicon import load_lexicon
@@ -158,14 +158,20 @@ def category_weights(cfg: DictConfig, tok: PreTrainedTokenizerBase, reports: Ite
                      base: torch.Tensor | None) -> torch.Tensor | None:
     """Loss weights with ``terminology.category_weight_power`` p > 0: each BI-RADS category term
     (an atomic token) weighs ``(mean count / its count) ** p`` over the training reports, so
-    that stating a rare category (4C, 5) counts as much as the common ones."""
+    that stating a rare category (4C, 5) counts as much as the common ones. With an assessment
+    plan, the plan's category tokens are weighted the same way, among themselves."""
     power = float(cfg.terminology.get("category_weight_power", 0.0))
     if not power:
         return base
-    ids = [tok.convert_tokens_to_ids(term.term) for term in _lexicon(cfg).terms if "birads" in term.label]
-    ids = [i for i in ids if i is not None and i != tok.unk_token_id]
+    weights = base if base is not None else torch.ones(len(tok))
     counts = Counter(token for report in reports for token in report)
-    return frequency_balanced_weights(base if base is not None else torch.ones(len(tok)), ids, counts, power)
+    groups = [[term.term for term in _lexicon(cfg).terms if "birads" in term.label]]
+    if cfg.data.get("assessment_plan", False):
+        groups.append(plan_category_tokens())
+    for group in groups:
+        ids = [i for i in tok.convert_tokens_to_ids(group) if i is not None and i != tok.unk_token_id]
+        weights = frequency_balanced_weights(weights, ids, counts, power)
+    return weights
 
 
 def verbal_table(tok: PreTrainedTokenizerBase, forms: dict[str, str]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -43,6 +43,11 @@ def plan_vocabulary() -> list[str]:
     return [PLAN, PLAN_END, *(f"<exam:birads={c}>" for c in BIRADS_CLASSES)]
 
 
+def plan_category_tokens() -> list[str]:
+    """The tokens by which a plan states a category: per breast and for the exam."""
+    return [f"<{s}:birads={c}>" for s in ("L", "R", "exam") for c in BIRADS_CLASSES]
+
+
 def plan_tokens(birads: dict) -> list[str]:
     """The assessment plan of a report from the BI-RADS categories it states (``{"L", "R",
     "exam"}``, as parsed): ``<plan> <L:birads=1> <R:birads=4B> </plan>``; the exam category

@@ -315,3 +315,17 @@ def test_assessment_plan_run_states_its_own_plan(stage1_outputs, tmp_path):
     assert len(rows) == len(ds) and not any("<plan>" in r["text"] for r in rows)
     with pytest.raises(Exception, match="assessment_plan"):
         assessment_tokens("plan", tok, plan=False)
+    # category_weight_power also balances the plan's category tokens (among themselves)
+    from omegaconf import OmegaConf
+
+    from stage2_sft.assembly import category_weights
+
+    reports = [builder.report_ids(r) for r in (report, "Right breast BI-RADS 1. Left breast BI-RADS 1.",
+                                               "Right breast BI-RADS 1. Left breast BI-RADS 1.")]
+    weighted = OmegaConf.merge(cfg, {"terminology": {"category_weight_power": 1.0}})
+    w = category_weights(weighted, tok, reports, None)
+    plan_w = lambda t: float(w[tok.convert_tokens_to_ids(t)])  # noqa: E731
+    assert plan_w("<R:birads=4B>") == pytest.approx(2 * plan_w("<R:birads=1>"))  # seen once vs twice
+    assert plan_w("<R:birads=5>") == 1.0 and plan_w("<plan>") == 1.0  # unseen, not a category
+    unplanned_cfg = OmegaConf.merge(weighted, {"data": {"assessment_plan": False}})
+    assert float(category_weights(unplanned_cfg, tok, reports, None)[tok.convert_tokens_to_ids("<R:birads=4B>")]) == 1.0
