@@ -111,6 +111,15 @@ def test_gold_heads_give_labels_for_some_heads_only(stage1_outputs):
         run(load_config(TINY, _overrides(root, root / "never", "knowledge.gold_heads=[birads,margin]")))
 
 
+def test_verbaliser_config_trains_on_label_knowledge_with_a_plan(stage1_outputs, tmp_path):
+    from stage2_sft.assembly import check_config
+
+    cfg = load_config(ROOT / "configs/stage2/verbaliser.yaml", _overrides(stage1_outputs, tmp_path))
+    check_config(cfg)
+    assert (cfg.knowledge.gold_fraction, cfg.data.assessment_plan, cfg.generate.assessment) == (1.0, True, "plan")
+    assert not cfg.visual.enabled and cfg.terminology.category_weight_power > 0
+
+
 def test_placeholder_count_mismatch_is_a_clear_error():
     embeds = torch.zeros(1, 5, 4)
     ids = torch.tensor([[1, 7, 7, 7, 2]])
