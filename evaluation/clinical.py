@@ -116,14 +116,15 @@ def birads_macro_f1_codes(ref: np.ndarray, pred: np.ndarray) -> float:
 def paired_bootstrap(a: dict[str, np.ndarray], b: dict[str, np.ndarray], n: int = 2000,
                      seed: int = 0) -> dict[str, dict]:
     """Paired bootstrap of system A − system B on the same references (two-sided p-values)."""
-    if "birads_ref" in a and "birads_ref" in b and not np.array_equal(a["birads_ref"], b["birads_ref"]):
+    with_codes = "birads_ref" in a and "birads_ref" in b
+    if with_codes and not np.array_equal(a["birads_ref"], b["birads_ref"]):
         raise ValueError("paired bootstrap: the two systems are scored against different references")
     rng = np.random.default_rng(seed)
     m = len(a["birads_acc"])
     stats = {"birads_acc": lambda s, i: s["birads_acc"][i].mean(),
              "density_acc": lambda s, i: s["density_acc"][i].mean(),
              "finding_f1": lambda s, i: _f1(s["finding_counts"][i].sum(axis=0))}
-    if "birads_ref" in a and "birads_ref" in b:
+    if with_codes:
         stats["birads_f1"] = lambda s, i: birads_macro_f1_codes(s["birads_ref"][i], s["birads_pred"][i])
     out = {}
     for key, stat in stats.items():

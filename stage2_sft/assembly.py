@@ -41,10 +41,10 @@ def check_config(cfg: DictConfig) -> None:
     gold_fraction = cfg.knowledge.get("gold_fraction", 0.0)  # runs saved before the key existed
     if not 0.0 <= float(gold_fraction) <= 1.0:
         raise MammorgError(f"knowledge.gold_fraction={gold_fraction}: expected 0..1")
-    unknown = set(gold_heads(cfg)) - set(HEAD_KEYS)
-    if unknown or not gold_heads(cfg):
-        raise MammorgError(f"knowledge.gold_heads={list(gold_heads(cfg))}: expected a non-empty "
-                           f"subset of {', '.join(HEAD_KEYS)}")
+    heads = gold_heads(cfg)
+    if not heads or not set(heads) <= set(HEAD_KEYS):
+        raise MammorgError(f"knowledge.gold_heads={list(heads)}: expected a non-empty subset of "
+                           f"{', '.join(HEAD_KEYS)}")
     if not cfg.decoder.name_or_path and not cfg.decoder.from_config:
         raise MammorgError("decoder: set name_or_path (a local model folder) or from_config")
     dtype = cfg.decoder.get("dtype", "float32")

@@ -103,11 +103,12 @@ class ReportDataset(Dataset):
         """Stage 1's predicted state of exam ``i``, or, on a gold draw, its labels for the heads in
         ``gold_heads`` (all heads by default; the others stay predicted)."""
         row = self.rows[i]
-        predicted = state_from_prediction(self.preds[row["exam_id"]])
         if not self.uses_gold(i):
-            return predicted
+            return state_from_prediction(self.preds[row["exam_id"]])
         gold = state_from_labels(row.get("labels") or {}, row.get("views") or {})
-        return gold if set(self.gold_heads) == set(HEAD_KEYS) else with_gold_heads(predicted, gold, self.gold_heads)
+        if set(self.gold_heads) == set(HEAD_KEYS):
+            return gold
+        return with_gold_heads(state_from_prediction(self.preds[row["exam_id"]]), gold, self.gold_heads)
 
     def __getitem__(self, i: int) -> dict:
         row = self.rows[i]
