@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.mammorg-installed
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q "torch>=2.4" "torchvision>=0.19"
 	# deepspeed builds against the installed torch; isolation would fetch another torch
 	$(BIN)/python -m pip install -q --no-build-isolation "deepspeed>=0.15,<1"
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q --no-build-isolation -e ".[dev]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -20,7 +20,12 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/mammorg demo --out demo_out
 
-test: $(STAMP)
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+test: lint
 	$(BIN)/python -m pytest -q tests
 
 bench: $(STAMP)

@@ -2,6 +2,7 @@
 
 Prints one JSON object. Run: python benchmarks/data_pipeline.py [--views N] [--size H W]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,8 +34,12 @@ def main() -> None:
     h, w = args.size
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        synth_rate = _rate(args.exams, lambda: synthesise(root / "s", SynthSettings(
-            exams=args.exams, height=h, width=w), progress=False))
+        synth_rate = _rate(
+            args.exams,
+            lambda: synthesise(
+                root / "s", SynthSettings(exams=args.exams, height=h, width=w), progress=False
+            ),
+        )
         rows = read_jsonl(root / "s" / "manifest.jsonl")
         files = [root / "s" / p for r in rows for p in r["views"].values()]
         spec = PreprocessSpec(height=512, width=256)
@@ -50,15 +55,25 @@ def main() -> None:
         preprocess_manifest(manifest, root / "cache", spec, workers=1, progress=False)
         cached = read_jsonl(root / "cache" / "manifest.jsonl")
         entries = [e for r in cached for e in r["cache"].values()]
-        cache_rate = _rate(len(entries), lambda: [np.asarray(load_cached(root / "cache", e),
-                                                             dtype=np.float32) for e in entries])
-    print(json.dumps({"benchmark": "data_pipeline", "source_size": [h, w], "target_size": [512, 256],
-                      "synth_exams_per_s": round(synth_rate, 2),
-                      "decode_preprocess_views_per_s_uncompressed": round(raw_rate, 1),
-                      "decode_preprocess_views_per_s_jpeg2000": round(j2k_rate, 1),
-                      "cache_load_views_per_s": round(cache_rate, 1),
-                      "cache_speedup_vs_uncompressed": round(cache_rate / raw_rate, 1),
-                      "cache_speedup_vs_jpeg2000": round(cache_rate / j2k_rate, 1)}))
+        cache_rate = _rate(
+            len(entries),
+            lambda: [np.asarray(load_cached(root / "cache", e), dtype=np.float32) for e in entries],
+        )
+    print(
+        json.dumps(
+            {
+                "benchmark": "data_pipeline",
+                "source_size": [h, w],
+                "target_size": [512, 256],
+                "synth_exams_per_s": round(synth_rate, 2),
+                "decode_preprocess_views_per_s_uncompressed": round(raw_rate, 1),
+                "decode_preprocess_views_per_s_jpeg2000": round(j2k_rate, 1),
+                "cache_load_views_per_s": round(cache_rate, 1),
+                "cache_speedup_vs_uncompressed": round(cache_rate / raw_rate, 1),
+                "cache_speedup_vs_jpeg2000": round(cache_rate / j2k_rate, 1),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 """Evaluation throughput: parser reports/s (one core) and seconds for 10,000 pairs without METEOR.
 
-Prints one JSON object. Run: python benchmarks/evaluation_throughput.py (not evaluation.py: that name would shadow the package) [--pairs N]
+Prints one JSON object. Run: python benchmarks/evaluation_throughput.py [--pairs N]
+(the file is not called evaluation.py: that name would shadow the package).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,9 +35,17 @@ def main() -> None:
     point_metrics([parse_report(x) for x in preds], [parse_report(x) for x in refs])
     nlg_metrics(preds, refs, meteor=False)
     seconds = time.perf_counter() - t
-    print(json.dumps({"benchmark": "evaluation", "parser_reports_per_s": round(parser_rate, 1),
-                      "pairs": args.pairs, "seconds_without_meteor": round(seconds, 1),
-                      "targets": {"parser_reports_per_s": 500, "seconds_without_meteor": 60}}))
+    print(
+        json.dumps(
+            {
+                "benchmark": "evaluation",
+                "parser_reports_per_s": round(parser_rate, 1),
+                "pairs": args.pairs,
+                "seconds_without_meteor": round(seconds, 1),
+                "targets": {"parser_reports_per_s": 500, "seconds_without_meteor": 60},
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

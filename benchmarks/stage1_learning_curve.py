@@ -4,6 +4,7 @@ Usage: python benchmarks/stage1_learning_curve.py [--exams 480] [--sizes 60 150 
 Trains configs/stage1/default.yaml on nested subsets of one synthetic training split, evaluates
 each on the same validation exams, prints one JSON object and writes learning_curve_data.png.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,14 +23,17 @@ from mammorg.preprocess import PreprocessSpec, preprocess_manifest  # noqa: E402
 from mammorg.synth.writer import SynthSettings, synthesise  # noqa: E402
 from stage1_classification.train import run  # noqa: E402
 
-CHANCE = {"birads_f1": "macro-F1 of a constant majority guess is at most 1/k of the classes seen",
-          "density_f1": "0.25 accuracy for 4 balanced classes"}
+CHANCE = {
+    "birads_f1": "macro-F1 of a constant majority guess is at most 1/k of the classes seen",
+    "density_f1": "0.25 accuracy for 4 balanced classes",
+}
 
 
 def prepare(out: Path, exams: int, size: tuple[int, int], difficulty: float) -> Path:
     if not (out / "cache" / "manifest.jsonl").exists():
-        synthesise(out / "synth", SynthSettings(exams=exams, seed=11, height=256, width=128,
-                                                difficulty=difficulty))
+        synthesise(
+            out / "synth", SynthSettings(exams=exams, seed=11, height=256, width=128, difficulty=difficulty)
+        )
         ingest("vindr", out / "synth", out / "manifest.jsonl")
         preprocess_manifest(out / "manifest.jsonl", out / "cache", PreprocessSpec(*size), workers=2)
     return out / "cache" / "manifest.jsonl"
@@ -60,23 +64,45 @@ def main() -> None:
     results = []
     for n in args.sizes:
         sub = subset(manifest, n, manifest.parent / f"subset-{n}.jsonl")
-        cfg = load_config(ROOT / "configs/stage1/default.yaml",
-                          [f"data.cache_manifest={sub}", f"run_dir={out / f'run-{n}'}",
-                           f"train.epochs={args.epochs}", *args.overrides])
+        cfg = load_config(
+            ROOT / "configs/stage1/default.yaml",
+            [
+                f"data.cache_manifest={sub}",
+                f"run_dir={out / f'run-{n}'}",
+                f"train.epochs={args.epochs}",
+                *args.overrides,
+            ],
+        )
         t0 = time.perf_counter()
         run(cfg)
         log = [json.loads(x) for x in (out / f"run-{n}" / "metrics.jsonl").read_text().splitlines()]
         best = max(log, key=lambda r: r["val"].get("score", -1))["val"]
-        results.append({"train_exams": n, "seconds": round(time.perf_counter() - t0, 1),
-                        **{k: round(best[k], 3) for k in ("birads_acc", "birads_f1", "density_acc",
-                                                          "density_f1", "finding_auroc_mean")
-                           if k in best}})
+        results.append(
+            {
+                "train_exams": n,
+                "seconds": round(time.perf_counter() - t0, 1),
+                **{
+                    k: round(best[k], 3)
+                    for k in ("birads_acc", "birads_f1", "density_acc", "density_f1", "finding_auroc_mean")
+                    if k in best
+                },
+            }
+        )
     val_n = sum(1 for r in read_jsonl(manifest) if r["split"] != "train")
     _plot(results, out / "learning_curve_data.png")
-    print(json.dumps({"benchmark": "stage1_learning_curve", "val_exams": val_n,
-                      "overrides": args.overrides, "difficulty": args.difficulty,
-                      "config": "configs/stage1/default.yaml", "points": results,
-                      "plot": str(out / "learning_curve_data.png")}))
+    print(
+        json.dumps(
+            {
+                "benchmark": "stage1_learning_curve",
+                "val_exams": val_n,
+                "overrides": args.overrides,
+                "difficulty": args.difficulty,
+                "config": "configs/stage1/default.yaml",
+                "points": results,
+                "plot": str(out / "learning_curve_data.png"),
+            }
+        )
+    )
 
 
 def _plot(results: list[dict], path: Path) -> None:

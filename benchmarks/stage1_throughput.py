@@ -6,6 +6,7 @@ Defaults: convnext_small at 1024x512 on 128 exams on a GPU (bf16, 6 loader worke
 (worker start-up of each pass too); the bare figure is timm's forward/backward (+AdamW) on
 tensors already in memory. Prints one JSON object.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,8 +41,9 @@ def _sync(device: torch.device) -> None:
 
 
 def cache(tmp: Path, exams: int, size: tuple[int, int]) -> Path:
-    synthesise(tmp / "synth", SynthSettings(exams=exams, seed=5, height=size[0], width=size[1]),
-               progress=False)
+    synthesise(
+        tmp / "synth", SynthSettings(exams=exams, seed=5, height=size[0], width=size[1]), progress=False
+    )
     ingest("vindr", tmp / "synth", tmp / "m.jsonl")
     preprocess_manifest(tmp / "m.jsonl", tmp / "cache", PreprocessSpec(*size), workers=2, progress=False)
     return tmp / "cache" / "manifest.jsonl"
@@ -62,7 +64,7 @@ def bare_timm(backbone: str, views: int, size, device, steps: int, amp: bool) ->
             with counter:
                 model(x).float().mean().backward()
             flops = counter.get_total_flops() / views
-        except Exception:  # noqa: BLE001 - FLOP counting is best effort
+        except Exception:
             flops = None
         for _ in range(2):
             model(x).float().mean().backward()
@@ -87,10 +89,16 @@ def bare_timm(backbone: str, views: int, size, device, steps: int, amp: bool) ->
 
 
 def recipe(manifest: Path, backbone: str, device, batch: int, epochs: int, workers: int) -> dict:
-    cfg = load_config(ROOT / "configs/stage1/default.yaml",
-                      [f"data.cache_manifest={manifest}", f"model.backbone={backbone}",
-                       f"train.batch_size={batch}", f"data.num_workers={workers}",
-                       "data.train_split=null"])
+    cfg = load_config(
+        ROOT / "configs/stage1/default.yaml",
+        [
+            f"data.cache_manifest={manifest}",
+            f"model.backbone={backbone}",
+            f"train.batch_size={batch}",
+            f"data.num_workers={workers}",
+            "data.train_split=null",
+        ],
+    )
     ds = ExamDataset(manifest, None, augment=True, seed=0)
     model = create_model(cfg.model).to(device)
     if device.type == "cuda":
@@ -131,15 +139,20 @@ def main() -> None:
         ours = recipe(manifest, args.backbone, device, args.batch, args.epochs, args.workers)
     steps = max(3, args.exams * args.epochs // args.batch // 2)
     bare = bare_timm(args.backbone, 4 * args.batch, size, device, steps, gpu)
-    out = {"benchmark": "stage1_throughput", "device": torch.cuda.get_device_name() if gpu else "cpu",
-           "backbone": args.backbone, "size": list(size), "precision": "bf16" if gpu else "fp32",
-           "batch_views": 4 * args.batch,
-           "recipe_train_views_s": round(ours["train_views_s"], 2),
-           "bare_timm_train_views_s": round(bare["train_views_s"], 2),
-           "train_ratio": round(ours["train_views_s"] / bare["train_views_s"], 3),
-           "recipe_infer_views_s": round(ours["infer_views_s"], 2),
-           "bare_timm_infer_views_s": round(bare["infer_views_s"], 2),
-           "infer_ratio": round(ours["infer_views_s"] / bare["infer_views_s"], 3)}
+    out = {
+        "benchmark": "stage1_throughput",
+        "device": torch.cuda.get_device_name() if gpu else "cpu",
+        "backbone": args.backbone,
+        "size": list(size),
+        "precision": "bf16" if gpu else "fp32",
+        "batch_views": 4 * args.batch,
+        "recipe_train_views_s": round(ours["train_views_s"], 2),
+        "bare_timm_train_views_s": round(bare["train_views_s"], 2),
+        "train_ratio": round(ours["train_views_s"] / bare["train_views_s"], 3),
+        "recipe_infer_views_s": round(ours["infer_views_s"], 2),
+        "bare_timm_infer_views_s": round(bare["infer_views_s"], 2),
+        "infer_ratio": round(ours["infer_views_s"] / bare["infer_views_s"], 3),
+    }
     if gpu and bare["flops_per_view_train"]:
         peak = next((v for k, v in PEAK_BF16.items() if k in out["device"]), None)
         if peak:

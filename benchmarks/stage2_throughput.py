@@ -12,6 +12,7 @@ default on a GPU, as train.compile=true), compiles each decoder block and the re
 LoRA runs as ``apply_lora`` sets it up (under autocast on a GPU). The bare loops stay plain eager
 transformers(+peft with its defaults), without autocast. Prints one JSON object.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,18 +34,37 @@ from stage2_sft.assembly import apply_lora, compile_generator  # noqa: E402
 from stage2_sft.model import ReportGenerator, SpecialIds  # noqa: E402
 
 SHAPES = {
-    "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                         num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
-                         max_position_embeddings=4096, tie_word_embeddings=True),
-    "tiny": dict(hidden_size=96, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=1200, max_position_embeddings=1024,
-                 tie_word_embeddings=True),
+    "llama-3.2-1b": dict(
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+    ),
+    "tiny": dict(
+        hidden_size=96,
+        intermediate_size=192,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=1200,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+    ),
 }
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 VISUAL_DIM, TOKENS_PER_VIEW = 128, 8
 IMAGE_ID, KNOWLEDGE_ID, REPORT_ID = 3, 4, 5
-LORA = dict(rank=16, alpha=32, dropout=0.0, modules_to_save=None,
-            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+LORA = dict(
+    rank=16,
+    alpha=32,
+    dropout=0.0,
+    modules_to_save=None,
+    target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+)
 
 
 def _sync(device):
@@ -57,8 +77,15 @@ def decoder(shape: str, device, dtype, lora: bool):
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**SHAPES[shape], attn_implementation="sdpa")).to(device, dtype)
     if lora:
-        model = get_peft_model(model, LoraConfig(r=LORA["rank"], lora_alpha=LORA["alpha"],
-                                                 task_type="CAUSAL_LM", target_modules=LORA["target_modules"]))
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=LORA["rank"],
+                lora_alpha=LORA["alpha"],
+                task_type="CAUSAL_LM",
+                target_modules=LORA["target_modules"],
+            ),
+        )
     return model
 
 
@@ -76,13 +103,21 @@ def batches(n: int, batch: int, seq: int, vocab: int, device):
     for i in range(n):
         g = torch.Generator().manual_seed(i)
         ids = torch.randint(10, vocab, (batch, seq), generator=g)
-        ids[:, 1:1 + n_img] = IMAGE_ID
+        ids[:, 1 : 1 + n_img] = IMAGE_ID
         labels = ids.clone()
-        labels[:, :2 + n_img] = -100
+        labels[:, : 2 + n_img] = -100
         visual = torch.randn(batch * 4, TOKENS_PER_VIEW, VISUAL_DIM, generator=g)
-        out.append({k: v.to(device) for k, v in
-                    {"input_ids": ids, "labels": labels, "visual": visual,
-                     "attention_mask": torch.ones_like(ids)}.items()})
+        out.append(
+            {
+                k: v.to(device)
+                for k, v in {
+                    "input_ids": ids,
+                    "labels": labels,
+                    "visual": visual,
+                    "attention_mask": torch.ones_like(ids),
+                }.items()
+            }
+        )
     return out
 
 
@@ -98,8 +133,9 @@ def timed(step, data, warmup: int, device) -> float:
 
 
 def train_step_fn(model, forward, amp: bool, device):
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5,
-                            fused=device.type == "cuda")
+    opt = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=device.type == "cuda"
+    )
 
     def step(b):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
@@ -107,15 +143,24 @@ def train_step_fn(model, forward, amp: bool, device):
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+
     return step
 
 
 def bare_rate(shape, lora, data, device, dtype, amp, warmup) -> tuple[float, int]:
     """Tokens/s of a plain transformers(+peft) loop; the model is freed on return."""
     bare = decoder(shape, device, dtype, lora)
-    tps = timed(train_step_fn(bare, lambda b: bare(input_ids=b["input_ids"], labels=b["labels"],
-                                                   use_cache=False).loss, amp, device),
-                data, warmup, device)
+    tps = timed(
+        train_step_fn(
+            bare,
+            lambda b: bare(input_ids=b["input_ids"], labels=b["labels"], use_cache=False).loss,
+            amp,
+            device,
+        ),
+        data,
+        warmup,
+        device,
+    )
     return tps, sum(p.numel() for p in bare.parameters())
 
 
@@ -126,8 +171,14 @@ def measure(shape, lora, data, device, dtype, amp, warmup, compiled: bool):
     gen = generator(recipe_decoder(shape, device, dtype, lora), device, dtype)
     if compiled:
         compile_generator(gen)
-    ours = timed(train_step_fn(gen, lambda b: gen(b["input_ids"], b["attention_mask"], b["labels"],
-                                                  b["visual"]), amp, device), data, warmup, device)
+    ours = timed(
+        train_step_fn(
+            gen, lambda b: gen(b["input_ids"], b["attention_mask"], b["labels"], b["visual"]), amp, device
+        ),
+        data,
+        warmup,
+        device,
+    )
     return ours, bare_tps, n_params
 
 
@@ -165,20 +216,38 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=1024 if gpu else 256)
     ap.add_argument("--steps", type=int, default=12 if gpu else 8)
     ap.add_argument("--gen-batch", type=int, default=32 if gpu else 4)
-    ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=gpu,
-                    help="torch.compile the recipe's decoder blocks (default: on a GPU)")
+    ap.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=gpu,
+        help="torch.compile the recipe's decoder blocks (default: on a GPU)",
+    )
     args = ap.parse_args()
     device = torch.device("cuda" if gpu else "cpu")
     dtype = torch.bfloat16 if gpu else torch.float32
     data = batches(args.steps, args.batch, args.seq, SHAPES[args.shape]["vocab_size"], device)
-    out = {"benchmark": "stage2_throughput", "device": torch.cuda.get_device_name() if gpu else "cpu",
-           "shape": args.shape, "batch": args.batch, "seq": args.seq,
-           "precision": "bf16" if gpu else "fp32", "visual_tokens": 4 * TOKENS_PER_VIEW,
-           "compile": args.compile}
+    out = {
+        "benchmark": "stage2_throughput",
+        "device": torch.cuda.get_device_name() if gpu else "cpu",
+        "shape": args.shape,
+        "batch": args.batch,
+        "seq": args.seq,
+        "precision": "bf16" if gpu else "fp32",
+        "visual_tokens": 4 * TOKENS_PER_VIEW,
+        "compile": args.compile,
+    }
     peak = next((v for k, v in PEAK_BF16.items() if gpu and k in out["device"]), None)
     for mode in ("full", "lora"):  # the recipe runs LoRA under CUDA autocast (bf16 adapter matmuls)
-        ours, bare, n_params = measure(args.shape, mode == "lora", data, device, dtype,
-                                       gpu and mode == "lora", 3 if args.compile else 2, args.compile)
+        ours, bare, n_params = measure(
+            args.shape,
+            mode == "lora",
+            data,
+            device,
+            dtype,
+            gpu and mode == "lora",
+            3 if args.compile else 2,
+            args.compile,
+        )
         out[f"{mode}_tokens_s"] = round(ours, 1)
         out[f"{mode}_bare_tokens_s"] = round(bare, 1)
         out[f"{mode}_ratio"] = round(ours / bare, 3)

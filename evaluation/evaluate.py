@@ -1,4 +1,5 @@
 """End-to-end evaluation of generated reports: input checks, metrics, plots, HTML."""
+
 from __future__ import annotations
 
 import html
@@ -12,9 +13,9 @@ from evaluation.hallucination import hallucination_summary
 from evaluation.nlg import nlg_metrics
 from evaluation.parser import parse_report
 from evaluation.plots import confusion_png
-from mammorg.io import (MammorgError, read_jsonl, write_json_atomic,
-                        write_text_atomic)
+from mammorg.io import MammorgError, read_jsonl, write_json_atomic, write_text_atomic
 from mammorg.labels import BIRADS_VALUES, DENSITIES
+from mammorg.schema import StructuredReport
 
 MAX_CHARS = 20_000
 CI_KEYS = ("birads_acc", "birads_f1", "density_f1", "finding_f1")
@@ -42,14 +43,17 @@ def aligned(pred: dict[str, str], ref: dict[str, str], pred_path, ref_path) -> l
     missing = sorted(set(ref) - set(pred))
     extra = sorted(set(pred) - set(ref))
     if missing or extra:
-        raise MammorgError(f"{pred_path} and {ref_path}: ids differ ({len(missing)} missing from "
-                           f"predictions, e.g. {missing[:3]}; {len(extra)} not in references, "
-                           f"e.g. {extra[:3]})")
+        raise MammorgError(
+            f"{pred_path} and {ref_path}: ids differ ({len(missing)} missing from "
+            f"predictions, e.g. {missing[:3]}; {len(extra)} not in references, "
+            f"e.g. {extra[:3]})"
+        )
     return sorted(ref)
 
 
-def compute_metrics(pred_texts: list[str], ref_texts: list[str], bootstrap: int = 1000,
-                    meteor: bool = True) -> tuple[dict, list[dict], list[dict]]:
+def compute_metrics(
+    pred_texts: list[str], ref_texts: list[str], bootstrap: int = 1000, meteor: bool = True
+) -> tuple[dict, list[StructuredReport], list[StructuredReport]]:
     preds = [parse_report(t) for t in pred_texts]
     refs = [parse_report(t) for t in ref_texts]
     metrics = point_metrics(preds, refs)
@@ -66,15 +70,25 @@ def _fmt(v) -> str:
 
 
 def metrics_markdown(m: dict) -> str:
-    keys = ["birads_acc", "birads_f1", "density_f1", "finding_f1", "bleu_1", "bleu_4", "meteor",
-            "rouge_l", "cider"]
+    keys = [
+        "birads_acc",
+        "birads_f1",
+        "density_f1",
+        "finding_f1",
+        "bleu_1",
+        "bleu_4",
+        "meteor",
+        "rouge_l",
+        "cider",
+    ]
     lines = ["| metric | value | 95% CI |", "|---|---|---|"]
     for k in keys:
         ci = m.get("ci95", {}).get(k)
         lines.append(f"| {k} | {_fmt(m.get(k))} | {'' if not ci else _fmt(ci[0]) + '–' + _fmt(ci[1])} |")
     lines += ["", "| finding | tp | fp | fn | F1 |", "|---|---|---|---|---|"]
-    lines += [f"| {f} | {c['tp']} | {c['fp']} | {c['fn']} | {_fmt(c['f1'])} |"
-              for f, c in m["per_finding"].items()]
+    lines += [
+        f"| {f} | {c['tp']} | {c['fp']} | {c['fn']} | {_fmt(c['f1'])} |" for f, c in m["per_finding"].items()
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -83,25 +97,28 @@ def index_html(ids: list[str], pred_texts, ref_texts, preds, refs, metrics: dict
     for i, rid in enumerate(ids[:500]):
         rows.append(
             f"<tr><td>{html.escape(rid)}</td><td><pre>{html.escape(pred_texts[i])}</pre>"
-            f"<code>{html.escape(json.dumps(preds[i]))}</code></td><td><pre>"
-            f"{html.escape(ref_texts[i])}</pre><code>{html.escape(json.dumps(refs[i]))}</code></td></tr>")
-    return ("<!doctype html><meta charset='utf-8'><title>mammorg evaluation</title>"
-            "<style>body{font-family:sans-serif}td{vertical-align:top;border-top:1px solid #ccc}"
-            "pre{white-space:pre-wrap;max-width:45em}code{font-size:70%}</style>"
-            "<h1>Evaluation</h1>" + _md_table_html(metrics) +
-            "<p><img src='confusion_birads.png'> <img src='confusion_density.png'></p>"
-            "<table><tr><th>id</th><th>generated</th><th>reference</th></tr>" + "".join(rows) +
-            "</table>")
+            f"<code>{html.escape(json.dumps(preds[i].to_json()))}</code></td><td><pre>"
+            f"{html.escape(ref_texts[i])}</pre><code>{html.escape(json.dumps(refs[i].to_json()))}</code></td></tr>"
+        )
+    return (
+        "<!doctype html><meta charset='utf-8'><title>mammorg evaluation</title>"
+        "<style>body{font-family:sans-serif}td{vertical-align:top;border-top:1px solid #ccc}"
+        "pre{white-space:pre-wrap;max-width:45em}code{font-size:70%}</style>"
+        "<h1>Evaluation</h1>"
+        + _md_table_html(metrics)
+        + "<p><img src='confusion_birads.png'> <img src='confusion_density.png'></p>"
+        "<table><tr><th>id</th><th>generated</th><th>reference</th></tr>" + "".join(rows) + "</table>"
+    )
 
 
 def _md_table_html(m: dict) -> str:
     keys = ["birads_acc", "birads_f1", "density_f1", "finding_f1", "bleu_4", "rouge_l", "cider"]
-    return "<table>" + "".join(f"<tr><td>{k}</td><td>{_fmt(m.get(k))}</td></tr>" for k in keys) + \
-        "</table>"
+    return "<table>" + "".join(f"<tr><td>{k}</td><td>{_fmt(m.get(k))}</td></tr>" for k in keys) + "</table>"
 
 
-def evaluate_files(pred_path, ref_path, out_dir, pred_b_path=None, bootstrap: int = 1000,
-                   meteor: bool = True) -> dict:
+def evaluate_files(
+    pred_path, ref_path, out_dir, pred_b_path=None, bootstrap: int = 1000, meteor: bool = True
+) -> dict:
     """Evaluate aligned JSONL files and write metrics.json, metrics.md, PNGs and index.html."""
     pred, ref = load_texts(pred_path, allow_empty=True), load_texts(ref_path)
     ids = aligned(pred, ref, pred_path, ref_path)
@@ -111,14 +128,25 @@ def evaluate_files(pred_path, ref_path, out_dir, pred_b_path=None, bootstrap: in
         pred_b = load_texts(pred_b_path, allow_empty=True)
         aligned(pred_b, ref, pred_b_path, ref_path)
         preds_b = [parse_report(pred_b[i]) for i in ids]
-        metrics["paired_vs_b"] = paired_bootstrap(per_exam_scores(preds, refs),
-                                                  per_exam_scores(preds_b, refs))
+        metrics["paired_vs_b"] = paired_bootstrap(
+            per_exam_scores(preds, refs), per_exam_scores(preds_b, refs)
+        )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    confusion_png([r["birads"]["exam"] for r in refs], [p["birads"]["exam"] for p in preds],
-                   list(BIRADS_VALUES), "BI-RADS (exam)", out / "confusion_birads.png")
-    confusion_png([r["density"] for r in refs], [p["density"] for p in preds], list(DENSITIES),
-                   "density", out / "confusion_density.png")
+    confusion_png(
+        [r.birads["exam"] for r in refs],
+        [p.birads["exam"] for p in preds],
+        list(BIRADS_VALUES),
+        "BI-RADS (exam)",
+        out / "confusion_birads.png",
+    )
+    confusion_png(
+        [r.density for r in refs],
+        [p.density for p in preds],
+        list(DENSITIES),
+        "density",
+        out / "confusion_density.png",
+    )
     write_json_atomic(out / "metrics.json", metrics)
     write_text_atomic(out / "metrics.md", metrics_markdown(metrics))
     write_text_atomic(out / "index.html", index_html(ids, pred_texts, ref_texts, preds, refs, metrics))

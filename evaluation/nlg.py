@@ -1,4 +1,5 @@
 """NLG metrics with the pycocoevalcap scorers on lower-cased, punctuation-split text."""
+
 from __future__ import annotations
 
 import re
@@ -20,7 +21,7 @@ def tokenize(text: str) -> str:
 
 def _meteor(gts: dict, res: dict) -> float | None:
     if shutil.which("java") is None:
-        warnings.warn("METEOR needs Java, which was not found; meteor reported as null")
+        warnings.warn("METEOR needs Java, which was not found; meteor reported as null", stacklevel=2)
         return None
     from pycocoevalcap.meteor.meteor import Meteor
 
@@ -32,17 +33,17 @@ def _meteor(gts: dict, res: dict) -> float | None:
             scorer.close() if hasattr(scorer, "close") else None
         return float(score)
     except Exception as exc:  # the Java subprocess fails in several ways
-        warnings.warn(f"METEOR failed ({exc}); meteor reported as null")
+        warnings.warn(f"METEOR failed ({exc}); meteor reported as null", stacklevel=2)
         return None
 
 
-def nlg_metrics(preds: Sequence[str], refs: Sequence[str], meteor: bool = True) -> dict:
+def nlg_metrics(preds: Sequence[str], refs: Sequence[str], meteor: bool = True) -> dict[str, float | None]:
     """BLEU-1..4, METEOR (null without Java), ROUGE-L and CIDEr over aligned pairs."""
     gts = {i: [tokenize(r) or "."] for i, r in enumerate(refs)}
     res = {i: [tokenize(p) or "."] for i, p in enumerate(preds)}
     bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
     rouge, _ = Rouge().compute_score(gts, res)
     cider, _ = Cider().compute_score(gts, res)
-    out = {f"bleu_{i + 1}": float(b) for i, b in enumerate(bleu)}
+    out: dict[str, float | None] = {f"bleu_{i + 1}": float(b) for i, b in enumerate(bleu)}
     out.update(meteor=_meteor(gts, res) if meteor else None, rouge_l=float(rouge), cider=float(cider))
     return out

@@ -1,49 +1,75 @@
 """Rule-based English mammography report parser (spaCy tokenisation + lexicon + ConText rules).
 
-Output follows DESIGN.md §5: density, BI-RADS per side and exam, findings per side (L, R, U)
-with states pos / neg / unc.
+Output: a ``StructuredReport`` (docs/design.md section 5): density, BI-RADS per side and exam,
+findings per side (L, R, U) with states pos / neg / unc.
 """
+
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any
 
 import spacy
 
-from mammorg.labels import FINDINGS, most_severe
+from mammorg.labels import FINDINGS, SIDES, most_severe
+from mammorg.schema import REPORT_SIDES, StructuredReport
 from terminology.lexicon import load_lexicon
 from terminology.normalize import Normalizer, canonical_birads
 
-NEG_PRE = (r"\bno\b|\bnot\b|\bwithout\b|\bfree of\b|\bnegative for\b|\bno evidence of\b|"
-           r"\bnor\b|\babsence of\b|\bneither\b|\bruled out\b|\bresolved\b")
-NEG_POST = (r"\b(?:is|are|was|were)?\s*(?:not (?:seen|identified|present|demonstrated|visualized|"
-            r"noted)|absent|resolves?|resolved|disappears?|ruled out)\b")
-UNC_PRE = r"\bpossible\b|\bpossibly\b|\bprobable\b(?! ?benign)|\bquestionable\b|\bmay represent\b|" \
-          r"\bcould represent\b|\bindeterminate\b|\bequivocal\b|\bsuggestive of\b|\bconcerning for\b"
-UNC_POST = r"\bcannot be (?:excluded|ruled out)\b|\bcan not be excluded\b|\bnot excluded\b|" \
-           r"\bindeterminate\b|\bof uncertain significance\b"
-TERMINATORS = re.compile(r"\bbut\b|\bhowever\b|\balthough\b|\bexcept\b|;|\bwith\b(?= "
-                         r"(?:an?|associated)\b)", re.IGNORECASE)
-SIDE_WORDS = re.compile(r"\b(?P<side>right|left|rt|lt|bilateral(?:ly)?|both breasts|both sides|"
-                        r"either breast|each breast|both)\b", re.IGNORECASE)
-HEADING = re.compile(r"^\s*(?P<head>right breast|left breast|right|left|rt|lt|r|l|bilateral"
-                     r"|findings|impression|opinion|assessment|conclusion|birads|bi-rads|"
-                     r"breast composition|composition|recommendation|indication|technique|"
-                     r"comparison)\s*[:\-]", re.IGNORECASE)
+NEG_PRE = (
+    r"\bno\b|\bnot\b|\bwithout\b|\bfree of\b|\bnegative for\b|\bno evidence of\b|"
+    r"\bnor\b|\babsence of\b|\bneither\b|\bruled out\b|\bresolved\b"
+)
+NEG_POST = (
+    r"\b(?:is|are|was|were)?\s*(?:not (?:seen|identified|present|demonstrated|visualized|"
+    r"noted)|absent|resolves?|resolved|disappears?|ruled out)\b"
+)
+UNC_PRE = (
+    r"\bpossible\b|\bpossibly\b|\bprobable\b(?! ?benign)|\bquestionable\b|\bmay represent\b|"
+    r"\bcould represent\b|\bindeterminate\b|\bequivocal\b|\bsuggestive of\b|\bconcerning for\b"
+)
+UNC_POST = (
+    r"\bcannot be (?:excluded|ruled out)\b|\bcan not be excluded\b|\bnot excluded\b|"
+    r"\bindeterminate\b|\bof uncertain significance\b"
+)
+TERMINATORS = re.compile(
+    r"\bbut\b|\bhowever\b|\balthough\b|\bexcept\b|;|\bwith\b(?= "
+    r"(?:an?|associated)\b)",
+    re.IGNORECASE,
+)
+SIDE_WORDS = re.compile(
+    r"\b(?P<side>right|left|rt|lt|bilateral(?:ly)?|both breasts|both sides|"
+    r"either breast|each breast|both)\b",
+    re.IGNORECASE,
+)
+HEADING = re.compile(
+    r"^\s*(?P<head>right breast|left breast|right|left|rt|lt|r|l|bilateral"
+    r"|findings|impression|opinion|assessment|conclusion|birads|bi-rads|"
+    r"breast composition|composition|recommendation|indication|technique|"
+    r"comparison)\s*[:\-]",
+    re.IGNORECASE,
+)
 DENSITY_PATTERNS = (
     re.compile(r"\bACR\s*[:\-]?\s*(?:density\s*)?(?P<v>[abcd1-4])\b(?!\s*[-]?\s*BI)", re.IGNORECASE),
-    re.compile(r"\b(?:breast\s+)?density\s*(?:category|type|pattern)?\s*[:\-]?\s*(?P<v>[abcd])\b",
-               re.IGNORECASE),
+    re.compile(
+        r"\b(?:breast\s+)?density\s*(?:category|type|pattern)?\s*[:\-]?\s*(?P<v>[abcd])\b", re.IGNORECASE
+    ),
     re.compile(r"\b(?:category|type|pattern)\s*(?P<v>[abcd])\s*(?:breast\s*)?density\b", re.IGNORECASE),
 )
-PRIOR = re.compile(r"\b(?:unchanged|stable|new since|compared (?:to|with) (?:the )?prior|"
-                   r"since the prior|interval (?:increase|decrease|change|development)|"
-                   r"previously seen|prior (?:study|exam|mammogram)s?)\b", re.IGNORECASE)
-BOILERPLATE = re.compile(r"which (?:may|could|can) obscure (?:small )?(?:mass|lesion)(?:es|s)?",
-                         re.IGNORECASE)
-SIDE_BIRADS = re.compile(r"\b(?P<side>right|left)\s*[:\-]?\s*(?P<cat>[0-6](?:\s?[abc])?)(?![\w.])",
-                         re.IGNORECASE)
+PRIOR = re.compile(
+    r"\b(?:unchanged|stable|new since|compared (?:to|with) (?:the )?prior|"
+    r"since the prior|interval (?:increase|decrease|change|development)|"
+    r"previously seen|prior (?:study|exam|mammogram)s?)\b",
+    re.IGNORECASE,
+)
+BOILERPLATE = re.compile(
+    r"which (?:may|could|can) obscure (?:small )?(?:mass|lesion)(?:es|s)?", re.IGNORECASE
+)
+SIDE_BIRADS = re.compile(
+    r"\b(?P<side>right|left)\s*[:\-]?\s*(?P<cat>[0-6](?:\s?[abc])?)(?![\w.])", re.IGNORECASE
+)
 BILATERAL_EXAM = re.compile(r"\bbilateral (?:screening |diagnostic )?mammogra", re.IGNORECASE)
 BIRADS_CANON = re.compile(r"BI-RADS (?P<cat>[0-6][ABC]?)\b")
 
@@ -54,7 +80,7 @@ class _Rules:
     finding_pattern: re.Pattern
     finding_of: dict
     density_of: dict
-    nlp: object
+    nlp: Any
 
 
 @lru_cache(maxsize=1)
@@ -81,7 +107,8 @@ def _side_of(word: str) -> tuple[str, ...]:
 
 
 def _nearest_side(sentence: str, pos: int) -> tuple[str, ...]:
-    best, best_dist = (), None
+    best: tuple[str, ...] = ()
+    best_dist: int | None = None
     for m in SIDE_WORDS.finditer(sentence):
         dist = abs(m.start() - pos)
         if best_dist is None or dist < best_dist:
@@ -94,10 +121,10 @@ def _clause(sentence: str, start: int, end: int) -> tuple[str, str]:
     before, after = sentence[:start], sentence[end:]
     cuts = [m.end() for m in TERMINATORS.finditer(before)]
     if cuts:
-        before = before[cuts[-1]:]
+        before = before[cuts[-1] :]
     m = TERMINATORS.search(after)
     if m:
-        after = after[:m.start()]
+        after = after[: m.start()]
     return before, after
 
 
@@ -135,7 +162,8 @@ def _density(text: str, rules: _Rules) -> str | None:
 def _sentences(text: str, rules: _Rules) -> list[tuple[str, tuple[str, ...]]]:
     """(sentence, context sides) per sentence. Headings set the side context; within a line, a
     sentence without a side word inherits the side of the sentence before it."""
-    out, context = [], ()
+    out: list[tuple[str, tuple[str, ...]]] = []
+    context: tuple[str, ...] = ()
     for line in text.splitlines():
         head = HEADING.match(line)
         if head:
@@ -151,8 +179,8 @@ def _sentences(text: str, rules: _Rules) -> list[tuple[str, tuple[str, ...]]]:
     return out
 
 
-def parse_report(text: str) -> dict:
-    """Structured report from free text (DESIGN.md §5)."""
+def parse_report(text: str) -> StructuredReport:
+    """Structured report from free text (docs/design.md section 5)."""
     rules = _rules()
     norm = BOILERPLATE.sub("", rules.normalizer(text or ""))
     bilateral_exam = bool(BILATERAL_EXAM.search(norm))
@@ -163,7 +191,7 @@ def parse_report(text: str) -> dict:
         for m in BIRADS_CANON.finditer(sentence):
             cat = m.group("cat")
             all_birads.append(cat)
-            sides = _nearest_side(sentence[:m.start()], m.start()) or context
+            sides = _nearest_side(sentence[: m.start()], m.start()) or context
             if len(sides) == 1:
                 side_birads[sides[0]].append(cat)
         if "BI-RADS" in sentence:
@@ -182,13 +210,18 @@ def parse_report(text: str) -> dict:
                 _merge(findings, side, finding, state)
     exam = most_severe(all_birads)
     birads = {s: most_severe(v) for s, v in side_birads.items()}
-    bilateral_without_side = not side_birads["L"] and not side_birads["R"] and not any(
-        st == "pos" for s in ("L", "R") for st in findings[s].values())
+    bilateral_without_side = (
+        not side_birads["L"]
+        and not side_birads["R"]
+        and not any(st == "pos" for s in SIDES for st in findings[s].values())
+    )
     if exam is not None and bilateral_without_side and not findings["U"]:
         birads = {"L": exam, "R": exam}
-    return {"density": _density(norm, rules), "birads": {**birads, "exam": exam},
-            "findings": {s: {f: findings[s][f] for f in FINDINGS if f in findings[s]}
-                         for s in ("L", "R", "U")}}
+    return StructuredReport(
+        _density(norm, rules),
+        {**birads, "exam": exam},
+        {s: {f: findings[s][f] for f in FINDINGS if f in findings[s]} for s in REPORT_SIDES},
+    )
 
 
 def mentions_prior(text: str) -> bool:

@@ -1,20 +1,17 @@
 """Figures shared by the evaluation and stage-1 recipes (matplotlib, written atomically)."""
+
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
 
-from mammorg.io import save_figure_atomic
+from mammorg.plotting import pyplot, save_figure
 
 
 def confusion_png(ref: list, pred: list, classes: list, title: str, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    labels = classes + ["none"]
+    plt = pyplot()
+    labels = [*classes, "none"]
     index = {c: i for i, c in enumerate(labels)}
     mat = np.zeros((len(labels), len(labels)), dtype=int)
     for r, p in zip(ref, pred):
@@ -32,4 +29,4 @@ def confusion_png(ref: list, pred: list, classes: list, title: str, path: Path) 
     ax.set_ylabel("reference")
     ax.set_title(title)
     fig.tight_layout()
-    save_figure_atomic(fig, path)
+    save_figure(fig, path)

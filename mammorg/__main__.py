@@ -1,5 +1,7 @@
+"""``python -m mammorg``: the command line (for launchers: ``torchrun -m mammorg stage2 train ...``)."""
+
 import sys
 
-from mammorg.cli import main
+from mammorg.app.cli import main
 
 sys.exit(main())

@@ -1,4 +1,5 @@
 """Reading mammography DICOM: decode, modality/VOI LUT, MONOCHROME1, padding, view and laterality."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -13,14 +14,36 @@ from mammorg.io import MammorgError
 
 # View Code Sequence code values (SNOMED RT and SNOMED CT) for the projections we use.
 _VIEW_CODES = {
-    "R-10242": "CC", "399162004": "CC", "R-1024A": "CC", "399067008": "CC",  # CC, XCCL
-    "R-10226": "MLO", "399368009": "MLO", "R-10224": "MLO", "399260004": "MLO",  # MLO, ML
-    "R-10230": "MLO", "399352003": "MLO",  # LM
+    "R-10242": "CC",
+    "399162004": "CC",
+    "R-1024A": "CC",
+    "399067008": "CC",  # CC, XCCL
+    "R-10226": "MLO",
+    "399368009": "MLO",
+    "R-10224": "MLO",
+    "399260004": "MLO",  # MLO, ML
+    "R-10230": "MLO",
+    "399352003": "MLO",  # LM
 }
-_VIEW_POSITIONS = {"CC": "CC", "XCCL": "CC", "XCCM": "CC", "FB": "CC", "MLO": "MLO",
-                   "ML": "MLO", "LM": "MLO", "LMO": "MLO", "SIO": "MLO"}
-_MEANINGS = (("cranio-caudal", "CC"), ("craniocaudal", "CC"), ("medio-lateral oblique", "MLO"),
-             ("mediolateral oblique", "MLO"), ("medio-lateral", "MLO"), ("latero-medial", "MLO"))
+_VIEW_POSITIONS = {
+    "CC": "CC",
+    "XCCL": "CC",
+    "XCCM": "CC",
+    "FB": "CC",
+    "MLO": "MLO",
+    "ML": "MLO",
+    "LM": "MLO",
+    "LMO": "MLO",
+    "SIO": "MLO",
+}
+_MEANINGS = (
+    ("cranio-caudal", "CC"),
+    ("craniocaudal", "CC"),
+    ("medio-lateral oblique", "MLO"),
+    ("mediolateral oblique", "MLO"),
+    ("medio-lateral", "MLO"),
+    ("latero-medial", "MLO"),
+)
 
 
 @dataclass
@@ -119,8 +142,9 @@ def read_dicom(path: str | Path, *, allow_for_processing: bool = False) -> Mammo
         raw = ds.pixel_array
     except Exception as exc:  # decoders raise many types
         uid = getattr(ds.file_meta, "TransferSyntaxUID", "?")
-        raise MammorgError(f"{path}: cannot decode pixel data (transfer syntax {uid}): "
-                           f"{str(exc).splitlines()[0]}") from None
+        raise MammorgError(
+            f"{path}: cannot decode pixel data (transfer syntax {uid}): {str(exc).splitlines()[0]}"
+        ) from None
     if raw.ndim != 2:
         raise MammorgError(f"{path}: expected one grey-scale frame, got shape {raw.shape}")
     meta = {

@@ -1,12 +1,15 @@
 """Small I/O helpers: atomic writes, JSONL, one-line user-facing errors."""
+
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 
 class MammorgError(Exception):
@@ -17,13 +20,18 @@ class MammorgError(Exception):
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it into place only on success."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise MammorgError(f"{path}: cannot write ({exc.strerror or exc})") from None
     os.close(fd)
     tmp_path = Path(tmp)
     try:
         yield tmp_path
         os.replace(tmp_path, path)
+    except OSError as exc:  # a full disk, a read-only folder: name the file, keep what was there
+        raise MammorgError(f"{path}: cannot write ({exc.strerror or exc}); nothing was replaced") from None
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
@@ -38,11 +46,13 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
-def write_jsonl_atomic(path: str | os.PathLike, rows: Iterable[dict]) -> int:
+def write_jsonl_atomic(path: str | os.PathLike, rows: Iterable[Any]) -> int:
+    """One JSON object per line; rows are dicts or records with ``to_json()``."""
     n = 0
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
         for row in rows:
-            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+            obj = row.to_json() if hasattr(row, "to_json") else row
+            fh.write(json.dumps(obj, ensure_ascii=False) + "\n")
             n += 1
     return n
 
@@ -70,10 +80,10 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
     return rows
 
 
-def save_figure_atomic(fig: Any, path: str | os.PathLike, dpi: int = 100) -> None:
-    """Save a matplotlib figure as PNG through a temporary name, then close it."""
-    import matplotlib.pyplot as plt
-
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=dpi, format="png")
-    plt.close(fig)
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file, read in blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -1,7 +1,11 @@
-"""Canonical label space (DESIGN.md §3): sides, views, density, BI-RADS, findings."""
+"""Canonical label space (docs/design.md section 3): sides, views, density, BI-RADS, findings."""
+
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 SIDES: tuple[str, ...] = ("L", "R")
+SIDE_WORDS: dict[str, str] = {"L": "left", "R": "right"}
 VIEWS: tuple[str, ...] = ("L_CC", "L_MLO", "R_CC", "R_MLO")
 PROJECTIONS: tuple[str, ...] = ("CC", "MLO")
 DENSITIES: tuple[str, ...] = ("a", "b", "c", "d")
@@ -28,7 +32,7 @@ def birads_severity(value: str) -> int:
     return _SEVERITY[value]
 
 
-def most_severe(values: list[str | None]) -> str | None:
+def most_severe(values: Sequence[str | None]) -> str | None:
     """The most severe of the given BI-RADS values (None entries ignored)."""
     present = [v for v in values if v is not None]
     return max(present, key=birads_severity) if present else None
@@ -43,12 +47,9 @@ def birads_class_mask(value: str | None) -> list[bool]:
     return [c == value for c in BIRADS_CLASSES]
 
 
-def view_side(view: str) -> str:
-    return view.split("_", 1)[0]
-
-
-def view_projection(view: str) -> str:
-    return view.split("_", 1)[1]
+def side_views(side: str) -> tuple[str, str]:
+    """The CC and MLO view names of a breast."""
+    return f"{side}_CC", f"{side}_MLO"
 
 
 # Optional per-breast descriptors (BI-RADS lexicon), one value per breast: the most suspicious
@@ -56,14 +57,28 @@ def view_projection(view: str) -> str:
 DESCRIPTORS: dict[str, tuple[str, ...]] = {
     "mass_shape": ("oval", "round", "irregular"),
     "mass_margin": ("circumscribed", "obscured", "microlobulated", "indistinct", "spiculated"),
-    "calc_morphology": ("coarse or popcorn-like", "round", "rim", "vascular", "large rod-like",
-                        "amorphous", "coarse heterogeneous", "fine pleomorphic",
-                        "fine linear branching"),
+    "calc_morphology": (
+        "coarse or popcorn-like",
+        "round",
+        "rim",
+        "vascular",
+        "large rod-like",
+        "amorphous",
+        "coarse heterogeneous",
+        "fine pleomorphic",
+        "fine linear branching",
+    ),
     "calc_distribution": ("diffuse", "regional", "grouped", "linear", "segmental"),
 }
-_DESCRIPTOR_ALIASES = {"scattered": "diffuse", "pleomorphic": "fine pleomorphic",
-                       "clustered": "grouped", "ill defined": "indistinct", "lobulated": "oval",
-                       "popcorn": "coarse or popcorn-like", "large rodlike": "large rod-like"}
+_DESCRIPTOR_ALIASES = {
+    "scattered": "diffuse",
+    "pleomorphic": "fine pleomorphic",
+    "clustered": "grouped",
+    "ill defined": "indistinct",
+    "lobulated": "oval",
+    "popcorn": "coarse or popcorn-like",
+    "large rodlike": "large rod-like",
+}
 
 
 def canonical_descriptor(name: str, value: str | None) -> str | None:

@@ -1,4 +1,5 @@
 """16-bit PNG input: the view comes from the file name (``L_CC.png`` etc.)."""
+
 from __future__ import annotations
 
 from pathlib import Path

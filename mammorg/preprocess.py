@@ -1,6 +1,8 @@
 """Geometry normalisation (orientation, breast crop, resize) and the decoded-view cache."""
+
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -14,8 +16,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from mammorg.dicom import read_dicom
-from mammorg.io import MammorgError, atomic_path, read_jsonl, write_json_atomic, write_jsonl_atomic
+from mammorg.io import MammorgError, atomic_path, sha256_file, write_json_atomic, write_jsonl_atomic
 from mammorg.labels import VIEWS
+from mammorg.png import read_png
+from mammorg.schema import Exam, read_manifest
 
 
 @dataclass(frozen=True)
@@ -53,12 +57,12 @@ def pad_to_aspect(img: np.ndarray, height: int, width: int) -> tuple[np.ndarray,
     h, w = img.shape
     target = height / width
     if h / w > target:
-        new_w, new_h = int(round(h / target)), h
+        new_w, new_h = round(h / target), h
     else:
-        new_w, new_h = w, int(round(w * target))
+        new_w, new_h = w, round(w * target)
     out = np.zeros((new_h, new_w), dtype=img.dtype)
     top = (new_h - h) // 2
-    out[top:top + h, :w] = img
+    out[top : top + h, :w] = img
     return out, (top, 0)
 
 
@@ -78,21 +82,20 @@ def normalise_geometry(img: np.ndarray, spec: PreprocessSpec) -> tuple[np.ndarra
     cropped = oriented[top:bottom, left:right]
     padded, offset = pad_to_aspect(cropped, spec.height, spec.width)
     out = resize(padded, spec.height, spec.width)
-    geometry = {"flipped": flipped, "crop": [top, bottom, left, right],
-                "pad_offset": list(offset), "scale": spec.height / padded.shape[0],
-                "source_shape": list(img.shape)}
+    geometry = {
+        "flipped": flipped,
+        "crop": [top, bottom, left, right],
+        "pad_offset": list(offset),
+        "scale": spec.height / padded.shape[0],
+        "source_shape": list(img.shape),
+    }
     return out, geometry
 
 
 def preprocess_file(path: str | Path, spec: PreprocessSpec) -> tuple[np.ndarray, str, dict]:
     """Decode and normalise one image file (DICOM or 16-bit PNG)."""
     path = Path(path)
-    if path.suffix.lower() == ".png":
-        from mammorg.png import read_png
-
-        image = read_png(path)
-    else:
-        image = read_dicom(path)
+    image = read_png(path) if path.suffix.lower() == ".png" else read_dicom(path)
     out, geometry = normalise_geometry(image.pixels, spec)
     return out, image.view, {**image.meta, **geometry}
 
@@ -106,77 +109,79 @@ def from_uint16(arr: np.ndarray) -> np.ndarray:
 
 
 def file_digest(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:20]
+    return sha256_file(path)[:20]
 
 
 def cache_entry_path(cache_dir: Path, digest: str, spec: PreprocessSpec) -> Path:
     return cache_dir / "views" / digest[:2] / f"{digest}_{spec.key()}.npy"
 
 
+GEOMETRY_KEYS = ("flipped", "crop", "pad_offset", "scale", "source_shape")
+
+
 def cache_view(path: str, cache_dir: str, spec: PreprocessSpec) -> dict:
-    """Decode one view into the cache unless already there; never raises for bad input."""
+    """Decode one view into the cache unless already there (the entry, plus a JSON sidecar with
+    the geometry that maps original pixels to cached ones); never raises for bad input."""
     try:
         entry = cache_entry_path(Path(cache_dir), file_digest(path), spec)
-        if not entry.exists():
-            img, view, meta = preprocess_file(path, spec)
-            with atomic_path(entry) as tmp:
-                with open(tmp, "wb") as fh:
-                    np.save(fh, to_uint16(img))
-            return {"entry": str(entry), "view": view, "cached": False}
-        return {"entry": str(entry), "view": None, "cached": True}
+        sidecar = entry.with_suffix(".json")
+        if entry.exists() and sidecar.exists():
+            return {"entry": str(entry), "geometry": json.loads(sidecar.read_text()), "cached": True}
+        img, _, meta = preprocess_file(path, spec)
+        geometry = {k: meta[k] for k in GEOMETRY_KEYS}
+        with atomic_path(entry) as tmp, open(tmp, "wb") as fh:
+            np.save(fh, to_uint16(img))
+        write_json_atomic(sidecar, geometry)
+        return {"entry": str(entry), "geometry": geometry, "cached": False}
     except MammorgError as exc:
         return {"error": str(exc)}
     except OSError as exc:
         return {"error": f"{path}: {exc.strerror or exc}"}
 
 
-def resolve_view_path(manifest_dir: Path, value: str | None) -> Path | None:
-    if value is None:
-        return None
-    p = Path(value)
-    return p if p.is_absolute() else manifest_dir / p
-
-
-def preprocess_manifest(manifest: str | Path, cache_dir: str | Path, spec: PreprocessSpec,
-                        workers: int = 0, progress: bool = True) -> dict:
+def preprocess_manifest(
+    manifest: str | Path, cache_dir: str | Path, spec: PreprocessSpec, workers: int = 0, progress: bool = True
+) -> dict:
     """Cache every view of a manifest; write ``cache_dir/manifest.jsonl`` with ``cache`` paths."""
     manifest, cache_dir = Path(manifest), Path(cache_dir)
-    exams = read_jsonl(manifest)
-    jobs = [(i, v, str(resolve_view_path(manifest.parent, ex["views"].get(v))))
-            for i, ex in enumerate(exams) for v in VIEWS if ex["views"].get(v)]
+    exams = read_manifest(manifest)
+    jobs = [
+        (i, v, str(ex.view_path(v, manifest.parent))) for i, ex in enumerate(exams) for v in ex.present_views
+    ]
     workers = workers or max(1, min(os.cpu_count() or 1, 8))
     results = _run_jobs(jobs, cache_dir, spec, workers, progress)
-    problems, out_rows = [], []
+    problems: list[dict] = []
+    out_rows: list[Exam] = []
     for i, ex in enumerate(exams):
-        cache = {}
+        cache, geometry = {}, {}
         for v in VIEWS:
             res = results.get((i, v))
             if res is None:
                 continue
             if "error" in res:
-                problems.append({"exam_id": ex["exam_id"], "view": v, "problem": res["error"]})
+                problems.append({"exam_id": ex.exam_id, "view": v, "problem": res["error"]})
             else:
                 cache[v] = os.path.relpath(res["entry"], cache_dir)
+                geometry[v] = res["geometry"]
         if cache:
-            out_rows.append({**ex, "views": {v: (str(resolve_view_path(manifest.parent, p))
-                                                  if p else None) for v, p in ex["views"].items()},
-                             "cache": cache})
+            views = {v: (str(ex.view_path(v, manifest.parent)) if ex.views.get(v) else None) for v in VIEWS}
+            out_rows.append(dataclasses.replace(ex, views=views, cache=cache, geometry=geometry))
         else:
-            problems.append({"exam_id": ex["exam_id"], "view": None, "problem": "no usable view"})
+            problems.append({"exam_id": ex.exam_id, "view": None, "problem": "no usable view"})
     write_json_atomic(cache_dir / "spec.json", asdict(spec))
     write_jsonl_atomic(cache_dir / "manifest.jsonl", out_rows)
     write_jsonl_atomic(cache_dir / "problems.jsonl", problems)
     n_new = sum(1 for r in results.values() if r.get("cached") is False)
-    return {"exams": len(out_rows), "views": len(jobs), "decoded": n_new,
-            "reused": sum(1 for r in results.values() if r.get("cached")), "problems": problems}
+    return {
+        "exams": len(out_rows),
+        "views": len(jobs),
+        "decoded": n_new,
+        "reused": sum(1 for r in results.values() if r.get("cached")),
+        "problems": problems,
+    }
 
 
-def _run_jobs(jobs: list, cache_dir: Path, spec: PreprocessSpec, workers: int,
-              progress: bool) -> dict:
+def _run_jobs(jobs: list, cache_dir: Path, spec: PreprocessSpec, workers: int, progress: bool) -> dict:
     bar = tqdm(total=len(jobs), desc="preprocess", unit="view", disable=not progress)
     results = {}
     if workers <= 1:

@@ -1,4 +1,5 @@
 """Salted hashing of patient and study identifiers."""
+
 from __future__ import annotations
 
 import hashlib
@@ -14,5 +15,5 @@ def id_salt(salt: str | None = None) -> str:
 
 def hash_id(value: str, salt: str | None = None, length: int = 12) -> str:
     """A short, stable, salted SHA-256 of an identifier."""
-    digest = hashlib.sha256(f"{id_salt(salt)}:{value}".encode("utf-8")).hexdigest()
+    digest = hashlib.sha256(f"{id_salt(salt)}:{value}".encode()).hexdigest()
     return digest[:length]

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Train stage 2: scripts/train_stage2.sh CONFIG [key=value ...]
-#   NPROC=8 DS=configs/deepspeed/zero2.json scripts/train_stage2.sh configs/stage2/tiny.yaml ...
-#   multi-node: HOSTFILE=hostfile DS=configs/deepspeed/zero3.json scripts/train_stage2.sh ...
+#   NPROC=8 DS=deepspeed/zero2 scripts/train_stage2.sh stage2/tiny ...
+#   multi-node: HOSTFILE=hostfile DS=deepspeed/zero3 scripts/train_stage2.sh ...
 #   LAUNCHER=torchrun NPROC=2 DS=... for torchrun instead of the deepspeed launcher.
 # Without NPROC/HOSTFILE it runs in this process (CPU or one GPU). Hyper-parameters live in YAML.
 set -euo pipefail
@@ -13,9 +13,9 @@ if [[ -z "${NPROC:-}" && -z "${HOSTFILE:-}" ]]; then
   exec mammorg stage2 train --config "$config" "${ds_args[@]}" "$@"
 fi
 if [[ "${LAUNCHER:-deepspeed}" == torchrun ]]; then
-  exec torchrun --nproc_per_node "${NPROC:-1}" -m mammorg.cli stage2 train --config "$config" "${ds_args[@]}" "$@"
+  exec torchrun --nproc_per_node "${NPROC:-1}" -m mammorg stage2 train --config "$config" "${ds_args[@]}" "$@"
 fi
 launcher=(deepspeed)
 if [[ -n "${HOSTFILE:-}" ]]; then launcher+=(--hostfile "$HOSTFILE"); fi
 if [[ -n "${NPROC:-}" ]]; then launcher+=(--num_gpus "$NPROC"); fi
-exec "${launcher[@]}" --module mammorg.cli stage2 train --config "$config" "${ds_args[@]}" "$@"
+exec "${launcher[@]}" --module mammorg stage2 train --config "$config" "${ds_args[@]}" "$@"

@@ -1,40 +1,46 @@
 """Exam dataset over the preprocessing cache (dict-keyed samples) and augmentation."""
+
 from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from mammorg.io import MammorgError, read_jsonl
-from mammorg.labels import (BIRADS_CLASSES, DENSITIES, DESCRIPTORS, FINDINGS, VIEWS,
-                            birads_class_mask)
+from mammorg.io import MammorgError
+from mammorg.labels import BIRADS_CLASSES, DENSITIES, DESCRIPTORS, FINDINGS, SIDES, VIEWS, birads_class_mask
 from mammorg.preprocess import from_uint16, load_cached
+from mammorg.schema import Exam, Labels, read_manifest
 
 
-def _labels(exam: dict) -> dict[str, torch.Tensor]:
-    labels = exam.get("labels") or {}
-    density = labels.get("density")
-    birads = labels.get("birads") or {}
-    findings = labels.get("findings") or {}
+def label_tensors(labels: Labels) -> dict[str, torch.Tensor]:
+    """Training targets of one exam: density index (-1: none), BI-RADS class masks per side,
+    finding targets with their masks (``unc``/missing masked), descriptor indices (-1: none)."""
     f_target = torch.zeros(2, len(FINDINGS))
     f_mask = torch.zeros(2, len(FINDINGS))
-    for s, side in enumerate("LR"):
+    for s, side in enumerate(SIDES):
         for j, name in enumerate(FINDINGS):
-            state = (findings.get(side) or {}).get(name)
+            state = labels.findings[side].get(name)
             if state in ("pos", "neg"):
                 f_target[s, j], f_mask[s, j] = float(state == "pos"), 1.0
-    desc = labels.get("descriptors") or {}
+    desc = labels.descriptors
     descriptor_targets = {
-        f"desc_{name}": torch.tensor([classes.index(v) if (v := (desc.get(s) or {}).get(name)) in classes
-                                      else -1 for s in "LR"])
-        for name, classes in DESCRIPTORS.items()}
-    return {**descriptor_targets,
-            "density": torch.tensor(DENSITIES.index(density) if density in DENSITIES else -1),
-            "birads_mask": torch.tensor([birads_class_mask(birads.get(s)) for s in "LR"]),
-            "findings": f_target, "finding_mask": f_mask}
+        f"desc_{name}": torch.tensor(
+            [classes.index(v) if (v := (desc.get(s) or {}).get(name)) in classes else -1 for s in SIDES]
+        )
+        for name, classes in DESCRIPTORS.items()
+    }
+    density = labels.density
+    return {
+        **descriptor_targets,
+        "density": torch.tensor(DENSITIES.index(density) if density in DENSITIES else -1),
+        "birads_mask": torch.tensor([birads_class_mask(labels.birads.get(s)) for s in SIDES]),
+        "findings": f_target,
+        "finding_mask": f_mask,
+    }
 
 
 def fold_of(exam_id: str, folds: int) -> int:
@@ -45,36 +51,48 @@ def fold_of(exam_id: str, folds: int) -> int:
 class ExamDataset(Dataset):
     """Samples ``{"exam_id", "images" [4,1,H,W], "view_mask" [4], labels...}`` from a cache."""
 
-    def __init__(self, cache_manifest: str | Path, split: str | None = None, augment: bool = False,
-                 seed: int = 0, folds: int | None = None, fold: int | None = None,
-                 holdout: bool = False):
+    def __init__(
+        self,
+        cache_manifest: str | Path,
+        split: str | None = None,
+        augment: bool = False,
+        seed: int = 0,
+        folds: int | None = None,
+        fold: int | None = None,
+        holdout: bool = False,
+    ):
         path = Path(cache_manifest)
-        rows = read_jsonl(path)
-        if rows and "cache" not in rows[0]:
+        rows = read_manifest(path)
+        if rows and rows[0].cache is None:
             raise MammorgError(f"{path}: not a preprocessed manifest (run 'mammorg data preprocess')")
         self.root = path.parent
-        rows = [r for r in rows if split is None or r.get("split") == split]
+        rows = [r for r in rows if split is None or r.split == split]
         if folds:  # k-fold: keep the other folds (training) or only this one (``holdout``)
-            rows = [r for r in rows if (fold_of(r["exam_id"], folds) == fold) == holdout]
-        self.exams = [r for r in rows if any(r["cache"].get(v) for v in VIEWS)]
-        self.skipped = [r["exam_id"] for r in rows if not any(r["cache"].get(v) for v in VIEWS)]
+            rows = [r for r in rows if (fold_of(r.exam_id, folds) == fold) == holdout]
+        self.exams: list[Exam] = [r for r in rows if any((r.cache or {}).get(v) for v in VIEWS)]
+        self.skipped = [r.exam_id for r in rows if not any((r.cache or {}).get(v) for v in VIEWS)]
         self.augment, self.seed, self.epoch = augment, seed, 0
 
     def __len__(self) -> int:
         return len(self.exams)
 
-    def _image(self, exam: dict, view: str) -> np.ndarray | None:
-        rel = exam["cache"].get(view)
+    def _image(self, exam: Exam, view: str) -> np.ndarray | None:
+        rel = (exam.cache or {}).get(view)
         return None if rel is None else from_uint16(np.asarray(load_cached(self.root, rel)))
 
     def __getitem__(self, i: int) -> dict:
         exam = self.exams[i]
         imgs = [self._image(exam, v) for v in VIEWS]
         shape = next(x.shape for x in imgs if x is not None)
-        images = torch.stack([torch.from_numpy(x) if x is not None else torch.zeros(shape)
-                              for x in imgs]).unsqueeze(1)
-        sample = {"exam_id": exam["exam_id"], "images": images,
-                  "view_mask": torch.tensor([x is not None for x in imgs]), **_labels(exam)}
+        images = torch.stack(
+            [torch.from_numpy(x) if x is not None else torch.zeros(shape) for x in imgs]
+        ).unsqueeze(1)
+        sample = {
+            "exam_id": exam.exam_id,
+            "images": images,
+            "view_mask": torch.tensor([x is not None for x in imgs]),
+            **label_tensors(exam.labels),
+        }
         if self.augment:
             sample = augment(sample, np.random.default_rng([self.seed, self.epoch, i]))
         return sample
@@ -96,7 +114,7 @@ def augment(sample: dict, rng: np.random.Generator) -> dict:
 
 
 def collate(samples: list[dict]) -> dict:
-    out = {k: torch.stack([s[k] for s in samples]) for k in samples[0] if k != "exam_id"}
+    out: dict[str, Any] = {k: torch.stack([s[k] for s in samples]) for k in samples[0] if k != "exam_id"}
     out["exam_id"] = [s["exam_id"] for s in samples]
     return out
 
@@ -105,9 +123,8 @@ def birads_class_weights(ds: ExamDataset, power: float = 0.5) -> torch.Tensor:
     """Inverse-frequency weights ``(1 / freq) ** power`` of the BI-RADS classes (mean 1)."""
     counts = torch.ones(len(BIRADS_CLASSES))  # +1 smoothing: absent classes stay finite
     for exam in ds.exams:
-        birads = (exam.get("labels") or {}).get("birads") or {}
-        for side in "LR":
-            mask = torch.tensor(birads_class_mask(birads.get(side)), dtype=torch.float)
+        for side in SIDES:
+            mask = torch.tensor(birads_class_mask(exam.labels.birads.get(side)), dtype=torch.float)
             if mask.sum():
                 counts += mask / mask.sum()
     w = (counts.sum() / counts) ** power

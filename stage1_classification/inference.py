@@ -1,90 +1,121 @@
-"""Stage-1 inference: load a run, predict exams, write prediction records and feature tokens."""
+"""Stage-1 inference: load a trained run, predict exams, write prediction records and feature tokens."""
+
 from __future__ import annotations
 
 import hashlib
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig
-from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from mammorg.checkpoint import load_weights
 from mammorg.config import load_config
-from mammorg.io import MammorgError, atomic_path
-from mammorg.labels import BIRADS_CLASSES, DENSITIES, DESCRIPTORS, FINDINGS, VIEWS, most_severe
+from mammorg.io import MammorgError
+from mammorg.labels import BIRADS_CLASSES, DENSITIES, DESCRIPTORS, FINDINGS, SIDES, VIEWS, most_severe
+from mammorg.schema import HeadProbabilities, Labels, Stage1Prediction
+from mammorg.training.checkpoint import CheckpointStore, load_tensors, save_tensors
+from stage1_classification.config import Stage1Config
 from stage1_classification.data import ExamDataset, collate
 from stage1_classification.model import MultiViewClassifier, create_model
 from stage1_classification.operating_points import OperatingPoints
 
+WEIGHTS = "model.safetensors"
 
-def load_run(run_dir: str | Path, which: str = "best") -> tuple[DictConfig, MultiViewClassifier]:
-    """The resolved config and the trained model (``best``, falling back to ``last``)."""
+
+def load_run(run_dir: str | Path, which: str = "best") -> tuple[Stage1Config, MultiViewClassifier]:
+    """The run's config and its trained model (``best``, else the newest intact checkpoint)."""
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").exists():
         raise MammorgError(f"{run_dir}: not a stage-1 run folder (no config.yaml)")
-    cfg = load_config(run_dir / "config.yaml")
-    for name in (which, "last"):
-        weights = run_dir / "checkpoints" / name / "model.safetensors"
-        if weights.exists():
-            model = create_model(cfg.model)
-            load_weights(model, weights)
-            return cfg, model.eval()
-    raise MammorgError(f"{run_dir}: no checkpoint (train first)")
+    cfg = load_config(run_dir / "config.yaml", Stage1Config)
+    folder = CheckpointStore(run_dir).weights(which)
+    if folder is None:
+        raise MammorgError(f"{run_dir}: no checkpoint (train first)")
+    model = create_model(cfg.model)
+    model.load_state_dict(load_tensors(folder / WEIGHTS))
+    return cfg, model.eval()
 
 
-def exam_record(exam_id: str, density: torch.Tensor, birads: torch.Tensor, findings: torch.Tensor,
-                view_mask: torch.Tensor, descriptors: dict[str, torch.Tensor] | None = None,
-                points: OperatingPoints = OperatingPoints()) -> dict:
-    """One prediction line from the probabilities of one exam (``birads`` [2, 9], ``findings`` [2, 7]);
+def _per_side(values: torch.Tensor, names: tuple[str, ...], present: dict[str, bool]) -> dict:
+    return {s: dict(zip(names, values[i].tolist())) if present[s] else None for i, s in enumerate(SIDES)}
+
+
+def exam_record(
+    exam_id: str,
+    density: torch.Tensor,
+    birads: torch.Tensor,
+    findings: torch.Tensor,
+    view_mask: torch.Tensor,
+    descriptors: dict[str, torch.Tensor] | None = None,
+    points: OperatingPoints | None = None,
+) -> Stage1Prediction:
+    """One prediction from the probabilities of one exam (``birads`` [2, 9], ``findings`` [2, 7]);
     ``pred`` holds the labels decided at the run's operating points."""
-    present = {s: bool(view_mask[2 * i:2 * i + 2].any()) for i, s in enumerate("LR")}
-    probs = {"density": dict(zip(DENSITIES, density.tolist())),
-             "birads": {s: dict(zip(BIRADS_CLASSES, birads[i].tolist())) if present[s] else None
-                        for i, s in enumerate("LR")},
-             "findings": {s: dict(zip(FINDINGS, findings[i].tolist())) if present[s] else None
-                          for i, s in enumerate("LR")}}
+    points = points or OperatingPoints()
+    present = {s: bool(view_mask[2 * i : 2 * i + 2].any()) for i, s in enumerate(SIDES)}
     birads_idx, positive = points.birads_labels(birads).tolist(), points.finding_positive(findings).tolist()
-    side_birads = {s: BIRADS_CLASSES[birads_idx[i]] if present[s] else None for i, s in enumerate("LR")}
-    pred = {"density": DENSITIES[int(density.argmax())],
-            "birads": {**side_birads, "exam": most_severe(list(side_birads.values()))},
-            "findings": {s: ({f: "pos" if on else "neg" for f, on in zip(FINDINGS, positive[i])}
-                             if present[s] else {}) for i, s in enumerate("LR")}}
-    views = [v for v, m in zip(VIEWS, view_mask.tolist()) if m]
-    record = {"exam_id": exam_id, "views": views, "probs": probs, "pred": pred}
+    side_birads = {s: BIRADS_CLASSES[birads_idx[i]] if present[s] else None for i, s in enumerate(SIDES)}
+    side_findings = {
+        s: ({f: "pos" if on else "neg" for f, on in zip(FINDINGS, positive[i])} if present[s] else {})
+        for i, s in enumerate(SIDES)
+    }
+    probs = HeadProbabilities(
+        dict(zip(DENSITIES, density.tolist())),
+        _per_side(birads, BIRADS_CLASSES, present),
+        _per_side(findings, FINDINGS, present),
+    )
+    desc_labels: dict[str, dict[str, str]] = {}
     if descriptors:
-        record["probs"]["descriptors"] = {
+        probs.descriptors = {
             s: {name: dict(zip(DESCRIPTORS[name], p[i].tolist())) for name, p in descriptors.items()}
-            if present[s] else None for i, s in enumerate("LR")}
-        record["pred"]["descriptors"] = {
+            if present[s]
+            else None
+            for i, s in enumerate(SIDES)
+        }
+        desc_labels = {
             s: {name: DESCRIPTORS[name][int(p[i].argmax())] for name, p in descriptors.items()}
-            if present[s] else {} for i, s in enumerate("LR")}
-    return record
+            if present[s]
+            else {}
+            for i, s in enumerate(SIDES)
+        }
+    pred = Labels(
+        DENSITIES[int(density.argmax())],
+        {**side_birads, "exam": most_severe(list(side_birads.values()))},
+        side_findings,
+        desc_labels,
+    )
+    return Stage1Prediction(exam_id, [v for v, m in zip(VIEWS, view_mask.tolist()) if m], probs, pred)
 
 
-def _feature_name(exam_id: str) -> str:
+def feature_name(exam_id: str) -> str:
+    """A file name for an exam's feature tokens (safe characters, unique by hash)."""
     safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in exam_id)[:80]
     return f"{safe}-{hashlib.sha1(exam_id.encode()).hexdigest()[:8]}.safetensors"
 
 
 def save_features(path: Path, tokens: torch.Tensor, view_mask: torch.Tensor) -> None:
-    with atomic_path(path) as tmp:
-        save_file({"tokens": tokens.contiguous(), "view_mask": view_mask.to(torch.uint8)}, str(tmp))
+    save_tensors({"tokens": tokens, "view_mask": view_mask.to(torch.uint8)}, path)
 
 
 @torch.no_grad()
-def predict_dataset(model: MultiViewClassifier, ds: ExamDataset, batch_size: int = 8,
-                    features_dir: Path | None = None, progress: bool = True,
-                    points: OperatingPoints = OperatingPoints(), num_workers: int = 0) -> list[dict]:
+def predict_dataset(
+    model: MultiViewClassifier,
+    ds: ExamDataset,
+    batch_size: int = 8,
+    features_dir: Path | None = None,
+    progress: bool = True,
+    points: OperatingPoints | None = None,
+    num_workers: int = 0,
+) -> list[Stage1Prediction]:
     """Records for every exam of ``ds``; writes feature files when ``features_dir`` is given.
     On a GPU the views load in ``num_workers`` processes into pinned memory and the model runs
     under bf16 autocast (as in training)."""
     device = next(model.parameters()).device
     cuda = device.type == "cuda"
     records = []
-    loader = DataLoader(ds, batch_size=batch_size, shuffle=False, collate_fn=collate,
-                        num_workers=num_workers, pin_memory=cuda)
+    loader = DataLoader(
+        ds, batch_size=batch_size, shuffle=False, collate_fn=collate, num_workers=num_workers, pin_memory=cuda
+    )
     for batch in tqdm(loader, desc="stage1 predict", disable=not progress, leave=False):
         mask = batch["view_mask"]
         with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
@@ -93,13 +124,12 @@ def predict_dataset(model: MultiViewClassifier, ds: ExamDataset, batch_size: int
         find, tokens = out["findings"].float().sigmoid().cpu(), out["tokens"].float().cpu()
         desc = {k[5:]: v.float().softmax(-1).cpu() for k, v in out.items() if k.startswith("desc_")}
         for i, exam_id in enumerate(batch["exam_id"]):
-            rec = exam_record(exam_id, dens[i], bir[i], find[i], mask[i],
-                              {k: v[i] for k, v in desc.items()}, points)
+            rec = exam_record(
+                exam_id, dens[i], bir[i], find[i], mask[i], {k: v[i] for k, v in desc.items()}, points
+            )
             if features_dir is not None:
-                name = _feature_name(exam_id)
+                name = feature_name(exam_id)
                 save_features(features_dir / name, tokens[i], mask[i])
-                rec["features"] = f"{features_dir.name}/{name}"
+                rec.features = f"{features_dir.name}/{name}"
             records.append(rec)
     return records
-
-

@@ -1,5 +1,8 @@
 """Validation metrics of stage 1: BI-RADS/density macro-F1 and accuracy, finding AUROC, ECE."""
+
 from __future__ import annotations
+
+import itertools
 
 import numpy as np
 import torch
@@ -12,7 +15,7 @@ def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int 
     conf, pred = probs.max(1), probs.argmax(1)
     edges = np.linspace(0, 1, bins + 1)
     ece = 0.0
-    for lo, hi in zip(edges[:-1], edges[1:]):
+    for lo, hi in itertools.pairwise(edges):
         sel = (conf > lo) & (conf <= hi)
         if sel.any():
             ece += sel.mean() * abs((pred[sel] == labels[sel]).mean() - conf[sel].mean())

@@ -1,31 +1,43 @@
 """Multi-view classifier: shared timm backbone, view embeddings, per-breast CC+MLO fusion."""
+
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import timm
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 from torch import nn
 
 from mammorg.labels import BIRADS_CLASSES, DENSITIES, DESCRIPTORS, FINDINGS
+from mammorg.training.checkpoint import load_tensors
+from stage1_classification.config import Stage1Model
 
 
 class MultiViewClassifier(nn.Module):
     """Input ``images [B, 4, 1, H, W]`` (views L_CC, L_MLO, R_CC, R_MLO) and ``view_mask [B, 4]``."""
 
-    def __init__(self, backbone: str = "resnet10t", dim: int = 128, tokens: tuple[int, int] = (4, 2),
-                 heads: int = 4, dropout: float = 0.1, pretrained_path: str | None = None,
-                 backbone_kwargs: dict | None = None, descriptor_heads: bool = False):
+    def __init__(
+        self,
+        backbone: str = "resnet10t",
+        dim: int = 128,
+        tokens: tuple[int, int] = (4, 2),
+        heads: int = 4,
+        dropout: float = 0.1,
+        pretrained_path: str | None = None,
+        backbone_kwargs: dict | None = None,
+        descriptor_heads: bool = False,
+    ):
         super().__init__()
-        self.backbone = timm.create_model(backbone, pretrained=False, in_chans=1, num_classes=0,
-                                          global_pool="", **(backbone_kwargs or {}))
+        self.backbone: Any = timm.create_model(
+            backbone, pretrained=False, in_chans=1, num_classes=0, global_pool="", **(backbone_kwargs or {})
+        )
         if pretrained_path:
-            state = load_file(str(Path(pretrained_path)))
+            state = load_tensors(Path(pretrained_path))
             self.backbone.load_state_dict(state, strict=False)
-        self.tokens = tuple(tokens)
-        self.proj = nn.Linear(self.backbone.num_features, dim)
+        self.tokens: tuple[int, int] = (int(tokens[0]), int(tokens[1]))
+        self.proj = nn.Linear(int(getattr(self.backbone, "num_features")), dim)  # noqa: B009
         self.view_embed = nn.Parameter(torch.zeros(4, 1, dim))
         nn.init.normal_(self.view_embed, std=0.02)
         self.fusion = nn.TransformerEncoderLayer(dim, heads, 2 * dim, dropout, batch_first=True)
@@ -34,7 +46,9 @@ class MultiViewClassifier(nn.Module):
         self.finding_head = nn.Linear(dim, len(FINDINGS))
         self.descriptor_heads = nn.ModuleDict(
             {name: nn.Linear(dim, len(classes)) for name, classes in DESCRIPTORS.items()}
-            if descriptor_heads else {})
+            if descriptor_heads
+            else {}
+        )
         self.dim = dim
 
     def view_tokens(self, images: torch.Tensor, view_mask: torch.Tensor) -> torch.Tensor:
@@ -56,8 +70,8 @@ class MultiViewClassifier(nn.Module):
         tokens_e = tokens + self.view_embed.unsqueeze(0)
         breasts = []
         for side in range(2):
-            seq = tokens_e[:, 2 * side:2 * side + 2].reshape(b, 2 * n, d)
-            pad = ~view_mask[:, 2 * side:2 * side + 2].bool().repeat_interleave(n, dim=1)
+            seq = tokens_e[:, 2 * side : 2 * side + 2].reshape(b, 2 * n, d)
+            pad = ~view_mask[:, 2 * side : 2 * side + 2].bool().repeat_interleave(n, dim=1)
             pad_all = pad.all(dim=1)
             pad = pad.clone()
             pad[pad_all] = False  # a breast with no view attends to zeros; its labels are masked
@@ -65,25 +79,33 @@ class MultiViewClassifier(nn.Module):
             keep = (~pad).float().unsqueeze(-1)
             breasts.append((fused * keep).sum(1) / keep.sum(1).clamp_min(1.0))
         breast = torch.stack(breasts, 1)  # [B, 2, D]  (L, R)
-        out = {"density": self.density_head(breast.flatten(1)),
-               "birads": self.birads_head(breast), "findings": self.finding_head(breast),
-               "tokens": tokens}
+        out = {
+            "density": self.density_head(breast.flatten(1)),
+            "birads": self.birads_head(breast),
+            "findings": self.finding_head(breast),
+            "tokens": tokens,
+        }
         out.update({f"desc_{name}": head(breast) for name, head in self.descriptor_heads.items()})
         return out
 
 
-def create_model(cfg) -> MultiViewClassifier:
-    """Build from a config node with keys backbone, dim, tokens, heads, dropout, pretrained_path."""
-    kwargs = cfg.get("backbone_kwargs")
-    return MultiViewClassifier(backbone=cfg.backbone, dim=cfg.dim, tokens=tuple(cfg.tokens),
-                               heads=cfg.heads, dropout=cfg.dropout,
-                               pretrained_path=cfg.get("pretrained_path"),
-                               backbone_kwargs=dict(kwargs) if kwargs else None,
-                               descriptor_heads=bool(cfg.get("descriptor_heads", False)))
+def create_model(cfg: Stage1Model) -> MultiViewClassifier:
+    """The classifier a ``model`` config section describes."""
+    return MultiViewClassifier(
+        backbone=cfg.backbone,
+        dim=cfg.dim,
+        tokens=(cfg.tokens[0], cfg.tokens[1]),
+        heads=cfg.heads,
+        dropout=cfg.dropout,
+        pretrained_path=cfg.pretrained_path,
+        backbone_kwargs=dict(cfg.backbone_kwargs) or None,
+        descriptor_heads=cfg.descriptor_heads,
+    )
 
 
-def stage1_loss(out: dict, batch: dict, focal_gamma: float = 0.0,
-                birads_weights: torch.Tensor | None = None) -> torch.Tensor:
+def stage1_loss(
+    out: dict, batch: dict, focal_gamma: float = 0.0, birads_weights: torch.Tensor | None = None
+) -> torch.Tensor:
     """Density CE + BI-RADS partial-label NLL (label masks; optional per-class weights) + masked
     (focal) BCE for findings."""
     dens = batch["density"]

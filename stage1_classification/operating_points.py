@@ -12,6 +12,7 @@ operating points turn probabilities into labels the way a reader would want them
 They are saved as ``operating_points.json`` in the run folder; a run without the file decides
 by plain argmax and 0.5.
 """
+
 from __future__ import annotations
 
 import json
@@ -56,14 +57,20 @@ class OperatingPoints:
             return cls()
         try:
             raw = json.loads(path.read_text(encoding="utf-8"))
-            points = cls(float(raw["birads_prior_power"]), tuple(map(float, raw["birads_log_prior"])),
-                         tuple(map(float, raw["finding_thresholds"])))
+            points = cls(
+                float(raw["birads_prior_power"]),
+                tuple(map(float, raw["birads_log_prior"])),
+                tuple(map(float, raw["finding_thresholds"])),
+            )
         except (ValueError, KeyError, TypeError) as exc:
             raise MammorgError(f"{path}: not an operating-points file ({exc})") from exc
-        if len(points.birads_log_prior) != len(BIRADS_CLASSES) or \
-                len(points.finding_thresholds) != len(FINDINGS):
-            raise MammorgError(f"{path}: expected {len(BIRADS_CLASSES)} BI-RADS priors and "
-                               f"{len(FINDINGS)} finding thresholds")
+        if len(points.birads_log_prior) != len(BIRADS_CLASSES) or len(points.finding_thresholds) != len(
+            FINDINGS
+        ):
+            raise MammorgError(
+                f"{path}: expected {len(BIRADS_CLASSES)} BI-RADS priors and "
+                f"{len(FINDINGS)} finding thresholds"
+            )
         return points
 
 
@@ -95,15 +102,24 @@ def fit_threshold(probs: np.ndarray, labels: np.ndarray, min_gain: float = 0.05)
     return float(THRESHOLDS[int(np.argmax(f1))])
 
 
-def fit_operating_points(birads_probs: np.ndarray, birads_mask: np.ndarray, finding_probs: np.ndarray,
-                         finding_labels: np.ndarray, finding_mask: np.ndarray) -> OperatingPoints:
+def fit_operating_points(
+    birads_probs: np.ndarray,
+    birads_mask: np.ndarray,
+    finding_probs: np.ndarray,
+    finding_labels: np.ndarray,
+    finding_mask: np.ndarray,
+) -> OperatingPoints:
     """Operating points from validation breasts: ``birads_* [N, 9]``, ``finding_* [N, 7]``."""
     exact = birads_mask.sum(1) == 1
-    tau, prior = (fit_birads(birads_probs[exact], birads_mask[exact].argmax(1)) if exact.any()
-                  else (0.0, (0.0,) * len(BIRADS_CLASSES)))
-    thresholds = tuple(fit_threshold(finding_probs[finding_mask[:, j], j],
-                                     finding_labels[finding_mask[:, j], j])
-                       for j in range(len(FINDINGS)))
+    tau, prior = (
+        fit_birads(birads_probs[exact], birads_mask[exact].argmax(1))
+        if exact.any()
+        else (0.0, (0.0,) * len(BIRADS_CLASSES))
+    )
+    thresholds = tuple(
+        fit_threshold(finding_probs[finding_mask[:, j], j], finding_labels[finding_mask[:, j], j])
+        for j in range(len(FINDINGS))
+    )
     return OperatingPoints(tau, prior, thresholds)
 
 
@@ -112,6 +128,10 @@ def fit_from_outputs(outputs: list[dict], batches: list[dict]) -> OperatingPoint
     bir_p = torch.cat([o["birads"] for o in outputs]).float().softmax(-1).reshape(-1, len(BIRADS_CLASSES))
     f_p = torch.cat([o["findings"] for o in outputs]).float().sigmoid().reshape(-1, len(FINDINGS))
     cat = {k: torch.cat([b[k] for b in batches]) for k in ("birads_mask", "findings", "finding_mask")}
-    return fit_operating_points(bir_p.numpy(), cat["birads_mask"].reshape(-1, len(BIRADS_CLASSES)).numpy(),
-                                f_p.numpy(), cat["findings"].reshape(-1, len(FINDINGS)).numpy(),
-                                cat["finding_mask"].reshape(-1, len(FINDINGS)).numpy() > 0)
+    return fit_operating_points(
+        bir_p.numpy(),
+        cat["birads_mask"].reshape(-1, len(BIRADS_CLASSES)).numpy(),
+        f_p.numpy(),
+        cat["findings"].reshape(-1, len(FINDINGS)).numpy(),
+        cat["finding_mask"].reshape(-1, len(FINDINGS)).numpy() > 0,
+    )

@@ -10,9 +10,11 @@ last side named in the sentence (``Right``/``Left``), else the exam's. Its score
 category score, so the choice to state a category at that point is unchanged. With ``stage1`` and
 a plan, the plan's category tokens (``<R:birads=4B>``) are held to stage 1's decisions as well.
 """
+
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -20,19 +22,36 @@ from transformers import LogitsProcessor, PreTrainedTokenizerBase
 
 from mammorg.io import MammorgError
 from mammorg.labels import BIRADS_CLASSES, birads_severity
-
-ASSESSMENTS = ("free", "stage1", "plan")
-SIDE_WORDS = {0: ("Left", "ĠLeft", "left", "Ġleft"), 1: ("Right", "ĠRight", "right", "Ġright")}
-SENTENCE_ENDS = (".", "Ċ", "ĊĊ", ":")
+from stage2_sft.config import ASSESSMENTS
+from stage2_sft.knowledge import KnowledgeVocabulary
 
 
-def _ids(vocab: dict[str, int], tokens) -> torch.Tensor:
-    return torch.tensor([vocab[t] for t in tokens if t in vocab])
+def _ids_where(
+    tok: PreTrainedTokenizerBase, keep: Callable[[str], bool], hint: Callable[[str], bool]
+) -> torch.Tensor:
+    """Ids of the vocabulary entries whose text (as decoded, whatever the tokenizer's word-boundary
+    marker) satisfies ``keep``; ``hint`` pre-filters the raw entries cheaply."""
+    ids = [i for t, i in tok.get_vocab().items() if hint(t) and keep(tok.convert_tokens_to_string([t]))]
+    return torch.tensor(sorted(ids), dtype=torch.long)
+
+
+def side_word_ids(tok: PreTrainedTokenizerBase, word: str) -> torch.Tensor:
+    """Tokens that spell ``word`` (any case, with or without a leading word boundary)."""
+    return _ids_where(tok, lambda text: text.strip().lower() == word, lambda raw: word in raw.lower())
+
+
+def sentence_end_ids(tok: PreTrainedTokenizerBase) -> torch.Tensor:
+    """Tokens that end a sentence or a heading: ``.``, ``:`` or line breaks."""
+    return _ids_where(
+        tok,
+        lambda text: text.strip(" ") in (".", ":") or (text.strip(" ") != "" and not text.strip("\n ")),
+        lambda raw: len(raw) <= 4,
+    )
 
 
 def _plan_ids(vocab: dict[str, int]) -> torch.Tensor | None:
     """``[3, 9]`` ids of ``<L:birads=c>``, ``<R:birads=c>``, ``<exam:birads=c>`` (None if absent)."""
-    names = [[f"<{s}:birads={c}>" for c in BIRADS_CLASSES] for s in ("L", "R", "exam")]
+    names = KnowledgeVocabulary.plan_categories()
     if any(n not in vocab for row in names for n in row):
         return None
     return torch.tensor([[vocab[n] for n in row] for row in names])
@@ -48,18 +67,25 @@ class AssessmentTokens:
     plan: torch.Tensor | None = None  # [3, 9]: L, R, exam
 
     @classmethod
-    def of(cls, tok: PreTrainedTokenizerBase) -> "AssessmentTokens":
+    def of(cls, tok: PreTrainedTokenizerBase) -> AssessmentTokens:
         vocab = tok.get_vocab()
         if any(f"BI-RADS {c}" not in vocab for c in BIRADS_CLASSES):
-            raise MammorgError("generate.assessment needs BI-RADS categories as atomic terms "
-                               "(terminology.atomic_terms: true)")
-        return cls(_ids(vocab, [f"BI-RADS {c}" for c in BIRADS_CLASSES]),
-                   (_ids(vocab, SIDE_WORDS[0]), _ids(vocab, SIDE_WORDS[1])), _ids(vocab, SENTENCE_ENDS),
-                   _plan_ids(vocab))
+            raise MammorgError(
+                "generate.assessment needs BI-RADS categories as atomic terms "
+                "(terminology.atomic_terms: true)"
+            )
+        categories = torch.tensor([vocab[f"BI-RADS {c}"] for c in BIRADS_CLASSES])
+        return cls(
+            categories,
+            (side_word_ids(tok, "left"), side_word_ids(tok, "right")),
+            sentence_end_ids(tok),
+            _plan_ids(vocab),
+        )
 
 
-def assessment_tokens(assessment: str, tok: PreTrainedTokenizerBase,
-                      plan: bool = False) -> AssessmentTokens | None:
+def assessment_tokens(
+    assessment: str, tok: PreTrainedTokenizerBase, plan: bool = False
+) -> AssessmentTokens | None:
     """The tokens for ``generate.assessment`` (None for ``free``); checks the setting against the
     run (``plan``: whether it was trained with assessment plans)."""
     if assessment not in ASSESSMENTS:
@@ -71,10 +97,12 @@ def assessment_tokens(assessment: str, tok: PreTrainedTokenizerBase,
 
 def exam_category(label: torch.Tensor) -> torch.Tensor:
     """``[N, 1]`` the most severe of the per-side class indices ``label [N, 2]`` (-1: none)."""
-    severity = torch.tensor([birads_severity(c) for c in BIRADS_CLASSES], dtype=torch.float,
-                            device=label.device)
-    score = torch.where(label >= 0, severity[label.clamp(min=0)], torch.full(label.shape, -1e9,
-                                                                            device=label.device))
+    severity = torch.tensor(
+        [birads_severity(c) for c in BIRADS_CLASSES], dtype=torch.float, device=label.device
+    )
+    score = torch.where(
+        label >= 0, severity[label.clamp(min=0)], torch.full(label.shape, -1e9, device=label.device)
+    )
     return label.gather(1, score.argmax(1, keepdim=True))
 
 
@@ -144,6 +172,8 @@ class PlannedAssessment(CategoryChoice):
     """The report states the categories of the decoder's own assessment plan."""
 
     def targets(self, input_ids: torch.Tensor, batch: int) -> torch.Tensor:
+        if self.tokens.plan is None:
+            raise MammorgError("generate.assessment=plan: the tokenizer has no plan tokens")
         plan = self.tokens.plan.to(input_ids.device)  # [3, 9]
         written = (input_ids[:, :, None, None] == plan).any(1)  # [B, 3, 9]
         label = torch.where(written.any(2), written.float().argmax(2), -1)  # [B, 3]
@@ -152,9 +182,12 @@ class PlannedAssessment(CategoryChoice):
         return torch.cat([sides, exam], 1)
 
 
-def assessment_processor(assessment: str, tokens: AssessmentTokens | None,
-                         birads_label: torch.Tensor) -> CategoryChoice | None:
+def assessment_processor(
+    assessment: str, tokens: AssessmentTokens | None, birads_label: torch.Tensor
+) -> CategoryChoice | None:
     """The processor of ``generate.assessment`` for a batch (None for ``free``)."""
+    if tokens is None:
+        return None
     if assessment == "stage1":
         return StatedAssessment(tokens, birads_label)
     return PlannedAssessment(tokens) if assessment == "plan" else None

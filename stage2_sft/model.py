@@ -4,26 +4,41 @@ Placeholders (``<image>`` per visual token, ``<knowledge>`` per soft slot) are e
 tokenisation and filled here with ``masked_scatter``, after checking that the number of
 features equals the number of placeholders (the LLaVA port's pattern).
 """
+
 from __future__ import annotations
 
 import inspect
+import json
+import shutil
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
+from peft import PeftModel
 from torch import nn
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from mammorg.io import MammorgError, write_json_atomic
 from mammorg.labels import VIEWS
-from stage2_sft.knowledge import SoftKnowledge, discrete_vocabulary, plan_vocabulary
+from mammorg.training.checkpoint import load_tensors, save_tensors
+from stage2_sft.knowledge import KnowledgeState, KnowledgeVocabulary, SoftKnowledge
 
 IMAGE, KNOWLEDGE, REPORT, MISSING = "<image>", "<knowledge>", "<report>", "<missing_view>"
 IGNORE_INDEX = -100
 VIEW_MARKERS = tuple(f"<view:{v}>" for v in VIEWS)
+GENERATOR_FORMAT = "mammorg-generator/1"
+
+
+def token_id(tokenizer: PreTrainedTokenizerBase, token: str) -> int:
+    """The id of one token (the tokenizer API also maps lists)."""
+    value: Any = tokenizer.convert_tokens_to_ids(token)
+    return int(value)
 
 
 def prompt_tokens() -> list[str]:
     """Special tokens every stage-2 tokenizer carries (structure, discrete knowledge, plans)."""
-    return [IMAGE, KNOWLEDGE, REPORT, MISSING, *VIEW_MARKERS, *discrete_vocabulary(), *plan_vocabulary()]
+    return [IMAGE, KNOWLEDGE, REPORT, MISSING, *VIEW_MARKERS, *KnowledgeVocabulary.all()]
 
 
 class PlaceholderMismatch(ValueError):
@@ -37,8 +52,8 @@ class SpecialIds:
     report: int
 
     @classmethod
-    def from_tokenizer(cls, tokenizer: PreTrainedTokenizerBase) -> "SpecialIds":
-        ids = [tokenizer.convert_tokens_to_ids(t) for t in (IMAGE, KNOWLEDGE, REPORT)]
+    def from_tokenizer(cls, tokenizer: PreTrainedTokenizerBase) -> SpecialIds:
+        ids = [token_id(tokenizer, t) for t in (IMAGE, KNOWLEDGE, REPORT)]
         if tokenizer.unk_token_id is not None and tokenizer.unk_token_id in ids:
             raise ValueError("tokenizer lacks the stage-2 special tokens (use build_tokenizer)")
         return cls(*ids)
@@ -49,15 +64,17 @@ class VisualProjector(nn.Module):
 
     def __init__(self, visual_dim: int, hidden: int):
         super().__init__()
-        self.net = nn.Sequential(nn.LayerNorm(visual_dim), nn.Linear(visual_dim, hidden), nn.GELU(),
-                                 nn.Linear(hidden, hidden))
+        self.net = nn.Sequential(
+            nn.LayerNorm(visual_dim), nn.Linear(visual_dim, hidden), nn.GELU(), nn.Linear(hidden, hidden)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
 
-def fill_placeholders(embeds: torch.Tensor, input_ids: torch.Tensor, token_id: int,
-                      features: torch.Tensor, name: str) -> torch.Tensor:
+def fill_placeholders(
+    embeds: torch.Tensor, input_ids: torch.Tensor, token_id: int, features: torch.Tensor, name: str
+) -> torch.Tensor:
     """Replace the embeddings at ``token_id`` positions with ``features`` (row order kept)."""
     mask = input_ids == token_id
     n_slots, n_feats = int(mask.sum()), features.shape[0]
@@ -68,31 +85,53 @@ def fill_placeholders(embeds: torch.Tensor, input_ids: torch.Tensor, token_id: i
     return embeds.masked_scatter(mask.unsqueeze(-1), features.to(embeds.dtype))
 
 
-def report_cross_entropy(logits: torch.Tensor, targets: torch.Tensor,
-                         weight: torch.Tensor | None) -> torch.Tensor:
+def report_cross_entropy(
+    logits: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor | None
+) -> torch.Tensor:
     """Mean (optionally class-weighted) CE in fp32 over non-ignored targets; compiled, the fp32
     upcast fuses into the softmax instead of materialising a float copy of the logits."""
-    return nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                                       weight=weight, ignore_index=IGNORE_INDEX)
+    return nn.functional.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]),
+        targets.reshape(-1),
+        weight=weight,
+        ignore_index=IGNORE_INDEX,
+    )
 
 
 class ReportGenerator(nn.Module):
     """Decoder + projector + soft knowledge; ``forward`` gives the LM loss on report tokens."""
 
-    def __init__(self, decoder: PreTrainedModel, ids: SpecialIds, visual_dim: int,
-                 knowledge_mode: str = "discrete", term_weights: torch.Tensor | None = None,
-                 verbal: tuple[torch.Tensor, torch.Tensor] | None = None):
+    decoder: Any  # a transformers causal LM, or a PEFT model around one
+    term_weights: torch.Tensor | None
+    verbal_row: torch.Tensor | None
+    verbal_pieces: torch.Tensor | None
+    projector: VisualProjector
+    soft: SoftKnowledge | None
+
+    def __init__(
+        self,
+        decoder: PreTrainedModel,
+        ids: SpecialIds,
+        visual_dim: int,
+        knowledge_mode: str = "discrete",
+        term_weights: torch.Tensor | None = None,
+        verbal: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ):
+        """``verbal``: (vocabulary id -> row, rows of word-piece ids) of the verbal tie (see
+        ``_verbal_embeddings``); ``term_weights``: per-token loss weights (training only)."""
         super().__init__()
-        hidden = decoder.get_input_embeddings().embedding_dim
+        table: Any = decoder.get_input_embeddings()
+        hidden = int(table.embedding_dim)
         self.decoder, self.ids, self.knowledge_mode = decoder, ids, knowledge_mode
         self.projector = VisualProjector(visual_dim, hidden)
         self.soft = SoftKnowledge(hidden) if knowledge_mode in ("soft", "both") else None
         self.register_buffer("term_weights", term_weights, persistent=False)
         # verbal tie (see ``embed``): vocabulary id -> row of ``verbal_pieces`` (-1: none)
         row, pieces = verbal if verbal is not None else (None, None)
-        self.register_buffer("verbal_row", row, persistent=False)
-        self.register_buffer("verbal_pieces", pieces, persistent=False)
-        base = decoder.get_base_model() if hasattr(decoder, "get_base_model") else decoder
+        self.register_buffer("verbal_row", row)  # saved with the extras: reloads need no lexicon
+        self.register_buffer("verbal_pieces", pieces)
+        get_base: Any = getattr(decoder, "get_base_model", None)  # a PEFT model wraps the decoder
+        base = get_base() if get_base is not None else decoder
         self._keeps_logits = "logits_to_keep" in inspect.signature(type(base).forward).parameters
         self.loss_fn = report_cross_entropy
 
@@ -100,21 +139,27 @@ class ReportGenerator(nn.Module):
         """``torch.compile`` the report loss (dynamic: the number of report positions varies)."""
         self.loss_fn = torch.compile(report_cross_entropy, dynamic=True)
 
-    def embed(self, input_ids: torch.Tensor, visual: torch.Tensor | None = None,
-              knowledge: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    def embed(
+        self,
+        input_ids: torch.Tensor,
+        visual: torch.Tensor | None = None,
+        knowledge: KnowledgeState | None = None,
+    ) -> torch.Tensor:
         """Input embeddings with visual tokens (``visual [V, N, D]``, in prompt order) filled in."""
         table = self.decoder.get_input_embeddings()
         embeds = table(input_ids)
         if self.verbal_row is not None:
             embeds = embeds + self._verbal_embeddings(table, input_ids)
         hidden = embeds.shape[-1]
-        feats = embeds.new_zeros(0, hidden) if visual is None else \
-            self.projector(visual.to(embeds.dtype)).reshape(-1, hidden)
+        feats = (
+            embeds.new_zeros(0, hidden)
+            if visual is None
+            else self.projector(visual.to(embeds.dtype)).reshape(-1, hidden)
+        )
         embeds = fill_placeholders(embeds, input_ids, self.ids.image, feats, "visual tokens")
         soft = embeds.new_zeros(0, hidden)
         if self.soft is not None and knowledge is not None:
-            soft = self.soft(**{k: knowledge[k].to(embeds.dtype) for k in
-                                ("density", "birads", "findings", "sides")}).reshape(-1, hidden)
+            soft = self.soft(knowledge.to(embeds.device, embeds.dtype)).reshape(-1, hidden)
         return fill_placeholders(embeds, input_ids, self.ids.knowledge, soft, "soft knowledge")
 
     def _verbal_embeddings(self, table: nn.Embedding, input_ids: torch.Tensor) -> torch.Tensor:
@@ -123,15 +168,21 @@ class ReportGenerator(nn.Module):
         A discrete token thus carries the embedding of its report wording (tied to the LM head),
         so writing ``BI-RADS 5`` from ``<R:birads=5>`` uses the same copy route as the frequent
         classes instead of a mapping learnt per token."""
+        assert self.verbal_row is not None and self.verbal_pieces is not None
         row = self.verbal_row[input_ids.clamp(max=self.verbal_row.numel() - 1)]
         pieces = self.verbal_pieces[row.clamp(min=0)]  # [B, T, P]
         present = (pieces >= 0) & (row >= 0).unsqueeze(-1)
         summed = (table(pieces.clamp(min=0)) * present.unsqueeze(-1)).sum(-2)
         return summed / present.sum(-1, keepdim=True).clamp(min=1)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-                visual: torch.Tensor | None = None,
-                knowledge: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor,
+        visual: torch.Tensor | None = None,
+        knowledge: KnowledgeState | None = None,
+    ) -> torch.Tensor:
         """Mean (term-weighted) next-token CE over report tokens.
 
         Logits are computed only at positions that predict a report token somewhere in the batch
@@ -143,21 +194,115 @@ class ReportGenerator(nn.Module):
         if positions.numel() == 0:
             return embeds.sum() * 0.0  # nothing to learn here; keeps every parameter in the graph
         keep = {"logits_to_keep": positions} if self._keeps_logits else {}
-        logits = self.decoder(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False,
-                              **keep).logits
+        logits = self.decoder(
+            inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False, **keep
+        ).logits
         if not keep:
             logits = logits[:, positions]
         return self.loss_fn(logits, targets[:, positions], self.term_weights)
 
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 visual: torch.Tensor | None = None, knowledge: dict[str, torch.Tensor] | None = None,
-                 **generation_kwargs) -> torch.Tensor:
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        visual: torch.Tensor | None = None,
+        knowledge: KnowledgeState | None = None,
+        **generation_kwargs: Any,
+    ) -> torch.Tensor:
         """New token ids for left-padded prompts (KV cache, greedy or beam search)."""
         embeds = self.embed(input_ids, visual, knowledge)
-        return self.decoder.generate(inputs_embeds=embeds, attention_mask=attention_mask,
-                                     **generation_kwargs)
+        return self.decoder.generate(inputs_embeds=embeds, attention_mask=attention_mask, **generation_kwargs)
 
-    def extra_state_dict(self) -> dict[str, torch.Tensor]:
-        """Weights outside the decoder (projector, soft knowledge)."""
-        return {k: v for k, v in self.state_dict().items() if not k.startswith("decoder.")}
+    @property
+    def is_adapter(self) -> bool:
+        return isinstance(self.decoder, PeftModel)
+
+    def split_state(
+        self, state: dict[str, torch.Tensor] | None = None
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """(decoder weights without the ``decoder.`` prefix, the rest: projector, soft knowledge,
+        verbal tables). ``state`` (e.g. gathered from ZeRO-3 partitions) overrides the module's."""
+        full = {**self.state_dict(), **(state or {})}
+        decoder = {k[len("decoder.") :]: v for k, v in (state or {}).items() if k.startswith("decoder.")}
+        extras = {k: v for k, v in full.items() if not k.startswith("decoder.")}
+        return decoder, extras
+
+    def save_pretrained(
+        self,
+        folder: str | Path,
+        state: dict[str, torch.Tensor] | None = None,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        base: str | Path | None = None,
+        merge_lora: bool = False,
+    ) -> None:
+        """The generator folder: ``decoder/`` (HF model, or PEFT adapter), ``extras.safetensors``,
+        ``generator.json``; with ``tokenizer`` and ``base`` (an adapter's frozen base model
+        folder) also ``tokenizer/`` and ``base_decoder/`` (a self-contained folder, as in bundles).
+        ``state``: the decoder's weights to write (ZeRO-3 gathered; default: the module's own)."""
+        folder = Path(folder)
+        decoder_state, extras = self.split_state(state)
+        decoder, adapter = self.decoder, self.is_adapter
+        if adapter and merge_lora:
+            decoder, adapter = self.decoder.merge_and_unload(), False
+            decoder_state = {}
+        decoder.save_pretrained(
+            str(folder / "decoder"), state_dict=decoder_state or None, safe_serialization=True
+        )
+        save_tensors(extras, folder / "extras.safetensors")
+        write_json_atomic(
+            folder / "generator.json",
+            {
+                "format": GENERATOR_FORMAT,
+                "visual_dim": self.projector.net[1].in_features,
+                "knowledge_mode": self.knowledge_mode,
+                "adapter": adapter,
+            },
+        )
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(folder / "tokenizer"))
+        if adapter and base is not None:
+            shutil.copytree(base, folder / "base_decoder", dirs_exist_ok=True)
+
+    @classmethod
+    def from_pretrained(
+        cls, folder: str | Path, shared: str | Path | None = None, dtype: torch.dtype = torch.float32
+    ) -> tuple[ReportGenerator, PreTrainedTokenizerBase]:
+        """Reload a generator folder; ``tokenizer/`` and ``base_decoder/`` are looked up in
+        ``shared`` (a run folder, whose checkpoints share them) when given, else in ``folder``."""
+        folder = Path(folder)
+        shared = Path(shared) if shared is not None else folder
+        meta_path = folder / "generator.json"
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise MammorgError(f"{meta_path}: not a generator folder ({exc})") from None
+        if meta.get("format") != GENERATOR_FORMAT:
+            raise MammorgError(f"{meta_path}: unknown format {meta.get('format')!r}")
+        tok = AutoTokenizer.from_pretrained(str(shared / "tokenizer"), local_files_only=True)
+        if meta["adapter"]:
+            base = AutoModelForCausalLM.from_pretrained(
+                str(shared / "base_decoder"), dtype=dtype, local_files_only=True
+            )
+            decoder: Any = PeftModel.from_pretrained(base, str(folder / "decoder"))
+        else:
+            decoder = AutoModelForCausalLM.from_pretrained(
+                str(folder / "decoder"), dtype=dtype, local_files_only=True
+            )
+        extras = load_tensors(folder / "extras.safetensors")
+        verbal = (extras["verbal_row"], extras["verbal_pieces"]) if "verbal_row" in extras else None
+        model = cls(
+            decoder,
+            SpecialIds.from_tokenizer(tok),
+            int(meta["visual_dim"]),
+            meta["knowledge_mode"],
+            verbal=verbal,
+        )
+        missing, unexpected = model.load_state_dict(extras, strict=False)
+        wrong = [k for k in missing if not k.startswith("decoder.")] + list(unexpected)
+        if wrong:
+            raise MammorgError(
+                f"{folder / 'extras.safetensors'}: weights do not match the generator "
+                f"({', '.join(wrong[:3])})"
+            )
+        return model.to(dtype).eval(), tok

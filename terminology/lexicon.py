@@ -1,4 +1,5 @@
 """Loading and validating the BI-RADS lexicon data file."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -28,9 +29,6 @@ class Lexicon:
     def canonical_terms(self) -> list[str]:
         return [t.term for t in self.terms]
 
-    def by_category(self, category: str) -> list[Term]:
-        return [t for t in self.terms if t.category == category]
-
     def surface_map(self) -> dict[str, str]:
         """Lower-cased variant or canonical form → canonical form."""
         out = {}
@@ -46,16 +44,18 @@ def validate(raw: dict, source: Path) -> Lexicon:
     seen: dict[str, str] = {}
     terms = []
     for item in raw.get("terms") or []:
-        t = Term(term=str(item["term"]), category=str(item["category"]),
-                 variants=tuple(str(v) for v in item.get("variants") or ()),
-                 label=dict(item.get("label") or {}))
+        t = Term(
+            term=str(item["term"]),
+            category=str(item["category"]),
+            variants=tuple(str(v) for v in item.get("variants") or ()),
+            label=dict(item.get("label") or {}),
+        )
         if t.category not in categories:
             raise MammorgError(f"{source}: term {t.term!r} has unknown category {t.category!r}")
         for surface in (t.term, *t.variants):
             key = surface.lower()
             if key in seen and seen[key] != t.term:
-                raise MammorgError(f"{source}: {surface!r} is a variant of both {seen[key]!r} "
-                                   f"and {t.term!r}")
+                raise MammorgError(f"{source}: {surface!r} is a variant of both {seen[key]!r} and {t.term!r}")
             seen[key] = t.term
         terms.append(t)
     if not terms:

@@ -1,4 +1,5 @@
 """Term-aware text normalisation: lexicon variants and BI-RADS notations → canonical forms."""
+
 from __future__ import annotations
 
 import re
@@ -40,7 +41,7 @@ class Normalizer:
         self._pattern = re.compile(rf"(?<![\w-])(?:{alternation})(?![\w-])", re.IGNORECASE)
 
     @classmethod
-    def default(cls) -> "Normalizer":
+    def default(cls) -> Normalizer:
         return cls(load_lexicon(DEFAULT_LEXICON))
 
     def _birads(self, m: re.Match) -> str:

@@ -1,27 +1,28 @@
 """Atomic lexicon terms in Hugging Face tokenizers: extension, embedding init, BPE training."""
+
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from terminology.lexicon import Lexicon
 from terminology.normalize import Normalizer
 
-SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>",
-                  "unk_token": "<unk>"}
+SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
 
 
 def _atomic(term: str) -> AddedToken:
-    return AddedToken(term, single_word=True, lstrip=False, rstrip=False, normalized=False,
-                      special=False)
+    return AddedToken(term, single_word=True, lstrip=False, rstrip=False, normalized=False, special=False)
 
 
-def extend_tokenizer(tokenizer: PreTrainedTokenizerBase, lexicon: Lexicon,
-                     only_multi_piece: bool = True) -> dict[str, list[int]]:
+def extend_tokenizer(
+    tokenizer: PreTrainedTokenizerBase, lexicon: Lexicon, only_multi_piece: bool = True
+) -> dict[str, list[int]]:
     """Add lexicon terms as atomic tokens; return each added term's original piece ids."""
     pieces = {}
     for term in lexicon.canonical_terms():
@@ -36,12 +37,14 @@ def extend_tokenizer(tokenizer: PreTrainedTokenizerBase, lexicon: Lexicon,
 
 
 @torch.no_grad()
-def init_term_embeddings(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
-                         pieces: dict[str, list[int]]) -> None:
+def init_term_embeddings(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pieces: dict[str, list[int]]
+) -> None:
     """Resize embeddings and set each new term row to the mean of its sub-word pieces."""
     model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-    matrices = [model.get_input_embeddings().weight]
-    out = model.get_output_embeddings()
+    table: Any = model.get_input_embeddings()
+    matrices: list[torch.Tensor] = [table.weight]
+    out: Any = model.get_output_embeddings()
     if out is not None and out.weight.data_ptr() != matrices[0].data_ptr():
         matrices.append(out.weight)
     for term, ids in pieces.items():
@@ -50,9 +53,14 @@ def init_term_embeddings(model: torch.nn.Module, tokenizer: PreTrainedTokenizerB
             weight[new_id] = weight[ids].mean(dim=0)
 
 
-def train_bpe_tokenizer(texts: Iterable[str], lexicon: Lexicon, out_dir: str | Path,
-                        vocab_size: int = 2000, normalizer: Normalizer | None = None,
-                        atomic_terms: bool = True) -> PreTrainedTokenizerFast:
+def train_bpe_tokenizer(
+    texts: Iterable[str],
+    lexicon: Lexicon,
+    out_dir: str | Path,
+    vocab_size: int = 2000,
+    normalizer: Normalizer | None = None,
+    atomic_terms: bool = True,
+) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE on normalised reports; lexicon terms are atomic added tokens
     (unless ``atomic_terms`` is false: the ablation without terminology tokens)."""
     normalizer = normalizer or Normalizer(lexicon)
@@ -60,12 +68,14 @@ def train_bpe_tokenizer(texts: Iterable[str], lexicon: Lexicon, out_dir: str | P
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS.values()),
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS.values()),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(corpus, trainer=trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, clean_up_tokenization_spaces=False,
-                                   **SPECIAL_TOKENS)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, clean_up_tokenization_spaces=False, **SPECIAL_TOKENS)
     if atomic_terms:
         fast.add_tokens([_atomic(t) for t in lexicon.canonical_terms()])
     fast.save_pretrained(str(out_dir))
@@ -86,8 +96,9 @@ def term_loss_weights(vocab_size: int, term_ids: Sequence[int], weight: float) -
     return w
 
 
-def frequency_balanced_weights(weights: torch.Tensor, token_ids: Sequence[int],
-                               counts: Mapping[int, int], power: float) -> torch.Tensor:
+def frequency_balanced_weights(
+    weights: torch.Tensor, token_ids: Sequence[int], counts: Mapping[int, int], power: float
+) -> torch.Tensor:
     """Scale the loss weight of each of ``token_ids`` by ``(mean count / its count) ** power``;
     tokens absent from ``counts`` keep their weight."""
     seen = [i for i in token_ids if counts.get(i, 0) > 0]
@@ -100,8 +111,13 @@ def frequency_balanced_weights(weights: torch.Tensor, token_ids: Sequence[int],
     return out
 
 
-def coverage_report(tokenizer: PreTrainedTokenizerBase, base_tokenizer: PreTrainedTokenizerBase,
-                    texts: Sequence[str], lexicon: Lexicon, normalizer: Normalizer) -> dict:
+def coverage_report(
+    tokenizer: PreTrainedTokenizerBase,
+    base_tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[str],
+    lexicon: Lexicon,
+    normalizer: Normalizer,
+) -> dict:
     """Tokens per report with/without terms and the share of term occurrences kept atomic."""
     norm = [normalizer(t) for t in texts]
     with_terms = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in norm]
@@ -113,7 +129,10 @@ def coverage_report(tokenizer: PreTrainedTokenizerBase, base_tokenizer: PreTrain
             n = text.count(term)
             occurrences += n
             atomic += n if term in vocab else 0
-    return {"reports": len(texts), "mean_tokens_with_terms": sum(with_terms) / max(len(texts), 1),
-            "mean_tokens_without_terms": sum(without) / max(len(texts), 1),
-            "term_occurrences": occurrences,
-            "atomic_share": atomic / occurrences if occurrences else None}
+    return {
+        "reports": len(texts),
+        "mean_tokens_with_terms": sum(with_terms) / max(len(texts), 1),
+        "mean_tokens_without_terms": sum(without) / max(len(texts), 1),
+        "term_occurrences": occurrences,
+        "atomic_share": atomic / occurrences if occurrences else None,
+    }

@@ -3,6 +3,7 @@
 Skipped without a CUDA device (CI); run with ``pytest -m gpu`` on a GPU machine. The fixtures
 train stage 1 on the GPU as well, so its bf16 path is exercised here too.
 """
+
 from __future__ import annotations
 
 import json
@@ -10,16 +11,25 @@ import math
 
 import pytest
 import torch
-
-from conftest import assert_complete_lora_run, launch_stage2, stage2_overrides
 from conftest import TINY_STAGE2 as TINY
-from mammorg.config import load_config
-from stage2_sft.data import ReportDataset
-from stage2_sft.generate import generate_reports, generation_kwargs, load_run, make_builder
-from stage2_sft.train import run
+from conftest import assert_complete_lora_run, launch_stage2, stage2_overrides
 
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+from mammorg.config import load_config as load_typed
+from stage2_sft.assembly import make_builder
+from stage2_sft.config import Stage2Config
+from stage2_sft.data import ReportDataset
+from stage2_sft.reporter import Reporter, load_run
+from stage2_sft.train import train as run
+
+
+def load_config(ref, overrides=()):
+    return load_typed(ref, Stage2Config, overrides)
+
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
 
 
 def _column(path, key: str) -> list[float]:
@@ -30,18 +40,22 @@ def test_both_stages_train_in_bf16_and_generate_on_cuda(stage1_outputs, tmp_path
     root = stage1_outputs
     s1_losses = _column(root / "s1" / "metrics.jsonl", "train_loss")
     assert s1_losses and all(math.isfinite(x) for x in s1_losses)
-    run(load_config(TINY, stage2_overrides(root, tmp_path, "train.epochs=3", "train.compile=true",
-                                           "knowledge.mode=both")))
+    run(
+        load_config(
+            TINY,
+            stage2_overrides(root, tmp_path, "train.epochs=3", "train.compile=true", "knowledge.mode=both"),
+        )
+    )
     losses = _column(tmp_path / "metrics.jsonl", "train_loss")
     assert len(losses) == 3 and all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
     cfg, model, tok = load_run(tmp_path)
-    model.to("cuda")
+    reporter = Reporter.from_config(cfg, model, tok, torch.device("cuda"))
     ds = ReportDataset(root / "m.jsonl", root / "s1/pred.jsonl", make_builder(cfg, tok), with_reports=False)
-    kwargs = generation_kwargs(cfg, tok, num_beams=2, device=torch.device("cuda"))  # static cache
+    kwargs = reporter.generation_kwargs(num_beams=2)  # static cache
     assert kwargs["cache_implementation"] == "static"
-    rows = generate_reports(model, tok, ds, kwargs, 4, False)
+    rows = [r.to_json() for r in reporter.generate(ds, 4, num_beams=2)]
     assert len(rows) == len(ds) and all(isinstance(r["text"], str) for r in rows)
-    stated = generate_reports(model, tok, ds, kwargs, 4, False, assessment="stage1")  # on CUDA tensors
+    stated = reporter.generate(ds, 4, num_beams=2, assessment="stage1")  # on CUDA tensors
     assert len(stated) == len(ds)
 
 
@@ -52,9 +66,16 @@ def test_bf16_compiled_report_loss_matches_fp32_reference():
     from stage2_sft.model import ReportGenerator, SpecialIds
 
     torch.manual_seed(0)
-    decoder = LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512,
-                                           num_hidden_layers=2, num_attention_heads=4,
-                                           num_key_value_heads=2)).cuda()
+    decoder = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=512,
+            hidden_size=256,
+            intermediate_size=512,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    ).cuda()
     gen = ReportGenerator(decoder, SpecialIds(3, 4, 5), visual_dim=32, knowledge_mode="none").cuda()
     ids = torch.randint(10, 512, (4, 96), device="cuda")
     ids[:, 1:33] = 3
@@ -72,8 +93,9 @@ def test_bf16_compiled_report_loss_matches_fp32_reference():
 
 
 @pytest.mark.parametrize("zero", [2, 3])
-def test_deepspeed_bf16_lora_on_one_gpu_saves_complete_adapters(stage1_outputs, local_decoder,
-                                                                tmp_path, zero):
+def test_deepspeed_bf16_lora_on_one_gpu_saves_complete_adapters(
+    stage1_outputs, local_decoder, tmp_path, zero
+):
     proc = launch_stage2(stage1_outputs, tmp_path, local_decoder, zero, nproc=1, cpu=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert_complete_lora_run(tmp_path)
@@ -82,9 +104,19 @@ def test_deepspeed_bf16_lora_on_one_gpu_saves_complete_adapters(stage1_outputs, 
 def test_lora_on_a_bf16_base_trains_and_saves_fp32_adapters(stage1_outputs, local_decoder, tmp_path):
     from conftest import ROOT
 
-    run(load_config(str(ROOT / "configs/stage2/lora.yaml"),
-                    stage2_overrides(stage1_outputs, tmp_path, f"decoder.name_or_path={local_decoder}",
-                                     "decoder.dtype=bfloat16", "train.epochs=2", "train.compile=true")))
+    run(
+        load_config(
+            str(ROOT / "configs/stage2/lora.yaml"),
+            stage2_overrides(
+                stage1_outputs,
+                tmp_path,
+                f"decoder.name_or_path={local_decoder}",
+                "decoder.dtype=bfloat16",
+                "train.epochs=2",
+                "train.compile=true",
+            ),
+        )
+    )
     losses = _column(tmp_path / "metrics.jsonl", "train_loss")
     assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
     assert_complete_lora_run(tmp_path)

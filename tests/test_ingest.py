@@ -1,4 +1,5 @@
 """Adapters, audit, preprocessing cache and bad input."""
+
 from __future__ import annotations
 
 import csv
@@ -9,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 
+from evaluation.parser import parse_report
 from mammorg.data.audit import audit_manifest
 from mammorg.data.ingest import ingest
 from mammorg.io import MammorgError, read_jsonl
@@ -17,7 +19,7 @@ from mammorg.preprocess import PreprocessSpec, load_cached, preprocess_manifest
 
 def test_vindr_ingest_of_synthetic_data_matches_truth(synth_dir, tmp_path):
     out = tmp_path / "m.jsonl"
-    result = ingest("vindr", synth_dir, out)
+    result = ingest("vindr", synth_dir, out, parse_report)
     assert not result.problems
     truth = {r["exam_id"].split("-", 1)[1]: r for r in read_jsonl(synth_dir / "manifest.jsonl")}
     rows = read_jsonl(out)
@@ -43,7 +45,8 @@ def _copy_synth(synth_dir, tmp_path):
 
 def test_bad_exam_does_not_stop_ingest_and_is_audited(synth_dir, tmp_path):
     root = _copy_synth(synth_dir, tmp_path)
-    rows = list(csv.DictReader(open(root / "breast-level_annotations.csv")))
+    with open(root / "breast-level_annotations.csv") as fh:
+        rows = list(csv.DictReader(fh))
     first = rows[0]
     (root / "images" / first["study_id"] / f"{first['image_id']}.dicom").unlink()
     rows.append(dict(rows[1]))  # duplicate view
@@ -52,9 +55,9 @@ def test_bad_exam_does_not_stop_ingest_and_is_audited(synth_dir, tmp_path):
         w.writeheader()
         w.writerows(rows)
     out = tmp_path / "m.jsonl"
-    result = ingest("vindr", root, out)
+    result = ingest("vindr", root, out, parse_report)
     assert len(result.exams) == 8
-    messages = " ".join(p["problem"] for p in result.problems)
+    messages = " ".join(p.problem for p in result.problems)
     assert "image file missing" in messages and "duplicate view" in messages
     summary = audit_manifest(out)
     assert summary["missing_views"][f"{first['laterality']}_{first['view_position']}"] >= 1
@@ -66,14 +69,28 @@ def test_missing_csv_column_is_a_clear_error(synth_dir, tmp_path):
     text = (root / "breast-level_annotations.csv").read_text().replace("breast_density", "dens")
     (root / "breast-level_annotations.csv").write_text(text)
     with pytest.raises(MammorgError, match="missing column.*breast_density"):
-        ingest("vindr", root, tmp_path / "m.jsonl")
+        ingest("vindr", root, tmp_path / "m.jsonl", parse_report)
     assert not (tmp_path / "m.jsonl").exists()
 
 
 def test_cli_error_is_one_line(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "mammorg", "data", "ingest", "--format", "vindr",
-                           "--root", str(tmp_path / "nope"), "--out", str(tmp_path / "m.jsonl")],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mammorg",
+            "data",
+            "ingest",
+            "--format",
+            "vindr",
+            "--root",
+            str(tmp_path / "nope"),
+            "--out",
+            str(tmp_path / "m.jsonl"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "not a folder" in proc.stderr
 
@@ -95,12 +112,12 @@ def test_folder_adapter_reads_views_from_tags_and_reports(synth_dir, tmp_path):
     (root / "exam2" / "report.txt").write_bytes(b"BI-RADS 2 \xff\xfe caf\xe9")
     shutil.copy(root / "exam1" / "l_cc.dcm", root / "exam1" / "zz_dup.dcm")
     (root / "exam0" / "r_mlo.dcm").write_bytes(b"corrupt")
-    result = ingest("folder", root, tmp_path / "f.jsonl")
+    result = ingest("folder", root, tmp_path / "f.jsonl", parse_report)
     assert len(result.exams) == 3
-    by_views = {len([v for v in e["views"].values() if v]) for e in result.exams}
+    by_views = {len([v for v in e.views.values() if v]) for e in result.exams}
     assert by_views == {3, 4}
-    assert result.exams[1]["labels"]["density"] == src[1]["labels"]["density"]
-    msgs = " | ".join(p["problem"] for p in result.problems)
+    assert result.exams[1].labels.density == src[1]["labels"]["density"]
+    msgs = " | ".join(p.problem for p in result.problems)
     assert "duplicate view" in msgs and "not a readable DICOM" in msgs and "cp1252" in msgs
 
 
@@ -112,14 +129,15 @@ def test_dmid_adapter(synth_dir, tmp_path):
     shutil.copy(synth_dir / src["views"]["R_MLO"], root / "DICOM_Images" / "IMG001.dcm")
     (root / "Reports" / "Img001.txt").write_text(
         "Breast Composition: Heterogeneously dense (ACR C)\nBIRADS: 4\n"
-        "Findings: An irregular soft opacity with spiculated margins is seen in upper outer quadrant.")
+        "Findings: An irregular soft opacity with spiculated margins is seen in upper outer quadrant."
+    )
     (root / "metadata.csv").write_text("Image,View,Density,Class\nIMG001,MLORT,C,CIRC\nIMG002,XX,B,N\n")
-    result = ingest("dmid", root, tmp_path / "d.jsonl")
+    result = ingest("dmid", root, tmp_path / "d.jsonl", parse_report)
     assert len(result.exams) == 1
     exam = result.exams[0]
-    assert exam["views"]["R_MLO"] and exam["labels"]["density"] == "c"
-    assert exam["labels"]["birads"]["R"] == "4" and exam["labels"]["findings"]["R"]["mass"] == "pos"
-    assert any("unknown view code" in p["problem"] for p in result.problems)
+    assert exam.views["R_MLO"] and exam.labels.density == "c"
+    assert exam.labels.birads["R"] == "4" and exam.labels.findings["R"]["mass"] == "pos"
+    assert any("unknown view code" in p.problem for p in result.problems)
 
 
 def test_cbis_adapter_groups_rows_and_handles_quirks(synth_dir, tmp_path):
@@ -132,26 +150,28 @@ def test_cbis_adapter_groups_rows_and_handles_quirks(synth_dir, tmp_path):
     (root / "mass_case_description_train_set.csv").write_text(
         "patient_id,breast_density,left or right breast,image view,abnormality id,abnormality type,"
         "mass shape,mass margins,assessment,pathology,subtlety,image file path\n"
-        'P_00001,3,LEFT,CC,1,mass,IRREGULAR,ILL_DEFINED-SPICULATED,5,MALIGNANT,4,'
-        '"Mass-Training_P_00001_LEFT_CC/1.dcm\n"\n')
+        "P_00001,3,LEFT,CC,1,mass,IRREGULAR,ILL_DEFINED-SPICULATED,5,MALIGNANT,4,"
+        '"Mass-Training_P_00001_LEFT_CC/1.dcm\n"\n'
+    )
     (root / "calc_case_description_train_set.csv").write_text(
         "patient_id,breast density,left or right breast,image view,abnormality id,abnormality type,"
         "calc type,calc distribution,assessment,pathology,subtlety,image file path\n"
         "P_00001,3,LEFT,MLO,1,calcification,PLEOMORPHIC,CLUSTERED,4,BENIGN,3,"
-        "Calc-Training_P_00001_LEFT_MLO/1.dcm\n")
-    result = ingest("cbis-ddsm", root, tmp_path / "c.jsonl")
+        "Calc-Training_P_00001_LEFT_MLO/1.dcm\n"
+    )
+    result = ingest("cbis-ddsm", root, tmp_path / "c.jsonl", parse_report)
     assert not result.problems, result.problems
     (exam,) = result.exams
-    assert exam["labels"]["density"] == "c" and exam["labels"]["birads"]["L"] == "5"
-    assert exam["labels"]["findings"]["L"] == {"mass": "pos", "calcification": "pos"}
-    assert exam["views"]["L_CC"] and exam["views"]["L_MLO"] and exam["views"]["R_CC"] is None
-    assert exam["meta"]["lesions"][0]["margin"] == ["ill defined", "spiculated"]
+    assert exam.labels.density == "c" and exam.labels.birads["L"] == "5"
+    assert exam.labels.findings["L"] == {"mass": "pos", "calcification": "pos"}
+    assert exam.views["L_CC"] and exam.views["L_MLO"] and exam.views["R_CC"] is None
+    assert exam.meta["lesions"][0]["margin"] == ["ill defined", "spiculated"]
 
 
 def test_preprocess_cache_skips_done_and_records_bad(synth_dir, tmp_path):
     root = _copy_synth(synth_dir, tmp_path)
     manifest = tmp_path / "m.jsonl"
-    ingest("vindr", root, manifest)
+    ingest("vindr", root, manifest, parse_report)
     first = read_jsonl(manifest)[0]
     bad = manifest.parent / first["views"]["R_CC"]
     bad.write_bytes(bad.read_bytes()[:400])
@@ -179,10 +199,23 @@ def test_descriptors_are_canonicalised():
     assert canonical_descriptor("calc_morphology", "fine_linear_branching") == "fine linear branching"
     assert canonical_descriptor("calc_distribution", "scattered") == "diffuse"
     assert canonical_descriptor("mass_shape", "ARCHITECTURAL_DISTORTION") is None
-    lesions = [{"side": "R", "shape": ["irregular"], "margin": ["ill defined"], "morphology": [],
-                "distribution": []},
-               {"side": "L", "shape": [], "margin": [], "morphology": ["punctate", "pleomorphic"],
-                "distribution": ["clustered"]}]
+    lesions = [
+        {
+            "side": "R",
+            "shape": ["irregular"],
+            "margin": ["ill defined"],
+            "morphology": [],
+            "distribution": [],
+        },
+        {
+            "side": "L",
+            "shape": [],
+            "margin": [],
+            "morphology": ["punctate", "pleomorphic"],
+            "distribution": ["clustered"],
+        },
+    ]
     assert side_descriptors(lesions) == {
         "R": {"mass_shape": "irregular", "mass_margin": "indistinct"},
-        "L": {"calc_morphology": "fine pleomorphic", "calc_distribution": "grouped"}}
+        "L": {"calc_morphology": "fine pleomorphic", "calc_distribution": "grouped"},
+    }

@@ -1,4 +1,5 @@
 """Metrics on small cases with known values; NLG equals pycocoevalcap on the same tokens."""
+
 from __future__ import annotations
 
 import json
@@ -15,16 +16,30 @@ from evaluation.evaluate import evaluate_files
 from evaluation.hallucination import exam_checks
 from evaluation.nlg import nlg_metrics, tokenize
 from mammorg.io import MammorgError
+from mammorg.schema import StructuredReport
 
 
 def _s(density, exam, findings=None):
-    return {"density": density, "birads": {"L": None, "R": None, "exam": exam},
-            "findings": {"L": {}, "R": {}, "U": {}, **(findings or {})}}
+    return StructuredReport.from_json(
+        {
+            "density": density,
+            "birads": {"L": None, "R": None, "exam": exam},
+            "findings": {"L": {}, "R": {}, "U": {}, **(findings or {})},
+        }
+    )
 
 
 def test_clinical_known_values():
-    refs = [_s("a", "1"), _s("b", "4B", {"R": {"mass": "pos"}}), _s("c", "2", {"L": {"calcification": "pos"}})]
-    preds = [_s("a", "1"), _s("b", "4A", {"R": {"mass": "pos"}}), _s("d", "2", {"R": {"calcification": "pos"}})]
+    refs = [
+        _s("a", "1"),
+        _s("b", "4B", {"R": {"mass": "pos"}}),
+        _s("c", "2", {"L": {"calcification": "pos"}}),
+    ]
+    preds = [
+        _s("a", "1"),
+        _s("b", "4A", {"R": {"mass": "pos"}}),
+        _s("d", "2", {"R": {"calcification": "pos"}}),
+    ]
     m = point_metrics(preds, refs)
     assert m["birads_acc"] == pytest.approx(2 / 3)
     # per class F1 over reference classes {1, 2, 4B}: 1, 1, 0 → macro 2/3
@@ -53,13 +68,12 @@ def test_hallucination_checks():
     ref = _s("a", "4B", {"R": {"mass": "pos"}})
     pred = _s("a", "1", {"L": {"mass": "pos", "calcification": "pos"}})
     checks = exam_checks(pred, ref, "Stable mass.", "Mass.")
-    assert checks == {"wrong_side": 1, "invented_finding": 1, "invented_prior": 1,
-                      "birads_inconsistent": 1}
+    assert checks == {"wrong_side": 1, "invented_finding": 1, "invented_prior": 1, "birads_inconsistent": 1}
 
 
 def test_paired_bootstrap_detects_a_better_system():
     refs = [_s("a", str(1 + i % 3)) for i in range(60)]
-    good = [_s("a", r["birads"]["exam"]) for r in refs]
+    good = [_s("a", r.birads["exam"]) for r in refs]
     bad = [_s("a", "1") for _ in refs]
     out = paired_bootstrap(per_exam_scores(good, refs), per_exam_scores(bad, refs), n=300)
     assert out["birads_acc"]["delta"] == pytest.approx(2 / 3) and out["birads_acc"]["p_value"] < 0.01
@@ -71,15 +85,29 @@ def _jsonl(path, rows):
 
 
 def test_evaluate_files_and_bad_input(tmp_path):
-    ref = _jsonl(tmp_path / "ref.jsonl", [{"id": "1", "text": "ACR B. BI-RADS 1."},
-                                          {"id": "2", "text": "ACR C. Right mass. BI-RADS 4B."}])
-    pred = _jsonl(tmp_path / "pred.jsonl", [{"id": "2", "text": "ACR C. Right mass. BI-RADS 4B."},
-                                            {"id": "1", "text": "ACR B. BI-RADS 1."}])
+    ref = _jsonl(
+        tmp_path / "ref.jsonl",
+        [{"id": "1", "text": "ACR B. BI-RADS 1."}, {"id": "2", "text": "ACR C. Right mass. BI-RADS 4B."}],
+    )
+    pred = _jsonl(
+        tmp_path / "pred.jsonl",
+        [{"id": "2", "text": "ACR C. Right mass. BI-RADS 4B."}, {"id": "1", "text": "ACR B. BI-RADS 1."}],
+    )
     m = evaluate_files(pred, ref, tmp_path / "out", pred_b_path=ref, bootstrap=20, meteor=False)
     assert m["birads_acc"] == 1.0 and m["density_f1"] == 1.0 and m["finding_f1"] == 1.0
     saved = json.loads((tmp_path / "out" / "metrics.json").read_text())
-    for key in ("bleu_1", "bleu_4", "meteor", "rouge_l", "cider", "birads_f1", "birads_acc",
-                "density_f1", "finding_f1", "per_finding"):
+    for key in (
+        "bleu_1",
+        "bleu_4",
+        "meteor",
+        "rouge_l",
+        "cider",
+        "birads_f1",
+        "birads_acc",
+        "density_f1",
+        "finding_f1",
+        "per_finding",
+    ):
         assert key in saved
     assert (tmp_path / "out" / "index.html").exists() and (tmp_path / "out" / "confusion_birads.png").exists()
     dup = _jsonl(tmp_path / "dup.jsonl", [{"id": "1", "text": "a"}, {"id": "1", "text": "b"}])
@@ -88,8 +116,12 @@ def test_evaluate_files_and_bad_input(tmp_path):
     empty = _jsonl(tmp_path / "empty.jsonl", [{"id": "1", "text": " "}, {"id": "2", "text": "x"}])
     with pytest.raises(MammorgError, match="empty text"):
         evaluate_files(ref, empty, tmp_path / "o3")  # an empty reference is an error
-    assert evaluate_files(empty, empty_ref_ok(tmp_path), tmp_path / "o4", bootstrap=5,
-                          meteor=False)["empty_predictions"] == 1  # an empty generation is scored
+    assert (
+        evaluate_files(empty, empty_ref_ok(tmp_path), tmp_path / "o4", bootstrap=5, meteor=False)[
+            "empty_predictions"
+        ]
+        == 1
+    )  # an empty generation is scored
     short = _jsonl(tmp_path / "short.jsonl", [{"id": "1", "text": "x"}])
     with pytest.raises(MammorgError, match="ids differ"):
         evaluate_files(short, ref, tmp_path / "o4")
@@ -100,8 +132,9 @@ def test_evaluate_files_and_bad_input(tmp_path):
 
 
 def empty_ref_ok(tmp_path):
-    return _jsonl(tmp_path / "ref_ok.jsonl", [{"id": "1", "text": "BI-RADS 1."},
-                                               {"id": "2", "text": "BI-RADS 2."}])
+    return _jsonl(
+        tmp_path / "ref_ok.jsonl", [{"id": "1", "text": "BI-RADS 1."}, {"id": "2", "text": "BI-RADS 2."}]
+    )
 
 
 def test_vectorised_birads_f1_matches_macro_f1_and_bootstraps():

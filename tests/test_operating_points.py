@@ -1,4 +1,5 @@
 """Stage-1 operating points: fitting on validation outputs, saving, and their use downstream."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -7,10 +8,27 @@ import torch
 
 from mammorg.io import MammorgError
 from mammorg.labels import BIRADS_CLASSES, FINDINGS
+from mammorg.schema import Labels, Stage1Prediction
 from stage1_classification.inference import exam_record
-from stage1_classification.operating_points import (OperatingPoints, fit_birads, fit_threshold,
-                                                    fit_operating_points)
-from stage2_sft.knowledge import discrete_tokens, state_from_labels, state_from_prediction
+from stage1_classification.operating_points import (
+    OperatingPoints,
+    fit_birads,
+    fit_operating_points,
+    fit_threshold,
+)
+from stage2_sft.knowledge import KnowledgeState
+
+
+def state_from_prediction(record: dict) -> KnowledgeState:
+    return KnowledgeState.from_prediction(Stage1Prediction.from_json(record))
+
+
+def state_from_labels(labels: dict, views: dict) -> KnowledgeState:
+    return KnowledgeState.from_labels(Labels.from_json(labels), views)
+
+
+def discrete_tokens(state: KnowledgeState, confidence: bool = True) -> list[str]:
+    return state.tokens(confidence)
 
 
 def _underconfident_minority(n: int = 400, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -32,12 +50,14 @@ def test_birads_prior_adjustment_beats_argmax_macro_f1():
     tau, log_prior = fit_birads(probs, labels)
     points = OperatingPoints(tau, log_prior)
     adjusted = points.birads_labels(torch.from_numpy(probs)).numpy()
-    f1 = lambda pred: f1_score(labels, pred, average="macro", zero_division=0)  # noqa: E731
+    f1 = lambda pred: f1_score(labels, pred, average="macro", zero_division=0)
     assert tau > 0
     assert f1(adjusted) > f1(probs.argmax(1)) + 0.2
     probs2, labels2 = _underconfident_minority(seed=1)  # and it carries over to unseen breasts
-    assert f1_score(labels2, points.birads_labels(torch.from_numpy(probs2)).numpy(), average="macro") > \
-        f1_score(labels2, probs2.argmax(1), average="macro") + 0.2
+    assert (
+        f1_score(labels2, points.birads_labels(torch.from_numpy(probs2)).numpy(), average="macro")
+        > f1_score(labels2, probs2.argmax(1), average="macro") + 0.2
+    )
 
 
 def test_threshold_separates_rare_positives_and_defaults_without_any():
@@ -82,8 +102,14 @@ def _record(points: OperatingPoints) -> dict:
     birads[:, 1], birads[1, BIRADS_CLASSES.index("4B")] = 0.6, 0.24  # R: "1" wins argmax
     findings = torch.full((2, len(FINDINGS)), 0.1)
     findings[1, 0] = 0.3  # R mass below 0.5
-    return exam_record("e", torch.tensor([0.1, 0.2, 0.6, 0.1]), birads, findings,
-                       torch.tensor([True, True, True, True]), points=points)
+    return exam_record(
+        "e",
+        torch.tensor([0.1, 0.2, 0.6, 0.1]),
+        birads,
+        findings,
+        torch.tensor([True, True, True, True]),
+        points=points,
+    ).to_json()
 
 
 def test_prediction_labels_and_discrete_knowledge_follow_the_operating_points():
@@ -104,9 +130,14 @@ def test_prediction_labels_and_discrete_knowledge_follow_the_operating_points():
 
 
 def test_gold_state_decides_by_label():
-    state = state_from_labels({"density": "b", "birads": {"L": "2", "R": "4"},
-                               "findings": {"R": {"mass": "pos", "calcification": "unc"}}},
-                              {"L_CC": "a", "R_CC": "b"})
+    state = state_from_labels(
+        {
+            "density": "b",
+            "birads": {"L": "2", "R": "4"},
+            "findings": {"R": {"mass": "pos", "calcification": "unc"}},
+        },
+        {"L_CC": "a", "R_CC": "b"},
+    )
     tokens = discrete_tokens(state)
     assert "<L:birads=2>" in tokens and "<R:birads=4A>" in tokens  # a bare 4 names its first subclass
     assert "<R:mass>" in tokens and "<R:calcification>" in tokens

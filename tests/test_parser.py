@@ -1,4 +1,5 @@
 """Parser on 42 hand-written held-out reports (tests/data), targets from the issue."""
+
 from __future__ import annotations
 
 import json
@@ -6,7 +7,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-from evaluation.parser import mentions_prior, parse_report
+from evaluation.parser import mentions_prior
+from evaluation.parser import parse_report as parse_structured
+
+
+def parse_report(text: str) -> dict:
+    """The parser's output in its JSON form (docs/design.md section 5)."""
+    return parse_structured(text).to_json()
+
 
 DATA = Path(__file__).parent / "data" / "handwritten_reports.jsonl"
 
@@ -49,7 +57,9 @@ def test_side_birads_and_notations():
 
 
 def test_negation_uncertainty_and_scope():
-    p = parse_report("Left breast: no mass but grouped calcifications. Right breast: a mass cannot be excluded.")
+    p = parse_report(
+        "Left breast: no mass but grouped calcifications. Right breast: a mass cannot be excluded."
+    )
     assert p["findings"]["L"] == {"mass": "neg", "calcification": "pos"}
     assert p["findings"]["R"] == {"mass": "unc"}
 

@@ -1,4 +1,5 @@
 """End to end: the tiny pipeline, export + reload + report on a new exam, tampering, ablations."""
+
 from __future__ import annotations
 
 import json
@@ -8,18 +9,18 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from mammorg.bundle import load_bundle
-from mammorg.cli import main as cli
+from mammorg.app.bundle import load_bundle
+from mammorg.app.cli import main as cli
+from mammorg.app.reporting import ExamReporter
+from mammorg.config import resolve_config
 from mammorg.io import read_jsonl
 from mammorg.synth.writer import SynthSettings, synthesise
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("pipeline")
-    assert cli(["demo", "--config", str(ROOT / "configs/pipeline/tiny.yaml"), "--out", str(out)]) == 0
+    assert cli(["demo", "--config", "pipeline/tiny", "--out", str(out)]) == 0
     return out
 
 
@@ -44,7 +45,7 @@ def test_bundle_reloads_and_reports_a_new_exam(demo, new_exam, capsys):
     bundle = load_bundle(demo / "bundle")
     meta = bundle.metadata
     assert meta["sha256"] and "transformers" in meta["versions"]
-    assert "architectural distortion" in bundle.tokenizer.get_vocab()
+    assert "architectural distortion" in bundle.reporter.tokenizer.get_vocab()
     assert not list((demo / "bundle").rglob("*.bin")) and not list((demo / "bundle").rglob("*.pt"))
     capsys.readouterr()
     assert cli(["report", "--bundle", str(demo / "bundle"), str(new_exam), "--json"]) == 0
@@ -55,12 +56,10 @@ def test_bundle_reloads_and_reports_a_new_exam(demo, new_exam, capsys):
 
 
 def test_bundle_report_can_state_stage1_assessment(demo, new_exam):
-    from mammorg.reporting import load_views, report_exam
-
-    bundle = load_bundle(demo / "bundle")
-    bundle.stage2_cfg.generate.assessment = "stage1"
-    views = load_views(sorted(p for p in new_exam.rglob("*") if p.is_file()), bundle)
-    result = report_exam(bundle, views)
+    reporter = ExamReporter.load(demo / "bundle")
+    reporter.bundle.reporter.settings.assessment = "stage1"
+    views = reporter.load_views(sorted(p for p in new_exam.rglob("*") if p.is_file()))
+    result = reporter.report_views(views).to_json()
     pred = result["stage1"]["pred"]["birads"]
     stated = {v for v in result["structured"]["birads"].values() if v is not None}
     assert stated <= {pred["L"], pred["R"]}
@@ -92,7 +91,7 @@ def test_tampered_bundle_and_pickles_are_refused(demo, tmp_path, new_exam, capsy
 
 def test_ablation_grid_two_rows(tmp_path, capsys):
     out = tmp_path / "ablation"
-    args = ["ablate", "--config", str(ROOT / "configs/ablations/tiny.yaml"), f"out={out}"]
+    args = ["ablate", "--config", "ablations/tiny", f"out={out}"]
     assert cli(args) == 0
     table = (out / "table.csv").read_text().splitlines()
     assert len(table) == 3 and table[1].startswith("none") and "birads_f1_p" in table[0]
@@ -111,8 +110,8 @@ def test_ablation_grid_two_rows(tmp_path, capsys):
 
 def _ablation_with_versus(tmp_path: Path, versus: str) -> Path:
     """The tiny ablation, its ``none`` row compared with row ``versus`` instead of the baseline."""
-    cfg = OmegaConf.load(ROOT / "configs/ablations/tiny.yaml")
-    cfg.pipeline = str(ROOT / "configs/pipeline/tiny.yaml")
+    cfg = OmegaConf.load(resolve_config("ablations/tiny"))
+    cfg.pipeline = str(resolve_config("pipeline/tiny"))
     cfg.grid.none.versus = versus
     path = tmp_path / f"versus-{versus}.yaml"
     OmegaConf.save(cfg, path)
@@ -127,7 +126,7 @@ def test_batch_report_over_a_manifest_keeps_going_past_a_bad_exam(demo, tmp_path
     manifest = tmp_path / "exams.jsonl"
     manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "reports.jsonl"
-    assert cli(["report", "--bundle", str(demo / "bundle"), str(manifest), "--out", str(out)]) == 0
+    assert cli(["report", "--bundle", str(demo / "bundle"), "--batch", str(manifest), "--out", str(out)]) == 0
     results = read_jsonl(out)
     assert [r["id"] for r in results] == [r["exam_id"] for r in rows]
     assert "error" in results[1] and "missing.dcm" in results[1]["error"]

@@ -1,27 +1,28 @@
 """Stage 1 end to end on a tiny config: train, resume with the same loss curve, masking."""
+
 from __future__ import annotations
 
 import json
 
 import pytest
 import torch
+from conftest import ingest_vindr
 
 from mammorg.config import load_config
-from mammorg.data.ingest import ingest
-from mammorg.preprocess import PreprocessSpec, preprocess_manifest
 from mammorg.labels import FINDINGS
+from mammorg.preprocess import PreprocessSpec, preprocess_manifest
+from stage1_classification.config import Stage1Config
 from stage1_classification.model import MultiViewClassifier
-from stage1_classification.predict import oof_folds
 from stage1_classification.operating_points import OperatingPoints
-from stage1_classification.train import run
+from stage1_classification.predict import oof_folds
+from stage1_classification.train import train as run
 
 
 @pytest.fixture(scope="module")
 def cache_manifest(synth_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("s1")
-    ingest("vindr", synth_dir, root / "m.jsonl")
-    preprocess_manifest(root / "m.jsonl", root / "cache", PreprocessSpec(64, 32), workers=1,
-                        progress=False)
+    ingest_vindr(synth_dir, root / "m.jsonl")
+    preprocess_manifest(root / "m.jsonl", root / "cache", PreprocessSpec(64, 32), workers=1, progress=False)
     return root / "cache" / "manifest.jsonl"
 
 
@@ -31,11 +32,13 @@ def _losses(run_dir):
 
 def test_train_and_exact_resume(cache_manifest, tmp_path):
     base = ["data.cache_manifest=" + str(cache_manifest), "data.val_split=train", "train.epochs=3"]
-    full = load_config("configs/stage1/tiny.yaml", base + [f"run_dir={tmp_path / 'a'}"])
+    full = load_config("stage1/tiny", Stage1Config, [*base, f"run_dir={tmp_path / 'a'}"])
     run(full)
-    part = load_config("configs/stage1/tiny.yaml", base + [f"run_dir={tmp_path / 'b'}", "train.stop_after_epochs=2"])
+    part = load_config(
+        "stage1/tiny", Stage1Config, [*base, f"run_dir={tmp_path / 'b'}", "train.stop_after_epochs=2"]
+    )
     run(part)
-    resumed = load_config("configs/stage1/tiny.yaml", base + [f"run_dir={tmp_path / 'b'}"])
+    resumed = load_config("stage1/tiny", Stage1Config, [*base, f"run_dir={tmp_path / 'b'}"])
     run(resumed)
     a, b = _losses(tmp_path / "a"), _losses(tmp_path / "b")
     assert len(a) == len(b) == 3
@@ -58,20 +61,48 @@ def test_missing_views_are_masked_and_empty_exam_is_error():
 
 
 def test_predict_with_oof_and_features(cache_manifest, tmp_path):
-    from mammorg.cli import main as cli
-    from mammorg.io import read_jsonl
     from safetensors.torch import load_file
 
+    from mammorg.app.cli import main as cli
+    from mammorg.io import read_jsonl
+
     run_dir = tmp_path / "run"
-    assert cli(["stage1", "train", "--config", "configs/stage1/tiny.yaml",
-                f"data.cache_manifest={cache_manifest}", "data.val_split=train",
-                f"run_dir={run_dir}", "train.epochs=1"]) == 0
+    assert (
+        cli(
+            [
+                "stage1",
+                "train",
+                "--config",
+                "stage1/tiny",
+                f"data.cache_manifest={cache_manifest}",
+                "data.val_split=train",
+                f"run_dir={run_dir}",
+                "train.epochs=1",
+            ]
+        )
+        == 0
+    )
     assert (run_dir / "learning_curve.png").exists() and (run_dir / "confusion_birads.png").exists()
     points = OperatingPoints.load(run_dir)
     assert (run_dir / "operating_points.json").exists() and points != OperatingPoints()
     out = tmp_path / "pred" / "pred.jsonl"
-    assert cli(["stage1", "predict", "--run", str(run_dir), "--manifest", str(cache_manifest),
-                "--out", str(out), "--oof", "2"]) == 0
+    assert (
+        cli(
+            [
+                "stage1",
+                "predict",
+                "--run",
+                str(run_dir),
+                "--manifest",
+                str(cache_manifest),
+                "--out",
+                str(out),
+                "--oof",
+                "2",
+            ]
+        )
+        == 0
+    )
     rows = read_jsonl(out)
     exams = read_jsonl(cache_manifest)
     assert [r["exam_id"] for r in rows] == [e["exam_id"] for e in exams]
@@ -91,8 +122,21 @@ def test_predict_with_oof_and_features(cache_manifest, tmp_path):
         for side, found in r["pred"]["findings"].items():
             for name, state in found.items():
                 assert (state == "pos") == (r["probs"]["findings"][side][name] >= thresholds[name])
-    assert cli(["stage1", "predict", "--run", str(tmp_path / "nope"), "--manifest",
-                str(cache_manifest), "--out", str(out)]) == 2
+    assert (
+        cli(
+            [
+                "stage1",
+                "predict",
+                "--run",
+                str(tmp_path / "nope"),
+                "--manifest",
+                str(cache_manifest),
+                "--out",
+                str(out),
+            ]
+        )
+        == 2
+    )
 
 
 @pytest.mark.parametrize("deepspeed", [False, True], ids=["ddp", "deepspeed-zero2"])
@@ -104,13 +148,30 @@ def test_two_ranks_on_cpu(cache_manifest, tmp_path, deepspeed):
 
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "DS_ACCELERATOR": "cpu"}
-    extra = [f"deepspeed.config={root / 'configs/deepspeed/zero2.json'}"] if deepspeed else []
+    extra = ["deepspeed.config=deepspeed/zero2"] if deepspeed else []
 
     def launch(*args):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-               str(29511 + deepspeed), "-m", "mammorg.cli", "stage1", "train", "--config",
-               str(root / "configs/stage1/tiny.yaml"), f"data.cache_manifest={cache_manifest}",
-               "data.val_split=train", f"run_dir={tmp_path / 'run'}", "train.epochs=2", *extra, *args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(29511 + deepspeed),
+            "-m",
+            "mammorg",
+            "stage1",
+            "train",
+            "--config",
+            "stage1/tiny",
+            f"data.cache_manifest={cache_manifest}",
+            "data.val_split=train",
+            f"run_dir={tmp_path / 'run'}",
+            "train.epochs=2",
+            *extra,
+            *args,
+        ]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=root)
         assert proc.returncode == 0, proc.stderr[-3000:]
         return proc
@@ -124,21 +185,42 @@ def test_two_ranks_on_cpu(cache_manifest, tmp_path, deepspeed):
 
 
 def test_descriptor_heads_learn_from_synthetic_descriptors(cache_manifest, tmp_path):
-    from mammorg.cli import main as cli
+    from mammorg.app.cli import main as cli
     from mammorg.io import read_jsonl
 
     exams = read_jsonl(cache_manifest)
     described = [e for e in exams if any((e["labels"].get("descriptors") or {}).values())]
     assert described, "the synthetic VinDr layout carries descriptors through ingest"
     run_dir = tmp_path / "desc"
-    assert cli(["stage1", "train", "--config", "configs/stage1/tiny.yaml",
-                f"data.cache_manifest={cache_manifest}", "data.val_split=train", f"run_dir={run_dir}",
-                "train.epochs=1", "model.descriptor_heads=true"]) == 0
+    assert (
+        cli(
+            [
+                "stage1",
+                "train",
+                "--config",
+                "stage1/tiny",
+                f"data.cache_manifest={cache_manifest}",
+                "data.val_split=train",
+                f"run_dir={run_dir}",
+                "train.epochs=1",
+                "model.descriptor_heads=true",
+            ]
+        )
+        == 0
+    )
     val = [json.loads(x)["val"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()][-1]
     assert any(k.startswith("desc_") and k.endswith("_acc") for k in val)
     out = tmp_path / "pred.jsonl"
-    assert cli(["stage1", "predict", "--run", str(run_dir), "--manifest", str(cache_manifest),
-                "--out", str(out)]) == 0
+    assert (
+        cli(
+            ["stage1", "predict", "--run", str(run_dir), "--manifest", str(cache_manifest), "--out", str(out)]
+        )
+        == 0
+    )
     row = read_jsonl(out)[0]
-    assert set(row["pred"]["descriptors"]["L"]) == {"mass_shape", "mass_margin", "calc_morphology",
-                                                    "calc_distribution"}
+    assert set(row["pred"]["descriptors"]["L"]) == {
+        "mass_shape",
+        "mass_margin",
+        "calc_morphology",
+        "calc_distribution",
+    }

@@ -1,28 +1,44 @@
 """Stage 2 end to end on tiny configs: knowledge modes, resume, placeholders, LoRA, DeepSpeed."""
+
 from __future__ import annotations
 
+import functools
 import json
-import re
+import operator
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_STAGE2 as TINY
+from conftest import assert_complete_lora_run, launch_stage2
+from conftest import stage2_overrides as _overrides
 from safetensors.torch import load_file
 from transformers import LogitsProcessorList
 
-from mammorg.cli import main as cli
-from mammorg.config import load_config
+from mammorg.app.cli import main as cli
+from mammorg.config import load_config as load_typed
+from mammorg.config import replace
 from mammorg.io import read_jsonl
-from stage2_sft.generate import generate_reports, generation_kwargs, load_run, make_builder
+from stage2_sft.assembly import make_builder
+from stage2_sft.config import Stage2Config
 from stage2_sft.data import ReportDataset, collate
-from stage2_sft.knowledge import plan_tokens
+from stage2_sft.knowledge import KnowledgeState, KnowledgeVocabulary
 from stage2_sft.model import PlaceholderMismatch, fill_placeholders
-from stage2_sft.train import run
+from stage2_sft.reporter import Reporter, generation_kwargs, load_run
+from stage2_sft.train import train as run
 
-from conftest import ROOT, assert_complete_lora_run, launch_stage2
-from conftest import TINY_STAGE2 as TINY
-from conftest import stage2_overrides as _overrides
+plan_tokens = KnowledgeVocabulary.plan
+
+
+def load_config(ref, overrides=()):
+    return load_typed(ref, Stage2Config, overrides)
+
+
+def generate_reports(model, tok, ds, cfg, batch_size, num_beams=None, assessment=None):
+    """Reports of a trained run's generator for ``ds``, as their JSON lines."""
+    reporter = Reporter.from_config(cfg, model, tok)
+    return [r.to_json() for r in reporter.generate(ds, batch_size, num_beams, assessment)]
 
 
 def _all_train(root: Path) -> None:
@@ -34,25 +50,32 @@ def _all_train(root: Path) -> None:
 def test_knowledge_modes_train_and_generate(stage1_outputs, tmp_path, mode):
     root = stage1_outputs
     checkpointing = f"decoder.gradient_checkpointing={mode == 'both'}"  # exercised once
-    cfg = load_config(TINY, _overrides(root, tmp_path / mode, f"knowledge.mode={mode}", "train.epochs=1",
-                                       checkpointing,
-                                       "generate.max_new_tokens=6"))
+    cfg = load_config(
+        TINY,
+        _overrides(
+            root,
+            tmp_path / mode,
+            f"knowledge.mode={mode}",
+            "train.epochs=1",
+            checkpointing,
+            "generate.max_new_tokens=6",
+        ),
+    )
     result = run(cfg)
     assert (tmp_path / mode / "checkpoints" / "best" / "extras.safetensors").exists()
     assert result["best_val_loss"] is None or result["best_val_loss"] > 0
     rcfg, model, tok = load_run(tmp_path / mode)
-    ds = ReportDataset(root / "m.jsonl", root / "s1/pred.jsonl", make_builder(rcfg, tok),
-                       with_reports=False)
-    rows = generate_reports(model, tok, ds, generation_kwargs(rcfg, tok, num_beams=2), 4, False)
+    ds = ReportDataset(root / "m.jsonl", root / "s1/pred.jsonl", make_builder(rcfg, tok), with_reports=False)
+    rows = generate_reports(model, tok, ds, rcfg, 4, num_beams=2)
     assert len(rows) == len(ds) == 8 and all("structured" in r for r in rows)
     for sample, n_views in ((ds[0], 3), (ds[1], 4)):  # exam 0 lacks R_MLO: 3 views' tokens
-        n_image = sample["prompt"].count(tok.convert_tokens_to_ids("<image>"))
-        assert sample["visual"].shape[0] == n_views
-        assert n_image == sample["visual"].shape[0] * sample["visual"].shape[1]
-    assert tok.convert_tokens_to_ids("<missing_view>") in ds[0]["prompt"]
+        n_image = sample.prompt.count(tok.convert_tokens_to_ids("<image>"))
+        assert sample.visual.shape[0] == n_views
+        assert n_image == sample.visual.shape[0] * sample.visual.shape[1]
+    assert tok.convert_tokens_to_ids("<missing_view>") in ds[0].prompt
     sample = ds[0]
-    has_soft = tok.convert_tokens_to_ids("<knowledge>") in sample["prompt"]
-    has_discrete = any(tok.convert_ids_to_tokens(i).startswith("<density=") for i in sample["prompt"])
+    has_soft = tok.convert_tokens_to_ids("<knowledge>") in sample.prompt
+    has_discrete = any(tok.convert_ids_to_tokens(i).startswith("<density=") for i in sample.prompt)
     assert has_soft == (mode in ("soft", "both")) and has_discrete == (mode in ("discrete", "both"))
 
 
@@ -60,32 +83,35 @@ def test_resume_continues_the_same_loss_curve(stage1_outputs, tmp_path):
     root = stage1_outputs
     mixed = "knowledge.gold_fraction=0.5"  # the per-epoch knowledge draws must resume too
     run(load_config(TINY, _overrides(root, tmp_path / "a", "train.epochs=3", mixed)))
-    run(load_config(TINY, _overrides(root, tmp_path / "b", "train.epochs=3", mixed,
-                                     "train.stop_after_epochs=1")))
+    run(
+        load_config(
+            TINY, _overrides(root, tmp_path / "b", "train.epochs=3", mixed, "train.stop_after_epochs=1")
+        )
+    )
     run(load_config(TINY, _overrides(root, tmp_path / "b", "train.epochs=3", mixed)))
-    curve = lambda d: [json.loads(x)["train_loss"] for x in (d / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    curve = lambda d: [json.loads(x)["train_loss"] for x in (d / "metrics.jsonl").read_text().splitlines()]
     assert curve(tmp_path / "a") == pytest.approx(curve(tmp_path / "b"), rel=1e-5)
     assert len(curve(tmp_path / "a")) == 3
 
 
 def test_gold_fraction_draws_label_knowledge_per_epoch(stage1_outputs):
-    from stage2_sft.knowledge import state_from_labels, state_from_prediction
-
+    state_from_labels, state_from_prediction = KnowledgeState.from_labels, KnowledgeState.from_prediction
     root = stage1_outputs
-    make = lambda **kw: ReportDataset(root / "m.jsonl", root / "s1/pred.jsonl", None, **kw)  # noqa: E731
+    make = lambda **kw: ReportDataset(root / "m.jsonl", root / "s1/pred.jsonl", None, **kw)
     ds = make(gold_fraction=0.5, seed=3)
     draws = []
     for ds.epoch in range(4):
         draws.append([ds.uses_gold(i) for i in range(len(ds))])
-    flat = sum(draws, [])
+    flat = functools.reduce(operator.iadd, draws, [])
     assert any(flat) and not all(flat) and draws[0] != draws[1]
     ds.epoch = 0
     assert [ds.uses_gold(i) for i in range(len(ds))] == draws[0]  # deterministic: resumable
     for i, gold in enumerate(draws[0]):
         row = ds.rows[i]
-        expect = state_from_labels(row["labels"], row["views"]) if gold else \
-            state_from_prediction(ds.preds[row["exam_id"]])
-        assert all(torch.equal(ds.knowledge(i)[k], v) for k, v in expect.items())
+        expect = (
+            state_from_labels(row.labels, row.views) if gold else state_from_prediction(ds.preds[row.exam_id])
+        )
+        assert ds.knowledge(i).to_json() == expect.to_json()
     assert not any(make().uses_gold(i) for i in range(len(ds)))
     assert all(make(source="gold").uses_gold(i) for i in range(len(ds)))
     with pytest.raises(Exception, match="gold_fraction=1.5: expected 0..1"):
@@ -93,30 +119,35 @@ def test_gold_fraction_draws_label_knowledge_per_epoch(stage1_outputs):
 
 
 def test_gold_heads_give_labels_for_some_heads_only(stage1_outputs):
-    from stage2_sft.knowledge import state_from_labels, state_from_prediction
-
+    state_from_labels, state_from_prediction = KnowledgeState.from_labels, KnowledgeState.from_prediction
     root = stage1_outputs
     ds = ReportDataset(root / "m.jsonl", root / "s1/pred.jsonl", None, source="gold", gold_heads=("birads",))
     for i, row in enumerate(ds.rows):
-        gold = state_from_labels(row["labels"], row["views"])
-        predicted = state_from_prediction(ds.preds[row["exam_id"]])
-        state = ds.knowledge(i)
-        assert torch.equal(state["birads_label"], gold["birads_label"]) and torch.equal(state["birads"], gold["birads"])
+        gold = state_from_labels(row.labels, row.views).to_json()
+        predicted = state_from_prediction(ds.preds[row.exam_id]).to_json()
+        state = ds.knowledge(i).to_json()
+        assert state["birads_label"] == gold["birads_label"] and state["birads"] == gold["birads"]
         for key in ("density", "findings", "finding_on", "sides"):
-            assert torch.equal(state[key], predicted[key])
-    assert any(not torch.equal(ds.knowledge(i)["birads_label"],
-                               state_from_prediction(ds.preds[r["exam_id"]])["birads_label"])
-               for i, r in enumerate(ds.rows))  # the fixture's stage 1 is not perfect: labels replaced
+            assert state[key] == predicted[key]
+    assert any(
+        ds.knowledge(i).to_json()["birads_label"]
+        != state_from_prediction(ds.preds[r.exam_id]).to_json()["birads_label"]
+        for i, r in enumerate(ds.rows)
+    )  # the fixture's stage 1 is not perfect: labels replaced
     with pytest.raises(Exception, match=r"gold_heads=\['birads', 'margin'\]: expected a non-empty subset"):
         run(load_config(TINY, _overrides(root, root / "never", "knowledge.gold_heads=[birads,margin]")))
 
 
 def test_verbaliser_config_trains_on_label_knowledge_with_a_plan(stage1_outputs, tmp_path):
-    from stage2_sft.assembly import check_config
+    from stage2_sft.assembly import check_runtime
 
-    cfg = load_config(ROOT / "configs/stage2/verbaliser.yaml", _overrides(stage1_outputs, tmp_path))
-    check_config(cfg)
-    assert (cfg.knowledge.gold_fraction, cfg.data.assessment_plan, cfg.generate.assessment) == (1.0, True, "plan")
+    cfg = load_config("stage2/verbaliser", _overrides(stage1_outputs, tmp_path))
+    check_runtime(cfg)
+    assert (cfg.knowledge.gold_fraction, cfg.data.assessment_plan, cfg.generate.assessment) == (
+        1.0,
+        True,
+        "plan",
+    )
     assert not cfg.visual.enabled and cfg.terminology.category_weight_power > 0
 
 
@@ -132,23 +163,37 @@ def test_placeholder_count_mismatch_is_a_clear_error():
 def test_lora_on_local_pretrained_decoder(stage1_outputs, local_decoder, tmp_path):
     root = stage1_outputs
     local = local_decoder
-    cfg = load_config(str(ROOT / "configs/stage2/lora.yaml"),
-                      _overrides(root, tmp_path / "lora", f"decoder.name_or_path={local}", "train.epochs=1"))
+    cfg = load_config(
+        "stage2/lora", _overrides(root, tmp_path / "lora", f"decoder.name_or_path={local}", "train.epochs=1")
+    )
     run(cfg)
     best = tmp_path / "lora" / "checkpoints" / "best"
     adapter = load_file(str(best / "decoder" / "adapter_model.safetensors"))
     assert adapter and any("lora_B" in k and v.abs().sum() > 0 for k, v in adapter.items())
-    _, model, tok = load_run(tmp_path / "lora")
+    _, _model, tok = load_run(tmp_path / "lora")
     assert "architectural distortion" in tok.get_vocab()  # terminology added to the local tokenizer
     for merge in (False, True):  # adapter folder (+ base) or merged full weights
         out = tmp_path / f"bundle-{merge}"
-        assert cli(["export", "--run", str(tmp_path / "lora"), "--out", str(out),
-                    "--stage1-run", str(root / "s1")] + (["--merge-lora"] if merge else [])) == 0
+        assert (
+            cli(
+                [
+                    "export",
+                    "--run",
+                    str(tmp_path / "lora"),
+                    "--out",
+                    str(out),
+                    "--stage1-run",
+                    str(root / "s1"),
+                ]
+                + (["--merge-lora"] if merge else [])
+            )
+            == 0
+        )
         assert (out / "decoder" / "adapter_config.json").exists() != merge
         assert (out / "base_decoder").exists() != merge
-        from mammorg.bundle import load_bundle
+        from mammorg.app.bundle import load_bundle
 
-        assert load_bundle(out).generator is not None
+        assert load_bundle(out).reporter.generator is not None
 
 
 @pytest.mark.slow
@@ -167,9 +212,16 @@ def test_report_only_logits_give_the_full_lm_loss():
     from stage2_sft.model import ReportGenerator, SpecialIds
 
     torch.manual_seed(0)
-    decoder = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32,
-                                           num_hidden_layers=1, num_attention_heads=2,
-                                           num_key_value_heads=1))
+    decoder = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=50,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+        )
+    )
     gen = ReportGenerator(decoder, SpecialIds(3, 4, 5), visual_dim=8, knowledge_mode="none")
     ids = torch.randint(10, 50, (2, 12))
     ids[:, 1:5] = 3
@@ -188,43 +240,46 @@ def test_report_only_logits_give_the_full_lm_loss():
         torch.testing.assert_close(g, p.grad, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("cc") is None,
-                    reason="torch.compile on CPU needs a C++ compiler")
+@pytest.mark.skipif(
+    shutil.which("g++") is None and shutil.which("cc") is None,
+    reason="torch.compile on CPU needs a C++ compiler",
+)
 def test_compiled_decoder_trains_like_eager_and_saves_plain_keys(stage1_outputs, tmp_path):
     root = stage1_outputs
     for name, flag in (("eager", "false"), ("compiled", "true")):
         run(load_config(TINY, _overrides(root, tmp_path / name, "train.epochs=1", f"train.compile={flag}")))
-    curve = lambda d: [json.loads(x)["train_loss"] for x in (d / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    curve = lambda d: [json.loads(x)["train_loss"] for x in (d / "metrics.jsonl").read_text().splitlines()]
     assert curve(tmp_path / "compiled") == pytest.approx(curve(tmp_path / "eager"), rel=1e-3)
     saved = load_file(str(tmp_path / "compiled/checkpoints/last/trainable.safetensors"))
     assert saved and not any("_orig_mod" in k for k in saved)
 
 
 def test_decoder_dtype_and_generation_cache_settings_are_checked():
-    from stage2_sft.assembly import check_config
+    from stage2_sft.assembly import check_runtime
 
-    cfg = load_config(TINY, ["decoder.dtype=float16"])
     with pytest.raises(Exception, match="decoder.dtype='float16': expected float32 or bfloat16"):
-        check_config(cfg)
+        load_config(TINY, ["decoder.dtype=float16"])
     if not torch.cuda.is_available():
         with pytest.raises(Exception, match="needs a GPU"):
-            check_config(load_config(TINY, ["decoder.dtype=bfloat16"]))
+            check_runtime(load_config(TINY, ["decoder.dtype=bfloat16"]))
 
     class Tok:
         eos_token_id, pad_token_id = 2, 0
 
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
-    auto = load_config(TINY)
+    auto = load_config(TINY).generate
     assert "cache_implementation" not in generation_kwargs(auto, Tok(), device=cpu)
     assert generation_kwargs(auto, Tok(), device=gpu)["cache_implementation"] == "static"
-    static = load_config(TINY, ["generate.cache=static"])
+    static = load_config(TINY, ["generate.cache=static"]).generate
     assert generation_kwargs(static, Tok(), device=cpu)["cache_implementation"] == "static"
     with pytest.raises(Exception, match="generate.cache='paged'"):
-        generation_kwargs(load_config(TINY, ["generate.cache=paged"]), Tok())
+        load_config(TINY, ["generate.cache=paged"])
 
 
 def test_verbal_tie_adds_the_report_words_to_knowledge_tokens_only(stage1_outputs, tmp_path):
-    run(load_config(TINY, _overrides(stage1_outputs, tmp_path, "train.epochs=1", "knowledge.verbal_tie=true")))
+    run(
+        load_config(TINY, _overrides(stage1_outputs, tmp_path, "train.epochs=1", "knowledge.verbal_tie=true"))
+    )
     _, model, tok = load_run(tmp_path)
     assert model.verbal_row is not None
     table = model.decoder.get_input_embeddings()
@@ -257,18 +312,22 @@ def test_stated_assessment_puts_stage1_categories_in_the_report(stage1_outputs, 
     assert proc(ended, scores.clone())[0, cat["5"]] == 5.0  # no side named: the exam's (most severe)
     # end to end: every category the reports state is one stage 1 decided for that exam
     ds = ReportDataset(root / "m.jsonl", root / "s1/pred.jsonl", make_builder(cfg, tok), with_reports=False)
-    rows = generate_reports(model, tok, ds, generation_kwargs(cfg, tok), 4, False, assessment="stage1")
+    rows = generate_reports(model, tok, ds, cfg, 4, assessment="stage1")
     preds = {r["exam_id"]: r["pred"]["birads"] for r in read_jsonl(root / "s1/pred.jsonl")}
     for r in rows:
         stated = {v for v in r["structured"]["birads"].values() if v is not None}
         assert stated <= {preds[r["id"]]["L"], preds[r["id"]]["R"]}
     with pytest.raises(Exception, match="generate.assessment='always'"):
-        generate_reports(model, tok, ds, generation_kwargs(cfg, tok), 4, False, assessment="always")
+        generate_reports(model, tok, ds, cfg, 4, assessment="always")
 
 
 def test_plan_tokens_state_the_report_categories():
-    assert plan_tokens({"L": "1", "R": "4B", "exam": "4B"}) == \
-        ["<plan>", "<L:birads=1>", "<R:birads=4B>", "</plan>"]
+    assert plan_tokens({"L": "1", "R": "4B", "exam": "4B"}) == [
+        "<plan>",
+        "<L:birads=1>",
+        "<R:birads=4B>",
+        "</plan>",
+    ]
     assert plan_tokens({"L": None, "R": None, "exam": "3"}) == ["<plan>", "<exam:birads=3>", "</plan>"]
     assert plan_tokens({"L": "4", "R": None, "exam": "4"}) == ["<plan>", "</plan>"]  # a bare 4: no class
 
@@ -297,7 +356,7 @@ def test_assessment_plan_run_states_its_own_plan(stage1_outputs, tmp_path):
     report = "Right breast BI-RADS 4B. Left breast BI-RADS 1."
     ids = builder.report_ids(report)
     assert tok.convert_ids_to_tokens(ids[:4]) == ["<plan>", "<L:birads=1>", "<R:birads=4B>", "</plan>"]
-    assert parse_report(tok.decode(ids, skip_special_tokens=True))["birads"]["R"] == "4B"  # plan dropped
+    assert parse_report(tok.decode(ids, skip_special_tokens=True)).birads["R"] == "4B"  # plan dropped
     # the processor alone: after "Right breast" only the plan's right category keeps the best score
     proc = PlannedAssessment(AssessmentTokens.of(tok))
     cat = {c: tok.convert_tokens_to_ids(f"BI-RADS {c}") for c in ("1", "3", "4B")}
@@ -310,31 +369,42 @@ def test_assessment_plan_run_states_its_own_plan(stage1_outputs, tmp_path):
     assert proc(unplanned, scores.clone())[0, cat["3"]] == 5.0  # no plan yet: free
     # in generate (KV cache, inputs_embeds): a scripted start writes a plan and "Right breast", then
     # favours BI-RADS 3; the processor turns it into the plan's right category
-    script = tok.convert_tokens_to_ids(["<plan>", "<L:birads=1>", "<R:birads=5>", "</plan>"]) + \
-        tok("OPINION: Right breast", add_special_tokens=False)["input_ids"]
+    script = (
+        tok.convert_tokens_to_ids(["<plan>", "<L:birads=1>", "<R:birads=5>", "</plan>"])
+        + tok("OPINION: Right breast", add_special_tokens=False)["input_ids"]
+    )
     ds = ReportDataset(root / "m.jsonl", root / "s1/pred.jsonl", builder, with_reports=False)
     batch = collate([ds[i] for i in range(len(ds))], tok.pad_token_id, for_generation=True)
-    kwargs = {**generation_kwargs(cfg, tok), "max_new_tokens": len(script) + 1,
-              "logits_processor": LogitsProcessorList([_Scripted(script, cat["3"]), proc])}
-    outs = model.generate(batch["input_ids"], batch["attention_mask"], batch["visual"], batch["knowledge"],
-                          **kwargs)
+    kwargs = {
+        **generation_kwargs(cfg.generate, tok, torch.device("cpu")),
+        "max_new_tokens": len(script) + 1,
+        "logits_processor": LogitsProcessorList([_Scripted(script, cat["3"]), proc]),
+    }
+    outs = model.generate(batch.input_ids, batch.attention_mask, batch.visual, batch.knowledge, **kwargs)
     for out in outs:
-        assert parse_report(tok.decode(out, skip_special_tokens=True))["birads"]["R"] == "5"
-    rows = generate_reports(model, tok, ds, generation_kwargs(cfg, tok), 4, False, assessment="plan")
+        assert parse_report(tok.decode(out, skip_special_tokens=True)).birads["R"] == "5"
+    rows = generate_reports(model, tok, ds, cfg, 4, assessment="plan")
     assert len(rows) == len(ds) and not any("<plan>" in r["text"] for r in rows)
     with pytest.raises(Exception, match="assessment_plan"):
         assessment_tokens("plan", tok, plan=False)
     # category_weight_power also balances the plan's category tokens (among themselves)
-    from omegaconf import OmegaConf
-
     from stage2_sft.assembly import category_weights
 
-    reports = [builder.report_ids(r) for r in (report, "Right breast BI-RADS 1. Left breast BI-RADS 1.",
-                                               "Right breast BI-RADS 1. Left breast BI-RADS 1.")]
-    weighted = OmegaConf.merge(cfg, {"terminology": {"category_weight_power": 1.0}})
+    reports = [
+        builder.report_ids(r)
+        for r in (
+            report,
+            "Right breast BI-RADS 1. Left breast BI-RADS 1.",
+            "Right breast BI-RADS 1. Left breast BI-RADS 1.",
+        )
+    ]
+    weighted = replace(cfg, ["terminology.category_weight_power=1.0"])
     w = category_weights(weighted, tok, reports, None)
-    plan_w = lambda t: float(w[tok.convert_tokens_to_ids(t)])  # noqa: E731
+    plan_w = lambda t: float(w[tok.convert_tokens_to_ids(t)])
     assert plan_w("<R:birads=4B>") == pytest.approx(2 * plan_w("<R:birads=1>"))  # seen once vs twice
     assert plan_w("<R:birads=5>") == 1.0 and plan_w("<plan>") == 1.0  # unseen, not a category
-    unplanned_cfg = OmegaConf.merge(weighted, {"data": {"assessment_plan": False}})
-    assert float(category_weights(unplanned_cfg, tok, reports, None)[tok.convert_tokens_to_ids("<R:birads=4B>")]) == 1.0
+    unplanned_cfg = replace(weighted, ["data.assessment_plan=false", "generate.assessment=free"])
+    assert (
+        float(category_weights(unplanned_cfg, tok, reports, None)[tok.convert_tokens_to_ids("<R:birads=4B>")])
+        == 1.0
+    )

@@ -1,4 +1,5 @@
 """Synthetic generator: DICOM tags, labels ↔ report consistency, determinism."""
+
 from __future__ import annotations
 
 import hashlib
@@ -37,7 +38,7 @@ def test_images_decode_and_breast_is_visible(synth_dir):
 
 def test_report_states_the_labels(synth_dir):
     for row in read_jsonl(synth_dir / "manifest.jsonl"):
-        parsed = parse_report(row["report"])
+        parsed = parse_report(row["report"]).to_json()
         labels = row["labels"]
         assert parsed["density"] == labels["density"]
         assert parsed["birads"]["exam"] == labels["birads"]["exam"]
@@ -71,5 +72,6 @@ def test_deterministic_for_a_seed(tmp_path):
     synthesise(tmp_path / "b", s, progress=False)
     assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
     synthesise(tmp_path / "c", SynthSettings(exams=2, seed=12, height=64, width=32), progress=False)
-    assert json.loads((tmp_path / "a/manifest.jsonl").read_text().splitlines()[0]) != \
-        json.loads((tmp_path / "c/manifest.jsonl").read_text().splitlines()[0])
+    assert json.loads((tmp_path / "a/manifest.jsonl").read_text().splitlines()[0]) != json.loads(
+        (tmp_path / "c/manifest.jsonl").read_text().splitlines()[0]
+    )

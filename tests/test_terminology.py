@@ -1,4 +1,5 @@
 """Lexicon, normalisation and atomic-term tokenizers (trained BPE and extended stock)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -12,8 +13,13 @@ from mammorg.synth.findings import sample_exam
 from mammorg.synth.reports import REPORT_STYLES, write_report
 from terminology.lexicon import load_lexicon, validate
 from terminology.normalize import Normalizer
-from terminology.tokenizer import (coverage_report, extend_tokenizer, init_term_embeddings,
-                                   term_loss_weights, train_bpe_tokenizer)
+from terminology.tokenizer import (
+    coverage_report,
+    extend_tokenizer,
+    init_term_embeddings,
+    term_loss_weights,
+    train_bpe_tokenizer,
+)
 
 
 @pytest.fixture(scope="module")
@@ -34,15 +40,25 @@ def _stock_tokenizer(texts):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>"],
-                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>",
-                                   clean_up_tokenization_spaces=False)
+    tok.train_from_iterator(
+        texts,
+        trainers.BpeTrainer(
+            vocab_size=400, special_tokens=["<unk>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        ),
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", clean_up_tokenization_spaces=False
+    )
 
 
 def test_lexicon_validation_rejects_duplicates(tmp_path):
-    raw = {"categories": ["a"], "terms": [{"term": "x", "category": "a", "variants": ["y"]},
-                                          {"term": "z", "category": "a", "variants": ["Y"]}]}
+    raw = {
+        "categories": ["a"],
+        "terms": [
+            {"term": "x", "category": "a", "variants": ["y"]},
+            {"term": "z", "category": "a", "variants": ["Y"]},
+        ],
+    }
     with pytest.raises(MammorgError, match="variant of both"):
         validate(raw, tmp_path / "l.yaml")
     with pytest.raises(MammorgError, match="unknown category"):
@@ -78,9 +94,16 @@ def test_extended_stock_tokenizer_and_embedding_init(reports):
     for term in pieces:
         ids = tok(term, add_special_tokens=False)["input_ids"]
         assert len(ids) == 1 and tok.decode(ids) == term
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=base_len, hidden_size=32, intermediate_size=64,
-                                         num_hidden_layers=1, num_attention_heads=2,
-                                         tie_word_embeddings=False))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=base_len,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            tie_word_embeddings=False,
+        )
+    )
     before_in = model.get_input_embeddings().weight.detach().clone()
     before_out = model.get_output_embeddings().weight.detach().clone()
     init_term_embeddings(model, tok, pieces)

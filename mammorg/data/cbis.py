@@ -1,4 +1,5 @@
 """CBIS-DDSM adapter: mass and calcification case CSVs, rows grouped into exams."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,15 +8,23 @@ from mammorg.data.common import IngestResult, exam_row, patient_split, read_csv_
 from mammorg.io import MammorgError
 from mammorg.labels import DENSITIES, canonical_descriptor, most_severe
 from mammorg.privacy import hash_id
+from mammorg.schema import Exam
 
-ALIASES = {"breast_density": ["breast density"], "side": ["left or right breast"],
-           "view": ["image view"], "image_path": ["image file path"],
-           "abnormality_type": ["abnormality type"], "mass_shape": ["mass shape"],
-           "mass_margins": ["mass margins"], "calc_type": ["calc type"],
-           "calc_distribution": ["calc distribution"]}
+ALIASES = {
+    "breast_density": ["breast density"],
+    "side": ["left or right breast"],
+    "view": ["image view"],
+    "image_path": ["image file path"],
+    "abnormality_type": ["abnormality type"],
+    "mass_shape": ["mass shape"],
+    "mass_margins": ["mass margins"],
+    "calc_type": ["calc type"],
+    "calc_distribution": ["calc distribution"],
+}
 REQUIRED = ["patient_id", "breast_density", "side", "view", "assessment", "image_path"]
-CSV_NAMES = [f"{kind}_case_description_{split}_set.csv"
-             for kind in ("mass", "calc") for split in ("train", "test")]
+CSV_NAMES = [
+    f"{kind}_case_description_{split}_set.csv" for kind in ("mass", "calc") for split in ("train", "test")
+]
 
 
 def _image_path(root: Path, raw: str) -> Path | None:
@@ -50,7 +59,7 @@ def ingest_cbis(root: str | Path) -> IngestResult:
     return result
 
 
-def _exam(root: Path, patient: str, split: str, rows: list, result: IngestResult) -> dict | None:
+def _exam(root: Path, patient: str, split: str, rows: list, result: IngestResult) -> Exam | None:
     exam_id = "cbis-" + hash_id(f"{patient}:{split}")
     views: dict[str, str] = {}
     birads: dict[str, list[str]] = {"L": [], "R": []}
@@ -71,25 +80,42 @@ def _exam(root: Path, patient: str, split: str, rows: list, result: IngestResult
         if row["breast_density"] in {"1", "2", "3", "4"}:
             densities.append(DENSITIES[int(row["breast_density"]) - 1])
         findings[side][kind] = "pos"
-        descriptors.append({"side": side, "type": kind, "pathology": row.get("pathology"),
-                            "shape": _descriptor(row.get("mass_shape", "")),
-                            "margin": _descriptor(row.get("mass_margins", "")),
-                            "morphology": _descriptor(row.get("calc_type", "")),
-                            "distribution": _descriptor(row.get("calc_distribution", ""))})
+        descriptors.append(
+            {
+                "side": side,
+                "type": kind,
+                "pathology": row.get("pathology"),
+                "shape": _descriptor(row.get("mass_shape", "")),
+                "margin": _descriptor(row.get("mass_margins", "")),
+                "morphology": _descriptor(row.get("calc_type", "")),
+                "distribution": _descriptor(row.get("calc_distribution", "")),
+            }
+        )
     if not views:
         result.problem(root, "no usable view", exam_id)
         return None
     side_birads = {s: most_severe(v) for s, v in birads.items()}
-    return exam_row(exam_id, "cbis-ddsm", patient_split(patient, dataset_split=split), views,
-                    max(densities) if densities else None, side_birads, findings,
-                    meta={"lesions": descriptors, "film": True},
-                    descriptors=side_descriptors(descriptors))
+    return exam_row(
+        exam_id,
+        "cbis-ddsm",
+        patient_split(patient, dataset_split=split),
+        views,
+        max(densities) if densities else None,
+        side_birads,
+        findings,
+        meta={"lesions": descriptors, "film": True},
+        descriptors=side_descriptors(descriptors),
+    )
 
 
 def side_descriptors(lesions: list[dict]) -> dict[str, dict[str, str]]:
     """First value in the label space per breast and descriptor (CBIS lists one per lesion)."""
-    fields = {"mass_shape": "shape", "mass_margin": "margin", "calc_morphology": "morphology",
-              "calc_distribution": "distribution"}
+    fields = {
+        "mass_shape": "shape",
+        "mass_margin": "margin",
+        "calc_morphology": "morphology",
+        "calc_distribution": "distribution",
+    }
     out: dict[str, dict[str, str]] = {"L": {}, "R": {}}
     for lesion in lesions:
         for name, key in fields.items():

@@ -1,4 +1,5 @@
 """VinDr-Mammo adapter (also reads what ``mammorg synth`` writes)."""
+
 from __future__ import annotations
 
 import ast
@@ -6,17 +7,32 @@ from pathlib import Path
 
 from mammorg.data.common import IngestResult, exam_row, patient_split, read_csv_checked
 from mammorg.io import read_jsonl
-from mammorg.labels import BIRADS_VALUES, FINDINGS
+from mammorg.labels import BIRADS_VALUES, FINDINGS, SIDES
 from mammorg.privacy import hash_id
 
-BREAST_COLUMNS = ["study_id", "image_id", "laterality", "view_position", "breast_birads",
-                  "breast_density", "split"]
+BREAST_COLUMNS = [
+    "study_id",
+    "image_id",
+    "laterality",
+    "view_position",
+    "breast_birads",
+    "breast_density",
+    "split",
+]
 CATEGORY_MAP = {
-    "Mass": "mass", "Suspicious Calcification": "calcification", "Calcification": "calcification",
-    "Asymmetry": "asymmetry", "Focal Asymmetry": "asymmetry", "Global Asymmetry": "asymmetry",
-    "Architectural Distortion": "architectural_distortion", "Skin Thickening": "skin_thickening",
-    "Nipple Retraction": "nipple_retraction", "Suspicious Lymph Node": "lymph_node",
-    "Lymph Node": "lymph_node", "Skin Retraction": None, "No Finding": None,
+    "Mass": "mass",
+    "Suspicious Calcification": "calcification",
+    "Calcification": "calcification",
+    "Asymmetry": "asymmetry",
+    "Focal Asymmetry": "asymmetry",
+    "Global Asymmetry": "asymmetry",
+    "Architectural Distortion": "architectural_distortion",
+    "Skin Thickening": "skin_thickening",
+    "Nipple Retraction": "nipple_retraction",
+    "Suspicious Lymph Node": "lymph_node",
+    "Lymph Node": "lymph_node",
+    "Skin Retraction": None,
+    "No Finding": None,
 }
 
 
@@ -41,14 +57,14 @@ def _categories(text: str) -> list[str]:
 
 def _side_findings(rows, result: IngestResult, source: Path, exam_id: str) -> dict[str, dict]:
     """Exhaustive annotation: listed categories are positive, the others negative."""
-    found: dict[str, set] = {"L": set(), "R": set()}
+    found: dict[str, set] = {s: set() for s in SIDES}
     for row in rows:
         for cat in _categories(row["finding_categories"]):
             if cat not in CATEGORY_MAP:
                 result.problem(source, f"unknown finding category {cat!r}", exam_id)
             elif CATEGORY_MAP[cat]:
                 found[row["laterality"]].add(CATEGORY_MAP[cat])
-    return {s: {f: ("pos" if f in found[s] else "neg") for f in FINDINGS} for s in "LR"}
+    return {s: {f: ("pos" if f in found[s] else "neg") for f in FINDINGS} for s in SIDES}
 
 
 def ingest_vindr(root: str | Path) -> IngestResult:
@@ -56,8 +72,11 @@ def ingest_vindr(root: str | Path) -> IngestResult:
     result = IngestResult()
     breast = read_csv_checked(root / "breast-level_annotations.csv", BREAST_COLUMNS)
     finding_path = root / "finding_annotations.csv"
-    findings = read_csv_checked(finding_path, ["study_id", "laterality", "finding_categories"]) \
-        if finding_path.exists() else None
+    findings = (
+        read_csv_checked(finding_path, ["study_id", "laterality", "finding_categories"])
+        if finding_path.exists()
+        else None
+    )
     reports, descriptors = {}, {}
     if (root / "reports.jsonl").exists():  # written by `mammorg synth` (not part of VinDr itself)
         rows = read_jsonl(root / "reports.jsonl")
@@ -71,8 +90,11 @@ def ingest_vindr(root: str | Path) -> IngestResult:
             view = f"{row['laterality']}_{row['view_position']}"
             rel = Path("images") / study_id / f"{row['image_id']}.dicom"
             if row["laterality"] not in ("L", "R") or row["view_position"] not in ("CC", "MLO"):
-                result.problem(root / "breast-level_annotations.csv",
-                               f"image {hash_id(row['image_id'])}: unknown view {view}", exam_id)
+                result.problem(
+                    root / "breast-level_annotations.csv",
+                    f"image {hash_id(row['image_id'])}: unknown view {view}",
+                    exam_id,
+                )
                 continue
             if view in views:
                 result.problem(rel, f"duplicate view {view}; first kept", exam_id)
@@ -85,14 +107,25 @@ def ingest_vindr(root: str | Path) -> IngestResult:
         if not views:
             result.problem(root / "breast-level_annotations.csv", "no usable view", exam_id)
             continue
-        densities = {parse_density(d) for d in rows["breast_density"]} - {None}
+        densities = {d for d in map(parse_density, rows["breast_density"]) if d is not None}
         side_findings = {}
         if findings is not None:
-            side_findings = _side_findings(findings[findings["study_id"] == study_id].to_dict(
-                "records"), result, finding_path, exam_id)
+            side_findings = _side_findings(
+                findings[findings["study_id"] == study_id].to_dict("records"), result, finding_path, exam_id
+            )
         split = patient_split(study_id, dataset_split=rows["split"].iloc[0])
-        result.exams.append(exam_row(exam_id, "vindr", split, views,
-                                     max(densities) if densities else None, birads, side_findings,
-                                     reports.get(study_id), {"manufacturer": None},
-                                     descriptors.get(study_id)))
+        result.exams.append(
+            exam_row(
+                exam_id,
+                "vindr",
+                split,
+                views,
+                max(densities) if densities else None,
+                birads,
+                side_findings,
+                reports.get(study_id),
+                {"manufacturer": None},
+                descriptors.get(study_id),
+            )
+        )
     return result

@@ -1,4 +1,5 @@
 """Sampling of exam ground truth: density, lesions per breast and BI-RADS by rule."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -7,29 +8,42 @@ from mammorg.labels import BIRADS_CLASSES, DENSITIES, most_severe
 
 QUADRANTS = ("upper outer", "upper inner", "lower outer", "lower inner")
 _CLOCK_RANGES = {  # clock hours per quadrant, as seen facing the patient
-    ("R", "upper outer"): (9, 12), ("R", "upper inner"): (12, 3), ("R", "lower inner"): (3, 6),
-    ("R", "lower outer"): (6, 9), ("L", "upper outer"): (12, 3), ("L", "upper inner"): (9, 12),
-    ("L", "lower outer"): (3, 6), ("L", "lower inner"): (6, 9),
+    ("R", "upper outer"): (9, 12),
+    ("R", "upper inner"): (12, 3),
+    ("R", "lower inner"): (3, 6),
+    ("R", "lower outer"): (6, 9),
+    ("L", "upper outer"): (12, 3),
+    ("L", "upper inner"): (9, 12),
+    ("L", "lower outer"): (3, 6),
+    ("L", "lower inner"): (6, 9),
 }
 DEPTHS = ("anterior", "middle", "posterior")
 MASS_SHAPES = ("oval", "round", "irregular")
 MASS_MARGINS = ("circumscribed", "obscured", "microlobulated", "indistinct", "spiculated")
 MASS_DENSITIES = ("high", "equal", "low")
 BENIGN_CALCS = ("coarse or popcorn-like", "round", "rim", "vascular", "large rod-like")
-SUSPICIOUS_CALCS = ("amorphous", "coarse heterogeneous", "fine pleomorphic",
-                    "fine linear branching")
+SUSPICIOUS_CALCS = ("amorphous", "coarse heterogeneous", "fine pleomorphic", "fine linear branching")
 SUSPICIOUS_DISTRIBUTIONS = ("grouped", "linear", "segmental", "regional")
 
-_LESION_WEIGHTS = {"mass": 0.36, "calcification": 0.32, "asymmetry": 0.12,
-                   "architectural_distortion": 0.08, "lymph_node": 0.12}
+_LESION_WEIGHTS = {
+    "mass": 0.36,
+    "calcification": 0.32,
+    "asymmetry": 0.12,
+    "architectural_distortion": 0.08,
+    "lymph_node": 0.12,
+}
 
 
 def _location(rng: np.random.Generator, side: str) -> dict:
     quadrant = str(rng.choice(QUADRANTS))
     start, _ = _CLOCK_RANGES[(side, quadrant)]
     clock = (start + int(rng.integers(0, 3)) - 1) % 12 + 1
-    return {"quadrant": quadrant, "clock": clock, "depth": str(rng.choice(DEPTHS)),
-            "nipple_distance_cm": round(float(rng.uniform(2.0, 9.0)), 1)}
+    return {
+        "quadrant": quadrant,
+        "clock": clock,
+        "depth": str(rng.choice(DEPTHS)),
+        "nipple_distance_cm": round(float(rng.uniform(2.0, 9.0)), 1),
+    }
 
 
 def _mass(rng: np.random.Generator, malignant: bool) -> dict:
@@ -39,9 +53,13 @@ def _mass(rng: np.random.Generator, malignant: bool) -> dict:
     else:
         shape = str(rng.choice(("oval", "oval", "round")))
         margin = str(rng.choice(("circumscribed", "circumscribed", "obscured")))
-    return {"type": "mass", "shape": shape, "margin": margin,
-            "density": str(rng.choice(MASS_DENSITIES, p=(0.5, 0.4, 0.1))),
-            "size_mm": int(rng.integers(6, 28))}
+    return {
+        "type": "mass",
+        "shape": shape,
+        "margin": margin,
+        "density": str(rng.choice(MASS_DENSITIES, p=(0.5, 0.4, 0.1))),
+        "size_mm": int(rng.integers(6, 28)),
+    }
 
 
 def _calcification(rng: np.random.Generator, malignant: bool) -> dict:
@@ -49,10 +67,13 @@ def _calcification(rng: np.random.Generator, malignant: bool) -> dict:
         morph = str(rng.choice(SUSPICIOUS_CALCS))
         dist = str(rng.choice(SUSPICIOUS_DISTRIBUTIONS))
     else:
-        morph, dist = str(rng.choice(BENIGN_CALCS)), str(rng.choice(("scattered", "diffuse",
-                                                                         "regional")))
-    return {"type": "calcification", "morphology": morph, "distribution": dist,
-            "size_mm": int(rng.integers(5, 20))}
+        morph, dist = str(rng.choice(BENIGN_CALCS)), str(rng.choice(("scattered", "diffuse", "regional")))
+    return {
+        "type": "calcification",
+        "morphology": morph,
+        "distribution": dist,
+        "size_mm": int(rng.integers(5, 20)),
+    }
 
 
 def _lesion(rng: np.random.Generator, kind: str, side: str) -> dict:
@@ -67,9 +88,12 @@ def _lesion(rng: np.random.Generator, kind: str, side: str) -> dict:
         lesion = {"type": "architectural_distortion", "size_mm": int(rng.integers(12, 25))}
     else:
         axillary = bool(rng.random() < 0.4)
-        lesion = {"type": "lymph_node", "kind": "axillary" if axillary else "intramammary",
-                  "enlarged": axillary, "size_mm": int(rng.integers(14, 24) if axillary else
-                                                        rng.integers(5, 10))}
+        lesion = {
+            "type": "lymph_node",
+            "kind": "axillary" if axillary else "intramammary",
+            "enlarged": axillary,
+            "size_mm": int(rng.integers(14, 24) if axillary else rng.integers(5, 10)),
+        }
     lesion.update(_location(rng, side))
     if kind == "lymph_node" and lesion["kind"] == "axillary":
         lesion.update(quadrant="axillary tail", depth="posterior")
@@ -82,8 +106,13 @@ def lesion_birads(lesion: dict) -> str:
     if kind == "mass":
         if lesion["shape"] == "irregular" and lesion["margin"] == "spiculated":
             return "5"
-        return {"circumscribed": "3", "obscured": "4A", "microlobulated": "4A",
-                "indistinct": "4B", "spiculated": "4C"}[lesion["margin"]]
+        return {
+            "circumscribed": "3",
+            "obscured": "4A",
+            "microlobulated": "4A",
+            "indistinct": "4B",
+            "spiculated": "4C",
+        }[lesion["margin"]]
     if kind == "calcification":
         if lesion["morphology"] in BENIGN_CALCS:
             return "2"
@@ -117,11 +146,10 @@ def _noisy(rng: np.random.Generator, value: str, options: tuple[str, ...], p: fl
     return options[j]
 
 
-def sample_exam(rng: np.random.Generator, label_noise: float = 0.0,
-                finding_rate: float = 0.55) -> dict:
+def sample_exam(rng: np.random.Generator, label_noise: float = 0.0, finding_rate: float = 0.55) -> dict:
     """Ground truth of one exam: density, lesions per side and BI-RADS labels."""
     density = str(rng.choice(DENSITIES, p=(0.12, 0.38, 0.38, 0.12)))
-    breasts = {}
+    breasts: dict[str, dict] = {}
     kinds, weights = list(_LESION_WEIGHTS), np.array(list(_LESION_WEIGHTS.values()))
     for side in ("L", "R"):
         lesions: list[dict] = []
@@ -133,8 +161,11 @@ def sample_exam(rng: np.random.Generator, label_noise: float = 0.0,
         birads = most_severe([lesion_birads(x) for x in lesions]) or "1"
         if birads == "3" and any(x["type"] == "asymmetry" for x in lesions) and rng.random() < 0.3:
             birads = "0"
-        breasts[side] = {"lesions": lesions,
-                         "birads": _noisy(rng, birads, BIRADS_CLASSES[1:], label_noise)}
+        breasts[side] = {"lesions": lesions, "birads": _noisy(rng, birads, BIRADS_CLASSES[1:], label_noise)}
     density_label = _noisy(rng, density, DENSITIES, label_noise)
-    return {"density": density_label, "true_density": density, "breasts": breasts,
-            "exam_birads": most_severe([breasts["L"]["birads"], breasts["R"]["birads"]])}
+    return {
+        "density": density_label,
+        "true_density": density,
+        "breasts": breasts,
+        "exam_birads": most_severe([breasts["L"]["birads"], breasts["R"]["birads"]]),
+    }

@@ -1,8 +1,8 @@
 """Procedural rendering of one mammographic view (chest wall on the left, dense = bright)."""
+
 from __future__ import annotations
 
 import numpy as np
-
 
 _FIBRO_FRACTION = {"a": 0.06, "b": 0.22, "c": 0.45, "d": 0.7}
 _DEPTH_X = {"anterior": 0.72, "middle": 0.48, "posterior": 0.25}
@@ -43,8 +43,11 @@ class Canvas:
         x = self.a * _DEPTH_X.get(lesion.get("depth", "middle"), 0.5)
         quadrant = lesion.get("quadrant", "upper outer")
         if quadrant == "axillary tail":
-            return (self.cy - 0.95 * self.b, 0.12 * self.a) if self.projection == "MLO" else \
-                (self.cy - 0.8 * self.b, 0.1 * self.a)
+            return (
+                (self.cy - 0.95 * self.b, 0.12 * self.a)
+                if self.projection == "MLO"
+                else (self.cy - 0.8 * self.b, 0.1 * self.a)
+            )
         word = "outer" if self.projection == "CC" else "upper"
         sign = -1.0 if word in quadrant else 1.0
         half_height = self.b * np.sqrt(max(1 - (x / self.a) ** 2, 0.05))
@@ -55,14 +58,14 @@ class Canvas:
         """Slices of a square window around (cy, cx) with local coordinates (dy, dx)."""
         y0, y1 = max(int(cy) - half, 0), min(int(cy) + half + 1, self.h)
         x0, x1 = max(int(cx) - half, 0), min(int(cx) + half + 1, self.w)
-        return (slice(y0, y1), slice(x0, x1), self.yy[y0:y1, x0:x1] - cy,
-                self.xx[y0:y1, x0:x1] - cx)
+        return (slice(y0, y1), slice(x0, x1), self.yy[y0:y1, x0:x1] - cy, self.xx[y0:y1, x0:x1] - cx)
 
 
 def _background(c: Canvas, density: str) -> None:
     frac = _FIBRO_FRACTION[density] * c.rng.uniform(0.85, 1.15)
-    texture = lowpass_noise(c.rng, (c.h, c.w), scale=c.h / 60) + \
-        0.5 * lowpass_noise(c.rng, (c.h, c.w), scale=c.h / 200)
+    texture = lowpass_noise(c.rng, (c.h, c.w), scale=c.h / 60) + 0.5 * lowpass_noise(
+        c.rng, (c.h, c.w), scale=c.h / 200
+    )
     centre_bias = 1.2 * (1.0 - c.radius)  # glandular tissue concentrates centrally
     field = texture + centre_bias
     inside = c.breast
@@ -111,7 +114,7 @@ def _blob(c: Canvas, y: float, x: float, radius_px: float, contrast: float, lesi
     ys, xs, dy, dx = c.patch(y, x, half)
     theta = np.arctan2(dy, dx)
     rng = c.rng
-    aspect = {"round": 1.0, "oval": 0.65}.get(lesion.get("shape"), 0.8)
+    aspect = {"round": 1.0, "oval": 0.65}.get(str(lesion.get("shape")), 0.8)
     rot = rng.uniform(0, np.pi)
     edge = radius_px * np.sqrt(1.0 / ((np.cos(theta - rot)) ** 2 + (np.sin(theta - rot) / aspect) ** 2))
     if lesion.get("shape") == "irregular":
@@ -120,11 +123,16 @@ def _blob(c: Canvas, y: float, x: float, radius_px: float, contrast: float, lesi
     margin = lesion.get("margin", "circumscribed")
     if margin == "microlobulated":
         edge *= 1 + 0.07 * np.sin(12 * theta + rng.uniform(0, 6.3))
-    softness = {"circumscribed": 0.04, "obscured": 0.15, "microlobulated": 0.06,
-                "indistinct": 0.3, "spiculated": 0.12}.get(margin, 0.1)
+    softness = {
+        "circumscribed": 0.04,
+        "obscured": 0.15,
+        "microlobulated": 0.06,
+        "indistinct": 0.3,
+        "spiculated": 0.12,
+    }.get(margin, 0.1)
     dist = np.sqrt(dy**2 + dx**2)
     profile = 1.0 / (1.0 + np.exp((dist - edge) / (softness * radius_px + 0.5)))
-    scale = {"high": 1.3, "equal": 1.0, "low": 0.7}.get(lesion.get("density"), 1.0)
+    scale = {"high": 1.3, "equal": 1.0, "low": 0.7}.get(str(lesion.get("density")), 1.0)
     _insert_dense(c, ys, xs, profile, contrast * scale)
     if margin == "spiculated":
         _spicules(c, y, x, radius_px, 2.4 * radius_px, contrast * 0.8, n=14)
@@ -145,10 +153,14 @@ def _spicules(c: Canvas, y: float, x: float, r0: float, r1: float, contrast: flo
 
 
 _CALC_STYLE = {  # (count range, radius px, brightness, elongation)
-    "amorphous": ((10, 25), 0.6, 0.35, 1.0), "coarse heterogeneous": ((6, 15), 1.2, 0.6, 1.3),
-    "fine pleomorphic": ((10, 30), 0.8, 0.55, 1.5), "fine linear branching": ((10, 25), 0.7, 0.6, 4.0),
-    "coarse or popcorn-like": ((2, 5), 3.0, 0.75, 1.2), "round": ((4, 12), 1.4, 0.7, 1.0),
-    "rim": ((2, 5), 2.5, 0.7, 1.0), "vascular": ((1, 3), 0.8, 0.6, 12.0),
+    "amorphous": ((10, 25), 0.6, 0.35, 1.0),
+    "coarse heterogeneous": ((6, 15), 1.2, 0.6, 1.3),
+    "fine pleomorphic": ((10, 30), 0.8, 0.55, 1.5),
+    "fine linear branching": ((10, 25), 0.7, 0.6, 4.0),
+    "coarse or popcorn-like": ((2, 5), 3.0, 0.75, 1.2),
+    "round": ((4, 12), 1.4, 0.7, 1.0),
+    "rim": ((2, 5), 2.5, 0.7, 1.0),
+    "vascular": ((1, 3), 0.8, 0.6, 12.0),
     "large rod-like": ((3, 6), 1.3, 0.75, 6.0),
 }
 
@@ -163,12 +175,13 @@ def _calcifications(c: Canvas, y: float, x: float, lesion: dict, difficulty: flo
         angle = rng.uniform(-0.4, 0.4)
         t = rng.uniform(-1, 1, n) * spread * (1.6 if dist == "linear" else 1.2)
         wid = 0.12 if dist == "linear" else 0.45
-        pts = np.stack([y + t * np.sin(angle) + rng.normal(0, wid * spread, n) * 0.5,
-                        x + t * np.cos(angle)], 1)
+        pts = np.stack(
+            [y + t * np.sin(angle) + rng.normal(0, wid * spread, n) * 0.5, x + t * np.cos(angle)], 1
+        )
     elif dist in ("diffuse", "scattered"):
         pts = np.stack([c.cy + rng.uniform(-0.7, 0.7, n) * c.b, rng.uniform(0.15, 0.85, n) * c.a], 1)
     else:
-        pts = rng.normal(0, spread * (0.5 if dist == "grouped" else 1.0), (n, 2)) + (y, x)
+        pts = rng.normal(0, spread * (0.5 if dist == "grouped" else 1.0), (n, 2)) + (y, x)  # noqa: RUF005
     gain = bright * (1.0 - 0.5 * difficulty)
     for py, px in pts:
         _calc_dot(c, py, px, radius * rng.uniform(0.7, 1.3), gain, elong, lesion["morphology"])
@@ -207,8 +220,9 @@ def _lymph_node(c: Canvas, y: float, x: float, lesion: dict, contrast: float) ->
     _insert_dense(c, ys, xs, np.clip(body, 0.0, 1.0), 0.8 * contrast)
 
 
-def render_view(exam: dict, view: str, height: int, width: int, rng: np.random.Generator,
-                difficulty: float = 0.5) -> np.ndarray:
+def render_view(
+    exam: dict, view: str, height: int, width: int, rng: np.random.Generator, difficulty: float = 0.5
+) -> np.ndarray:
     """Render one view of an exam truth (see ``sample_exam``); float32 in [0, 1]."""
     side, projection = view.split("_")
     c = Canvas(rng, height, width, projection)

@@ -1,4 +1,5 @@
 """Writing synthetic exams as DICOM MG files in the VinDr-Mammo layout, with reports and manifest."""
+
 from __future__ import annotations
 
 import csv
@@ -8,23 +9,43 @@ from pathlib import Path
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 from tqdm import tqdm
 
 from mammorg.io import atomic_path, write_jsonl_atomic, write_text_atomic
-from mammorg.labels import VIEWS, birads_severity, canonical_descriptor
+from mammorg.labels import SIDES, VIEWS, birads_severity, canonical_descriptor
 from mammorg.privacy import hash_id
+from mammorg.schema import Exam
 from mammorg.synth.findings import BENIGN_CALCS, lesion_birads, sample_exam
 from mammorg.synth.phantom import FIELD_MM, render_view
 from mammorg.synth.reports import REPORT_STYLES, report_labels, write_report
 
-MG_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.2"
+MG_FOR_PRESENTATION = UID("1.2.840.10008.5.1.4.1.1.1.2")
 _VIEW_CODES = {"CC": ("399162004", "cranio-caudal"), "MLO": ("399368009", "medio-lateral oblique")}
-BREAST_CSV_COLUMNS = ["study_id", "series_id", "image_id", "laterality", "view_position", "height",
-                      "width", "breast_birads", "breast_density", "split"]
-FINDING_CSV_COLUMNS = BREAST_CSV_COLUMNS[:7] + ["breast_birads", "breast_density",
-                                                 "finding_categories", "finding_birads", "xmin",
-                                                 "ymin", "xmax", "ymax", "split"]
+BREAST_CSV_COLUMNS = [
+    "study_id",
+    "series_id",
+    "image_id",
+    "laterality",
+    "view_position",
+    "height",
+    "width",
+    "breast_birads",
+    "breast_density",
+    "split",
+]
+FINDING_CSV_COLUMNS = [
+    *BREAST_CSV_COLUMNS[:7],
+    "breast_birads",
+    "breast_density",
+    "finding_categories",
+    "finding_birads",
+    "xmin",
+    "ymin",
+    "xmax",
+    "ymax",
+    "split",
+]
 
 
 @dataclass
@@ -45,17 +66,16 @@ def truth_descriptors(truth: dict) -> dict[str, dict[str, str]]:
     """Per breast, the descriptors of its most suspicious mass and calcification."""
     out: dict[str, dict[str, str]] = {}
     for side, breast in truth["breasts"].items():
-        ranked = sorted(breast["lesions"], key=lambda x: birads_severity(lesion_birads(x) or "1"),
-                        reverse=True)
-        found: dict[str, str] = {}
+        ranked = sorted(
+            breast["lesions"], key=lambda x: birads_severity(lesion_birads(x) or "1"), reverse=True
+        )
+        found: dict[str, str | None] = {}
         for lesion in ranked:
             if lesion["type"] == "mass" and "mass_shape" not in found:
                 found["mass_shape"], found["mass_margin"] = lesion["shape"], lesion["margin"]
             if lesion["type"] == "calcification" and "calc_morphology" not in found:
-                found["calc_morphology"] = canonical_descriptor("calc_morphology",
-                                                                lesion["morphology"])
-                found["calc_distribution"] = canonical_descriptor("calc_distribution",
-                                                                  lesion["distribution"])
+                found["calc_morphology"] = canonical_descriptor("calc_morphology", lesion["morphology"])
+                found["calc_distribution"] = canonical_descriptor("calc_distribution", lesion["distribution"])
         out[side] = {k: v for k, v in found.items() if v}
     return out
 
@@ -67,9 +87,13 @@ def vindr_categories(lesion: dict) -> str:
         return "Calcification" if lesion["morphology"] in BENIGN_CALCS else "Suspicious Calcification"
     if kind == "lymph_node":
         return "Suspicious Lymph Node" if lesion["enlarged"] else "Lymph Node"
-    return {"mass": "Mass", "asymmetry": "Focal Asymmetry",
-            "architectural_distortion": "Architectural Distortion",
-            "skin_thickening": "Skin Thickening", "nipple_retraction": "Nipple Retraction"}[kind]
+    return {
+        "mass": "Mass",
+        "asymmetry": "Focal Asymmetry",
+        "architectural_distortion": "Architectural Distortion",
+        "skin_thickening": "Skin Thickening",
+        "nipple_retraction": "Nipple Retraction",
+    }[kind]
 
 
 def to_stored(img: np.ndarray, bits: int, monochrome1: bool) -> np.ndarray:
@@ -97,8 +121,11 @@ def dicom_dataset(pixels: np.ndarray, view: str, ids: dict, rng: np.random.Gener
     ds.StudyDate = "20260101"
     ds.ImageLaterality, ds.ViewPosition = side, proj
     code = Dataset()
-    code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = _VIEW_CODES[proj][0], "SCT", \
-        _VIEW_CODES[proj][1]
+    code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = (
+        _VIEW_CODES[proj][0],
+        "SCT",
+        _VIEW_CODES[proj][1],
+    )
     ds.ViewCodeSequence = [code]
     ds.PresentationIntentType = "FOR PRESENTATION"
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME1" if mono1 else "MONOCHROME2"
@@ -117,11 +144,15 @@ def dicom_dataset(pixels: np.ndarray, view: str, ids: dict, rng: np.random.Gener
 
 def _exam_ids(rng: np.random.Generator, index: int, seed: int) -> dict:
     study = f"{seed:04d}{index:06d}" + "".join(rng.choice(list("0123456789abcdef"), 20))
-    return {"study_id": study, "study_uid": generate_uid(entropy_srcs=[study]),
-            "series_uid": generate_uid(entropy_srcs=[study, "series"]),
-            "patient_name": f"SYNTH^PATIENT{index:05d}", "patient_id": f"SP{seed:03d}{index:06d}",
-            "birth_date": f"19{50 + index % 40:02d}0{1 + index % 9}15",
-            "accession": f"ACC{seed:03d}{index:07d}"}
+    return {
+        "study_id": study,
+        "study_uid": generate_uid(entropy_srcs=[study]),
+        "series_uid": generate_uid(entropy_srcs=[study, "series"]),
+        "patient_name": f"SYNTH^PATIENT{index:05d}",
+        "patient_id": f"SP{seed:03d}{index:06d}",
+        "birth_date": f"19{50 + index % 40:02d}0{1 + index % 9}15",
+        "accession": f"ACC{seed:03d}{index:07d}",
+    }
 
 
 def _write_dicom(ds: Dataset, path: Path) -> None:
@@ -141,13 +172,15 @@ def synthesise_exam(index: int, settings: SynthSettings, root: Path) -> dict:
     for view in VIEWS:
         pixels = render_view(truth, view, settings.height, settings.width, rng, settings.difficulty)
         image_id = hash_id(f"{ids['study_id']}:{view}", salt="synth-image", length=24)
-        view_ids = {**ids, "sop_uid": generate_uid(entropy_srcs=[ids["study_id"], view]),
-                    "monochrome1_fraction": settings.monochrome1_fraction}
+        view_ids = {
+            **ids,
+            "sop_uid": generate_uid(entropy_srcs=[ids["study_id"], view]),
+            "monochrome1_fraction": settings.monochrome1_fraction,
+        }
         rel = Path("images") / ids["study_id"] / f"{image_id}.dicom"
         _write_dicom(dicom_dataset(pixels, view, view_ids, rng), root / rel)
         images[view] = {"image_id": image_id, "path": str(rel)}
-    return {"ids": ids, "truth": truth, "split": split, "style": style, "report": report,
-            "images": images}
+    return {"ids": ids, "truth": truth, "split": split, "style": style, "report": report, "images": images}
 
 
 def _breast_rows(exam: dict, settings: SynthSettings) -> tuple[list[list], list[list]]:
@@ -157,15 +190,26 @@ def _breast_rows(exam: dict, settings: SynthSettings) -> tuple[list[list], list[
         side, proj = view.split("_")
         birads = f"BI-RADS {truth['breasts'][side]['birads']}"
         density = f"DENSITY {truth['density'].upper()}"
-        base = [ids["study_id"], ids["series_uid"], image["image_id"], side, proj,
-                settings.height, settings.width]
-        breast_rows.append(base + [birads, density, exam["split"]])
-        lesions = [x for x in truth["breasts"][side]["lesions"]
-                   if not (x.get("quadrant") == "axillary tail" and proj == "CC")]
+        base = [
+            ids["study_id"],
+            ids["series_uid"],
+            image["image_id"],
+            side,
+            proj,
+            settings.height,
+            settings.width,
+        ]
+        breast_rows.append([*base, birads, density, exam["split"]])
+        lesions = [
+            x
+            for x in truth["breasts"][side]["lesions"]
+            if not (x.get("quadrant") == "axillary tail" and proj == "CC")
+        ]
         cats = sorted({vindr_categories(x) for x in lesions}) or ["No Finding"]
         finding_birads = birads if lesions else ""
-        finding_rows.append(base + [birads, density, str(cats), finding_birads, "", "", "", "",
-                                    exam["split"]])
+        finding_rows.append(
+            [*base, birads, density, str(cats), finding_birads, "", "", "", "", exam["split"]]
+        )
     return breast_rows, finding_rows
 
 
@@ -177,25 +221,38 @@ def _csv_text(columns: list[str], rows: list[list]) -> str:
     return buf.getvalue()
 
 
-def manifest_row(exam: dict) -> dict:
-    """Canonical manifest line (DESIGN.md §4) for a synthetic exam; identifiers hashed."""
+def manifest_row(exam: dict) -> Exam:
+    """Canonical manifest line (docs/design.md section 4) for a synthetic exam; identifiers hashed."""
     ids, truth = exam["ids"], exam["truth"]
-    split = "test" if exam["split"] == "test" else \
-        ("val" if int(hash_id(ids["study_id"], salt="split"), 16) % 100 < 15 else "train")
-    return {"exam_id": "synth-" + hash_id(ids["study_id"]), "dataset": "synth", "split": split,
-            "views": {v: exam["images"][v]["path"] for v in VIEWS},
-            "labels": report_labels(truth, exam["style"]), "report": exam["report"],
-            "meta": {"manufacturer": "mammorg-synth", "source_ids_hashed": True,
-                     "report_style": exam["style"],
-                     "lesions": {s: truth["breasts"][s]["lesions"] for s in "LR"}}}
+    split = (
+        "test"
+        if exam["split"] == "test"
+        else ("val" if int(hash_id(ids["study_id"], salt="split"), 16) % 100 < 15 else "train")
+    )
+    return Exam(
+        "synth-" + hash_id(ids["study_id"]),
+        "synth",
+        split,
+        {v: exam["images"][v]["path"] for v in VIEWS},
+        report_labels(truth, exam["style"]),
+        exam["report"],
+        {
+            "manufacturer": "mammorg-synth",
+            "source_ids_hashed": True,
+            "report_style": exam["style"],
+            "lesions": {s: truth["breasts"][s]["lesions"] for s in SIDES},
+        },
+    )
 
 
 def synthesise(out: str | Path, settings: SynthSettings, progress: bool = True) -> dict:
     """Write ``settings.exams`` exams under ``out`` (VinDr layout + reports.jsonl + manifest.jsonl)."""
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
-    exams = [synthesise_exam(i, settings, root)
-             for i in tqdm(range(settings.exams), desc="synth", unit="exam", disable=not progress)]
+    exams = [
+        synthesise_exam(i, settings, root)
+        for i in tqdm(range(settings.exams), desc="synth", unit="exam", disable=not progress)
+    ]
     breast_rows, finding_rows = [], []
     for exam in exams:
         b, f = _breast_rows(exam, settings)
@@ -203,9 +260,17 @@ def synthesise(out: str | Path, settings: SynthSettings, progress: bool = True) 
         finding_rows += f
     write_text_atomic(root / "breast-level_annotations.csv", _csv_text(BREAST_CSV_COLUMNS, breast_rows))
     write_text_atomic(root / "finding_annotations.csv", _csv_text(FINDING_CSV_COLUMNS, finding_rows))
-    write_jsonl_atomic(root / "reports.jsonl", ({"study_id": e["ids"]["study_id"],
-                                                 "style": e["style"], "text": e["report"],
-                                                 "descriptors": truth_descriptors(e["truth"])}
-                                                for e in exams))
+    write_jsonl_atomic(
+        root / "reports.jsonl",
+        (
+            {
+                "study_id": e["ids"]["study_id"],
+                "style": e["style"],
+                "text": e["report"],
+                "descriptors": truth_descriptors(e["truth"]),
+            }
+            for e in exams
+        ),
+    )
     write_jsonl_atomic(root / "manifest.jsonl", (manifest_row(e) for e in exams))
     return {"exams": len(exams), "views": 4 * len(exams), "out": str(root)}

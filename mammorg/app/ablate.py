@@ -1,4 +1,4 @@
-"""``mammorg ablate --config configs/ablations/<name>.yaml``: clinical-efficacy ablations.
+"""``mammorg ablate --config ablations/<name>``: clinical-efficacy ablations.
 
 Each grid row names stage-1 and stage-2 overrides; every row runs for every seed in its own
 folder (a run whose evaluation exists is not redone). Data and each distinct stage-1 setting are
@@ -6,22 +6,25 @@ prepared once. Writes ``table.csv``, ``table.md`` (mean ± 95% t-interval over s
 bootstrap on the pooled test exams against the baseline row, or against the row a row names as
 ``versus``) and ``ablation.png``.
 """
+
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from omegaconf import DictConfig, OmegaConf
 from scipy import stats
 
 from evaluation.clinical import paired_bootstrap, per_exam_scores
-from mammorg.config import load_config
-from mammorg.io import MammorgError, atomic_path, read_jsonl, save_figure_atomic, write_text_atomic
-from mammorg.pipeline import Pipeline, parsed_references, stage1_as_report_metrics
+from mammorg.app.config import AblationConfig, PipelineConfig
+from mammorg.app.pipeline import Pipeline, parsed_references, stage1_as_report_metrics
+from mammorg.config import load_config, resolve_config, save_config
+from mammorg.io import atomic_path, write_text_atomic
+from mammorg.plotting import pyplot, save_figure
+from mammorg.schema import StructuredReport
+from stage2_sft.reporter import GeneratedReport
 
 METRICS = ("birads_f1", "birads_acc", "density_f1", "finding_f1", "bleu_4", "rouge_l", "cider")
 
@@ -30,18 +33,15 @@ def _stage1_key(overrides: list[str]) -> str:
     return "stage1-" + hashlib.sha1(json.dumps(sorted(overrides)).encode()).hexdigest()[:8]
 
 
-def run_grid(cfg: DictConfig, config_dir: Path) -> Path:
+def run_grid(cfg: AblationConfig, config_dir: Path) -> Path:
     out = Path(cfg.out)
-    pipe_path = (config_dir / cfg.pipeline).resolve()
-    pipe = Pipeline(load_config(pipe_path), pipe_path.parent, out)
+    pipe_path = resolve_config(cfg.pipeline, relative_to=config_dir).resolve()
+    pipe = Pipeline(load_config(pipe_path, PipelineConfig), pipe_path.parent, out)
     out.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(pipe.cfg, out / "pipeline.yaml")
+    save_config(pipe.cfg, out, "pipeline.yaml")
     pipe.prepare_data()
-    for name in (cfg.baseline, *(row.get("versus") for row in cfg.grid.values() if row.get("versus"))):
-        if name not in cfg.grid:
-            raise MammorgError(f"baseline '{name}' is not a row of the grid")
     for name, row in cfg.grid.items():
-        s1 = list(pipe.cfg.stage1.overrides) + list(row.get("stage1") or [])
+        s1 = [*pipe.cfg.stage1.overrides, *row.stage1]
         s1_run = _stage1_key(s1)
         pipe.train_stage1(s1_run, s1)
         for seed in cfg.seeds:
@@ -49,7 +49,7 @@ def run_grid(cfg: DictConfig, config_dir: Path) -> Path:
             if (out / run / "evaluation" / "metrics.json").exists():
                 print(f"[ablate] {name} seed {seed}: done before, skipped")
                 continue
-            s2 = list(pipe.cfg.stage2.overrides) + list(row.get("stage2") or []) + [f"seed={seed}"]
+            s2 = [*pipe.cfg.stage2.overrides, *row.stage2, f"seed={seed}"]
             pipe.train_stage2(f"{run}/stage2", s1_run, s2)
             pipe.generate_and_evaluate(f"{run}/stage2", f"{run}/")
     return write_table(cfg, out)
@@ -63,11 +63,13 @@ def _mean_ci(values: list[float]) -> tuple[float, float]:
     return float(v.mean()), float(half)
 
 
-def _pooled_scores(out: Path, name: str, seeds: list, refs: dict[str, dict]) -> dict[str, np.ndarray]:
+def _pooled_scores(
+    out: Path, name: str, seeds: list[int], refs: dict[str, StructuredReport]
+) -> dict[str, np.ndarray]:
     pooled: dict[str, list] = {}
     for seed in seeds:
-        gen = read_jsonl(out / f"runs/{name}/seed{seed}/generated.jsonl")
-        scores = per_exam_scores([g["structured"] for g in gen], [refs[g["id"]] for g in gen])
+        gen = GeneratedReport.read(out / f"runs/{name}/seed{seed}/generated.jsonl")
+        scores = per_exam_scores([g.structured for g in gen], [refs[g.exam_id] for g in gen])
         for k, v in scores.items():
             pooled.setdefault(k, []).append(v)
     return {k: np.concatenate(v) for k, v in pooled.items()}
@@ -75,19 +77,20 @@ def _pooled_scores(out: Path, name: str, seeds: list, refs: dict[str, dict]) -> 
 
 def cfg_pipeline_stage1(out: Path) -> list[str]:
     """The pipeline's base stage-1 overrides, as saved by ``run_grid``."""
-    return list(OmegaConf.load(out / "pipeline.yaml").stage1.overrides)
+    return list(load_config(out / "pipeline.yaml", PipelineConfig).stage1.overrides)
 
 
-def write_table(cfg: DictConfig, out: Path) -> Path:
+def write_table(cfg: AblationConfig, out: Path) -> Path:
     seeds = list(cfg.seeds)
     refs = parsed_references(out)
     pooled = {name: _pooled_scores(out, name, seeds, refs) for name in cfg.grid}
     rows = []
     for name, spec in cfg.grid.items():
-        per_seed = [json.loads((out / f"runs/{name}/seed{s}/evaluation/metrics.json").read_text())
-                    for s in seeds]
-        row: dict = {"row": name, "seeds": len(seeds), "versus": spec.get("versus") or cfg.baseline}
-        s1_run = _stage1_key(list(cfg_pipeline_stage1(out)) + list(spec.get("stage1") or []))
+        per_seed = [
+            json.loads((out / f"runs/{name}/seed{s}/evaluation/metrics.json").read_text()) for s in seeds
+        ]
+        row: dict = {"row": name, "seeds": len(seeds), "versus": spec.versus or cfg.baseline}
+        s1_run = _stage1_key([*cfg_pipeline_stage1(out), *spec.stage1])
         s1 = stage1_as_report_metrics(refs, out / s1_run / "predictions.jsonl")
         row.update({f"stage1_{k}": v for k, v in s1.items()})
         for key in METRICS:
@@ -111,26 +114,27 @@ def markdown(table: pd.DataFrame) -> str:
     keys = ("birads_f1", "density_f1", "finding_f1", "bleu_4", "rouge_l")
     head = "| row | " + " | ".join(keys) + " | p (BI-RADS F1) vs | stage-1 labels: birads_f1 |\n"
     head += "|---" * (len(keys) + 3) + "|\n"
-    fmt = lambda m, h: f"{m:.3f}" + ("" if np.isnan(h) else f" ± {h:.3f}")  # noqa: E731
+    fmt = lambda m, h: f"{m:.3f}" + ("" if np.isnan(h) else f" ± {h:.3f}")
     lines = []
     for _, r in table.iterrows():
         p = r.get("birads_f1_p")
-        p_text = "baseline" if r["row"] == r["versus"] else \
-            ("n/a" if p is None or pd.isna(p) else f"{p:.3f}") + f" vs {r['versus']}"
-        lines.append(f"| {r['row']} | " + " | ".join(fmt(r[k], r[f'{k}_ci95']) for k in keys)
-                     + f" | {p_text} | {r['stage1_birads_f1']:.3f} |")
+        p_text = (
+            "baseline"
+            if r["row"] == r["versus"]
+            else ("n/a" if p is None or pd.isna(p) else f"{p:.3f}") + f" vs {r['versus']}"
+        )
+        lines.append(
+            f"| {r['row']} | "
+            + " | ".join(fmt(r[k], r[f"{k}_ci95"]) for k in keys)
+            + f" | {p_text} | {r['stage1_birads_f1']:.3f} |"
+        )
     return head + "\n".join(lines) + "\n"
 
 
 def bar_plot(table: pd.DataFrame, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     keys = ("birads_f1", "density_f1", "finding_f1")
     x = np.arange(len(table))
-    fig, ax = plt.subplots(figsize=(1.6 + 1.2 * len(table), 3.2))
+    fig, ax = pyplot().subplots(figsize=(1.6 + 1.2 * len(table), 3.2))
     for i, key in enumerate(keys):
         err = np.nan_to_num(table[f"{key}_ci95"].to_numpy(dtype=float))
         ax.bar(x + (i - 1) * 0.27, table[key], 0.27, yerr=err, label=key, capsize=2)
@@ -138,12 +142,10 @@ def bar_plot(table: pd.DataFrame, path: Path) -> None:
     ax.set_ylabel("test split (mean over seeds)")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    save_figure_atomic(fig, path)
+    save_figure(fig, path)
 
 
-def main(args: argparse.Namespace) -> None:
-    path = Path(args.config)
-    cfg = load_config(path, getattr(args, "overrides", []))
-    if not cfg.grid:
-        raise MammorgError(f"{path}: the grid is empty")
-    print(json.dumps({"table": str(run_grid(cfg, path.resolve().parent))}))
+def ablate(config: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Path:
+    """Run (or complete) an ablation grid; returns its ``table.md``."""
+    path = resolve_config(config)
+    return run_grid(load_config(path, AblationConfig, overrides), path.resolve().parent)

@@ -1,0 +1,1 @@
+"""The application layer: command line, pipeline, ablations, export bundles, reporting."""

@@ -1,0 +1,77 @@
+"""The stage-1 config schema (``configs/stage1/*.yaml`` are instances of it)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+
+@dataclass
+class Stage1Data:
+    cache_manifest: str = "cache/manifest.jsonl"  # a preprocessed manifest (data preprocess)
+    train_split: str = "train"
+    val_split: str = "val"
+    num_workers: int = 0
+    folds: int | None = None  # set by ``stage1 predict --oof K`` for its fold models
+    fold: int | None = None
+
+    def __post_init__(self) -> None:
+        if (self.folds is None) != (self.fold is None):
+            raise ValueError("data.folds and data.fold are set together (by stage1 predict --oof)")
+        if self.folds is not None and self.fold is not None and not 0 <= self.fold < self.folds:
+            raise ValueError(f"data.fold={self.fold}: expected 0..{self.folds - 1}")
+
+
+@dataclass
+class Stage1Model:
+    backbone: str = "resnet10t"
+    dim: int = 64
+    tokens: list[int] = field(default_factory=lambda: [2, 2])  # feature tokens per view (rows, cols)
+    heads: int = 4
+    dropout: float = 0.1
+    pretrained_path: str | None = None  # local safetensors of the backbone (never downloaded)
+    backbone_kwargs: dict[str, Any] = field(default_factory=dict)  # passed to timm.create_model
+    descriptor_heads: bool = False  # mass shape/margin, calcification morphology/distribution
+
+    def __post_init__(self) -> None:
+        if len(self.tokens) != 2 or min(self.tokens) < 1:
+            raise ValueError(f"model.tokens={list(self.tokens)}: expected [rows, cols] >= 1")
+        if self.dim % self.heads:
+            raise ValueError(f"model.dim={self.dim} is not divisible by model.heads={self.heads}")
+
+
+@dataclass
+class Stage1Train:
+    epochs: int = 2
+    batch_size: int = 4
+    grad_accum: int = 1
+    lr: float = 3.0e-4
+    weight_decay: float = 0.05
+    warmup_steps: int = 2
+    focal_gamma: float = 0.0
+    class_weight_power: float = 0.5  # BI-RADS class weights (1/freq)^p; 0 = unweighted
+    resume: bool = True
+    stop_after_epochs: int | None = None  # end this job early (time-sliced clusters); resume continues
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1 or self.grad_accum < 1:
+            raise ValueError("train.epochs, train.batch_size and train.grad_accum must be >= 1")
+
+
+@dataclass
+class DeepSpeedSettings:
+    config: str | None = None  # a ZeRO JSON file or name (deepspeed/zero2)
+
+
+@dataclass
+class Stage1Config:
+    run_dir: str = "runs/stage1"
+    seed: int = 0
+    data: Stage1Data = field(default_factory=Stage1Data)
+    model: Stage1Model = field(default_factory=Stage1Model)
+    train: Stage1Train = field(default_factory=Stage1Train)
+    deepspeed: DeepSpeedSettings = field(default_factory=DeepSpeedSettings)
+
+    # migrations of configs saved by older versions (mammorg.config.migrate)
+    RENAMED: ClassVar[dict[str, str]] = {}
+    REMOVED: ClassVar[tuple[str, ...]] = ()

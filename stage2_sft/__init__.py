@@ -1,0 +1,1 @@
+"""Stage 2: the terminology-aware report decoder with visual and knowledge tokens."""

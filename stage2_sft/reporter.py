@@ -1,0 +1,172 @@
+"""The one reporter: prepared samples in, narrative and structured reports out.
+
+``stage2 generate`` (a run over a manifest), ``mammorg report`` and the reporting service (a
+bundle over new exams) and the export's model card all generate through ``Reporter``: batching,
+greedy or beam search with the KV cache, the ``generate.assessment`` constraint, decoding
+without special tokens, and parsing into a ``StructuredReport``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from tqdm import tqdm
+from transformers import LogitsProcessorList, PreTrainedTokenizerBase
+
+from evaluation.parser import parse_report
+from mammorg.config import load_config
+from mammorg.io import MammorgError, read_jsonl
+from mammorg.schema import StructuredReport
+from mammorg.training.checkpoint import CheckpointStore
+from stage2_sft.assembly import make_builder
+from stage2_sft.config import GenerateSettings, Stage2Config
+from stage2_sft.constrained import AssessmentTokens, assessment_processor, assessment_tokens
+from stage2_sft.data import PromptBuilder, Sample, collate
+from stage2_sft.model import ReportGenerator
+
+
+@dataclass
+class GeneratedReport:
+    exam_id: str
+    text: str
+    structured: StructuredReport
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.exam_id, "text": self.text, "structured": self.structured.to_json()}
+
+    @classmethod
+    def read(cls, path: str | Path) -> list[GeneratedReport]:
+        """The lines of a ``stage2 generate`` output."""
+        return [
+            cls(r["id"], r["text"], StructuredReport.from_json(r["structured"])) for r in read_jsonl(path)
+        ]
+
+
+def generation_kwargs(
+    gen: GenerateSettings, tok: PreTrainedTokenizerBase, device: torch.device, num_beams: int | None = None
+) -> dict[str, Any]:
+    """``generate`` arguments. ``generate.cache``: ``static`` preallocates the KV cache so that
+    transformers compiles the decoding step; ``auto`` picks it on a GPU."""
+    kwargs: dict[str, Any] = {
+        "max_new_tokens": gen.max_new_tokens,
+        "num_beams": num_beams or gen.num_beams,
+        "do_sample": False,
+        "repetition_penalty": gen.repetition_penalty,
+        "eos_token_id": tok.eos_token_id,
+        "pad_token_id": tok.pad_token_id,
+    }
+    if gen.no_repeat_ngram_size:
+        kwargs["no_repeat_ngram_size"] = gen.no_repeat_ngram_size
+    if gen.cache == "static" or (gen.cache == "auto" and device.type == "cuda"):
+        kwargs["cache_implementation"] = "static"
+    return kwargs
+
+
+def inference_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_run(
+    run_dir: str | Path, which: str = "best"
+) -> tuple[Stage2Config, ReportGenerator, PreTrainedTokenizerBase]:
+    """(config, generator, tokenizer) of a stage-2 run (``best``, else the newest intact checkpoint)."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").exists():
+        raise MammorgError(f"{run_dir}: not a stage-2 run folder (no config.yaml)")
+    cfg = load_config(run_dir / "config.yaml", Stage2Config)
+    folder = CheckpointStore(run_dir).weights(which)
+    if folder is None:
+        raise MammorgError(f"{run_dir}: no checkpoint (train first)")
+    model, tok = ReportGenerator.from_pretrained(folder, shared=run_dir)
+    return cfg, model, tok
+
+
+class SampleSource(Protocol):
+    """Samples by index: a list, or a ``ReportDataset`` (loaded lazily, batch by batch)."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, i: int) -> Sample: ...
+
+
+class Reporter:
+    """Generation settings bound to a generator, its tokenizer and its prompt builder."""
+
+    def __init__(
+        self,
+        generator: ReportGenerator,
+        tokenizer: PreTrainedTokenizerBase,
+        builder: PromptBuilder,
+        settings: GenerateSettings,
+        device: torch.device | None = None,
+    ):
+        self.generator, self.tokenizer, self.builder, self.settings = generator, tokenizer, builder, settings
+        self.device = device or next(generator.parameters()).device
+        self.generator.to(self.device)
+        self._tokens: dict[str, AssessmentTokens | None] = {}
+
+    @classmethod
+    def from_config(
+        cls,
+        cfg: Stage2Config,
+        generator: ReportGenerator,
+        tokenizer: PreTrainedTokenizerBase,
+        device: torch.device | None = None,
+    ) -> Reporter:
+        return cls(generator, tokenizer, make_builder(cfg, tokenizer), cfg.generate, device)
+
+    @classmethod
+    def from_run(
+        cls, run_dir: str | Path, device: torch.device | None = None
+    ) -> tuple[Stage2Config, Reporter]:
+        cfg, model, tok = load_run(run_dir)
+        return cfg, cls.from_config(cfg, model, tok, device or inference_device())
+
+    def generation_kwargs(self, num_beams: int | None = None) -> dict[str, Any]:
+        return generation_kwargs(self.settings, self.tokenizer, self.device, num_beams)
+
+    def assessment_tokens(self, assessment: str) -> AssessmentTokens | None:
+        """The token ids an assessment constraint needs (None for ``free``), looked up once."""
+        if assessment not in self._tokens:
+            self._tokens[assessment] = assessment_tokens(assessment, self.tokenizer, self.builder.plan)
+        return self._tokens[assessment]
+
+    @torch.no_grad()
+    def generate(
+        self,
+        samples: SampleSource,
+        batch_size: int | None = None,
+        num_beams: int | None = None,
+        assessment: str | None = None,
+        progress: bool = False,
+        extra_processors: Sequence[Any] = (),
+    ) -> list[GeneratedReport]:
+        """Reports for ``samples`` in order. ``assessment`` (default ``generate.assessment``) can
+        hold the stated BI-RADS categories to stage 1's decisions or to the decoder's plan."""
+        assessment = assessment or self.settings.assessment
+        tokens = self.assessment_tokens(assessment)
+        kwargs = self.generation_kwargs(num_beams)
+        size = batch_size or self.settings.batch_size
+        out: list[GeneratedReport] = []
+        for start in tqdm(
+            range(0, len(samples), size), desc="stage2 generate", disable=not progress, leave=False
+        ):
+            chunk = [samples[i] for i in range(start, min(start + size, len(samples)))]  # a Dataset too
+            batch = collate(chunk, self.tokenizer.pad_token_id, for_generation=True)
+            batch = batch.to(self.device)
+            processors = list(extra_processors)
+            processor = assessment_processor(assessment, tokens, batch.knowledge.birads_label)
+            if processor is not None:
+                processors.append(processor)
+            step = {**kwargs, "logits_processor": LogitsProcessorList(processors)} if processors else kwargs
+            ids = self.generator.generate(
+                batch.input_ids, batch.attention_mask, batch.visual, batch.knowledge, **step
+            )
+            for exam_id, row in zip(batch.exam_ids, ids):
+                text = str(self.tokenizer.decode(row, skip_special_tokens=True)).strip()
+                out.append(GeneratedReport(exam_id, text, parse_report(text)))
+        return out
