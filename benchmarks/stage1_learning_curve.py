@@ -16,12 +16,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from evaluation.parser import parse_report  # noqa: E402
 from mammorg.config import load_config  # noqa: E402
 from mammorg.data.ingest import ingest  # noqa: E402
 from mammorg.io import read_jsonl, write_jsonl_atomic  # noqa: E402
+from mammorg.plotting import pyplot, save_figure  # noqa: E402
 from mammorg.preprocess import PreprocessSpec, preprocess_manifest  # noqa: E402
 from mammorg.synth.writer import SynthSettings, synthesise  # noqa: E402
-from stage1_classification.train import run  # noqa: E402
+from stage1_classification.config import Stage1Config  # noqa: E402
+from stage1_classification.train import train  # noqa: E402
 
 CHANCE = {
     "birads_f1": "macro-F1 of a constant majority guess is at most 1/k of the classes seen",
@@ -34,7 +37,7 @@ def prepare(out: Path, exams: int, size: tuple[int, int], difficulty: float) -> 
         synthesise(
             out / "synth", SynthSettings(exams=exams, seed=11, height=256, width=128, difficulty=difficulty)
         )
-        ingest("vindr", out / "synth", out / "manifest.jsonl")
+        ingest("vindr", out / "synth", out / "manifest.jsonl", parse_report)
         preprocess_manifest(out / "manifest.jsonl", out / "cache", PreprocessSpec(*size), workers=2)
     return out / "cache" / "manifest.jsonl"
 
@@ -65,7 +68,8 @@ def main() -> None:
     for n in args.sizes:
         sub = subset(manifest, n, manifest.parent / f"subset-{n}.jsonl")
         cfg = load_config(
-            ROOT / "configs/stage1/default.yaml",
+            "stage1/default",
+            Stage1Config,
             [
                 f"data.cache_manifest={sub}",
                 f"run_dir={out / f'run-{n}'}",
@@ -74,7 +78,7 @@ def main() -> None:
             ],
         )
         t0 = time.perf_counter()
-        run(cfg)
+        train(cfg)
         log = [json.loads(x) for x in (out / f"run-{n}" / "metrics.jsonl").read_text().splitlines()]
         best = max(log, key=lambda r: r["val"].get("score", -1))["val"]
         results.append(
@@ -97,7 +101,7 @@ def main() -> None:
                 "val_exams": val_n,
                 "overrides": args.overrides,
                 "difficulty": args.difficulty,
-                "config": "configs/stage1/default.yaml",
+                "config": "stage1/default",
                 "points": results,
                 "plot": str(out / "learning_curve_data.png"),
             }
@@ -106,12 +110,7 @@ def main() -> None:
 
 
 def _plot(results: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.2))
+    fig, ax = pyplot().subplots(figsize=(5, 3.2))
     xs = [r["train_exams"] for r in results]
     for key in ("birads_f1", "density_f1", "finding_auroc_mean"):
         ax.plot(xs, [r.get(key) for r in results], marker="o", label=key)
@@ -120,8 +119,7 @@ def _plot(results: list[dict], path: Path) -> None:
     ax.set_ylabel("validation (best epoch)")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -23,14 +23,16 @@ sys.path.insert(0, str(ROOT))
 
 import timm  # noqa: E402
 
+from evaluation.parser import parse_report  # noqa: E402
 from mammorg.config import load_config  # noqa: E402
 from mammorg.data.ingest import ingest  # noqa: E402
+from mammorg.io import read_jsonl, write_jsonl_atomic  # noqa: E402
 from mammorg.preprocess import PreprocessSpec, preprocess_manifest  # noqa: E402
 from mammorg.synth.writer import SynthSettings, synthesise  # noqa: E402
+from stage1_classification.config import Stage1Config  # noqa: E402
 from stage1_classification.data import ExamDataset  # noqa: E402
 from stage1_classification.inference import predict_dataset  # noqa: E402
-from stage1_classification.model import create_model  # noqa: E402
-from stage1_classification.train import _loader, make_backend, train_epoch  # noqa: E402
+from stage1_classification.train import Stage1Recipe  # noqa: E402
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
@@ -44,7 +46,8 @@ def cache(tmp: Path, exams: int, size: tuple[int, int]) -> Path:
     synthesise(
         tmp / "synth", SynthSettings(exams=exams, seed=5, height=size[0], width=size[1]), progress=False
     )
-    ingest("vindr", tmp / "synth", tmp / "m.jsonl")
+    ingest("vindr", tmp / "synth", tmp / "m.jsonl", parse_report)
+    write_jsonl_atomic(tmp / "m.jsonl", [{**r, "split": "train"} for r in read_jsonl(tmp / "m.jsonl")])
     preprocess_manifest(tmp / "m.jsonl", tmp / "cache", PreprocessSpec(*size), workers=2, progress=False)
     return tmp / "cache" / "manifest.jsonl"
 
@@ -89,32 +92,29 @@ def bare_timm(backbone: str, views: int, size, device, steps: int, amp: bool) ->
 
 
 def recipe(manifest: Path, backbone: str, device, batch: int, epochs: int, workers: int) -> dict:
+    """The stage-1 recipe's own epochs (data loading, augmentation, loss, back-end step)."""
     cfg = load_config(
-        ROOT / "configs/stage1/default.yaml",
+        "stage1/default",
+        Stage1Config,
         [
             f"data.cache_manifest={manifest}",
             f"model.backbone={backbone}",
             f"train.batch_size={batch}",
             f"data.num_workers={workers}",
-            "data.train_split=null",
+            f"run_dir={manifest.parent / 'run'}",
         ],
     )
-    ds = ExamDataset(manifest, None, augment=True, seed=0)
-    model = create_model(cfg.model).to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    backend = make_backend(cfg, model, opt, sched, world=1)
-    views = sum(len(e["cache"]) for e in ds.exams)
-    train_epoch(backend, _loader(ds, cfg, 0, True), cfg, device, 0)  # warm-up
+    run = Stage1Recipe(cfg, plots=False)
+    run.setup()
+    views = sum(len(e.cache or {}) for e in run.train_ds.exams)
+    run.train_epoch(0)  # warm-up
     _sync(device)
     t0 = time.perf_counter()
     for epoch in range(1, epochs + 1):
-        train_epoch(backend, _loader(ds, cfg, epoch, True), cfg, device, epoch)
+        run.train_epoch(epoch)
     _sync(device)
     train = views * epochs / (time.perf_counter() - t0)
-    model.eval()
+    model = run.model.eval()
     t0 = time.perf_counter()
     predict_dataset(model, ExamDataset(manifest), batch, progress=False, num_workers=workers)  # bf16 on GPU
     _sync(device)

@@ -26,11 +26,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from omegaconf import OmegaConf  # noqa: E402
 from peft import LoraConfig, get_peft_model  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from stage2_sft.assembly import apply_lora, compile_generator  # noqa: E402
+from stage2_sft.config import LoraSettings  # noqa: E402
 from stage2_sft.model import ReportGenerator, SpecialIds  # noqa: E402
 
 SHAPES = {
@@ -93,7 +93,7 @@ def recipe_decoder(shape: str, device, dtype, lora: bool):
     """The recipe's model: the same weights; LoRA through ``apply_lora`` (fp32 adapters whose
     matmuls run under autocast, without PEFT's fp32 input casts)."""
     model = decoder(shape, device, dtype, False)
-    return apply_lora(model, OmegaConf.create(LORA)) if lora else model
+    return apply_lora(model, LoraSettings(enabled=True, **LORA)) if lora else model
 
 
 def batches(n: int, batch: int, seq: int, vocab: int, device):

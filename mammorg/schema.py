@@ -360,31 +360,23 @@ class Stage1Prediction:
         )
 
 
-def read_manifest(path: str | Path) -> list[Exam]:
-    """The exams of a manifest (JSONL); a line that is not an exam names the file and line."""
-    from mammorg.io import MammorgError, read_jsonl
-
-    exams = []
-    for lineno, row in enumerate(read_jsonl(path), 1):
-        try:
-            exams.append(Exam.from_json(row))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise MammorgError(
-                f"{path}:{lineno}: not a manifest line ({type(exc).__name__}: {exc})"
-            ) from None
-    return exams
-
-
-def read_predictions(path: str | Path) -> list[Stage1Prediction]:
-    """The records of a ``stage1 predict`` output."""
+def _read_records(path: str | Path, record: Any, what: str) -> list[Any]:
     from mammorg.io import MammorgError, read_jsonl
 
     out = []
     for lineno, row in enumerate(read_jsonl(path), 1):
         try:
-            out.append(Stage1Prediction.from_json(row))
+            out.append(record.from_json(row))
         except (KeyError, TypeError, ValueError) as exc:
-            raise MammorgError(
-                f"{path}:{lineno}: not a stage-1 prediction ({type(exc).__name__}: {exc})"
-            ) from None
+            raise MammorgError(f"{path}:{lineno}: not {what} ({type(exc).__name__}: {exc})") from None
     return out
+
+
+def read_manifest(path: str | Path) -> list[Exam]:
+    """The exams of a manifest (JSONL); a line that is not an exam names the file and line."""
+    return _read_records(path, Exam, "a manifest line")
+
+
+def read_predictions(path: str | Path) -> list[Stage1Prediction]:
+    """The records of a ``stage1 predict`` output."""
+    return _read_records(path, Stage1Prediction, "a stage-1 prediction")

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from mammorg.training.settings import DeepSpeedSettings, TrainSettings
+
 
 @dataclass
 class Stage1Data:
@@ -41,26 +43,10 @@ class Stage1Model:
 
 
 @dataclass
-class Stage1Train:
-    epochs: int = 2
-    batch_size: int = 4
-    grad_accum: int = 1
-    lr: float = 3.0e-4
+class Stage1Train(TrainSettings):
     weight_decay: float = 0.05
-    warmup_steps: int = 2
     focal_gamma: float = 0.0
     class_weight_power: float = 0.5  # BI-RADS class weights (1/freq)^p; 0 = unweighted
-    resume: bool = True
-    stop_after_epochs: int | None = None  # end this job early (time-sliced clusters); resume continues
-
-    def __post_init__(self) -> None:
-        if self.epochs < 1 or self.batch_size < 1 or self.grad_accum < 1:
-            raise ValueError("train.epochs, train.batch_size and train.grad_accum must be >= 1")
-
-
-@dataclass
-class DeepSpeedSettings:
-    config: str | None = None  # a ZeRO JSON file or name (deepspeed/zero2)
 
 
 @dataclass

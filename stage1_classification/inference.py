@@ -9,11 +9,10 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from mammorg.config import load_config
-from mammorg.io import MammorgError
 from mammorg.labels import BIRADS_CLASSES, DENSITIES, DESCRIPTORS, FINDINGS, SIDES, VIEWS, most_severe
 from mammorg.schema import HeadProbabilities, Labels, Stage1Prediction
-from mammorg.training.checkpoint import CheckpointStore, load_tensors, save_tensors
+from mammorg.training.checkpoint import load_tensors, save_tensors
+from mammorg.training.recipe import trained_run
 from stage1_classification.config import Stage1Config
 from stage1_classification.data import ExamDataset, collate
 from stage1_classification.model import MultiViewClassifier, create_model
@@ -24,13 +23,7 @@ WEIGHTS = "model.safetensors"
 
 def load_run(run_dir: str | Path, which: str = "best") -> tuple[Stage1Config, MultiViewClassifier]:
     """The run's config and its trained model (``best``, else the newest intact checkpoint)."""
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").exists():
-        raise MammorgError(f"{run_dir}: not a stage-1 run folder (no config.yaml)")
-    cfg = load_config(run_dir / "config.yaml", Stage1Config)
-    folder = CheckpointStore(run_dir).weights(which)
-    if folder is None:
-        raise MammorgError(f"{run_dir}: no checkpoint (train first)")
+    cfg, folder = trained_run(run_dir, Stage1Config, "stage-1", which)
     model = create_model(cfg.model)
     model.load_state_dict(load_tensors(folder / WEIGHTS))
     return cfg, model.eval()

@@ -73,11 +73,8 @@ class Stage1Recipe(EpochRecipe):
     """The multi-view classifier's training (see the module docstring)."""
 
     def __init__(self, cfg: Stage1Config, plots: bool = True):
-        super().__init__()
+        super().__init__(cfg.run_dir, cfg.train)
         self.cfg, self.plots = cfg, plots
-        self.run_dir = Path(cfg.run_dir)
-        self.epochs, self.stop_after = cfg.train.epochs, cfg.train.stop_after_epochs
-        self.resume_enabled = cfg.train.resume
 
     def setup(self) -> None:
         cfg = self.cfg

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from mammorg.training.settings import DeepSpeedSettings, TrainSettings
+
 KNOWLEDGE_MODES = ("none", "discrete", "soft", "both")
 KNOWLEDGE_SOURCES = ("predicted", "gold")
 KNOWLEDGE_HEADS = ("density", "birads", "findings")
@@ -103,26 +105,13 @@ class LoraSettings:
 
 
 @dataclass
-class Stage2Train:
+class Stage2Train(TrainSettings):
     epochs: int = 4
     batch_size: int = 8
-    grad_accum: int = 1
     lr: float = 2.0e-3
-    weight_decay: float = 0.0
     warmup_steps: int = 5
     clip: float = 1.0
-    resume: bool = True
-    stop_after_epochs: int | None = None
     compile: bool = False  # torch.compile each decoder block (GPU: faster steps after warm-up)
-
-    def __post_init__(self) -> None:
-        if self.epochs < 1 or self.batch_size < 1 or self.grad_accum < 1:
-            raise ValueError("train.epochs, train.batch_size and train.grad_accum must be >= 1")
-
-
-@dataclass
-class DeepSpeedSettings:
-    config: str | None = None  # deepspeed/zero2 or deepspeed/zero3 (a name or a JSON file)
 
 
 @dataclass
@@ -169,14 +158,11 @@ class PretrainData:
 
 
 @dataclass
-class PretrainTrain:
+class PretrainTrain(TrainSettings):
     epochs: int = 10
     batch_size: int = 16
     lr: float = 2.0e-3
-    weight_decay: float = 0.0
     warmup_steps: int = 10
-    resume: bool = True
-    stop_after_epochs: int | None = None
 
 
 @dataclass

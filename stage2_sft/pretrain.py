@@ -64,11 +64,8 @@ class PretrainRecipe(EpochRecipe):
     """Causal-LM pre-training of a small Llama on report text (one process)."""
 
     def __init__(self, cfg: PretrainConfig):
-        super().__init__()
+        super().__init__(cfg.out_dir, cfg.train)
         self.cfg = cfg
-        self.run_dir = Path(cfg.out_dir)
-        self.epochs, self.stop_after = cfg.train.epochs, cfg.train.stop_after_epochs
-        self.resume_enabled = cfg.train.resume
         self.losses: list[float] = []
 
     def setup(self) -> None:

@@ -18,10 +18,9 @@ from tqdm import tqdm
 from transformers import LogitsProcessorList, PreTrainedTokenizerBase
 
 from evaluation.parser import parse_report
-from mammorg.config import load_config
-from mammorg.io import MammorgError, read_jsonl
+from mammorg.io import read_jsonl
 from mammorg.schema import StructuredReport
-from mammorg.training.checkpoint import CheckpointStore
+from mammorg.training.recipe import trained_run
 from stage2_sft.assembly import make_builder
 from stage2_sft.config import GenerateSettings, Stage2Config
 from stage2_sft.constrained import AssessmentTokens, assessment_processor, assessment_tokens
@@ -74,13 +73,7 @@ def load_run(
     run_dir: str | Path, which: str = "best"
 ) -> tuple[Stage2Config, ReportGenerator, PreTrainedTokenizerBase]:
     """(config, generator, tokenizer) of a stage-2 run (``best``, else the newest intact checkpoint)."""
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").exists():
-        raise MammorgError(f"{run_dir}: not a stage-2 run folder (no config.yaml)")
-    cfg = load_config(run_dir / "config.yaml", Stage2Config)
-    folder = CheckpointStore(run_dir).weights(which)
-    if folder is None:
-        raise MammorgError(f"{run_dir}: no checkpoint (train first)")
+    cfg, folder = trained_run(run_dir, Stage2Config, "stage-2", which)
     model, tok = ReportGenerator.from_pretrained(folder, shared=run_dir)
     return cfg, model, tok
 

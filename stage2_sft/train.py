@@ -103,11 +103,8 @@ class Stage2Recipe(EpochRecipe):
     """The report decoder's fine-tuning (see the module docstring)."""
 
     def __init__(self, cfg: Stage2Config):
-        super().__init__()
+        super().__init__(cfg.run_dir, cfg.train)
         self.cfg = cfg
-        self.run_dir = Path(cfg.run_dir)
-        self.epochs, self.stop_after = cfg.train.epochs, cfg.train.stop_after_epochs
-        self.resume_enabled = cfg.train.resume
 
     def setup(self) -> None:
         cfg = self.cfg

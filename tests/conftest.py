@@ -22,6 +22,21 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY_STAGE2 = "stage2/tiny"
 
 
+def train_stage1(cache_manifest: Path, run_dir: Path, *extra: str) -> int:
+    """``mammorg stage1 train`` with the tiny config on a cache manifest; the exit code."""
+    return cli(
+        [
+            "stage1",
+            "train",
+            "--config",
+            "stage1/tiny",
+            f"data.cache_manifest={cache_manifest}",
+            f"run_dir={run_dir}",
+            *extra,
+        ]
+    )
+
+
 def ingest_vindr(root: Path, out: Path):
     """The VinDr adapter over a synthetic folder (reports read by the evaluation parser)."""
     return ingest("vindr", root, out, parse_report)
@@ -44,20 +59,7 @@ def stage1_outputs(synth_dir, tmp_path_factory) -> Path:
     rows[0]["views"]["R_MLO"], rows[3]["views"]["L_CC"] = None, None  # exams with 3 views
     (root / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     preprocess_manifest(root / "m.jsonl", root / "cache", PreprocessSpec(64, 32), workers=1, progress=False)
-    assert (
-        cli(
-            [
-                "stage1",
-                "train",
-                "--config",
-                "stage1/tiny",
-                f"data.cache_manifest={root / 'cache/manifest.jsonl'}",
-                f"run_dir={root / 's1'}",
-                "train.epochs=1",
-            ]
-        )
-        == 0
-    )
+    assert train_stage1(root / "cache/manifest.jsonl", root / "s1", "train.epochs=1") == 0
     assert (
         cli(
             [

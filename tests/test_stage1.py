@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import ingest_vindr
+from conftest import ingest_vindr, train_stage1
 
 from mammorg.config import load_config
 from mammorg.labels import FINDINGS
@@ -67,21 +67,7 @@ def test_predict_with_oof_and_features(cache_manifest, tmp_path):
     from mammorg.io import read_jsonl
 
     run_dir = tmp_path / "run"
-    assert (
-        cli(
-            [
-                "stage1",
-                "train",
-                "--config",
-                "stage1/tiny",
-                f"data.cache_manifest={cache_manifest}",
-                "data.val_split=train",
-                f"run_dir={run_dir}",
-                "train.epochs=1",
-            ]
-        )
-        == 0
-    )
+    assert train_stage1(cache_manifest, run_dir, "data.val_split=train", "train.epochs=1") == 0
     assert (run_dir / "learning_curve.png").exists() and (run_dir / "confusion_birads.png").exists()
     points = OperatingPoints.load(run_dir)
     assert (run_dir / "operating_points.json").exists() and points != OperatingPoints()
@@ -193,18 +179,8 @@ def test_descriptor_heads_learn_from_synthetic_descriptors(cache_manifest, tmp_p
     assert described, "the synthetic VinDr layout carries descriptors through ingest"
     run_dir = tmp_path / "desc"
     assert (
-        cli(
-            [
-                "stage1",
-                "train",
-                "--config",
-                "stage1/tiny",
-                f"data.cache_manifest={cache_manifest}",
-                "data.val_split=train",
-                f"run_dir={run_dir}",
-                "train.epochs=1",
-                "model.descriptor_heads=true",
-            ]
+        train_stage1(
+            cache_manifest, run_dir, "data.val_split=train", "train.epochs=1", "model.descriptor_heads=true"
         )
         == 0
     )

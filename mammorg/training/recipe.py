@@ -16,25 +16,28 @@ import math
 import sys
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
+from mammorg.config import load_config
+from mammorg.io import MammorgError
 from mammorg.training.backends import TorchBackend, barrier, broadcast, world
 from mammorg.training.checkpoint import CheckpointStore
+from mammorg.training.settings import TrainSettings
+
+T = TypeVar("T")
 
 
 class EpochRecipe(ABC):
-    """Subclasses set ``run_dir``, ``epochs``, ``stop_after``, ``resume_enabled`` in ``__init__``
-    and ``backend`` in ``setup``."""
+    """A recipe's run folder and ``train`` settings are given here; ``setup`` sets ``backend``."""
 
-    run_dir: Path
-    epochs: int
-    stop_after: int | None = None
-    resume_enabled: bool = True
     backend: TorchBackend
 
-    def __init__(self) -> None:
+    def __init__(self, run_dir: str | Path, train: TrainSettings):
+        self.run_dir = Path(run_dir)
+        self.epochs, self.stop_after = train.epochs, train.stop_after_epochs
+        self.resume_enabled = train.resume
         self.rank, self.world = world()
         self.start_epoch, self.best = 0, -math.inf
 
@@ -138,3 +141,16 @@ class EpochRecipe(ABC):
         self.start_epoch, self.best = int(state["epoch"]) + 1, float(state["best"])
         if self.rank == 0:
             print(f"resumed from {folder} at epoch {self.start_epoch}", file=sys.stderr)
+
+
+def trained_run(run_dir: str | Path, schema: type[T], what: str, which: str = "best") -> tuple[T, Path]:
+    """(config, checkpoint folder to read weights from) of a trained run: ``which`` (``best``),
+    else the newest intact checkpoint; one-line errors for a folder that is not such a run."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").exists():
+        raise MammorgError(f"{run_dir}: not a {what} run folder (no config.yaml)")
+    cfg = load_config(run_dir / "config.yaml", schema)
+    folder = CheckpointStore(run_dir).weights(which)
+    if folder is None:
+        raise MammorgError(f"{run_dir}: no checkpoint (train first)")
+    return cfg, folder
