@@ -137,6 +137,14 @@ def write_metadata(bundle: Path, cfg: Stage2Config, s1_dir: Path, s2_dir: Path, 
     write_json_atomic(bundle / "metadata.json", meta)
 
 
+def rehash(bundle: Path) -> None:
+    """Record the sha256 of every file again (after a file of the bundle was rewritten)."""
+    meta = json.loads((bundle / "metadata.json").read_text())
+    files = sorted(p for p in bundle.rglob("*") if p.is_file() and p.name != "metadata.json")
+    meta["sha256"] = {str(p.relative_to(bundle)): sha256_file(p) for p in files}
+    write_json_atomic(bundle / "metadata.json", meta)
+
+
 def model_card(cfg: Stage2Config, s1_cfg: Stage1Config, metrics: dict, merged: bool) -> str:
     rows = (
         "".join(

@@ -175,6 +175,10 @@ def _cmd_export(args: argparse.Namespace) -> None:
     from mammorg.app.bundle import export
 
     out = export(args.run, args.out, args.merge_lora, args.stage1_run, args.metrics)
+    if args.example:
+        from mammorg.app.reporting import add_example
+
+        add_example(out, args.example)
     meta = json.loads((out / "metadata.json").read_text())
     print(
         json.dumps({"bundle": str(out), "files": len(meta["sha256"]), "lora_adapter": meta["lora_adapter"]})
@@ -324,6 +328,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--merge-lora", action="store_true")
     s.add_argument("--stage1-run", default=None, help="default: data.stage1_run of the stage-2 config")
     s.add_argument("--metrics", default=None, help="metrics.json of an evaluation, for the model card")
+    s.add_argument(
+        "--example", nargs="+", default=None, help="an exam (folder or files) the model card reports on"
+    )
     s.set_defaults(func=_cmd_export)
     s = sub.add_parser("report", help="report on an exam (or a manifest of exams) from a bundle")
     s.add_argument("--bundle", required=True)

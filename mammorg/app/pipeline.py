@@ -20,7 +20,7 @@ from evaluation.evaluate import evaluate_files
 from evaluation.parser import parse_report
 from mammorg.app.bundle import export
 from mammorg.app.config import PipelineConfig
-from mammorg.app.reporting import ExamReporter
+from mammorg.app.reporting import add_example
 from mammorg.app.results import write_index
 from mammorg.config import load_config, resolve_config, save_config
 from mammorg.data.ingest import ingest
@@ -86,8 +86,7 @@ class Pipeline:
             self.path("evaluation/metrics.json"),
         )
         exam_id, folder = self.held_out_exam()
-        reporter = self.step("load bundle", ExamReporter.load, self.path("bundle"))
-        report = self.step("report", reporter.report_files, [folder])
+        report = self.step("report", add_example, self.path("bundle"), [folder])
         write_json_atomic(self.path("report_example.json"), {**report.to_json(), "exam_id": exam_id})
         return self.summary(report.seconds)
 

@@ -12,6 +12,7 @@ report. A missing view is recorded in ``missing_views`` and ``flags``.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -21,8 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from mammorg.app.bundle import Bundle, load_bundle
-from mammorg.io import MammorgError
+from mammorg.app.bundle import Bundle, load_bundle, rehash
+from mammorg.io import MammorgError, write_text_atomic
 from mammorg.labels import VIEWS
 from mammorg.preprocess import from_uint16, preprocess_file, to_uint16
 from mammorg.schema import Stage1Prediction, StructuredReport
@@ -142,3 +143,20 @@ class ExamReporter:
     def report_files(self, inputs: Sequence[str | Path]) -> ExamReport:
         """The report of one exam given as a folder or as its image files."""
         return self.report_views(self.load_views(exam_files(inputs)))
+
+
+def add_example(bundle: str | Path, inputs: Sequence[str | Path]) -> ExamReport:
+    """Report on one exam with the bundle itself and put the report into its model card (which
+    thereby also shows that the bundle loads and reports)."""
+    bundle = Path(bundle)
+    report = ExamReporter.load(bundle).report_files(inputs)
+    structured = json.dumps(report.structured.to_json(), indent=1)
+    card = (bundle / "README.md").read_text(encoding="utf-8")
+    card += (
+        f"\n## Example\n\nA held-out exam reported by this bundle ({report.seconds:.2f} s on the machine "
+        f"that exported it; views {', '.join(report.views)}):\n\n```\n{report.text}\n```\n\nParsed:\n\n"
+        f"```json\n{structured}\n```\n"
+    )
+    write_text_atomic(bundle / "README.md", card)
+    rehash(bundle)
+    return report
