@@ -408,3 +408,34 @@ def test_assessment_plan_run_states_its_own_plan(stage1_outputs, tmp_path):
         float(category_weights(unplanned_cfg, tok, reports, None)[tok.convert_tokens_to_ids("<R:birads=4B>")])
         == 1.0
     )
+
+
+def test_decoder_pretraining_resumes_on_the_same_curve(stage1_outputs, tmp_path):
+    from mammorg.config import load_config as load_any
+    from stage2_sft.config import PretrainConfig
+    from stage2_sft.pretrain import pretrain
+
+    base = [
+        f"data.manifest={stage1_outputs / 'm.jsonl'}",
+        "data.split=null",
+        "train.epochs=3",
+        "model.hidden_size=32",
+        "model.intermediate_size=64",
+        "model.num_hidden_layers=1",
+        "vocab_size=300",
+    ]
+    pretrain(load_any("stage2/pretrain", PretrainConfig, [*base, f"out_dir={tmp_path / 'a'}"]))
+    pretrain(
+        load_any(
+            "stage2/pretrain",
+            PretrainConfig,
+            [*base, f"out_dir={tmp_path / 'b'}", "train.stop_after_epochs=1"],
+        )
+    )
+    result = pretrain(load_any("stage2/pretrain", PretrainConfig, [*base, f"out_dir={tmp_path / 'b'}"]))
+    curve = lambda d: json.loads((d / "pretrain_log.json").read_text())["epoch_losses"]
+    assert len(curve(tmp_path / "a")) == 3 and curve(tmp_path / "a") == pytest.approx(
+        curve(tmp_path / "b"), rel=1e-5
+    )
+    assert result["final_loss"] == pytest.approx(curve(tmp_path / "a")[-1])
+    assert (tmp_path / "b" / "config.json").exists() and (tmp_path / "b" / "tokenizer.json").exists()
