@@ -36,9 +36,7 @@ def main() -> None:
         root = Path(tmp)
         synth_rate = _rate(
             args.exams,
-            lambda: synthesise(
-                root / "s", SynthSettings(exams=args.exams, height=h, width=w), progress=False
-            ),
+            lambda: synthesise(root / "s", SynthSettings(exams=args.exams, height=h, width=w), progress=False),
         )
         rows = read_jsonl(root / "s" / "manifest.jsonl")
         files = [root / "s" / p for r in rows for p in r["views"].values()]

@@ -34,9 +34,7 @@ CHANCE = {
 
 def prepare(out: Path, exams: int, size: tuple[int, int], difficulty: float) -> Path:
     if not (out / "cache" / "manifest.jsonl").exists():
-        synthesise(
-            out / "synth", SynthSettings(exams=exams, seed=11, height=256, width=128, difficulty=difficulty)
-        )
+        synthesise(out / "synth", SynthSettings(exams=exams, seed=11, height=256, width=128, difficulty=difficulty))
         ingest("vindr", out / "synth", out / "manifest.jsonl", parse_report)
         preprocess_manifest(out / "manifest.jsonl", out / "cache", PreprocessSpec(*size), workers=2)
     return out / "cache" / "manifest.jsonl"

@@ -43,9 +43,7 @@ def _sync(device: torch.device) -> None:
 
 
 def cache(tmp: Path, exams: int, size: tuple[int, int]) -> Path:
-    synthesise(
-        tmp / "synth", SynthSettings(exams=exams, seed=5, height=size[0], width=size[1]), progress=False
-    )
+    synthesise(tmp / "synth", SynthSettings(exams=exams, seed=5, height=size[0], width=size[1]), progress=False)
     ingest("vindr", tmp / "synth", tmp / "m.jsonl", parse_report)
     write_jsonl_atomic(tmp / "m.jsonl", [{**r, "split": "train"} for r in read_jsonl(tmp / "m.jsonl")])
     preprocess_manifest(tmp / "m.jsonl", tmp / "cache", PreprocessSpec(*size), workers=2, progress=False)

@@ -133,9 +133,7 @@ def timed(step, data, warmup: int, device) -> float:
 
 
 def train_step_fn(model, forward, amp: bool, device):
-    opt = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=device.type == "cuda"
-    )
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=device.type == "cuda")
 
     def step(b):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
@@ -172,9 +170,7 @@ def measure(shape, lora, data, device, dtype, amp, warmup, compiled: bool):
     if compiled:
         compile_generator(gen)
     ours = timed(
-        train_step_fn(
-            gen, lambda b: gen(b["input_ids"], b["attention_mask"], b["labels"], b["visual"]), amp, device
-        ),
+        train_step_fn(gen, lambda b: gen(b["input_ids"], b["attention_mask"], b["labels"], b["visual"]), amp, device),
         data,
         warmup,
         device,

@@ -65,9 +65,7 @@ def point_metrics(preds: Sequence[StructuredReport], refs: Sequence[StructuredRe
     r, p = _labels(refs, lambda s: s.density), _labels(preds, lambda s: s.density)
     out["density_acc"] = _accuracy(r, p)
     out["density_f1"] = macro_f1(r, p, DENSITIES)
-    counts = sum(
-        (finding_counts(a, b) for a, b in zip(preds, refs)), np.zeros((len(FINDINGS), 3), dtype=np.int64)
-    )
+    counts = sum((finding_counts(a, b) for a, b in zip(preds, refs)), np.zeros((len(FINDINGS), 3), dtype=np.int64))
     out["finding_f1"] = _f1(counts.sum(axis=0))
     out["finding_f1_macro"] = float(np.nanmean([_f1(c) for c in counts]) if counts.sum() else np.nan)
     out["per_finding"] = {
@@ -101,20 +99,12 @@ def bootstrap_ci(
     }
 
 
-def per_exam_scores(
-    preds: Sequence[StructuredReport], refs: Sequence[StructuredReport]
-) -> dict[str, np.ndarray]:
+def per_exam_scores(preds: Sequence[StructuredReport], refs: Sequence[StructuredReport]) -> dict[str, np.ndarray]:
     """Per-exam scores for paired tests: BI-RADS/density correctness, finding counts, and the
     exam BI-RADS categories as class codes (``birads_ref``/``birads_pred``, -1: none stated)."""
-    birads = np.array(
-        [p.birads.get("exam") == r.birads.get("exam") for p, r in zip(preds, refs)], dtype=float
-    )
+    birads = np.array([p.birads.get("exam") == r.birads.get("exam") for p, r in zip(preds, refs)], dtype=float)
     density = np.array([p.density == r.density for p, r in zip(preds, refs)], dtype=float)
-    counts = (
-        np.stack([finding_counts(p, r).sum(axis=0) for p, r in zip(preds, refs)])
-        if preds
-        else np.zeros((0, 3))
-    )
+    counts = np.stack([finding_counts(p, r).sum(axis=0) for p, r in zip(preds, refs)]) if preds else np.zeros((0, 3))
     return {
         "birads_acc": birads,
         "density_acc": density,
@@ -133,9 +123,9 @@ def birads_macro_f1_codes(ref: np.ndarray, pred: np.ndarray) -> float:
     """``macro_f1`` on class codes (vectorised for resampling): the mean F1 over the reference
     classes present; a prediction of -1 (none) counts as wrong, a reference of -1 is left out."""
     k = len(BIRADS_VALUES) + 1  # the last row/column: none
-    conf = np.bincount(
-        np.where(ref < 0, k - 1, ref) * k + np.where(pred < 0, k - 1, pred), minlength=k * k
-    ).reshape(k, k)
+    conf = np.bincount(np.where(ref < 0, k - 1, ref) * k + np.where(pred < 0, k - 1, pred), minlength=k * k).reshape(
+        k, k
+    )
     tp, support, predicted = np.diag(conf)[:-1], conf[:-1].sum(axis=1), conf[:, :-1].sum(axis=0)
     present = support > 0
     if not present.any():

@@ -86,9 +86,7 @@ def metrics_markdown(m: dict) -> str:
         ci = m.get("ci95", {}).get(k)
         lines.append(f"| {k} | {_fmt(m.get(k))} | {'' if not ci else _fmt(ci[0]) + '–' + _fmt(ci[1])} |")
     lines += ["", "| finding | tp | fp | fn | F1 |", "|---|---|---|---|---|"]
-    lines += [
-        f"| {f} | {c['tp']} | {c['fp']} | {c['fn']} | {_fmt(c['f1'])} |" for f, c in m["per_finding"].items()
-    ]
+    lines += [f"| {f} | {c['tp']} | {c['fp']} | {c['fn']} | {_fmt(c['f1'])} |" for f, c in m["per_finding"].items()]
     return "\n".join(lines) + "\n"
 
 
@@ -116,9 +114,7 @@ def _md_table_html(m: dict) -> str:
     return "<table>" + "".join(f"<tr><td>{k}</td><td>{_fmt(m.get(k))}</td></tr>" for k in keys) + "</table>"
 
 
-def evaluate_files(
-    pred_path, ref_path, out_dir, pred_b_path=None, bootstrap: int = 1000, meteor: bool = True
-) -> dict:
+def evaluate_files(pred_path, ref_path, out_dir, pred_b_path=None, bootstrap: int = 1000, meteor: bool = True) -> dict:
     """Evaluate aligned JSONL files and write metrics.json, metrics.md, PNGs and index.html."""
     pred, ref = load_texts(pred_path, allow_empty=True), load_texts(ref_path)
     ids = aligned(pred, ref, pred_path, ref_path)
@@ -128,9 +124,7 @@ def evaluate_files(
         pred_b = load_texts(pred_b_path, allow_empty=True)
         aligned(pred_b, ref, pred_b_path, ref_path)
         preds_b = [parse_report(pred_b[i]) for i in ids]
-        metrics["paired_vs_b"] = paired_bootstrap(
-            per_exam_scores(preds, refs), per_exam_scores(preds_b, refs)
-        )
+        metrics["paired_vs_b"] = paired_bootstrap(per_exam_scores(preds, refs), per_exam_scores(preds_b, refs))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     confusion_png(

@@ -9,9 +9,7 @@ from mammorg.labels import FINDINGS, birads_severity
 from mammorg.schema import StructuredReport
 
 
-def exam_checks(
-    pred: StructuredReport, ref: StructuredReport, pred_text: str, ref_text: str
-) -> dict[str, int]:
+def exam_checks(pred: StructuredReport, ref: StructuredReport, pred_text: str, ref_text: str) -> dict[str, int]:
     """Counts of problems in one generated report."""
     wrong_side = invented = 0
     for side, other in (("L", "R"), ("R", "L")):

@@ -123,9 +123,7 @@ def _structured(raw: DictConfig, schema: type, source: str) -> DictConfig:
     try:
         merged = OmegaConf.merge(OmegaConf.structured(schema), migrate(raw, schema))
     except (ConfigKeyError, ConfigAttributeError) as exc:
-        raise MammorgError(
-            f"{source}: unknown key '{exc.full_key}' (not in the {schema.__name__} schema)"
-        ) from None
+        raise MammorgError(f"{source}: unknown key '{exc.full_key}' (not in the {schema.__name__} schema)") from None
     except OmegaConfBaseException as exc:
         raise MammorgError(f"{source}: invalid config ({str(exc).splitlines()[0]})") from None
     assert isinstance(merged, DictConfig)

@@ -55,6 +55,22 @@ class MammoImage:
     meta: dict = field(default_factory=dict)
 
 
+TRANSFER_SYNTAX_NAMES = {
+    "1.2.840.10008.1.2": "implicit VR little endian",
+    "1.2.840.10008.1.2.1": "explicit VR little endian",
+    "1.2.840.10008.1.2.2": "explicit VR big endian",
+    "1.2.840.10008.1.2.4.50": "JPEG baseline",
+    "1.2.840.10008.1.2.4.51": "JPEG extended (12-bit)",
+    "1.2.840.10008.1.2.4.57": "JPEG lossless",
+    "1.2.840.10008.1.2.4.70": "JPEG lossless SV1",
+    "1.2.840.10008.1.2.4.80": "JPEG-LS lossless",
+    "1.2.840.10008.1.2.4.81": "JPEG-LS near-lossless",
+    "1.2.840.10008.1.2.4.90": "JPEG 2000 lossless",
+    "1.2.840.10008.1.2.4.91": "JPEG 2000",
+    "1.2.840.10008.1.2.5": "RLE lossless",
+}
+
+
 class DicomViewError(MammorgError):
     """The laterality or projection of an image cannot be determined."""
 
@@ -117,6 +133,15 @@ def _to_unit_range(ds: pydicom.Dataset, raw: np.ndarray) -> np.ndarray:
     return out
 
 
+def _decode_failure(exc: Exception) -> str:
+    """pydicom's decoder error in one line: "no installed decoder could read it" with each
+    plugin's reason when it tried several."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if lines and lines[0].startswith("Unable to decode as exceptions were raised by all available plugins"):
+        return "no installed decoder could read it (" + "; ".join(lines[1:]) + ")"
+    return lines[0] if lines else type(exc).__name__
+
+
 def read_header(path: str | Path) -> pydicom.Dataset:
     """Header only (no pixel data), with clear errors."""
     try:
@@ -125,8 +150,27 @@ def read_header(path: str | Path) -> pydicom.Dataset:
         raise MammorgError(f"{path}: not a readable DICOM file ({exc})") from None
 
 
-def read_dicom(path: str | Path, *, allow_for_processing: bool = False) -> MammoImage:
-    """Decode a mammogram to float32 in [0, 1], dense tissue bright."""
+MAMMO_MODALITIES = ("MG",)
+GREY = ("MONOCHROME1", "MONOCHROME2")
+
+
+def check_mammogram(ds: pydicom.Dataset, path: str | Path) -> None:
+    """Refuse, by name, what is not a grey-scale mammogram: another modality (unless Body Part
+    Examined says BREAST), colour (palette or RGB) images, several samples per pixel."""
+    modality = str(ds.get("Modality", "") or "").upper()
+    body_part = str(ds.get("BodyPartExamined", "") or "").upper()
+    if modality and modality not in MAMMO_MODALITIES and "BREAST" not in body_part:
+        raise MammorgError(f"{path}: not a mammogram (modality {modality}, body part {body_part or 'unset'})")
+    photometric = str(ds.get("PhotometricInterpretation", "") or "").upper()
+    if photometric and photometric not in GREY:
+        raise MammorgError(f"{path}: {photometric} image refused (mammograms are grey-scale)")
+    if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
+        raise MammorgError(f"{path}: {ds.SamplesPerPixel} samples per pixel refused (mammograms are grey-scale)")
+
+
+def read_dicom(path: str | Path, *, allow_for_processing: bool = False, require_view: bool = True) -> MammoImage:
+    """Decode a mammogram to float32 in [0, 1], dense tissue bright. ``require_view``: the view
+    must be known from the tags (else it is ``"unknown"``)."""
     path = Path(path)
     try:
         ds = pydicom.dcmread(str(path))
@@ -134,16 +178,23 @@ def read_dicom(path: str | Path, *, allow_for_processing: bool = False) -> Mammo
         raise MammorgError(f"{path}: not a readable DICOM file ({exc})") from None
     if "PixelData" not in ds:
         raise MammorgError(f"{path}: no pixel data")
+    check_mammogram(ds, path)
     intent = str(ds.get("PresentationIntentType", "")).upper()
     if intent == "FOR PROCESSING" and not allow_for_processing:
         raise MammorgError(f"{path}: FOR PROCESSING image (raw detector data); skipped")
-    view = view_of(ds, path)
+    try:
+        view = view_of(ds, path)
+    except DicomViewError:
+        if require_view:
+            raise
+        view = "unknown"
+    uid = str(getattr(ds.file_meta, "TransferSyntaxUID", "?"))
     try:
         raw = ds.pixel_array
     except Exception as exc:  # decoders raise many types
-        uid = getattr(ds.file_meta, "TransferSyntaxUID", "?")
         raise MammorgError(
-            f"{path}: cannot decode pixel data (transfer syntax {uid}): {str(exc).splitlines()[0]}"
+            f"{path}: cannot decode pixel data (transfer syntax {uid}, "
+            f"{TRANSFER_SYNTAX_NAMES.get(uid, 'unknown')}): {_decode_failure(exc)}"
         ) from None
     if raw.ndim != 2:
         raise MammorgError(f"{path}: expected one grey-scale frame, got shape {raw.shape}")
@@ -151,7 +202,7 @@ def read_dicom(path: str | Path, *, allow_for_processing: bool = False) -> Mammo
         "manufacturer": str(ds.get("Manufacturer", "") or ""),
         "photometric": str(ds.get("PhotometricInterpretation", "")),
         "bits_stored": int(ds.get("BitsStored", 16)),
-        "transfer_syntax": str(getattr(ds.file_meta, "TransferSyntaxUID", "")),
+        "transfer_syntax": uid,
         "voi_lut_function": str(ds.get("VOILUTFunction", "") or "LINEAR"),
         "presentation_intent": intent or None,
     }

@@ -16,9 +16,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from mammorg.dicom import read_dicom
+from mammorg.geometry import GEOMETRY_KEYS
 from mammorg.io import MammorgError, atomic_path, sha256_file, write_json_atomic, write_jsonl_atomic
 from mammorg.labels import VIEWS
-from mammorg.png import read_png
+from mammorg.raster import RASTER_SUFFIXES, read_raster
 from mammorg.schema import Exam, read_manifest
 
 
@@ -92,10 +93,14 @@ def normalise_geometry(img: np.ndarray, spec: PreprocessSpec) -> tuple[np.ndarra
     return out, geometry
 
 
-def preprocess_file(path: str | Path, spec: PreprocessSpec) -> tuple[np.ndarray, str, dict]:
-    """Decode and normalise one image file (DICOM or 16-bit PNG)."""
+def preprocess_file(path: str | Path, spec: PreprocessSpec, require_view: bool = False) -> tuple[np.ndarray, str, dict]:
+    """Decode and normalise one image file (DICOM, or PNG/TIFF); ``require_view``: the view must
+    be known (from the DICOM tags, or a raster file's name)."""
     path = Path(path)
-    image = read_png(path) if path.suffix.lower() == ".png" else read_dicom(path)
+    if path.suffix.lower() in RASTER_SUFFIXES:
+        image = read_raster(path, require_view)
+    else:
+        image = read_dicom(path, require_view=require_view)
     out, geometry = normalise_geometry(image.pixels, spec)
     return out, image.view, {**image.meta, **geometry}
 
@@ -116,7 +121,6 @@ def cache_entry_path(cache_dir: Path, digest: str, spec: PreprocessSpec) -> Path
     return cache_dir / "views" / digest[:2] / f"{digest}_{spec.key()}.npy"
 
 
-GEOMETRY_KEYS = ("flipped", "crop", "pad_offset", "scale", "source_shape")
 
 
 def cache_view(path: str, cache_dir: str, spec: PreprocessSpec) -> dict:
@@ -145,9 +149,7 @@ def preprocess_manifest(
     """Cache every view of a manifest; write ``cache_dir/manifest.jsonl`` with ``cache`` paths."""
     manifest, cache_dir = Path(manifest), Path(cache_dir)
     exams = read_manifest(manifest)
-    jobs = [
-        (i, v, str(ex.view_path(v, manifest.parent))) for i, ex in enumerate(exams) for v in ex.present_views
-    ]
+    jobs = [(i, v, str(ex.view_path(v, manifest.parent))) for i, ex in enumerate(exams) for v in ex.present_views]
     workers = workers or max(1, min(os.cpu_count() or 1, 8))
     results = _run_jobs(jobs, cache_dir, spec, workers, progress)
     problems: list[dict] = []

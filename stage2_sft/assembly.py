@@ -66,9 +66,7 @@ def build_tokenizer(
     lexicon = lexicon_of(cfg.terminology)
     pieces: dict[str, list[int]] = {}
     if cfg.decoder.name_or_path:
-        tok = AutoTokenizer.from_pretrained(
-            _local_pretrained(cfg.decoder.name_or_path), local_files_only=True
-        )
+        tok = AutoTokenizer.from_pretrained(_local_pretrained(cfg.decoder.name_or_path), local_files_only=True)
         if cfg.terminology.atomic_terms:
             pieces = extend_tokenizer(tok, lexicon)
     else:
@@ -86,9 +84,7 @@ def build_tokenizer(
     return tok, pieces
 
 
-def build_decoder(
-    cfg: DecoderSettings, tok: PreTrainedTokenizerBase, pieces: dict[str, list[int]]
-) -> PreTrainedModel:
+def build_decoder(cfg: DecoderSettings, tok: PreTrainedTokenizerBase, pieces: dict[str, list[int]]) -> PreTrainedModel:
     """A local pretrained causal LM (embeddings resized for new tokens) or a fresh Llama, in
     ``decoder.dtype`` (float32, or bfloat16 on a GPU)."""
     dtype = DTYPES[cfg.dtype]
@@ -199,9 +195,7 @@ def verbal_table(tok: PreTrainedTokenizerBase, forms: dict[str, str]) -> tuple[t
     return row, pieces
 
 
-def wrap(
-    cfg: Stage2Config, decoder: PreTrainedModel, tok: PreTrainedTokenizerBase, visual_dim: int
-) -> ReportGenerator:
+def wrap(cfg: Stage2Config, decoder: PreTrainedModel, tok: PreTrainedTokenizerBase, visual_dim: int) -> ReportGenerator:
     """The generator around a decoder, as the config describes it."""
     verbal = None
     if cfg.knowledge.verbal_tie and cfg.knowledge.mode in ("discrete", "both"):

@@ -26,9 +26,7 @@ from stage2_sft.config import ASSESSMENTS
 from stage2_sft.knowledge import KnowledgeVocabulary
 
 
-def _ids_where(
-    tok: PreTrainedTokenizerBase, keep: Callable[[str], bool], hint: Callable[[str], bool]
-) -> torch.Tensor:
+def _ids_where(tok: PreTrainedTokenizerBase, keep: Callable[[str], bool], hint: Callable[[str], bool]) -> torch.Tensor:
     """Ids of the vocabulary entries whose text (as decoded, whatever the tokenizer's word-boundary
     marker) satisfies ``keep``; ``hint`` pre-filters the raw entries cheaply."""
     ids = [i for t, i in tok.get_vocab().items() if hint(t) and keep(tok.convert_tokens_to_string([t]))]
@@ -71,8 +69,7 @@ class AssessmentTokens:
         vocab = tok.get_vocab()
         if any(f"BI-RADS {c}" not in vocab for c in BIRADS_CLASSES):
             raise MammorgError(
-                "generate.assessment needs BI-RADS categories as atomic terms "
-                "(terminology.atomic_terms: true)"
+                "generate.assessment needs BI-RADS categories as atomic terms (terminology.atomic_terms: true)"
             )
         categories = torch.tensor([vocab[f"BI-RADS {c}"] for c in BIRADS_CLASSES])
         return cls(
@@ -83,9 +80,7 @@ class AssessmentTokens:
         )
 
 
-def assessment_tokens(
-    assessment: str, tok: PreTrainedTokenizerBase, plan: bool = False
-) -> AssessmentTokens | None:
+def assessment_tokens(assessment: str, tok: PreTrainedTokenizerBase, plan: bool = False) -> AssessmentTokens | None:
     """The tokens for ``generate.assessment`` (None for ``free``); checks the setting against the
     run (``plan``: whether it was trained with assessment plans)."""
     if assessment not in ASSESSMENTS:
@@ -97,12 +92,8 @@ def assessment_tokens(
 
 def exam_category(label: torch.Tensor) -> torch.Tensor:
     """``[N, 1]`` the most severe of the per-side class indices ``label [N, 2]`` (-1: none)."""
-    severity = torch.tensor(
-        [birads_severity(c) for c in BIRADS_CLASSES], dtype=torch.float, device=label.device
-    )
-    score = torch.where(
-        label >= 0, severity[label.clamp(min=0)], torch.full(label.shape, -1e9, device=label.device)
-    )
+    severity = torch.tensor([birads_severity(c) for c in BIRADS_CLASSES], dtype=torch.float, device=label.device)
+    score = torch.where(label >= 0, severity[label.clamp(min=0)], torch.full(label.shape, -1e9, device=label.device))
     return label.gather(1, score.argmax(1, keepdim=True))
 
 

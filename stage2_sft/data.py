@@ -127,8 +127,7 @@ class ReportDataset(Dataset):
         missing = [r.exam_id for r in rows if r.exam_id not in preds]
         if missing:
             raise MammorgError(
-                f"{preds_path}: no stage-1 prediction for {len(missing)} exam(s) "
-                f"of {manifest}, e.g. {missing[0]}"
+                f"{preds_path}: no stage-1 prediction for {len(missing)} exam(s) of {manifest}, e.g. {missing[0]}"
             )
         if with_reports:
             rows = [r for r in rows if r.report]
@@ -161,8 +160,7 @@ class ReportDataset(Dataset):
         if self.source == "gold":
             return True
         return (
-            self.gold_fraction > 0
-            and np.random.default_rng([self.seed, self.epoch, i]).random() < self.gold_fraction
+            self.gold_fraction > 0 and np.random.default_rng([self.seed, self.epoch, i]).random() < self.gold_fraction
         )
 
     def knowledge(self, i: int) -> KnowledgeState:
@@ -180,9 +178,7 @@ class ReportDataset(Dataset):
         row = self.rows[i]
         pred = self.preds[row.exam_id]
         if pred.features is None:
-            raise MammorgError(
-                f"{self.pred_dir}: no feature tokens for {row.exam_id} (stage1 predict writes them)"
-            )
+            raise MammorgError(f"{self.pred_dir}: no feature tokens for {row.exam_id} (stage1 predict writes them)")
         tokens, view_mask = read_features(resolve_path(self.pred_dir, pred.features))
         report = self.report_ids(i) if self.with_reports else []
         return self.prompts.sample(row.exam_id, tokens, view_mask, self.knowledge(i), report)

@@ -104,9 +104,7 @@ class KnowledgeVocabulary:
         forms = {cls.density(d): by_label.get(("density", d), f"density {d}") for d in DENSITIES}
         for side in SIDES:
             forms.update({cls.birads(side, c): f"BI-RADS {c}" for c in BIRADS_CLASSES})
-            forms.update(
-                {cls.finding(side, f): by_label.get(("finding", f), f.replace("_", " ")) for f in FINDINGS}
-            )
+            forms.update({cls.finding(side, f): by_label.get(("finding", f), f.replace("_", " ")) for f in FINDINGS})
         return forms
 
 
@@ -141,9 +139,7 @@ class KnowledgeState:
             sides[i] = 1.0
             label[i] = BIRADS_CLASSES.index(str(pred.birads[side]))
             finding_on[i] = torch.tensor([float(pred.findings[side].get(f) == "pos") for f in FINDINGS])
-        return cls(
-            torch.tensor([probs.density[d] for d in DENSITIES]), birads, findings, sides, label, finding_on
-        )
+        return cls(torch.tensor([probs.density[d] for d in DENSITIES]), birads, findings, sides, label, finding_on)
 
     @classmethod
     def from_labels(cls, labels: Labels, views: dict[str, str | None]) -> KnowledgeState:
@@ -160,18 +156,14 @@ class KnowledgeState:
             if mask.sum():
                 birads[i] = mask / mask.sum()  # a bare "4" spreads over 4A/4B/4C
             states = labels.findings.get(side) or {}
-            findings[i] = torch.tensor(
-                [{"pos": 1.0, "unc": 0.5}.get(states.get(f, ""), 0.0) for f in FINDINGS]
-            )
+            findings[i] = torch.tensor([{"pos": 1.0, "unc": 0.5}.get(states.get(f, ""), 0.0) for f in FINDINGS])
         label = torch.where(birads.sum(1) > 0, birads.argmax(1), -1)
         return cls(density, birads, findings, sides, label, (findings >= 0.5).float())
 
     def with_heads_from(self, gold: KnowledgeState, heads: tuple[str, ...]) -> KnowledgeState:
         """This state with the fields of ``heads`` (density, birads, findings) taken from ``gold``."""
         taken = {name for head in heads for name in HEAD_FIELDS[head]}
-        return KnowledgeState(
-            **{f.name: getattr(gold if f.name in taken else self, f.name) for f in fields(self)}
-        )
+        return KnowledgeState(**{f.name: getattr(gold if f.name in taken else self, f.name) for f in fields(self)})
 
     @classmethod
     def stack(cls, states: list[KnowledgeState]) -> KnowledgeState:
@@ -219,9 +211,7 @@ class KnowledgeState:
     @classmethod
     def from_json(cls, raw: dict[str, Any]) -> KnowledgeState:
         dtypes = {"birads_label": torch.long}
-        return cls(
-            **{f.name: torch.tensor(raw[f.name], dtype=dtypes.get(f.name, torch.float)) for f in fields(cls)}
-        )
+        return cls(**{f.name: torch.tensor(raw[f.name], dtype=dtypes.get(f.name, torch.float)) for f in fields(cls)})
 
 
 class SoftKnowledge(nn.Module):

@@ -85,9 +85,7 @@ def fill_placeholders(
     return embeds.masked_scatter(mask.unsqueeze(-1), features.to(embeds.dtype))
 
 
-def report_cross_entropy(
-    logits: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor | None
-) -> torch.Tensor:
+def report_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
     """Mean (optionally class-weighted) CE in fp32 over non-ignored targets; compiled, the fp32
     upcast fuses into the softmax instead of materialising a float copy of the logits."""
     return nn.functional.cross_entropy(
@@ -194,9 +192,7 @@ class ReportGenerator(nn.Module):
         if positions.numel() == 0:
             return embeds.sum() * 0.0  # nothing to learn here; keeps every parameter in the graph
         keep = {"logits_to_keep": positions} if self._keeps_logits else {}
-        logits = self.decoder(
-            inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False, **keep
-        ).logits
+        logits = self.decoder(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False, **keep).logits
         if not keep:
             logits = logits[:, positions]
         return self.loss_fn(logits, targets[:, positions], self.term_weights)
@@ -246,9 +242,7 @@ class ReportGenerator(nn.Module):
         if adapter and merge_lora:
             decoder, adapter = self.decoder.merge_and_unload(), False
             decoder_state = {}
-        decoder.save_pretrained(
-            str(folder / "decoder"), state_dict=decoder_state or None, safe_serialization=True
-        )
+        decoder.save_pretrained(str(folder / "decoder"), state_dict=decoder_state or None, safe_serialization=True)
         save_tensors(extras, folder / "extras.safetensors")
         write_json_atomic(
             folder / "generator.json",
@@ -286,9 +280,7 @@ class ReportGenerator(nn.Module):
             )
             decoder: Any = PeftModel.from_pretrained(base, str(folder / "decoder"))
         else:
-            decoder = AutoModelForCausalLM.from_pretrained(
-                str(folder / "decoder"), dtype=dtype, local_files_only=True
-            )
+            decoder = AutoModelForCausalLM.from_pretrained(str(folder / "decoder"), dtype=dtype, local_files_only=True)
         extras = load_tensors(folder / "extras.safetensors")
         verbal = (extras["verbal_row"], extras["verbal_pieces"]) if "verbal_row" in extras else None
         model = cls(
@@ -302,7 +294,6 @@ class ReportGenerator(nn.Module):
         wrong = [k for k in missing if not k.startswith("decoder.")] + list(unexpected)
         if wrong:
             raise MammorgError(
-                f"{folder / 'extras.safetensors'}: weights do not match the generator "
-                f"({', '.join(wrong[:3])})"
+                f"{folder / 'extras.safetensors'}: weights do not match the generator ({', '.join(wrong[:3])})"
             )
         return model.to(dtype).eval(), tok

@@ -35,18 +35,14 @@ WEIGHTS = "model.safetensors"
 
 def report_texts(manifest: str, split: str | None) -> list[str]:
     texts = [
-        r["report"]
-        for r in read_jsonl(manifest)
-        if r.get("report") and (split is None or r.get("split") == split)
+        r["report"] for r in read_jsonl(manifest) if r.get("report") and (split is None or r.get("split") == split)
     ]
     if not texts:
         raise MammorgError(f"{manifest}: no reports" + (f" in split '{split}'" if split else ""))
     return texts
 
 
-def encode(
-    tok: PreTrainedTokenizerBase, texts: list[str], normalizer: Normalizer, max_tokens: int
-) -> list[list[int]]:
+def encode(tok: PreTrainedTokenizerBase, texts: list[str], normalizer: Normalizer, max_tokens: int) -> list[list[int]]:
     ids = tok([normalizer(t) for t in texts], add_special_tokens=False)["input_ids"]
     return [[tok.bos_token_id, *x[: max_tokens - 2], tok.eos_token_id] for x in ids]
 
@@ -128,9 +124,7 @@ class PretrainRecipe(EpochRecipe):
         self.model.save_pretrained(str(self.run_dir), safe_serialization=True)
         self.tok.save_pretrained(str(self.run_dir))
         log = self.run_dir / "metrics.jsonl"
-        self.losses = (
-            [json.loads(x)["train_loss"] for x in log.read_text().splitlines()] if log.exists() else []
-        )
+        self.losses = [json.loads(x)["train_loss"] for x in log.read_text().splitlines()] if log.exists() else []
         write_text_atomic(
             self.run_dir / "pretrain_log.json",
             json.dumps({"reports": self.texts, "epoch_losses": self.losses}),

@@ -40,9 +40,7 @@ class GeneratedReport:
     @classmethod
     def read(cls, path: str | Path) -> list[GeneratedReport]:
         """The lines of a ``stage2 generate`` output."""
-        return [
-            cls(r["id"], r["text"], StructuredReport.from_json(r["structured"])) for r in read_jsonl(path)
-        ]
+        return [cls(r["id"], r["text"], StructuredReport.from_json(r["structured"])) for r in read_jsonl(path)]
 
 
 def generation_kwargs(
@@ -69,9 +67,7 @@ def inference_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def load_run(
-    run_dir: str | Path, which: str = "best"
-) -> tuple[Stage2Config, ReportGenerator, PreTrainedTokenizerBase]:
+def load_run(run_dir: str | Path, which: str = "best") -> tuple[Stage2Config, ReportGenerator, PreTrainedTokenizerBase]:
     """(config, generator, tokenizer) of a stage-2 run (``best``, else the newest intact checkpoint)."""
     cfg, folder = trained_run(run_dir, Stage2Config, "stage-2", which)
     model, tok = ReportGenerator.from_pretrained(folder, shared=run_dir)
@@ -113,9 +109,7 @@ class Reporter:
         return cls(generator, tokenizer, make_builder(cfg, tokenizer), cfg.generate, device)
 
     @classmethod
-    def from_run(
-        cls, run_dir: str | Path, device: torch.device | None = None
-    ) -> tuple[Stage2Config, Reporter]:
+    def from_run(cls, run_dir: str | Path, device: torch.device | None = None) -> tuple[Stage2Config, Reporter]:
         cfg, model, tok = load_run(run_dir)
         return cfg, cls.from_config(cfg, model, tok, device or inference_device())
 
@@ -145,9 +139,7 @@ class Reporter:
         kwargs = self.generation_kwargs(num_beams)
         size = batch_size or self.settings.batch_size
         out: list[GeneratedReport] = []
-        for start in tqdm(
-            range(0, len(samples), size), desc="stage2 generate", disable=not progress, leave=False
-        ):
+        for start in tqdm(range(0, len(samples), size), desc="stage2 generate", disable=not progress, leave=False):
             chunk = [samples[i] for i in range(start, min(start + size, len(samples)))]  # a Dataset too
             batch = collate(chunk, self.tokenizer.pad_token_id, for_generation=True)
             batch = batch.to(self.device)
@@ -156,9 +148,7 @@ class Reporter:
             if processor is not None:
                 processors.append(processor)
             step = {**kwargs, "logits_processor": LogitsProcessorList(processors)} if processors else kwargs
-            ids = self.generator.generate(
-                batch.input_ids, batch.attention_mask, batch.visual, batch.knowledge, **step
-            )
+            ids = self.generator.generate(batch.input_ids, batch.attention_mask, batch.visual, batch.knowledge, **step)
             for exam_id, row in zip(batch.exam_ids, ids):
                 text = str(self.tokenizer.decode(row, skip_special_tokens=True)).strip()
                 out.append(GeneratedReport(exam_id, text, parse_report(text)))

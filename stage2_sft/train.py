@@ -84,9 +84,7 @@ def prepare_tokenizer(cfg: Stage2Config, run_dir: Path, rank: int) -> tuple[PreT
 
 def datasets(cfg: Stage2Config, builder: PromptBuilder) -> tuple[ReportDataset, ReportDataset]:
     def make(split: str, **kw: Any) -> ReportDataset:
-        return ReportDataset(
-            cfg.data.manifest, cfg.data.predictions, builder, split, cfg.knowledge.source, **kw
-        )
+        return ReportDataset(cfg.data.manifest, cfg.data.predictions, builder, split, cfg.knowledge.source, **kw)
 
     train = make(
         cfg.data.train_split,
@@ -122,14 +120,10 @@ class Stage2Recipe(EpochRecipe):
         weights = category_weights(cfg, self.tok, reports, model.term_weights)
         model.term_weights = None if weights is None else weights.to(self.device)
         self.lengths = self.train_ds.lengths()
-        per_epoch = len(
-            length_grouped_batches(self.lengths, cfg.train.batch_size, cfg.seed, 0, self.rank, self.world)
-        )
+        per_epoch = len(length_grouped_batches(self.lengths, cfg.train.batch_size, cfg.seed, 0, self.rank, self.world))
         params = [p for p in model.parameters() if p.requires_grad]
         fused = torch.cuda.is_available() and not cfg.deepspeed.config  # one kernel for all parameters
-        optimizer = torch.optim.AdamW(
-            params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, fused=fused
-        )
+        optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, fused=fused)
         steps = cfg.train.epochs * math.ceil(per_epoch / cfg.train.grad_accum)
         self.backend = make_backend(
             model,
@@ -177,13 +171,9 @@ class Stage2Recipe(EpochRecipe):
 
     def train_epoch(self, epoch: int) -> float:
         cfg, losses = self.cfg, []
-        batches = length_grouped_batches(
-            self.lengths, cfg.train.batch_size, cfg.seed, epoch, self.rank, self.world
-        )
+        batches = length_grouped_batches(self.lengths, cfg.train.batch_size, cfg.seed, epoch, self.rank, self.world)
         self.train_ds.epoch = epoch
-        for i, idx in enumerate(
-            tqdm(batches, desc=f"stage2 epoch {epoch}", disable=self.rank != 0, leave=False)
-        ):
+        for i, idx in enumerate(tqdm(batches, desc=f"stage2 epoch {epoch}", disable=self.rank != 0, leave=False)):
             loss = self.loss([self.train_ds[j] for j in idx])
             self.backend.backward(loss)
             self.backend.step(last_of_epoch=i + 1 == len(batches))
@@ -209,11 +199,7 @@ class Stage2Recipe(EpochRecipe):
     def gathered_state(self) -> dict[str, torch.Tensor]:
         """The weights to save (complete, ZeRO-3 partitions gathered): trainable ones under LoRA,
         all with full fine-tuning; only rank 0 receives them."""
-        named = [
-            (n, p)
-            for n, p in self.generator.named_parameters()
-            if p.requires_grad or not self.cfg.lora.enabled
-        ]
+        named = [(n, p) for n, p in self.generator.named_parameters() if p.requires_grad or not self.cfg.lora.enabled]
         state: dict[str, torch.Tensor] = {}
         with self.backend.gathered([p for _, p in named]):
             if self.rank == 0:

@@ -60,9 +60,7 @@ def test_imports_only_go_down_the_floors():
         for line, target in imports(path):
             there = floor_of(target)
             if there is not None and FLOORS.index(there) > here:
-                wrong.append(
-                    f"{path.relative_to(ROOT)}:{line} ({floor_of(module)}) imports {target} ({there})"
-                )
+                wrong.append(f"{path.relative_to(ROOT)}:{line} ({floor_of(module)}) imports {target} ({there})")
     assert not wrong, "imports going up a floor:\n" + "\n".join(sorted(set(wrong)))
 
 
@@ -72,9 +70,7 @@ def test_the_library_never_imports_a_recipe():
         if floor_of(module) == "app" or module in RECIPES:
             continue
         wrong += [
-            f"{path.relative_to(ROOT)}:{line} imports {target}"
-            for line, target in imports(path)
-            if target in RECIPES
+            f"{path.relative_to(ROOT)}:{line} imports {target}" for line, target in imports(path) if target in RECIPES
         ]
     assert not wrong, "library modules importing recipes:\n" + "\n".join(wrong)
 

@@ -33,19 +33,14 @@ def test_damaged_last_falls_back_to_previous_and_says_so(tmp_path, capsys):
     store = CheckpointStore(tmp_path)
     for epoch in range(3):
         store.save("last", _writer(float(epoch)), {"epoch": epoch})
-    assert (
-        checkpoint_meta(store.path("last"))["epoch"] == 2
-        and checkpoint_meta(store.path("previous"))["epoch"] == 1
-    )
+    assert checkpoint_meta(store.path("last"))["epoch"] == 2 and checkpoint_meta(store.path("previous"))["epoch"] == 1
     assert store.resumable() == store.path("last")
     _truncate(store.path("last") / "model.safetensors")
     assert "truncated" in str(damage(store.path("last")))
     capsys.readouterr()
     assert store.resumable() == store.path("previous")
     err = capsys.readouterr().err
-    assert (
-        "is damaged (model.safetensors truncated" in err and "resuming from" in err and err.count("\n") == 1
-    )
+    assert "is damaged (model.safetensors truncated" in err and "resuming from" in err and err.count("\n") == 1
     assert load_tensors(store.path("previous") / "model.safetensors")["w"][0] == 1.0
     (store.path("previous") / "model.safetensors").write_bytes(b"garbage")
     with pytest.raises(MammorgError, match="no intact checkpoint left"):
@@ -108,10 +103,7 @@ def test_training_resumes_past_a_truncated_checkpoint(cache_manifest, tmp_path):
     proc = _train(cache_manifest, run_dir)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
-    assert (
-        f"checkpoint {run_dir / 'checkpoints' / 'last'} is damaged (model.safetensors truncated"
-        in proc.stderr
-    )
+    assert f"checkpoint {run_dir / 'checkpoints' / 'last'} is damaged (model.safetensors truncated" in proc.stderr
     assert "resuming from" in proc.stderr and "resumed from" in proc.stderr and "at epoch 1" in proc.stderr
     assert [json.loads(x)["epoch"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()] == [
         0,

@@ -30,7 +30,7 @@ def _local(name):
 
 def _as_mammo(src, dst, side="L", view="CC"):
     ds = pydicom.dcmread(src)
-    ds.ImageLaterality, ds.ViewPosition = side, view
+    ds.Modality, ds.ImageLaterality, ds.ViewPosition = "MG", side, view
     ds.save_as(dst)
     return dst
 

@@ -93,9 +93,7 @@ def test_bf16_compiled_report_loss_matches_fp32_reference():
 
 
 @pytest.mark.parametrize("zero", [2, 3])
-def test_deepspeed_bf16_lora_on_one_gpu_saves_complete_adapters(
-    stage1_outputs, local_decoder, tmp_path, zero
-):
+def test_deepspeed_bf16_lora_on_one_gpu_saves_complete_adapters(stage1_outputs, local_decoder, tmp_path, zero):
     proc = launch_stage2(stage1_outputs, tmp_path, local_decoder, zero, nproc=1, cpu=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert_complete_lora_run(tmp_path)

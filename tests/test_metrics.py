@@ -117,9 +117,7 @@ def test_evaluate_files_and_bad_input(tmp_path):
     with pytest.raises(MammorgError, match="empty text"):
         evaluate_files(ref, empty, tmp_path / "o3")  # an empty reference is an error
     assert (
-        evaluate_files(empty, empty_ref_ok(tmp_path), tmp_path / "o4", bootstrap=5, meteor=False)[
-            "empty_predictions"
-        ]
+        evaluate_files(empty, empty_ref_ok(tmp_path), tmp_path / "o4", bootstrap=5, meteor=False)["empty_predictions"]
         == 1
     )  # an empty generation is scored
     short = _jsonl(tmp_path / "short.jsonl", [{"id": "1", "text": "x"}])
@@ -132,9 +130,7 @@ def test_evaluate_files_and_bad_input(tmp_path):
 
 
 def empty_ref_ok(tmp_path):
-    return _jsonl(
-        tmp_path / "ref_ok.jsonl", [{"id": "1", "text": "BI-RADS 1."}, {"id": "2", "text": "BI-RADS 2."}]
-    )
+    return _jsonl(tmp_path / "ref_ok.jsonl", [{"id": "1", "text": "BI-RADS 1."}, {"id": "2", "text": "BI-RADS 2."}])
 
 
 def test_vectorised_birads_f1_matches_macro_f1_and_bootstraps():

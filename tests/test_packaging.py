@@ -54,19 +54,13 @@ def test_wheel_holds_every_module_and_config(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
     for package in PACKAGES:
         sources = {str(p.relative_to(ROOT)) for p in (ROOT / package).glob("*.py")}
-        assert sources and sources <= names, (
-            f"{package}: {sorted(sources - names)[:3]} missing from the wheel"
-        )
+        assert sources and sources <= names, f"{package}: {sorted(sources - names)[:3]} missing from the wheel"
     configs = {
-        str(p.relative_to(ROOT / "configs"))
-        for p in (ROOT / "configs").rglob("*")
-        if p.suffix in (".yaml", ".json")
+        str(p.relative_to(ROOT / "configs")) for p in (ROOT / "configs").rglob("*") if p.suffix in (".yaml", ".json")
     }
     assert {f"mammorg/configs/{c}" for c in configs} <= names
     assert "terminology/lexicon.yaml" in names
-    entry_points = (
-        zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
-    )
+    entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
     assert "mammorg = mammorg.app.cli:main" in entry_points
 
 

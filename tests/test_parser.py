@@ -1,4 +1,4 @@
-"""Parser on 42 hand-written held-out reports (tests/data), targets from the issue."""
+"""Parser on real published reports (DMID) and varied hand-written reports, targets from issue #18."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from evaluation.parser import mentions_prior
 from evaluation.parser import parse_report as parse_structured
@@ -23,26 +25,95 @@ def _rows():
     return [json.loads(line) for line in DATA.read_text().splitlines()]
 
 
-def test_handwritten_reports_meet_targets():
-    rows = _rows()
-    assert len(rows) >= 40
-    density = birads = tp = fp = fn = neg_ok = neg_n = 0
-    for row in rows:
-        p, g = parse_report(row["text"]), row["gold"]
-        density += p["density"] == g["density"]
-        birads += p["birads"]["exam"] == g["birads"]["exam"]
-        for side in "LRU":
-            gp = {f for f, v in g["findings"][side].items() if v == "pos"}
-            pp = {f for f, v in p["findings"][side].items() if v == "pos"}
-            tp, fp, fn = tp + len(gp & pp), fp + len(pp - gp), fn + len(gp - pp)
-            for f, v in g["findings"][side].items():
-                if v == "neg":
-                    neg_n += 1
-                    neg_ok += p["findings"][side].get(f) == "neg"
-    assert density / len(rows) >= 0.95
-    assert birads / len(rows) >= 0.95
-    assert 2 * tp / (2 * tp + fp + fn) >= 0.90
-    assert neg_ok / neg_n >= 0.90
+REAL = Path(__file__).parent / "data" / "real_reports"
+
+
+def _agreement(path: Path) -> dict:
+    from evaluation.agreement import parser_agreement
+    from mammorg.schema import StructuredReport
+
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    return parser_agreement(
+        [parse_structured(r["text"]) for r in rows], [StructuredReport.from_json(r["gold"]) for r in rows]
+    )
+
+
+@pytest.mark.parametrize("name", ["dmid_dev.jsonl", "dmid_heldout.jsonl"])
+def test_real_published_reports_meet_the_targets(name):
+    """DMID reports (real, published; see tests/data/real_reports/README.md). The held-out set
+    was labelled before the parser ever read it and is never tuned on."""
+    m = _agreement(REAL / name)
+    assert m["reports"] >= 30 and m["negations_scored"] >= 80
+    assert m["density_acc"] >= 0.98 and m["exam_birads_acc"] >= 0.98
+    assert m["positive_finding_f1"] >= 0.95 and m["negation_acc"] >= 0.95
+
+
+def test_per_side_birads_on_varied_handwritten_reports():
+    m = _agreement(DATA)
+    assert m["sides_scored"] >= 60 and m["side_birads_acc"] >= 0.95
+
+
+def test_published_report_quirks():
+    dmid = parse_report(
+        "Breast Composition:\r\n(ACR-C)\r\n\r\nBIRADS: 3, 4b\r\n\r\nFindings:\r\n"
+        "ill-defined opacity in the upper quadrant\r\nFew enlarged axillary nodes seen.\r\n"
+        "Skin and nipple - no abnormality"
+    )
+    assert dmid["density"] == "c" and dmid["birads"]["exam"] == "4B"
+    assert dmid["findings"]["U"] == {
+        "mass": "pos",
+        "skin_thickening": "neg",
+        "nipple_retraction": "neg",
+        "lymph_node": "pos",
+    }
+    glued = parse_report(
+        "LEFT: architecturaldistortion in the leftupper outer quadrant.\nRIGHT: negative.\n"
+        "BREAST COMPOSITION: B\nBI-RADS 4A"
+    )
+    assert glued["findings"]["L"] == {"architectural_distortion": "pos"} and glued["density"] == "b"
+    assert glued["birads"] == {"L": "4A", "R": None, "exam": "4A"}  # findings on one side only
+    split = parse_report(
+        "There are fine pleomorphic calcifications\nin the right breast. Left breast: benign. BI-RADS 4B."
+    )
+    assert split["findings"]["R"] == {"calcification": "pos"} and split["birads"]["R"] == "4B"
+    assert split["birads"]["L"] is None  # the category stated after "Left breast" is not the left's
+
+
+def test_finding_locations():
+    parsed = parse_structured(
+        "Right breast: 8 mm oval mass in the upper outer quadrant at 10 o'clock, "
+        "posterior depth, 4 cm from the nipple. Left breast: negative. BI-RADS 3."
+    )
+    assert parsed.locations == [
+        {
+            "side": "R",
+            "finding": "mass",
+            "quadrant": "upper outer quadrant",
+            "clock": 10,
+            "depth": "posterior",
+            "distance_cm": 4.0,
+        }
+    ]
+
+
+def test_parser_speed_on_one_core():
+    import time
+
+    texts = [r["text"] for r in _rows()] * 10
+    t0 = time.perf_counter()
+    for t in texts:
+        parse_structured(t)
+    assert len(texts) / (time.perf_counter() - t0) >= 500
+
+
+@pytest.mark.parametrize("name", ["handwritten_reports.jsonl", "handwritten_heldout.jsonl"])
+def test_handwritten_reports_meet_targets(name):
+    """Varied hand-written reports with sides: the development set (74) and a held-out set (20)
+    whose gold labels were written before the parser read it and which is never tuned on."""
+    m = _agreement(Path(__file__).parent / "data" / name)
+    assert m["reports"] >= 20 and m["sides_scored"] >= 30
+    assert m["density_acc"] >= 0.98 and m["exam_birads_acc"] >= 0.98 and m["side_birads_acc"] >= 0.95
+    assert m["positive_finding_f1"] >= 0.95 and m["negation_acc"] >= 0.95
 
 
 def test_side_birads_and_notations():
@@ -57,9 +128,7 @@ def test_side_birads_and_notations():
 
 
 def test_negation_uncertainty_and_scope():
-    p = parse_report(
-        "Left breast: no mass but grouped calcifications. Right breast: a mass cannot be excluded."
-    )
+    p = parse_report("Left breast: no mass but grouped calcifications. Right breast: a mass cannot be excluded.")
     assert p["findings"]["L"] == {"mass": "neg", "calcification": "pos"}
     assert p["findings"]["R"] == {"mass": "unc"}
 

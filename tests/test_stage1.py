@@ -34,9 +34,7 @@ def test_train_and_exact_resume(cache_manifest, tmp_path):
     base = ["data.cache_manifest=" + str(cache_manifest), "data.val_split=train", "train.epochs=3"]
     full = load_config("stage1/tiny", Stage1Config, [*base, f"run_dir={tmp_path / 'a'}"])
     run(full)
-    part = load_config(
-        "stage1/tiny", Stage1Config, [*base, f"run_dir={tmp_path / 'b'}", "train.stop_after_epochs=2"]
-    )
+    part = load_config("stage1/tiny", Stage1Config, [*base, f"run_dir={tmp_path / 'b'}", "train.stop_after_epochs=2"])
     run(part)
     resumed = load_config("stage1/tiny", Stage1Config, [*base, f"run_dir={tmp_path / 'b'}"])
     run(resumed)
@@ -179,20 +177,13 @@ def test_descriptor_heads_learn_from_synthetic_descriptors(cache_manifest, tmp_p
     assert described, "the synthetic VinDr layout carries descriptors through ingest"
     run_dir = tmp_path / "desc"
     assert (
-        train_stage1(
-            cache_manifest, run_dir, "data.val_split=train", "train.epochs=1", "model.descriptor_heads=true"
-        )
+        train_stage1(cache_manifest, run_dir, "data.val_split=train", "train.epochs=1", "model.descriptor_heads=true")
         == 0
     )
     val = [json.loads(x)["val"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()][-1]
     assert any(k.startswith("desc_") and k.endswith("_acc") for k in val)
     out = tmp_path / "pred.jsonl"
-    assert (
-        cli(
-            ["stage1", "predict", "--run", str(run_dir), "--manifest", str(cache_manifest), "--out", str(out)]
-        )
-        == 0
-    )
+    assert cli(["stage1", "predict", "--run", str(run_dir), "--manifest", str(cache_manifest), "--out", str(out)]) == 0
     row = read_jsonl(out)[0]
     assert set(row["pred"]["descriptors"]["L"]) == {
         "mass_shape",

@@ -83,11 +83,7 @@ def test_resume_continues_the_same_loss_curve(stage1_outputs, tmp_path):
     root = stage1_outputs
     mixed = "knowledge.gold_fraction=0.5"  # the per-epoch knowledge draws must resume too
     run(load_config(TINY, _overrides(root, tmp_path / "a", "train.epochs=3", mixed)))
-    run(
-        load_config(
-            TINY, _overrides(root, tmp_path / "b", "train.epochs=3", mixed, "train.stop_after_epochs=1")
-        )
-    )
+    run(load_config(TINY, _overrides(root, tmp_path / "b", "train.epochs=3", mixed, "train.stop_after_epochs=1")))
     run(load_config(TINY, _overrides(root, tmp_path / "b", "train.epochs=3", mixed)))
     curve = lambda d: [json.loads(x)["train_loss"] for x in (d / "metrics.jsonl").read_text().splitlines()]
     assert curve(tmp_path / "a") == pytest.approx(curve(tmp_path / "b"), rel=1e-5)
@@ -108,9 +104,7 @@ def test_gold_fraction_draws_label_knowledge_per_epoch(stage1_outputs):
     assert [ds.uses_gold(i) for i in range(len(ds))] == draws[0]  # deterministic: resumable
     for i, gold in enumerate(draws[0]):
         row = ds.rows[i]
-        expect = (
-            state_from_labels(row.labels, row.views) if gold else state_from_prediction(ds.preds[row.exam_id])
-        )
+        expect = state_from_labels(row.labels, row.views) if gold else state_from_prediction(ds.preds[row.exam_id])
         assert ds.knowledge(i).to_json() == expect.to_json()
     assert not any(make().uses_gold(i) for i in range(len(ds)))
     assert all(make(source="gold").uses_gold(i) for i in range(len(ds)))
@@ -277,9 +271,7 @@ def test_decoder_dtype_and_generation_cache_settings_are_checked():
 
 
 def test_verbal_tie_adds_the_report_words_to_knowledge_tokens_only(stage1_outputs, tmp_path):
-    run(
-        load_config(TINY, _overrides(stage1_outputs, tmp_path, "train.epochs=1", "knowledge.verbal_tie=true"))
-    )
+    run(load_config(TINY, _overrides(stage1_outputs, tmp_path, "train.epochs=1", "knowledge.verbal_tie=true")))
     _, model, tok = load_run(tmp_path)
     assert model.verbal_row is not None
     table = model.decoder.get_input_embeddings()
@@ -404,10 +396,7 @@ def test_assessment_plan_run_states_its_own_plan(stage1_outputs, tmp_path):
     assert plan_w("<R:birads=4B>") == pytest.approx(2 * plan_w("<R:birads=1>"))  # seen once vs twice
     assert plan_w("<R:birads=5>") == 1.0 and plan_w("<plan>") == 1.0  # unseen, not a category
     unplanned_cfg = replace(weighted, ["data.assessment_plan=false", "generate.assessment=free"])
-    assert (
-        float(category_weights(unplanned_cfg, tok, reports, None)[tok.convert_tokens_to_ids("<R:birads=4B>")])
-        == 1.0
-    )
+    assert float(category_weights(unplanned_cfg, tok, reports, None)[tok.convert_tokens_to_ids("<R:birads=4B>")]) == 1.0
 
 
 def test_decoder_pretraining_resumes_on_the_same_curve(stage1_outputs, tmp_path):
@@ -434,8 +423,6 @@ def test_decoder_pretraining_resumes_on_the_same_curve(stage1_outputs, tmp_path)
     )
     result = pretrain(load_any("stage2/pretrain", PretrainConfig, [*base, f"out_dir={tmp_path / 'b'}"]))
     curve = lambda d: json.loads((d / "pretrain_log.json").read_text())["epoch_losses"]
-    assert len(curve(tmp_path / "a")) == 3 and curve(tmp_path / "a") == pytest.approx(
-        curve(tmp_path / "b"), rel=1e-5
-    )
+    assert len(curve(tmp_path / "a")) == 3 and curve(tmp_path / "a") == pytest.approx(curve(tmp_path / "b"), rel=1e-5)
     assert result["final_loss"] == pytest.approx(curve(tmp_path / "a")[-1])
     assert (tmp_path / "b" / "config.json").exists() and (tmp_path / "b" / "tokenizer.json").exists()

@@ -46,9 +46,7 @@ def _stock_tokenizer(texts):
             vocab_size=400, special_tokens=["<unk>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
         ),
     )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="<unk>", clean_up_tokenization_spaces=False
-    )
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", clean_up_tokenization_spaces=False)
 
 
 def test_lexicon_validation_rejects_duplicates(tmp_path):

@@ -63,9 +63,7 @@ def _mean_ci(values: list[float]) -> tuple[float, float]:
     return float(v.mean()), float(half)
 
 
-def _pooled_scores(
-    out: Path, name: str, seeds: list[int], refs: dict[str, StructuredReport]
-) -> dict[str, np.ndarray]:
+def _pooled_scores(out: Path, name: str, seeds: list[int], refs: dict[str, StructuredReport]) -> dict[str, np.ndarray]:
     pooled: dict[str, list] = {}
     for seed in seeds:
         gen = GeneratedReport.read(out / f"runs/{name}/seed{seed}/generated.jsonl")
@@ -86,9 +84,7 @@ def write_table(cfg: AblationConfig, out: Path) -> Path:
     pooled = {name: _pooled_scores(out, name, seeds, refs) for name in cfg.grid}
     rows = []
     for name, spec in cfg.grid.items():
-        per_seed = [
-            json.loads((out / f"runs/{name}/seed{s}/evaluation/metrics.json").read_text()) for s in seeds
-        ]
+        per_seed = [json.loads((out / f"runs/{name}/seed{s}/evaluation/metrics.json").read_text()) for s in seeds]
         row: dict = {"row": name, "seeds": len(seeds), "versus": spec.versus or cfg.baseline}
         s1_run = _stage1_key([*cfg_pipeline_stage1(out), *spec.stage1])
         s1 = stage1_as_report_metrics(refs, out / s1_run / "predictions.jsonl")

@@ -154,13 +154,8 @@ def model_card(cfg: Stage2Config, s1_cfg: Stage1Config, metrics: dict, merged: b
         )
         or "| (none recorded) | |\n"
     )
-    decoder = (
-        cfg.decoder.name_or_path
-        or f"Llama-style decoder trained from scratch {dict(cfg.decoder.from_config)}"
-    )
-    tuning = (
-        "(LoRA merged)" if merged else ("with a LoRA adapter" if cfg.lora.enabled else "(full fine-tune)")
-    )
+    decoder = cfg.decoder.name_or_path or f"Llama-style decoder trained from scratch {dict(cfg.decoder.from_config)}"
+    tuning = "(LoRA merged)" if merged else ("with a LoRA adapter" if cfg.lora.enabled else "(full fine-tune)")
     return f"""# mammorg report generator (bundle)
 
 Two-stage mammography report generator. Stage 1: `{s1_cfg.model.backbone}` multi-view classifier
@@ -198,8 +193,7 @@ def verify(folder: Path, trust_pickle: bool = False) -> dict[str, Any]:
     meta = json.loads(meta_path.read_text())
     if meta.get("format") != FORMAT:
         raise MammorgError(
-            f"{meta_path}: bundle format {meta.get('format')!r}; this version reads {FORMAT} "
-            "(export the run again)"
+            f"{meta_path}: bundle format {meta.get('format')!r}; this version reads {FORMAT} (export the run again)"
         )
     listed = meta.get("sha256", {})
     for p in sorted(folder.rglob("*")):

@@ -53,11 +53,17 @@ def _cmd_preprocess(args: argparse.Namespace) -> None:
     summary = preprocess_manifest(args.manifest, args.out, spec, workers=args.workers)
     for p in summary["problems"]:
         print(f"problem: {p['exam_id']} {p['view'] or ''}: {p['problem']}", file=sys.stderr)
-    print(
-        json.dumps(
-            {k: v for k, v in summary.items() if k != "problems"} | {"problems": len(summary["problems"])}
-        )
-    )
+    print(json.dumps({k: v for k, v in summary.items() if k != "problems"} | {"problems": len(summary["problems"])}))
+
+
+def _cmd_reports(args: argparse.Namespace) -> None:
+    from mammorg.data.templated import TEMPLATE_STYLES, write_templated_manifest
+
+    styles = [s for s in args.styles.split(",") if s] if args.styles else list(TEMPLATE_STYLES)
+    summary = write_templated_manifest(args.manifest, args.out, styles, seed=args.seed, replace=args.replace)
+    for p in summary.skipped:
+        print(f"problem: {p['exam_id']}: {p['problem']}", file=sys.stderr)
+    print(json.dumps(summary.to_json() | {"skipped": len(summary.skipped), "out": str(args.out)}))
 
 
 def _cmd_audit(args: argparse.Namespace) -> None:
@@ -74,9 +80,7 @@ def _cmd_config_list(args: argparse.Namespace) -> None:
     from mammorg.config import config_root, list_configs
 
     for name in list_configs():
-        first = (
-            (config_root() / (name if name.endswith(".json") else f"{name}.yaml")).read_text().splitlines()
-        )
+        first = (config_root() / (name if name.endswith(".json") else f"{name}.yaml")).read_text().splitlines()
         note = next((line.lstrip("# ").strip() for line in first[1:3] if line.startswith("#")), "")
         print(f"{name:34s} {note}")
 
@@ -137,9 +141,7 @@ def _cmd_stage2_pretrain(args: argparse.Namespace) -> None:
 def _cmd_stage2_generate(args: argparse.Namespace) -> None:
     from stage2_sft.generate import generate
 
-    rows = generate(
-        args.run, args.manifest, args.out, args.predictions, args.split, args.batch_size, args.num_beams
-    )
+    rows = generate(args.run, args.manifest, args.out, args.predictions, args.split, args.batch_size, args.num_beams)
     print(json.dumps({"generated": len(rows), "out": str(args.out)}))
 
 
@@ -149,18 +151,14 @@ def _cmd_parse(args: argparse.Namespace) -> None:
     from mammorg.io import write_jsonl_atomic
 
     texts = load_texts(args.input)
-    n = write_jsonl_atomic(
-        args.out, ({"id": i, "structured": parse_report(t).to_json()} for i, t in texts.items())
-    )
+    n = write_jsonl_atomic(args.out, ({"id": i, "structured": parse_report(t).to_json()} for i, t in texts.items()))
     print(f"parsed {n} reports into {args.out}")
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> None:
     from evaluation.evaluate import evaluate_files, metrics_markdown
 
-    metrics = evaluate_files(
-        args.pred, args.ref, args.out, args.pred_b, args.bootstrap, meteor=not args.no_meteor
-    )
+    metrics = evaluate_files(args.pred, args.ref, args.out, args.pred_b, args.bootstrap, meteor=not args.no_meteor)
     print(metrics_markdown(metrics))
     print(f"wrote {args.out}/metrics.json")
 
@@ -180,9 +178,7 @@ def _cmd_export(args: argparse.Namespace) -> None:
 
         add_example(out, args.example)
     meta = json.loads((out / "metadata.json").read_text())
-    print(
-        json.dumps({"bundle": str(out), "files": len(meta["sha256"]), "lora_adapter": meta["lora_adapter"]})
-    )
+    print(json.dumps({"bundle": str(out), "files": len(meta["sha256"]), "lora_adapter": meta["lora_adapter"]}))
 
 
 def _cmd_report(args: argparse.Namespace) -> None:
@@ -253,30 +249,31 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--workers", type=int, default=0)
     _size(d, (512, 256))
     d.set_defaults(func=_cmd_preprocess)
+    d = data.add_parser("reports", help="narrative reports from the labels of label-only data sets")
+    d.add_argument("--manifest", required=True)
+    d.add_argument("--out", required=True)
+    d.add_argument("--styles", default="", help="comma-separated report styles (default: the lateralised ones)")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--replace", action="store_true", help="also replace the data set's own reports")
+    d.set_defaults(func=_cmd_reports)
     d = data.add_parser("audit")
     d.add_argument("--manifest", required=True)
     d.set_defaults(func=_cmd_audit)
 
-    c = sub.add_parser("config", help="the shipped configs").add_subparsers(
-        dest="config_command", required=True
-    )
+    c = sub.add_parser("config", help="the shipped configs").add_subparsers(dest="config_command", required=True)
     c.add_parser("list", help="names of the shipped configs").set_defaults(func=_cmd_config_list)
     cp = c.add_parser("cp", help="copy a shipped config out for editing")
     cp.add_argument("name")
     cp.add_argument("dest")
     cp.set_defaults(func=_cmd_config_cp)
 
-    s1 = sub.add_parser("stage1", help="the multi-view classifier").add_subparsers(
-        dest="stage1_command", required=True
-    )
+    s1 = sub.add_parser("stage1", help="the multi-view classifier").add_subparsers(dest="stage1_command", required=True)
     _train_parser(s1, "train", _cmd_stage1_train, "train (or resume) a stage-1 run")
     g = s1.add_parser("predict", help="probabilities, decisions and feature tokens for a manifest")
     g.add_argument("--run", required=True)
     g.add_argument("--manifest", required=True)
     g.add_argument("--out", required=True)
-    g.add_argument(
-        "--features", default=None, help="folder for visual feature tokens (default: OUT's folder/features)"
-    )
+    g.add_argument("--features", default=None, help="folder for visual feature tokens (default: OUT's folder/features)")
     g.add_argument(
         "--oof",
         type=int,
@@ -287,9 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=int, default=8)
     g.set_defaults(func=_cmd_stage1_predict)
 
-    s2 = sub.add_parser("stage2", help="the report decoder").add_subparsers(
-        dest="stage2_command", required=True
-    )
+    s2 = sub.add_parser("stage2", help="the report decoder").add_subparsers(dest="stage2_command", required=True)
     _train_parser(s2, "train", _cmd_stage2_train, "fine-tune (or resume) a stage-2 run")
     _train_parser(s2, "pretrain", _cmd_stage2_pretrain, "domain pre-training of the small decoder on reports")
     g = s2.add_parser("generate", help="reports for the exams of a manifest")
@@ -328,9 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--merge-lora", action="store_true")
     s.add_argument("--stage1-run", default=None, help="default: data.stage1_run of the stage-2 config")
     s.add_argument("--metrics", default=None, help="metrics.json of an evaluation, for the model card")
-    s.add_argument(
-        "--example", nargs="+", default=None, help="an exam (folder or files) the model card reports on"
-    )
+    s.add_argument("--example", nargs="+", default=None, help="an exam (folder or files) the model card reports on")
     s.set_defaults(func=_cmd_export)
     s = sub.add_parser("report", help="report on an exam (or a manifest of exams) from a bundle")
     s.add_argument("--bundle", required=True)
@@ -342,9 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_cmd_report)
     s = sub.add_parser("demo", help="the whole pipeline on synthetic exams")
     s.add_argument("--out", default="demo_out")
-    s.add_argument(
-        "--config", default="pipeline/demo", help="pipeline config name or file (default: pipeline/demo)"
-    )
+    s.add_argument("--config", default="pipeline/demo", help="pipeline config name or file (default: pipeline/demo)")
     s.add_argument("overrides", nargs="*", help="key=value")
     s.set_defaults(func=_cmd_demo)
     return p

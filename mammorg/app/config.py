@@ -21,9 +21,7 @@ class SynthStep:
     def __post_init__(self) -> None:
         unknown = set(self.styles) - set(REPORT_STYLES)
         if unknown:
-            raise ValueError(
-                f"synth.styles: unknown {sorted(unknown)}; choose from {', '.join(REPORT_STYLES)}"
-            )
+            raise ValueError(f"synth.styles: unknown {sorted(unknown)}; choose from {', '.join(REPORT_STYLES)}")
 
 
 @dataclass

@@ -26,11 +26,12 @@ from mammorg.app.bundle import Bundle, load_bundle, rehash
 from mammorg.io import MammorgError, write_text_atomic
 from mammorg.labels import VIEWS
 from mammorg.preprocess import from_uint16, preprocess_file, to_uint16
+from mammorg.raster import RASTER_SUFFIXES
 from mammorg.schema import Stage1Prediction, StructuredReport
 from stage1_classification.inference import exam_record
 from stage2_sft.knowledge import KnowledgeState
 
-IMAGE_SUFFIXES = (".dcm", ".dicom", ".png")
+IMAGE_SUFFIXES = (".dcm", ".dicom", *RASTER_SUFFIXES)
 
 
 @dataclass
@@ -90,7 +91,7 @@ class ExamReporter:
         views: dict[str, np.ndarray] = {}
         sources: dict[str, Path] = {}
         for path in files:
-            img, view, _ = preprocess_file(path, self.bundle.spec)
+            img, view, _ = preprocess_file(path, self.bundle.spec, require_view=True)
             if view in views:
                 raise MammorgError(f"{path}: a second {view} view (first: {sources[view]})")
             views[view], sources[view] = from_uint16(to_uint16(img)), path
@@ -102,9 +103,9 @@ class ExamReporter:
         if not views:
             raise MammorgError("an exam with no usable view cannot be reported")
         shape = next(iter(views.values())).shape
-        images = torch.stack(
-            [torch.from_numpy(views[v]) if v in views else torch.zeros(shape) for v in VIEWS]
-        ).reshape(1, 4, 1, *shape)
+        images = torch.stack([torch.from_numpy(views[v]) if v in views else torch.zeros(shape) for v in VIEWS]).reshape(
+            1, 4, 1, *shape
+        )
         mask = torch.tensor([[v in views for v in VIEWS]])
         device = next(self.bundle.stage1.parameters()).device
         out = {k: v.float().cpu() for k, v in self.bundle.stage1(images.to(device), mask.to(device)).items()}

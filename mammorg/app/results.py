@@ -33,16 +33,11 @@ def sample_figure(out: Path, exam_ids: list[str]) -> str:
 def write_index(out: Path, summary: dict) -> None:
     gen = {r["id"]: r["text"] for r in read_jsonl(out / "generated.jsonl")}
     ref = {r["id"]: r["text"] for r in read_jsonl(out / "references.jsonl")}
-    report = (
-        json.loads((out / "report_example.json").read_text())
-        if (out / "report_example.json").exists()
-        else {}
-    )
+    report = json.loads((out / "report_example.json").read_text()) if (out / "report_example.json").exists() else {}
     ids = [i for i in gen if i in ref][:3]
     sample_figure(out, ids)
     table = "".join(
-        f"<tr><td>{k}</td><td>{'n/a' if v is None else f'{v:.3f}'}</td></tr>"
-        for k, v in summary["metrics"].items()
+        f"<tr><td>{k}</td><td>{'n/a' if v is None else f'{v:.3f}'}</td></tr>" for k, v in summary["metrics"].items()
     )
     samples = "".join(
         f"<h3>{html.escape(i)}</h3><p><b>generated</b>: {html.escape(gen[i])}</p>"

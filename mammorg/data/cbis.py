@@ -1,20 +1,42 @@
-"""CBIS-DDSM adapter: mass and calcification case CSVs, rows grouped into exams."""
+"""CBIS-DDSM adapter: the four case-description CSVs as published, rows grouped into exams.
+
+Published quirks handled here (each has a test):
+- the density column is ``breast_density`` in the mass files and ``breast density`` in the calc
+  files; 0 (the calc test file) means unknown; descriptors use ``N/A``; assessment and subtlety
+  can be 0 (assessment 0 is BI-RADS 0);
+- CRLF line ends and quoted path fields that contain a newline;
+- the ``mass shape`` column also names architectural distortions, lymph nodes and asymmetries,
+  alone or combined (``IRREGULAR-ARCHITECTURAL_DISTORTION``): each becomes its own finding;
+- the cropped-image and ROI-mask path columns are swapped between the mass and calc files, so
+  the mask is recognised by its content (a binary image), not by its column;
+- the image tree uses the CSV's UID folder names or, depending on the download tool, descriptive
+  names (dates, series descriptions) under the same leading ``Mass-Training_P_00001_LEFT_CC``
+  folder: both resolve.
+ROI masks give each lesion's box in original-image pixels.
+"""
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterable
 from pathlib import Path
+
+import numpy as np
+import pydicom
 
 from mammorg.data.common import IngestResult, exam_row, patient_split, read_csv_checked
 from mammorg.io import MammorgError
 from mammorg.labels import DENSITIES, canonical_descriptor, most_severe
 from mammorg.privacy import hash_id
-from mammorg.schema import Exam
+from mammorg.schema import Box, Exam, Lesion
 
 ALIASES = {
     "breast_density": ["breast density"],
     "side": ["left or right breast"],
     "view": ["image view"],
     "image_path": ["image file path"],
+    "crop_path": ["cropped image file path"],
+    "mask_path": ["ROI mask file path"],
     "abnormality_type": ["abnormality type"],
     "mass_shape": ["mass shape"],
     "mass_margins": ["mass margins"],
@@ -22,21 +44,86 @@ ALIASES = {
     "calc_distribution": ["calc distribution"],
 }
 REQUIRED = ["patient_id", "breast_density", "side", "view", "assessment", "image_path"]
-CSV_NAMES = [
-    f"{kind}_case_description_{split}_set.csv" for kind in ("mass", "calc") for split in ("train", "test")
-]
+CSV_NAMES = [f"{kind}_case_description_{split}_set.csv" for kind in ("mass", "calc") for split in ("train", "test")]
+SHAPE_FINDINGS = {
+    "ARCHITECTURAL_DISTORTION": "architectural_distortion",
+    "LYMPH_NODE": "lymph_node",
+    "ASYMMETRIC_BREAST_TISSUE": "asymmetry",
+    "FOCAL_ASYMMETRIC_DENSITY": "asymmetry",
+}
+MASS_SHAPES = ("ROUND", "OVAL", "IRREGULAR", "LOBULATED")
 
 
-def _image_path(root: Path, raw: str) -> Path | None:
-    rel = raw.strip().replace("\\", "/")
-    for candidate in (root / rel, root / "CBIS-DDSM" / rel):
-        if candidate.is_file():
-            return candidate
+def _tokens(value: str | None) -> list[str]:
+    """``"ILL_DEFINED-SPICULATED"`` -> ``["ILL_DEFINED", "SPICULATED"]`` (``N/A`` and blanks dropped)."""
+    return [t.strip().upper() for t in (value or "").split("-") if t.strip() and t.strip().upper() != "N/A"]
+
+
+def mass_row_findings(shape: str | None) -> list[str]:
+    """Findings of a row of the mass files: its shape may name other findings."""
+    tokens = _tokens(shape)
+    found = [SHAPE_FINDINGS[t] for t in tokens if t in SHAPE_FINDINGS]
+    if any(t in MASS_SHAPES for t in tokens) or not found:
+        found.insert(0, "mass")
+    return list(dict.fromkeys(found))
+
+
+def _descriptor(value: str | None) -> list[str]:
+    return [t.lower().replace("_", " ") for t in _tokens(value)]
+
+
+class ImageTree:
+    """The DICOM files below the data root, indexed by their leading folder (the CSV path's first
+    component), so the UID layout and the descriptive layout both resolve."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.by_folder: dict[str, list[Path]] = {}
+        for base in (root, root / "CBIS-DDSM"):
+            if not base.is_dir():
+                continue
+            for entry in sorted(p for p in base.iterdir() if p.is_dir()):
+                files = sorted(Path(d) / f for d, _, names in os.walk(entry) for f in names if f.endswith(".dcm"))
+                self.by_folder.setdefault(entry.name, []).extend(files)
+
+    def candidates(self, csv_path: str) -> list[Path]:
+        """Files a CSV path may mean: the exact path if it exists, else the files under its leading
+        folder, the series whose descriptive name ends like the CSV's series UID first."""
+        rel = csv_path.strip().replace("\\", "/")
+        for exact in (self.root / rel, self.root / "CBIS-DDSM" / rel):
+            if exact.is_file():
+                return [exact]
+        parts = [p for p in rel.split("/") if p]
+        files = self.by_folder.get(parts[0], []) if parts else []
+        series_tail = parts[-2][-5:] if len(parts) >= 3 else ""
+        return sorted(files, key=lambda f: not (series_tail and f.parent.name.endswith(series_tail)))
+
+    def full_image(self, csv_path: str) -> Path | None:
+        files = self.candidates(csv_path)
+        full = [f for f in files if "full mammogram" in f.parent.name.lower()]
+        best = full or files
+        return best[0] if best else None
+
+
+def _pixels(path: Path) -> np.ndarray:
+    try:
+        return pydicom.dcmread(str(path)).pixel_array
+    except Exception as exc:  # pydicom and its decoders raise many types
+        raise MammorgError(f"{path}: unreadable DICOM ({str(exc).splitlines()[0]})") from None
+
+
+def mask_box(tree: ImageTree, paths: Iterable[str], full_shape: tuple[int, int] | None) -> Box | None:
+    """The box of the lesion's ROI mask: the binary image among the row's mask/crop paths
+    (whichever column holds it), in the full image's pixels."""
+    for csv_path in paths:
+        for path in tree.candidates(csv_path):
+            arr = _pixels(path)
+            if arr.ndim != 2 or np.unique(arr).size > 2 or (full_shape and arr.shape != full_shape):
+                continue  # the cropped image, not the mask
+            ys, xs = np.nonzero(arr)
+            if ys.size:
+                return Box(float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1))
     return None
-
-
-def _descriptor(value: str) -> list[str]:
-    return [v.lower().replace("_", " ") for v in value.split("-") if v and v != "N/A"]
 
 
 def ingest_cbis(root: str | Path) -> IngestResult:
@@ -52,45 +139,62 @@ def ingest_cbis(root: str | Path) -> IngestResult:
         kind = "mass" if name.startswith("mass") else "calcification"
         for row in df.to_dict("records"):
             groups.setdefault((row["patient_id"], split), []).append((kind, row))
+    tree = ImageTree(root)
     for (patient, split), rows in sorted(groups.items()):
-        exam = _exam(root, patient, split, rows, result)
+        exam = _exam(root, tree, patient, split, rows, result)
         if exam is not None:
             result.exams.append(exam)
     return result
 
 
-def _exam(root: Path, patient: str, split: str, rows: list, result: IngestResult) -> Exam | None:
+def _exam(
+    root: Path, tree: ImageTree, patient: str, split: str, rows: list[tuple[str, dict]], result: IngestResult
+) -> Exam | None:
     exam_id = "cbis-" + hash_id(f"{patient}:{split}")
-    views: dict[str, str] = {}
+    views: dict[str, str | None] = {}
+    shapes: dict[str, tuple[int, int]] = {}
     birads: dict[str, list[str]] = {"L": [], "R": []}
-    findings: dict[str, dict] = {"L": {}, "R": {}}
-    densities, descriptors = [], []
+    findings: dict[str, dict[str, str]] = {"L": {}, "R": {}}
+    densities, lesions, described = [], [], []
     for kind, row in rows:
         side = {"LEFT": "L", "RIGHT": "R"}.get(row["side"].upper())
-        if side is None or row["view"].upper() not in ("CC", "MLO"):
+        projection = row["view"].upper()
+        if side is None or projection not in ("CC", "MLO"):
             result.problem(root, f"unknown side/view {row['side']}/{row['view']}", exam_id)
             continue
-        path = _image_path(root, row["image_path"])
+        view = f"{side}_{projection}"
+        path = tree.full_image(row["image_path"])
         if path is None:
             result.problem(row["image_path"].strip(), "image file missing", exam_id)
             continue
-        views.setdefault(f"{side}_{row['view'].upper()}", str(path.relative_to(root)))
+        if view not in views:
+            views[view] = str(path.relative_to(root))
+            header = pydicom.dcmread(str(path), stop_before_pixels=True)
+            shapes[view] = (int(header.get("Rows", 0)), int(header.get("Columns", 0)))
         if row["assessment"] in {"0", "1", "2", "3", "4", "5"}:
             birads[side].append(row["assessment"])
         if row["breast_density"] in {"1", "2", "3", "4"}:
             densities.append(DENSITIES[int(row["breast_density"]) - 1])
-        findings[side][kind] = "pos"
-        descriptors.append(
-            {
-                "side": side,
-                "type": kind,
-                "pathology": row.get("pathology"),
-                "shape": _descriptor(row.get("mass_shape", "")),
-                "margin": _descriptor(row.get("mass_margins", "")),
-                "morphology": _descriptor(row.get("calc_type", "")),
-                "distribution": _descriptor(row.get("calc_distribution", "")),
-            }
-        )
+        kinds = mass_row_findings(row.get("mass_shape")) if kind == "mass" else ["calcification"]
+        for finding in kinds:
+            findings[side][finding] = "pos"
+        try:
+            box = mask_box(tree, [row.get("mask_path") or "", row.get("crop_path") or ""], shapes.get(view))
+        except MammorgError as exc:
+            result.problem(row.get("mask_path", "").strip(), str(exc).split(": ", 1)[-1], exam_id)
+            box = None
+        lesion = {
+            "side": side,
+            "type": kind,
+            "pathology": row.get("pathology"),
+            "shape": _descriptor(row.get("mass_shape")),
+            "margin": _descriptor(row.get("mass_margins")),
+            "morphology": _descriptor(row.get("calc_type")),
+            "distribution": _descriptor(row.get("calc_distribution")),
+        }
+        described.append(lesion)
+        category = row["assessment"] if row["assessment"] in {"0", "1", "2", "3", "4", "5"} else None
+        lesions += [Lesion(view, finding, box, category) for finding in kinds]
     if not views:
         result.problem(root, "no usable view", exam_id)
         return None
@@ -103,8 +207,9 @@ def _exam(root: Path, patient: str, split: str, rows: list, result: IngestResult
         max(densities) if densities else None,
         side_birads,
         findings,
-        meta={"lesions": descriptors, "film": True},
-        descriptors=side_descriptors(descriptors),
+        meta={"lesions": described, "film": True},
+        descriptors=side_descriptors(described),
+        lesions=lesions,
     )
 
 

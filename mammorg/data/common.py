@@ -55,9 +55,7 @@ def patient_split(
     return "val" if bucket < test_fraction + val_fraction else "train"
 
 
-def read_csv_checked(
-    path: Path, required: list[str], aliases: dict[str, list[str]] | None = None
-) -> pd.DataFrame:
+def read_csv_checked(path: Path, required: list[str], aliases: dict[str, list[str]] | None = None) -> pd.DataFrame:
     """Read a CSV as strings; rename known aliases; a missing column names file and column."""
     if not path.is_file():
         raise MammorgError(f"{path}: file not found")

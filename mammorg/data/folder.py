@@ -15,16 +15,15 @@ from mammorg.data.common import (
 from mammorg.dicom import read_header, view_of
 from mammorg.io import MammorgError
 from mammorg.privacy import hash_id
+from mammorg.raster import RASTER_SUFFIXES, read_raster
 
-IMAGE_SUFFIXES = (".dcm", ".dicom", ".png")
+IMAGE_SUFFIXES = (".dcm", ".dicom", *RASTER_SUFFIXES)
 
 
 def _image_view(path: Path, result: IngestResult, exam_id: str) -> str | None:
     try:
-        if path.suffix.lower() == ".png":
-            from mammorg.png import read_png
-
-            return read_png(path).view
+        if path.suffix.lower() in RASTER_SUFFIXES:
+            return read_raster(path, require_view=True).view
         return view_of(read_header(path), path)
     except MammorgError as exc:
         result.problem(path, str(exc).split(": ", 1)[-1], exam_id)

@@ -43,9 +43,7 @@ def ingest(fmt: str, root: str | Path, out: str | Path, read_report: ReportReade
     result = run_adapter(fmt, root, read_report)
     base = out.parent.resolve()
     for exam in result.exams:
-        exam.views = {
-            v: (os.path.relpath((root / p).resolve(), base) if p else None) for v, p in exam.views.items()
-        }
+        exam.views = {v: (os.path.relpath((root / p).resolve(), base) if p else None) for v, p in exam.views.items()}
     write_jsonl_atomic(out, result.exams)
     write_jsonl_atomic(problems_path(out), result.problems)
     return result

@@ -29,6 +29,7 @@ ASSESSMENT = {
     "1": ("Negative", "Routine screening mammography is recommended."),
     "2": ("Benign", "Routine screening mammography is recommended."),
     "3": ("Probably benign", "Short-interval follow-up mammography in 6 months is recommended."),
+    "4": ("Suspicious", "Tissue diagnosis is recommended."),
     "4A": ("Low suspicion for malignancy", "Tissue diagnosis is recommended."),
     "4B": ("Moderate suspicion for malignancy", "Tissue diagnosis is recommended."),
     "4C": ("High suspicion for malignancy", "Tissue diagnosis is recommended."),
@@ -40,42 +41,59 @@ NEGATIVE_SET = ("mass", "calcification", "architectural_distortion")
 
 
 def _location(lesion: dict, side: str | None) -> str:
-    where = (
-        f"the {lesion['quadrant']} quadrant" if lesion["quadrant"] != "axillary tail" else "the axillary tail"
-    )
-    breast = f" of the {SIDE_WORD[side]} breast" if side else ""
-    return (
-        f"{where}{breast} at {lesion['clock']} o'clock, {lesion['nipple_distance_cm']} cm from the nipple, "
-        f"{lesion['depth']} depth"
-    )
+    """Where a lesion is, from what is known of it: quadrant, clock, distance from the nipple,
+    depth; the breast alone when none is known (reports written from labels)."""
+    breast = f"the {SIDE_WORD[side]} breast" if side else "the breast"
+    if "quadrant" not in lesion:
+        return breast
+    where = f"the {lesion['quadrant']} quadrant" if lesion["quadrant"] != "axillary tail" else "the axillary tail"
+    if side:
+        where += f" of {breast}"
+    details = [
+        f"at {lesion['clock']} o'clock" if "clock" in lesion else "",
+        f"{lesion['nipple_distance_cm']} cm from the nipple" if "nipple_distance_cm" in lesion else "",
+        f"{lesion['depth']} depth" if "depth" in lesion else "",
+    ]
+    return ", ".join([f"{where} {details[0]}".strip(), *[d for d in details[1:] if d]])
+
+
+def _words(*parts: str | None) -> str:
+    return " ".join(p for p in parts if p)
 
 
 def describe_lesion(lesion: dict, side: str | None, rng: np.random.Generator, mass_word: str = "mass") -> str:
-    """One sentence for one lesion; ``side=None`` leaves laterality out."""
+    """One sentence for one lesion from the descriptors it has; ``side=None`` leaves laterality out."""
     kind = lesion["type"]
-    loc = _location(lesion, side) if "quadrant" in lesion else ""
+    loc = _location(lesion, side)
     if kind == "mass":
         lead = rng.choice(("There is a", "A", "Noted is a"))
-        return (
-            f"{lead} {lesion['size_mm']} mm {lesion['shape']} {lesion['density']} density "
-            f"{mass_word} with {lesion['margin']} margins in {loc}."
-        )
+        size = f"{lesion['size_mm']} mm" if "size_mm" in lesion else None
+        density = f"{lesion['density']} density" if "density" in lesion else None
+        margins = f" with {lesion['margin']} margins" if "margin" in lesion else ""
+        phrase = _words(size, lesion.get("shape"), density, mass_word)
+        if phrase[0] in "aeiou":  # "an irregular mass" (labels without a size)
+            lead = lead[:-1] + "An" if lead == "A" else lead + "n"
+        return f"{lead} {phrase}{margins} in {loc}."
     if kind == "calcification":
-        dist = lesion["distribution"]
+        morphology = lesion.get("morphology")
+        dist = lesion.get("distribution")
+        if morphology is None or dist is None:
+            return f"{_words(morphology, 'calcifications').capitalize()} are seen in {loc}."
         return (
-            f"{lesion['morphology'].capitalize()} calcifications in a {dist} distribution are seen in {loc}."
+            f"{morphology.capitalize()} calcifications in a {dist} distribution are seen in {loc}."
             if dist not in ("scattered", "diffuse")
-            else f"{lesion['morphology'].capitalize()} calcifications are {dist} in "
+            else f"{morphology.capitalize()} calcifications are {dist} in "
             f"{'the ' + SIDE_WORD[side] + ' breast' if side else 'the breast'}."
         )
     if kind == "asymmetry":
-        return f"A focal asymmetry is seen in {loc}."
+        return f"{'A focal' if 'quadrant' in lesion else 'An'} asymmetry is seen in {loc}."
     if kind == "architectural_distortion":
         return f"Architectural distortion is present in {loc}."
     if kind == "lymph_node":
-        if lesion["enlarged"]:
+        if lesion.get("enlarged", True):
             where = f"the {SIDE_WORD[side]} axilla" if side else "the axilla"
-            return f"An enlarged axillary lymph node measuring {lesion['size_mm']} mm is seen in {where}."
+            size = f" measuring {lesion['size_mm']} mm" if "size_mm" in lesion else ""
+            return f"An enlarged axillary lymph node{size} is seen in {where}."
         return f"An intramammary lymph node is seen in {loc}."
     if kind == "skin_thickening":
         return "There is associated skin thickening."
@@ -88,8 +106,7 @@ def _negatives(rng: np.random.Generator, breast_label: str) -> str:
             (
                 f"No suspicious mass, calcifications or architectural distortion {breast_label}.",
                 f"There is no mass, suspicious calcification, or architectural distortion {breast_label}.",
-                "No dominant mass, suspicious microcalcifications or architectural distortion "
-                f"{breast_label}.",
+                f"No dominant mass, suspicious microcalcifications or architectural distortion {breast_label}.",
             )
         )
     )
@@ -98,10 +115,7 @@ def _negatives(rng: np.random.Generator, breast_label: str) -> str:
 def _side_findings(
     exam: dict, side: str, rng: np.random.Generator, with_side: bool, mass_word: str = "mass"
 ) -> list[str]:
-    return [
-        describe_lesion(x, side if with_side else None, rng, mass_word)
-        for x in exam["breasts"][side]["lesions"]
-    ]
+    return [describe_lesion(x, side if with_side else None, rng, mass_word) for x in exam["breasts"][side]["lesions"]]
 
 
 def _birads_line(rng: np.random.Generator, category: str) -> str:
@@ -110,9 +124,17 @@ def _birads_line(rng: np.random.Generator, category: str) -> str:
     return form.format(c=category, n=name)
 
 
+def _normal(exam: dict, side: str) -> bool:
+    """A breast the report calls normal: no lesion, and known to have none (a breast without
+    lesions in data that is not exhaustively annotated is left out of the report)."""
+    breast = exam["breasts"][side]
+    return not breast["lesions"] and breast.get("normal", True)
+
+
 def _us_screening(exam: dict, rng: np.random.Generator) -> str:
-    parts = ["BREAST COMPOSITION: " + COMPOSITION[exam["density"]][0], "FINDINGS:"]
-    normal = [s for s in "RL" if not exam["breasts"][s]["lesions"]]
+    parts = ["BREAST COMPOSITION: " + COMPOSITION[exam["density"]][0]] if exam["density"] else []
+    parts.append("FINDINGS:")
+    normal = [s for s in "RL" if _normal(exam, s)]
     for side in "RL":
         parts += _side_findings(exam, side, rng, with_side=True)
     if len(normal) == 2:
@@ -121,11 +143,9 @@ def _us_screening(exam: dict, rng: np.random.Generator) -> str:
         parts.append(_negatives(rng, f"in the {SIDE_WORD[normal[0]]} breast"))
     parts.append("IMPRESSION:")
     for side in "RL":
-        if exam["breasts"][side]["lesions"] or exam["breasts"][side]["birads"] != "1":
-            parts.append(
-                f"{SIDE_WORD[side].capitalize()} breast: "
-                + _birads_line(rng, exam["breasts"][side]["birads"])
-            )
+        category = exam["breasts"][side]["birads"]
+        if category and (exam["breasts"][side]["lesions"] or category != "1"):
+            parts.append(f"{SIDE_WORD[side].capitalize()} breast: " + _birads_line(rng, category))
     if len(parts) and parts[-1] == "IMPRESSION:":
         parts.append("No mammographic evidence of malignancy.")
     parts.append("Overall: " + _birads_line(rng, exam["exam_birads"]))
@@ -134,33 +154,41 @@ def _us_screening(exam: dict, rng: np.random.Generator) -> str:
 
 
 def _per_breast(exam: dict, rng: np.random.Generator) -> str:
-    parts = [f"Breast composition: {COMPOSITION[exam['density']][0]}"]
+    parts = [f"Breast composition: {COMPOSITION[exam['density']][0]}"] if exam["density"] else []
     for side in "RL":
         lines = _side_findings(exam, side, rng, with_side=False)
+        if not lines and not _normal(exam, side):
+            continue
         body = " ".join(lines) if lines else _negatives(rng, "").replace(" .", ".")
         parts.append(f"{SIDE_WORD[side].capitalize()} Breast: {body}")
-    opinion = [f"{SIDE_WORD[s].capitalize()} breast BI-RADS {exam['breasts'][s]['birads']}." for s in "RL"]
+    opinion = [
+        f"{SIDE_WORD[s].capitalize()} breast BI-RADS {exam['breasts'][s]['birads']}."
+        for s in "RL"
+        if exam["breasts"][s]["birads"]
+    ]
     parts.append("OPINION: " + " ".join(opinion) + " " + ASSESSMENT[exam["exam_birads"]][1])
     return "\n".join(parts)
 
 
 def _single_image(exam: dict, rng: np.random.Generator) -> str:
-    acr = exam["density"].upper()
     lines = [s for side in "RL" for s in _side_findings(exam, side, rng, False, "soft opacity")]
     findings = " ".join(lines) if lines else "No abnormal soft opacity or suspicious calcification seen."
-    return (
-        f"Breast Composition: {COMPOSITION[exam['density']][1].capitalize()} (ACR {acr})\n"
-        f"BIRADS: {exam['exam_birads']}\nFindings: {findings}"
+    composition = (
+        f"Breast Composition: {COMPOSITION[exam['density']][1].capitalize()} (ACR {exam['density'].upper()})\n"
+        if exam["density"]
+        else ""
     )
+    return f"{composition}BIRADS: {exam['exam_birads']}\nFindings: {findings}"
 
 
 def _free_text(exam: dict, rng: np.random.Generator) -> str:
-    parts = [f"bilateral mammogram shows {COMPOSITION[exam['density']][1]}."]
+    density = exam["density"]
+    parts = [f"bilateral mammogram shows {COMPOSITION[density][1]}." if density else "bilateral mammogram."]
     for side in "RL":
         lines = _side_findings(exam, side, rng, with_side=True)
         if lines:
             parts += [x[0].lower() + x[1:] for x in lines]
-        else:
+        elif _normal(exam, side):
             parts.append(_negatives(rng, f"in the {SIDE_WORD[side]} breast").lower())
     parts.append(f"bi-rads {exam['exam_birads'].lower()}. " + ASSESSMENT[exam["exam_birads"]][1].lower())
     return " ".join(parts)
@@ -180,7 +208,7 @@ def report_labels(exam: dict, style: str) -> Labels:
     for side in SIDES:
         kinds = {x["type"] for x in exam["breasts"][side]["lesions"]}
         states = dict.fromkeys(kinds, "pos")
-        if not kinds and style != "single_image":
+        if not kinds and style != "single_image" and exam["breasts"][side].get("normal", True):
             states.update(dict.fromkeys(NEGATIVE_SET, "neg"))
         findings[side] = states
     birads = {s: exam["breasts"][s]["birads"] for s in SIDES}

@@ -130,9 +130,7 @@ class TorchBackend:
     def step(self, last_of_epoch: bool = False) -> None:
         self._micro += 1
         if self._micro % self.grad_accum == 0 or last_of_epoch:
-            torch.nn.utils.clip_grad_norm_(
-                [p for p in self.module.parameters() if p.requires_grad], self.clip
-            )
+            torch.nn.utils.clip_grad_norm_([p for p in self.module.parameters() if p.requires_grad], self.clip)
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
@@ -226,9 +224,7 @@ def make_backend(
     """DeepSpeed when ``deepspeed_config`` is set; else plain PyTorch (DDP on several ranks)."""
     _, n_ranks = world()
     if deepspeed_config:
-        ds = fill_deepspeed_config(
-            deepspeed_config, batch_size, grad_accum, n_ranks, torch.cuda.is_available(), clip
-        )
+        ds = fill_deepspeed_config(deepspeed_config, batch_size, grad_accum, n_ranks, torch.cuda.is_available(), clip)
         stage = int(ds.get("zero_optimization", {}).get("stage", 0))
         if stage > max_zero_stage:
             raise MammorgError(f"{deepspeed_config}: this recipe supports ZeRO stages 0-{max_zero_stage}")

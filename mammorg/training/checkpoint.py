@@ -79,9 +79,7 @@ def load_state(path: Path) -> dict[str, Any]:
 
 def write_manifest(folder: Path, meta: dict[str, Any]) -> None:
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
-    listing = {
-        str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in files
-    }
+    listing = {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in files}
     with atomic_path(folder / MANIFEST) as tmp:
         tmp.write_text(json.dumps({**meta, "files": listing}, indent=1), encoding="utf-8")
 

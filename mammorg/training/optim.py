@@ -7,9 +7,7 @@ import math
 import torch
 
 
-def cosine_with_warmup(
-    optimizer: torch.optim.Optimizer, warmup: int, total: int
-) -> torch.optim.lr_scheduler.LambdaLR:
+def cosine_with_warmup(optimizer: torch.optim.Optimizer, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warm-up for ``warmup`` steps, then cosine decay to zero at ``total``."""
 
     def factor(step: int) -> float:

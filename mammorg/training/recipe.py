@@ -86,9 +86,7 @@ class EpochRecipe(ABC):
 
     def train(self) -> None:
         self.resume()
-        stop = (
-            self.epochs if self.stop_after is None else min(self.epochs, self.start_epoch + self.stop_after)
-        )
+        stop = self.epochs if self.stop_after is None else min(self.epochs, self.start_epoch + self.stop_after)
         for epoch in range(self.start_epoch, stop):
             loss = self.train_epoch(epoch)
             score, row = self.validate(epoch, loss)
