@@ -1,7 +1,8 @@
 """Stage-2 throughput: the generator (visual + knowledge tokens) vs. a bare transformers(+peft) loop.
 
-Usage: python benchmarks/stage2_throughput.py [--shape llama-3.2-1b|tiny] [--batch 8] [--seq 1024]
-                                             [--gen-batch 32] [--compile | --no-compile]
+Usage: python benchmarks/stage2_throughput.py [--shape llama-3.2-1b|gemma-3-270m|gemma-3-1b|tiny]
+           [--batch 8] [--seq 1024] [--gen-batch 32] [--compile | --no-compile] [--report-vocab N]
+           [--modes full lora] [--no-generate]
 Defaults: a Llama-3.2-1B-shaped decoder (random init, bf16 weights, sdpa) on a GPU; the tiny
 default (configs/stage2/tiny.yaml) in fp32 on CPU. Both loops see the same token batches; the
 recipe's carry four views of visual tokens filled through the projector with masked_scatter.
@@ -10,7 +11,11 @@ ratio to the bare loop, model FLOP utilisation on a GPU (6 x params x tokens), a
 reports/s. The recipe's model computes logits only at report positions and, with --compile (the
 default on a GPU, as train.compile=true), compiles each decoder block and the report loss; its
 LoRA runs as ``apply_lora`` sets it up (under autocast on a GPU). The bare loops stay plain eager
-transformers(+peft with its defaults), without autocast. Prints one JSON object.
+transformers(+peft with its defaults), without autocast. With ``--report-vocab N`` the recipe's
+model computes its loss over N report-vocabulary rows (``decoder.report_vocab_head``), as it does
+for pretrained decoders with large vocabularies, and ``head_ratio`` compares it with the same
+recipe on the full head (same batches, same run). Gemma shapes are Gemma 3 text models (262,144
+pieces); the real Gemma 3 270M weights are not needed for speed. Prints one JSON object.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -27,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from peft import LoraConfig, get_peft_model  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from stage2_sft.assembly import apply_lora, compile_generator  # noqa: E402
 from stage2_sft.config import LoraSettings  # noqa: E402
@@ -42,6 +48,30 @@ SHAPES = {
         num_key_value_heads=8,
         vocab_size=128256,
         max_position_embeddings=4096,
+        tie_word_embeddings=True,
+    ),
+    "gemma-3-270m": dict(
+        hidden_size=640,
+        intermediate_size=2048,
+        num_hidden_layers=18,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=256,
+        vocab_size=262144,
+        max_position_embeddings=32768,
+        sliding_window=512,
+        tie_word_embeddings=True,
+    ),
+    "gemma-3-1b": dict(
+        hidden_size=1152,
+        intermediate_size=6912,
+        num_hidden_layers=26,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=256,
+        vocab_size=262144,
+        max_position_embeddings=32768,
+        sliding_window=512,
         tie_word_embeddings=True,
     ),
     "tiny": dict(
@@ -75,7 +105,11 @@ def _sync(device):
 def decoder(shape: str, device, dtype, lora: bool):
     """The bare model: transformers (+ peft with its defaults: fp32 adapters, fp32 input casts)."""
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**SHAPES[shape], attn_implementation="sdpa")).to(device, dtype)
+    if shape.startswith("gemma"):
+        model: Any = Gemma3ForCausalLM(Gemma3TextConfig(**SHAPES[shape], attn_implementation="sdpa"))
+    else:
+        model = LlamaForCausalLM(LlamaConfig(**SHAPES[shape], attn_implementation="sdpa"))
+    model = model.to(device, dtype)
     if lora:
         model = get_peft_model(
             model,
@@ -162,24 +196,38 @@ def bare_rate(shape, lora, data, device, dtype, amp, warmup) -> tuple[float, int
     return tps, sum(p.numel() for p in bare.parameters())
 
 
-def measure(shape, lora, data, device, dtype, amp, warmup, compiled: bool):
-    bare_tps, n_params = bare_rate(shape, lora, data, device, dtype, False, warmup)
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    gen = generator(recipe_decoder(shape, device, dtype, lora), device, dtype)
+def recipe_rate(shape, lora, data, device, dtype, amp, warmup, compiled: bool, vocab: torch.Tensor | None) -> float:
+    gen = generator(recipe_decoder(shape, device, dtype, lora), device, dtype, vocab)
     if compiled:
         compile_generator(gen)
-    ours = timed(
+    rate = timed(
         train_step_fn(gen, lambda b: gen(b["input_ids"], b["attention_mask"], b["labels"], b["visual"]), amp, device),
         data,
         warmup,
         device,
     )
+    return rate
+
+
+def measure(shape, lora, data, device, dtype, amp, warmup, compiled: bool, vocab: torch.Tensor | None):
+    bare_tps, n_params = bare_rate(shape, lora, data, device, dtype, False, warmup)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    ours = recipe_rate(shape, lora, data, device, dtype, amp, warmup, compiled, vocab)
     return ours, bare_tps, n_params
 
 
-def generator(model, device, dtype) -> ReportGenerator:
-    gen = ReportGenerator(model, SpecialIds(IMAGE_ID, KNOWLEDGE_ID, REPORT_ID), VISUAL_DIM, "discrete")
+def report_vocab(n: int, vocab_size: int, data: list[dict]) -> torch.Tensor:
+    """N ids that cover every target of the batches (as a report vocabulary covers the reports)."""
+    ids = {int(i) for b in data for i in b["labels"][b["labels"] >= 0].unique().tolist()}
+    ids |= set(range(min(n, vocab_size)))
+    return torch.tensor(sorted(ids), dtype=torch.long)
+
+
+def generator(model, device, dtype, vocab: torch.Tensor | None = None) -> ReportGenerator:
+    gen = ReportGenerator(
+        model, SpecialIds(IMAGE_ID, KNOWLEDGE_ID, REPORT_ID), VISUAL_DIM, "discrete", report_vocab=vocab
+    )
     gen.to(device)
     gen.projector.to(dtype)
     return gen
@@ -218,10 +266,16 @@ def main() -> None:
         default=gpu,
         help="torch.compile the recipe's decoder blocks (default: on a GPU)",
     )
+    ap.add_argument("--report-vocab", type=int, default=0, help="report-vocabulary rows of the recipe's head")
+    ap.add_argument("--modes", nargs="+", default=["full", "lora"], choices=["full", "lora"])
+    ap.add_argument("--no-generate", action="store_true")
     args = ap.parse_args()
     device = torch.device("cuda" if gpu else "cpu")
     dtype = torch.bfloat16 if gpu else torch.float32
-    data = batches(args.steps, args.batch, args.seq, SHAPES[args.shape]["vocab_size"], device)
+    vocab_size = SHAPES[args.shape]["vocab_size"]
+    # report targets drawn from a report-sized vocabulary when a report head is measured
+    data = batches(args.steps, args.batch, args.seq, min(vocab_size, args.report_vocab or vocab_size), device)
+    vocab = report_vocab(args.report_vocab, vocab_size, data).to(device) if args.report_vocab else None
     out = {
         "benchmark": "stage2_throughput",
         "device": torch.cuda.get_device_name() if gpu else "cpu",
@@ -233,17 +287,18 @@ def main() -> None:
         "compile": args.compile,
     }
     peak = next((v for k, v in PEAK_BF16.items() if gpu and k in out["device"]), None)
-    for mode in ("full", "lora"):  # the recipe runs LoRA under CUDA autocast (bf16 adapter matmuls)
+    out["report_vocab"] = None if vocab is None else int(vocab.numel())
+    for mode in args.modes:  # the recipe runs LoRA under CUDA autocast (bf16 adapter matmuls)
+        warmup = 3 if args.compile else 2
         ours, bare, n_params = measure(
-            args.shape,
-            mode == "lora",
-            data,
-            device,
-            dtype,
-            gpu and mode == "lora",
-            3 if args.compile else 2,
-            args.compile,
+            args.shape, mode == "lora", data, device, dtype, gpu and mode == "lora", warmup, args.compile, vocab
         )
+        if vocab is not None:  # the same recipe with the full head: what the report head saves
+            full_head = recipe_rate(
+                args.shape, mode == "lora", data, device, dtype, gpu and mode == "lora", warmup, args.compile, None
+            )
+            out[f"{mode}_full_head_tokens_s"] = round(full_head, 1)
+            out[f"{mode}_head_ratio"] = round(ours / full_head, 3)
         out[f"{mode}_tokens_s"] = round(ours, 1)
         out[f"{mode}_bare_tokens_s"] = round(bare, 1)
         out[f"{mode}_ratio"] = round(ours / bare, 3)
@@ -252,8 +307,9 @@ def main() -> None:
             out["full_bare_mfu"] = round(6 * n_params * bare / peak, 3)
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    out["generate_batch"] = args.gen_batch
-    out["generate_reports_s"] = round(generation_rate(args.shape, args.gen_batch, device, dtype), 2)
+    if not args.no_generate:
+        out["generate_batch"] = args.gen_batch
+        out["generate_reports_s"] = round(generation_rate(args.shape, args.gen_batch, device, dtype), 2)
     print(json.dumps(out))
 
 

@@ -42,6 +42,25 @@ def finding_counts(pred: StructuredReport, ref: StructuredReport) -> np.ndarray:
     return out
 
 
+def location_counts(pred: StructuredReport, ref: StructuredReport) -> np.ndarray:
+    """(tp, fp, fn) of located findings: (side, finding, quadrant) triples of positive findings
+    the reference locates; a prediction of such a finding counts with the quadrant it states (a
+    finding stated without a location, or not at all, is a miss; a location the reference does
+    not give cannot be judged and is left out)."""
+
+    def triples(report: StructuredReport) -> set[tuple[str, str, str]]:
+        return {
+            (str(x["side"]), str(x["finding"]), str(x["quadrant"]))
+            for x in report.locations
+            if x.get("quadrant") and (report.findings.get(str(x["side"])) or {}).get(str(x["finding"])) == "pos"
+        }
+
+    want = triples(ref)
+    judged = {(side, f) for side, f, _ in want}
+    got = {t for t in triples(pred) if (t[0], t[1]) in judged}
+    return np.array([len(got & want), len(got - want), len(want - got)], dtype=np.int64)
+
+
 def _f1(counts: np.ndarray) -> float:
     tp, fp, fn = counts
     return float(2 * tp / (2 * tp + fp + fn)) if (tp + fp + fn) else float("nan")
@@ -68,6 +87,9 @@ def point_metrics(preds: Sequence[StructuredReport], refs: Sequence[StructuredRe
     counts = sum((finding_counts(a, b) for a, b in zip(preds, refs)), np.zeros((len(FINDINGS), 3), dtype=np.int64))
     out["finding_f1"] = _f1(counts.sum(axis=0))
     out["finding_f1_macro"] = float(np.nanmean([_f1(c) for c in counts]) if counts.sum() else np.nan)
+    located = sum((location_counts(a, b) for a, b in zip(preds, refs)), np.zeros(3, dtype=np.int64))
+    out["location_finding_f1"] = _f1(located)
+    out["located_findings"] = int(located[0] + located[2])
     out["per_finding"] = {
         f: {"tp": int(c[0]), "fp": int(c[1]), "fn": int(c[2]), "f1": _f1(c)} for f, c in zip(FINDINGS, counts)
     }

@@ -25,8 +25,6 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
-import spacy
-
 from mammorg.labels import FINDINGS, SIDES, most_severe
 from mammorg.schema import REPORT_SIDES, StructuredReport
 from terminology.lexicon import load_lexicon
@@ -132,6 +130,8 @@ def _rules() -> _Rules:
     finding_of = {t.term: t.label["finding"] for t in lexicon.terms if "finding" in t.label}
     density_of = {t.term: t.label["density"] for t in lexicon.terms if "density" in t.label}
     alternation = "|".join(re.escape(t) for t in sorted(finding_of, key=len, reverse=True))
+    import spacy  # here, not at import: reading the module stays cheap
+
     nlp = spacy.blank("en")
     nlp.add_pipe("sentencizer")
     return _Rules(

@@ -54,6 +54,4 @@ def box_to_original(box: Box, geometry: Mapping[str, Any]) -> Box:
     x0, y0 = point_to_original(box.xmin, box.ymin, geometry)
     x1, y1 = point_to_original(box.xmax, box.ymax, geometry)
     height, width = (float(v) for v in geometry["source_shape"])
-    return Box(
-        max(0.0, min(x0, x1)), max(0.0, min(y0, y1)), min(width, max(x0, x1)), min(height, max(y0, y1))
-    )
+    return Box(max(0.0, min(x0, x1)), max(0.0, min(y0, y1)), min(width, max(x0, x1)), min(height, max(y0, y1)))

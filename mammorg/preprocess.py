@@ -121,8 +121,6 @@ def cache_entry_path(cache_dir: Path, digest: str, spec: PreprocessSpec) -> Path
     return cache_dir / "views" / digest[:2] / f"{digest}_{spec.key()}.npy"
 
 
-
-
 def cache_view(path: str, cache_dir: str, spec: PreprocessSpec) -> dict:
     """Decode one view into the cache unless already there (the entry, plus a JSON sidecar with
     the geometry that maps original pixels to cached ones); never raises for bad input."""

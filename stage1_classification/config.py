@@ -34,10 +34,14 @@ class Stage1Model:
     pretrained_path: str | None = None  # local safetensors of the backbone (never downloaded)
     backbone_kwargs: dict[str, Any] = field(default_factory=dict)  # passed to timm.create_model
     descriptor_heads: bool = False  # mass shape/margin, calcification morphology/distribution
+    localise: bool = False  # per-location finding heatmaps pooled by multiple-instance pooling
+    mil_pooling: str = "lse"  # lse | topk | attention
 
     def __post_init__(self) -> None:
         if len(self.tokens) != 2 or min(self.tokens) < 1:
             raise ValueError(f"model.tokens={list(self.tokens)}: expected [rows, cols] >= 1")
+        if self.mil_pooling not in ("lse", "topk", "attention"):
+            raise ValueError(f"model.mil_pooling={self.mil_pooling!r}: expected lse, topk or attention")
         if self.dim % self.heads:
             raise ValueError(f"model.dim={self.dim} is not divisible by model.heads={self.heads}")
 
@@ -47,6 +51,7 @@ class Stage1Train(TrainSettings):
     weight_decay: float = 0.05
     focal_gamma: float = 0.0
     class_weight_power: float = 0.5  # BI-RADS class weights (1/freq)^p; 0 = unweighted
+    localisation_weight: float = 1.0  # heatmap loss where lesion boxes are known (model.localise)
 
 
 @dataclass

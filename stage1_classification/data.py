@@ -8,8 +8,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, DistributedSampler, Sampler
 
+from mammorg.geometry import box_to_cache
 from mammorg.io import MammorgError
 from mammorg.labels import BIRADS_CLASSES, DENSITIES, DESCRIPTORS, FINDINGS, SIDES, VIEWS, birads_class_mask
 from mammorg.preprocess import from_uint16, load_cached
@@ -41,6 +42,38 @@ def label_tensors(labels: Labels) -> dict[str, torch.Tensor]:
         "findings": f_target,
         "finding_mask": f_mask,
     }
+
+
+MAX_BOXES = 8  # lesion boxes per view carried in a sample (more are rare; the first are kept)
+
+
+def box_tensors(exam: Exam) -> dict[str, torch.Tensor]:
+    """Lesion boxes in cached-image pixels, ``boxes [4, MAX_BOXES, 5]`` rows (finding index, x0,
+    y0, x1, y1; finding -1 = padding), and ``box_known [4, F]``: whether a view's heatmap target
+    for a finding is known: the breast is negative for it (nothing anywhere), or the view has
+    its boxes (inside them only). A positive finding without a box on a view is not known there."""
+    boxes = torch.full((len(VIEWS), MAX_BOXES, 5), -1.0)
+    known = torch.zeros(len(VIEWS), len(FINDINGS), dtype=torch.bool)
+    counts = [0] * len(VIEWS)
+    for lesion in exam.lesions:
+        if lesion.box is None or lesion.view not in VIEWS or lesion.finding not in FINDINGS:
+            continue
+        v = VIEWS.index(lesion.view)
+        geometry = exam.geometry.get(lesion.view)
+        if not geometry or not (exam.cache or {}).get(lesion.view):
+            continue
+        f = FINDINGS.index(lesion.finding)
+        known[v, f] = True
+        if counts[v] < MAX_BOXES:
+            b = box_to_cache(lesion.box, geometry)
+            boxes[v, counts[v]] = torch.tensor([f, b.xmin, b.ymin, b.xmax, b.ymax])
+            counts[v] += 1
+    for v, view in enumerate(VIEWS):
+        states = exam.labels.findings.get(view.split("_")[0]) or {}
+        for f, name in enumerate(FINDINGS):
+            if states.get(name) == "neg" and (exam.cache or {}).get(view):
+                known[v, f] = True
+    return {"boxes": boxes, "box_known": known}
 
 
 def fold_of(exam_id: str, folds: int) -> int:
@@ -80,22 +113,54 @@ class ExamDataset(Dataset):
         rel = (exam.cache or {}).get(view)
         return None if rel is None else from_uint16(np.asarray(load_cached(self.root, rel)))
 
-    def __getitem__(self, i: int) -> dict:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        """``key``: an index, or (epoch, index) from ``EpochSampler`` (the epoch seeds the
+        augmentation, also in persistent worker processes)."""
+        epoch, i = key if isinstance(key, tuple) else (self.epoch, key)
         exam = self.exams[i]
         imgs = [self._image(exam, v) for v in VIEWS]
         shape = next(x.shape for x in imgs if x is not None)
-        images = torch.stack(
-            [torch.from_numpy(x) if x is not None else torch.zeros(shape) for x in imgs]
-        ).unsqueeze(1)
+        images = torch.stack([torch.from_numpy(x) if x is not None else torch.zeros(shape) for x in imgs]).unsqueeze(1)
         sample = {
             "exam_id": exam.exam_id,
             "images": images,
             "view_mask": torch.tensor([x is not None for x in imgs]),
             **label_tensors(exam.labels),
+            **box_tensors(exam),
         }
         if self.augment:
-            sample = augment(sample, np.random.default_rng([self.seed, self.epoch, i]))
+            sample = augment(sample, np.random.default_rng([self.seed, epoch, i]))
         return sample
+
+
+class EpochSampler(Sampler):
+    """Yields (epoch, index) pairs: the order of each epoch is a seeded permutation (or a
+    ``DistributedSampler`` shard), and the epoch reaches the dataset with every index, so one
+    DataLoader with persistent workers serves every epoch with the same samples as fresh ones."""
+
+    def __init__(self, size: int, shuffle: bool, seed: int, rank: int = 0, world: int = 1, dataset: Any = None):
+        self.size, self.shuffle, self.seed, self.epoch = size, shuffle, seed, 0
+        self.shard: DistributedSampler | None = (
+            DistributedSampler(dataset, world, rank, shuffle=shuffle, seed=seed) if world > 1 else None
+        )
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        if self.shard is not None:
+            self.shard.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.shard) if self.shard is not None else self.size
+
+    def __iter__(self):
+        if self.shard is not None:
+            order = list(self.shard)
+        elif self.shuffle:
+            gen = torch.Generator().manual_seed(self.seed * 1000 + self.epoch)
+            order = torch.randperm(self.size, generator=gen).tolist()
+        else:
+            order = list(range(self.size))
+        return iter([(self.epoch, i) for i in order])
 
 
 def augment(sample: dict, rng: np.random.Generator) -> dict:
@@ -103,13 +168,20 @@ def augment(sample: dict, rng: np.random.Generator) -> dict:
     out = dict(sample)
     if rng.random() < 0.5:  # views are oriented alike, so swapping sides is label-consistent
         order = [2, 3, 0, 1]
-        out["images"], out["view_mask"] = sample["images"][order], sample["view_mask"][order]
+        for key in ("images", "view_mask", "boxes", "box_known"):
+            if key in sample:
+                out[key] = sample[key][order]
         for key in ("birads_mask", "findings", "finding_mask", *(k for k in sample if k.startswith("desc_"))):
             out[key] = sample[key].flip(0)
     img = out["images"].clamp(0, 1) ** float(rng.uniform(0.8, 1.25))
     img = (img * float(rng.uniform(0.9, 1.1))).clamp(0, 1)
     dy, dx = (int(v) for v in rng.integers(-4, 5, size=2))
     out["images"] = torch.roll(img, shifts=(dy, dx), dims=(-2, -1))
+    if "boxes" in out:  # boxes move with the image
+        boxes = out["boxes"].clone()
+        real = boxes[..., 0] >= 0
+        boxes[..., 1:][real] += torch.tensor([dx, dy, dx, dy], dtype=boxes.dtype)
+        out["boxes"] = boxes
     return out
 
 

@@ -15,6 +15,7 @@ from mammorg.training.checkpoint import load_tensors, save_tensors
 from mammorg.training.recipe import trained_run
 from stage1_classification.config import Stage1Config
 from stage1_classification.data import ExamDataset, collate
+from stage1_classification.localisation import grounded_findings
 from stage1_classification.model import MultiViewClassifier, create_model
 from stage1_classification.operating_points import OperatingPoints
 
@@ -66,9 +67,7 @@ def exam_record(
             for i, s in enumerate(SIDES)
         }
         desc_labels = {
-            s: {name: DESCRIPTORS[name][int(p[i].argmax())] for name, p in descriptors.items()}
-            if present[s]
-            else {}
+            s: {name: DESCRIPTORS[name][int(p[i].argmax())] for name, p in descriptors.items()} if present[s] else {}
             for i, s in enumerate(SIDES)
         }
     pred = Labels(
@@ -86,8 +85,15 @@ def feature_name(exam_id: str) -> str:
     return f"{safe}-{hashlib.sha1(exam_id.encode()).hexdigest()[:8]}.safetensors"
 
 
-def save_features(path: Path, tokens: torch.Tensor, view_mask: torch.Tensor) -> None:
-    save_tensors({"tokens": tokens, "view_mask": view_mask.to(torch.uint8)}, path)
+def save_features(
+    path: Path, tokens: torch.Tensor, view_mask: torch.Tensor, heatmaps: torch.Tensor | None = None
+) -> None:
+    """An exam's feature tokens ``[4, N, D]`` and view mask, and its finding heatmaps
+    (probabilities ``[4, F, h, w]``, float16) when the model localises."""
+    tensors = {"tokens": tokens, "view_mask": view_mask.to(torch.uint8)}
+    if heatmaps is not None:
+        tensors["heatmaps"] = heatmaps.to(torch.float16)
+    save_tensors(tensors, path)
 
 
 @torch.no_grad()
@@ -106,6 +112,7 @@ def predict_dataset(
     device = next(model.parameters()).device
     cuda = device.type == "cuda"
     records = []
+    geometries = {exam.exam_id: exam.geometry for exam in getattr(ds, "exams", [])}
     loader = DataLoader(
         ds, batch_size=batch_size, shuffle=False, collate_fn=collate, num_workers=num_workers, pin_memory=cuda
     )
@@ -116,13 +123,16 @@ def predict_dataset(
         dens, bir = out["density"].float().softmax(-1).cpu(), out["birads"].float().softmax(-1).cpu()
         find, tokens = out["findings"].float().sigmoid().cpu(), out["tokens"].float().cpu()
         desc = {k[5:]: v.float().softmax(-1).cpu() for k, v in out.items() if k.startswith("desc_")}
+        heat = out["heatmaps"].float().sigmoid().cpu() if "heatmaps" in out else None
         for i, exam_id in enumerate(batch["exam_id"]):
-            rec = exam_record(
-                exam_id, dens[i], bir[i], find[i], mask[i], {k: v[i] for k, v in desc.items()}, points
-            )
+            rec = exam_record(exam_id, dens[i], bir[i], find[i], mask[i], {k: v[i] for k, v in desc.items()}, points)
+            if heat is not None:
+                positive = {s: [f for f, v in rec.pred.findings[s].items() if v == "pos"] for s in SIDES}
+                geometry = geometries.get(exam_id, {})
+                rec.grounded = grounded_findings(positive, heat[i], batch["images"][i], mask[i], geometry)
             if features_dir is not None:
                 name = feature_name(exam_id)
-                save_features(features_dir / name, tokens[i], mask[i])
+                save_features(features_dir / name, tokens[i], mask[i], None if heat is None else heat[i])
                 rec.features = f"{features_dir.name}/{name}"
             records.append(rec)
     return records

@@ -9,6 +9,7 @@ import torch
 from sklearn.metrics import f1_score, roc_auc_score
 
 from mammorg.labels import FINDINGS
+from stage1_classification.localisation import localisation_metrics
 
 
 def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int = 10) -> float:
@@ -54,5 +55,7 @@ def stage1_metrics(outputs: list[dict], batches: list[dict]) -> dict:
         pred = torch.cat([o[key] for o in outputs]).argmax(-1).flatten()
         if (y >= 0).any():
             out[f"{key}_acc"] = float((pred[y >= 0] == y[y >= 0]).float().mean())
+    if "heatmaps" in outputs[0]:
+        out["localisation"] = localisation_metrics(outputs, batches)
     out["score"] = float(np.nanmean([out.get("birads_f1", np.nan), out.get("density_f1", np.nan)]))
     return out

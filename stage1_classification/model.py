@@ -13,10 +13,51 @@ from torch import nn
 from mammorg.labels import BIRADS_CLASSES, DENSITIES, DESCRIPTORS, FINDINGS
 from mammorg.training.checkpoint import load_tensors
 from stage1_classification.config import Stage1Model
+from stage1_classification.localisation import box_targets
+
+MIL_POOLINGS = ("lse", "topk", "attention")
+
+
+class MilPooling(nn.Module):
+    """Breast-level finding logits from the heatmap cells of the breast's views (multiple-instance
+    pooling): ``lse`` (log-mean-exp with sharpness ``r``), ``topk`` (mean of the top 5% of
+    cells), ``attention`` (per-finding attention over the cells' features)."""
+
+    def __init__(self, kind: str, dim: int, findings: int, r: float = 4.0):
+        super().__init__()
+        if kind not in MIL_POOLINGS:
+            raise ValueError(f"unknown MIL pooling {kind!r}; choose from {MIL_POOLINGS}")
+        self.kind, self.r = kind, r
+        self.attention = (
+            nn.Sequential(nn.Linear(dim, dim // 2), nn.Tanh(), nn.Linear(dim // 2, findings))
+            if kind == "attention"
+            else None
+        )
+
+    def forward(self, heat: torch.Tensor, feats: torch.Tensor | None, valid: torch.Tensor) -> torch.Tensor:
+        """``heat [B, 2, F, N]`` logits, ``feats [B, 2, N, D]``, ``valid [B, 2, N]`` -> ``[B, 2, F]``."""
+        mask = valid.unsqueeze(2)  # [B, 2, 1, N]
+        if self.kind == "lse":
+            scaled = (self.r * heat).masked_fill(~mask, float("-inf"))
+            count = mask.sum(-1).clamp_min(1)
+            pooled = (torch.logsumexp(scaled, -1) - torch.log(count.float())) / self.r
+            return torch.where(mask.any(-1), pooled, torch.zeros_like(pooled))
+        if self.kind == "topk":
+            k = max(1, round(0.05 * heat.shape[-1]))
+            top = heat.masked_fill(~mask, -1e4).topk(k, dim=-1).values
+            return torch.where(mask.any(-1), top.mean(-1), torch.zeros_like(top[..., 0]))
+        assert self.attention is not None and feats is not None
+        scores = self.attention(feats).transpose(2, 3)  # [B, 2, F, N]
+        weights = scores.masked_fill(~mask, -1e4).softmax(-1)
+        return (weights * heat).sum(-1)
 
 
 class MultiViewClassifier(nn.Module):
-    """Input ``images [B, 4, 1, H, W]`` (views L_CC, L_MLO, R_CC, R_MLO) and ``view_mask [B, 4]``."""
+    """Input ``images [B, 4, 1, H, W]`` (views L_CC, L_MLO, R_CC, R_MLO) and ``view_mask [B, 4]``.
+
+    With ``localise`` a 1x1 convolution turns each view's feature map into per-location finding
+    logits (``heatmaps [B, 4, F, h, w]``), pooled per breast over both views' cells (multiple
+    instances) into the finding logits; the BI-RADS head also sees these finding probabilities."""
 
     def __init__(
         self,
@@ -28,6 +69,8 @@ class MultiViewClassifier(nn.Module):
         pretrained_path: str | None = None,
         backbone_kwargs: dict | None = None,
         descriptor_heads: bool = False,
+        localise: bool = False,
+        mil_pooling: str = "lse",
     ):
         super().__init__()
         self.backbone: Any = timm.create_model(
@@ -42,30 +85,55 @@ class MultiViewClassifier(nn.Module):
         nn.init.normal_(self.view_embed, std=0.02)
         self.fusion = nn.TransformerEncoderLayer(dim, heads, 2 * dim, dropout, batch_first=True)
         self.density_head = nn.Linear(2 * dim, len(DENSITIES))
-        self.birads_head = nn.Linear(dim, len(BIRADS_CLASSES))
-        self.finding_head = nn.Linear(dim, len(FINDINGS))
+        self.localise = localise
+        features = int(getattr(self.backbone, "num_features"))  # noqa: B009
+        if localise:
+            self.heat_head = nn.Conv2d(features, len(FINDINGS), kernel_size=1)
+            self.cell_proj = nn.Linear(features, dim) if mil_pooling == "attention" else None
+            self.mil = MilPooling(mil_pooling, dim, len(FINDINGS))
+            self.birads_head = nn.Linear(dim + len(FINDINGS), len(BIRADS_CLASSES))
+        else:
+            self.finding_head = nn.Linear(dim, len(FINDINGS))
+            self.birads_head = nn.Linear(dim, len(BIRADS_CLASSES))
         self.descriptor_heads = nn.ModuleDict(
-            {name: nn.Linear(dim, len(classes)) for name, classes in DESCRIPTORS.items()}
-            if descriptor_heads
-            else {}
+            {name: nn.Linear(dim, len(classes)) for name, classes in DESCRIPTORS.items()} if descriptor_heads else {}
         )
         self.dim = dim
 
-    def view_tokens(self, images: torch.Tensor, view_mask: torch.Tensor) -> torch.Tensor:
-        """Feature tokens ``[B, 4, N, D]`` for present views (missing views stay zero)."""
-        b = images.shape[0]
-        n = self.tokens[0] * self.tokens[1]
-        out = images.new_zeros(b, 4, n, self.dim)
+    def _feature_maps(self, images: torch.Tensor, view_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         present = view_mask.bool()
         if not present.any():
             raise ValueError("an exam with no usable view cannot be classified")
-        feats = self.backbone.forward_features(images[present])
-        feats = F.adaptive_avg_pool2d(feats, self.tokens).flatten(2).transpose(1, 2)
-        out[present] = self.proj(feats).to(out.dtype)
+        return self.backbone.forward_features(images[present]), present
+
+    def _tokens(self, maps: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+        b = present.shape[0]
+        out = maps.new_zeros(b, 4, self.tokens[0] * self.tokens[1], self.dim)
+        pooled = F.adaptive_avg_pool2d(maps, self.tokens).flatten(2).transpose(1, 2)
+        out[present] = self.proj(pooled).to(out.dtype)
         return out
 
+    def view_tokens(self, images: torch.Tensor, view_mask: torch.Tensor) -> torch.Tensor:
+        """Feature tokens ``[B, 4, N, D]`` for present views (missing views stay zero)."""
+        return self._tokens(*self._feature_maps(images, view_mask))
+
+    def _localised(self, maps: torch.Tensor, present: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Heatmaps ``[B, 4, F, h, w]`` (missing views: zeros) and MIL finding logits ``[B, 2, F]``."""
+        b, (_c, h, w) = present.shape[0], maps.shape[1:]
+        heat = maps.new_zeros(b, 4, len(FINDINGS), h, w)
+        heat[present] = self.heat_head(maps).to(heat.dtype)
+        cells = None
+        if self.cell_proj is not None:  # attention pooling reads the cells' features
+            cells = maps.new_zeros(b, 4, h * w, self.dim)
+            cells[present] = self.cell_proj(maps.flatten(2).transpose(1, 2)).to(cells.dtype)
+            cells = cells.reshape(b, 2, 2 * h * w, self.dim)
+        per_breast = heat.flatten(3).reshape(b, 2, 2, len(FINDINGS), h * w).permute(0, 1, 3, 2, 4)
+        valid = present.reshape(b, 2, 2, 1).expand(b, 2, 2, h * w).reshape(b, 2, 2 * h * w)
+        return heat, self.mil(per_breast.reshape(b, 2, len(FINDINGS), 2 * h * w), cells, valid)
+
     def forward(self, images: torch.Tensor, view_mask: torch.Tensor) -> dict[str, torch.Tensor]:
-        tokens = self.view_tokens(images, view_mask)
+        maps, present = self._feature_maps(images, view_mask)
+        tokens = self._tokens(maps, present)
         b, _, n, d = tokens.shape
         tokens_e = tokens + self.view_embed.unsqueeze(0)
         breasts = []
@@ -79,12 +147,12 @@ class MultiViewClassifier(nn.Module):
             keep = (~pad).float().unsqueeze(-1)
             breasts.append((fused * keep).sum(1) / keep.sum(1).clamp_min(1.0))
         breast = torch.stack(breasts, 1)  # [B, 2, D]  (L, R)
-        out = {
-            "density": self.density_head(breast.flatten(1)),
-            "birads": self.birads_head(breast),
-            "findings": self.finding_head(breast),
-            "tokens": tokens,
-        }
+        out = {"density": self.density_head(breast.flatten(1)), "tokens": tokens}
+        if self.localise:
+            out["heatmaps"], out["findings"] = self._localised(maps, present)
+            out["birads"] = self.birads_head(torch.cat([breast, torch.sigmoid(out["findings"])], -1))
+        else:
+            out["birads"], out["findings"] = self.birads_head(breast), self.finding_head(breast)
         out.update({f"desc_{name}": head(breast) for name, head in self.descriptor_heads.items()})
         return out
 
@@ -100,14 +168,37 @@ def create_model(cfg: Stage1Model) -> MultiViewClassifier:
         pretrained_path=cfg.pretrained_path,
         backbone_kwargs=dict(cfg.backbone_kwargs) or None,
         descriptor_heads=cfg.descriptor_heads,
+        localise=cfg.localise,
+        mil_pooling=cfg.mil_pooling,
     )
 
 
+def localisation_loss(heatmaps: torch.Tensor, batch: dict) -> torch.Tensor | None:
+    """Balanced BCE on the heatmap cells of the (view, finding) maps whose target is known:
+    inside the boxes 1, elsewhere 0 (positive and negative cells weigh half each)."""
+    known = batch["box_known"].bool() & batch["view_mask"].bool().unsqueeze(-1)  # [B, 4, F]
+    if not known.any():
+        return None
+    size = (batch["images"].shape[-2], batch["images"].shape[-1])
+    target = box_targets(batch["boxes"], size, (heatmaps.shape[-2], heatmaps.shape[-1]))
+    bce = F.binary_cross_entropy_with_logits(heatmaps, target, reduction="none")
+    cells = known.unsqueeze(-1).unsqueeze(-1).expand_as(bce)
+    pos, neg = cells & (target > 0.5), cells & (target <= 0.5)
+    loss = bce[neg].mean() if neg.any() else bce.new_zeros(())
+    if pos.any():
+        loss = 0.5 * loss + 0.5 * bce[pos].mean()
+    return loss
+
+
 def stage1_loss(
-    out: dict, batch: dict, focal_gamma: float = 0.0, birads_weights: torch.Tensor | None = None
+    out: dict,
+    batch: dict,
+    focal_gamma: float = 0.0,
+    birads_weights: torch.Tensor | None = None,
+    localisation_weight: float = 1.0,
 ) -> torch.Tensor:
     """Density CE + BI-RADS partial-label NLL (label masks; optional per-class weights) + masked
-    (focal) BCE for findings."""
+    (focal) BCE for findings + the heatmaps' localisation loss where boxes are known."""
     dens = batch["density"]
     # every head joins the graph even when a batch has none of its labels (DDP needs all grads)
     heads = [k for k in out if k != "tokens"]
@@ -132,6 +223,10 @@ def stage1_loss(
             pt = torch.where(batch["findings"] > 0.5, p, 1 - p)
             bce = bce * (1 - pt) ** focal_gamma
         loss = loss + (bce * fmask).sum() / fmask.sum()
+    if "heatmaps" in out and localisation_weight and "boxes" in batch:
+        loc = localisation_loss(out["heatmaps"], batch)
+        if loc is not None:
+            loss = loss + localisation_weight * loc
     for key in (k for k in heads if k.startswith("desc_")):  # descriptors: masked CE (-1 = none)
         target = batch[key]
         if (target >= 0).any():

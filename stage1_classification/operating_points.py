@@ -64,12 +64,9 @@ class OperatingPoints:
             )
         except (ValueError, KeyError, TypeError) as exc:
             raise MammorgError(f"{path}: not an operating-points file ({exc})") from exc
-        if len(points.birads_log_prior) != len(BIRADS_CLASSES) or len(points.finding_thresholds) != len(
-            FINDINGS
-        ):
+        if len(points.birads_log_prior) != len(BIRADS_CLASSES) or len(points.finding_thresholds) != len(FINDINGS):
             raise MammorgError(
-                f"{path}: expected {len(BIRADS_CLASSES)} BI-RADS priors and "
-                f"{len(FINDINGS)} finding thresholds"
+                f"{path}: expected {len(BIRADS_CLASSES)} BI-RADS priors and {len(FINDINGS)} finding thresholds"
             )
         return points
 

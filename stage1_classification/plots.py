@@ -46,6 +46,4 @@ def confusion_pngs(records: list[Stage1Prediction], exams: list[Exam], out_dir: 
             if truth in BIRADS_CLASSES:
                 ref.append(truth)
                 pred.append(r.pred.birads[side])
-    confusion_png(
-        ref, pred, list(BIRADS_CLASSES), "BI-RADS per breast (validation)", out_dir / "confusion_birads.png"
-    )
+    confusion_png(ref, pred, list(BIRADS_CLASSES), "BI-RADS per breast (validation)", out_dir / "confusion_birads.png")

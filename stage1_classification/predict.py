@@ -22,9 +22,7 @@ from stage1_classification.operating_points import OperatingPoints
 from stage1_classification.train import train
 
 
-def predict_fold(
-    cfg: Stage1Config, run_dir: Path, manifest: str, folds: int, fold: int
-) -> list[Stage1Prediction]:
+def predict_fold(cfg: Stage1Config, run_dir: Path, manifest: str, folds: int, fold: int) -> list[Stage1Prediction]:
     """Train (or resume) fold ``fold`` of ``folds`` under ``RUN/oof/k{folds}/`` and predict its
     held-out training exams at the fold's own operating points. Folds are independent
     (parallelisable); another number of folds splits differently, so it gets its own folder."""
@@ -88,13 +86,10 @@ def predict(
     )
     if oof:
         folded = {
-            rec.exam_id: rec
-            for fold in range(oof)
-            for rec in predict_fold(cfg, run_dir, str(manifest), oof, fold)
+            rec.exam_id: rec for fold in range(oof) for rec in predict_fold(cfg, run_dir, str(manifest), oof, fold)
         }
         records = [
-            dataclasses.replace(folded[r.exam_id], features=r.features) if r.exam_id in folded else r
-            for r in records
+            dataclasses.replace(folded[r.exam_id], features=r.features) if r.exam_id in folded else r for r in records
         ]
     if features_dir is not None and features_dir.parent.resolve() != out.parent.resolve():
         for r in records:  # feature paths are stored relative to the prediction file

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from mammorg.config import save_config
@@ -26,7 +26,7 @@ from mammorg.training.checkpoint import load_tensors, save_tensors
 from mammorg.training.optim import cosine_with_warmup
 from mammorg.training.recipe import EpochRecipe
 from stage1_classification.config import Stage1Config
-from stage1_classification.data import ExamDataset, birads_class_weights, collate
+from stage1_classification.data import EpochSampler, ExamDataset, birads_class_weights, collate
 from stage1_classification.inference import WEIGHTS, predict_dataset
 from stage1_classification.metrics import stage1_metrics
 from stage1_classification.model import MultiViewClassifier, create_model, stage1_loss
@@ -35,34 +35,36 @@ from stage1_classification.operating_points import OperatingPoints, fit_from_out
 from stage1_classification.plots import confusion_pngs, learning_curve_png
 
 
-def loader(
-    ds: ExamDataset, cfg: Stage1Config, epoch: int, shuffle: bool, rank: int = 0, world: int = 1
-) -> DataLoader:
-    """Deterministic order per (seed, epoch); with several ranks each takes an equal shard."""
-    ds.epoch = epoch
-    common: dict[str, Any] = dict(
+def loader(ds: ExamDataset, cfg: Stage1Config, shuffle: bool, rank: int = 0, world: int = 1) -> DataLoader:
+    """One loader for every epoch (``sampler.set_epoch`` before each): a deterministic order per
+    (seed, epoch), an equal shard per rank, worker processes kept alive between epochs and a
+    few batches prefetched, so the GPU is not left waiting for workers to start."""
+    workers = cfg.data.num_workers
+    return DataLoader(
+        ds,
         batch_size=cfg.train.batch_size,
-        num_workers=cfg.data.num_workers,
+        sampler=EpochSampler(len(ds), shuffle, cfg.seed, rank, world, ds),
+        num_workers=workers,
         collate_fn=collate,
         pin_memory=torch.cuda.is_available(),
+        persistent_workers=workers > 0,
+        prefetch_factor=4 if workers > 0 else None,
     )
-    if world > 1:
-        sampler: DistributedSampler = DistributedSampler(ds, world, rank, shuffle=shuffle, seed=cfg.seed)
-        sampler.set_epoch(epoch)
-        return DataLoader(ds, sampler=sampler, **common)
-    gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
-    return DataLoader(ds, shuffle=shuffle, generator=gen, **common)
+
+
+def epoch_batches(dl: DataLoader, epoch: int) -> DataLoader:
+    assert isinstance(dl.sampler, EpochSampler)
+    dl.sampler.set_epoch(epoch)
+    return dl
 
 
 @torch.no_grad()
-def validation_pass(
-    model: MultiViewClassifier, ds: ExamDataset, cfg: Stage1Config, device: torch.device
-) -> tuple[list[dict], list[dict]]:
-    """Head outputs (logits, on the CPU) and the label batches of every exam of ``ds``."""
+def validation_pass(model: MultiViewClassifier, dl: DataLoader, device: torch.device) -> tuple[list[dict], list[dict]]:
+    """Head outputs (logits, on the CPU) and the label batches of every exam of a loader."""
     model.eval()
     outputs, batches = [], []
-    for batch in loader(ds, cfg, 0, shuffle=False):
-        out = model(batch["images"].to(device), batch["view_mask"].to(device))
+    for batch in epoch_batches(dl, 0):
+        out = model(batch["images"].to(device, non_blocking=True), batch["view_mask"].to(device))
         outputs.append({k: v.float().cpu() for k, v in out.items() if k != "tokens"})
         batches.append(batch)
     model.train()
@@ -94,12 +96,12 @@ class Stage1Recipe(EpochRecipe):
         self.val_ds = ExamDataset(cfg.data.cache_manifest, cfg.data.val_split)
         if len(self.train_ds) == 0:
             raise MammorgError(f"{cfg.data.cache_manifest}: no exams in split '{cfg.data.train_split}'")
+        self.train_loader = loader(self.train_ds, cfg, True, self.rank, self.world)
+        self.val_loader = loader(self.val_ds, cfg, False) if len(self.val_ds) else None
         model = create_model(cfg.model).to(self.device)
         if self.device.type == "cuda":
             model = model.to(memory_format=torch.channels_last)
-        optimizer = torch.optim.AdamW(
-            model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay
-        )
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
         per_rank = math.ceil(len(self.train_ds) / self.world)
         steps = cfg.train.epochs * math.ceil(per_rank / cfg.train.batch_size / cfg.train.grad_accum)
         self.backend = make_backend(
@@ -126,15 +128,17 @@ class Stage1Recipe(EpochRecipe):
 
     def train_epoch(self, epoch: int) -> float:
         cfg, device, losses = self.cfg, self.device, []
-        batches = loader(self.train_ds, cfg, epoch, True, self.rank, self.world)
-        for step, batch in enumerate(
-            tqdm(batches, desc=f"stage1 epoch {epoch}", leave=False, disable=self.rank != 0)
-        ):
-            batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+        batches = epoch_batches(self.train_loader, epoch)
+        for step, batch in enumerate(tqdm(batches, desc=f"stage1 epoch {epoch}", leave=False, disable=self.rank != 0)):
+            batch = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 out = self.backend.model(batch["images"], batch["view_mask"])
             loss = stage1_loss(
-                {k: v.float() for k, v in out.items()}, batch, cfg.train.focal_gamma, self.birads_weights
+                {k: v.float() for k, v in out.items()},
+                batch,
+                cfg.train.focal_gamma,
+                self.birads_weights,
+                cfg.train.localisation_weight,
             )
             self.backend.backward(loss)
             self.backend.step(last_of_epoch=step + 1 == len(batches))
@@ -145,11 +149,7 @@ class Stage1Recipe(EpochRecipe):
         """Rank 0 scores the validation split (mean of BI-RADS and density macro-F1)."""
         if self.rank != 0:
             return None, {}
-        val = (
-            stage1_metrics(*validation_pass(self.model, self.val_ds, self.cfg, self.device))
-            if len(self.val_ds)
-            else {}
-        )
+        val = stage1_metrics(*validation_pass(self.model, self.val_loader, self.device)) if self.val_loader else {}
         return val.get("score"), {"val": val}
 
     def write_weights(self, folder: Path) -> None:
@@ -180,9 +180,9 @@ class Stage1Recipe(EpochRecipe):
 
     def fit_operating_points(self) -> OperatingPoints:
         """The validation operating points of the model (the best checkpoint), saved in the run."""
-        if not len(self.val_ds):
+        if self.val_loader is None:
             return OperatingPoints()
-        points = fit_from_outputs(*validation_pass(self.model, self.val_ds, self.cfg, self.device))
+        points = fit_from_outputs(*validation_pass(self.model, self.val_loader, self.device))
         points.save(self.run_dir)
         print(
             f"operating points: BI-RADS prior power {points.birads_prior_power}, finding thresholds "

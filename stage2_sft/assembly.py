@@ -13,7 +13,9 @@ from typing import Any
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
+    AutoModelForImageTextToText,
     AutoTokenizer,
     LlamaConfig,
     LlamaForCausalLM,
@@ -24,6 +26,7 @@ from transformers import (
 from mammorg.io import MammorgError
 from stage2_sft.config import DecoderSettings, LoraSettings, Stage2Config, TerminologySettings
 from stage2_sft.data import PromptBuilder
+from stage2_sft.importer import language_model_of
 from stage2_sft.knowledge import KnowledgeVocabulary
 from stage2_sft.model import ReportGenerator, SpecialIds, prompt_tokens, token_id
 from terminology.lexicon import Lexicon, load_lexicon
@@ -59,6 +62,17 @@ def _local_pretrained(path: str) -> Path:
     return folder
 
 
+def load_pretrained(name_or_path: str, dtype: torch.dtype, attn_implementation: str = "sdpa") -> Any:
+    """A local pretrained model; a multimodal one (Gemma 3 / MedGemma's class) loads whole, its
+    language model is taken by ``language_model_of``."""
+    folder = _local_pretrained(name_or_path)
+    config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
+    loader: Any = AutoModelForImageTextToText if hasattr(config, "text_config") else AutoModelForCausalLM
+    return loader.from_pretrained(
+        str(folder), local_files_only=True, dtype=dtype, attn_implementation=attn_implementation
+    )
+
+
 def build_tokenizer(
     cfg: Stage2Config, train_texts: list[str], out_dir: Path
 ) -> tuple[PreTrainedTokenizerBase, dict[str, list[int]]]:
@@ -90,12 +104,7 @@ def build_decoder(cfg: DecoderSettings, tok: PreTrainedTokenizerBase, pieces: di
     dtype = DTYPES[cfg.dtype]
     model: Any
     if cfg.name_or_path:
-        model = AutoModelForCausalLM.from_pretrained(
-            _local_pretrained(cfg.name_or_path),
-            local_files_only=True,
-            dtype=dtype,
-            attn_implementation=cfg.attn_implementation,
-        )
+        model = language_model_of(load_pretrained(cfg.name_or_path, dtype, cfg.attn_implementation))
         init_term_embeddings(model, tok, pieces)  # also resizes for the special tokens
         return model
     config = LlamaConfig(
@@ -195,7 +204,41 @@ def verbal_table(tok: PreTrainedTokenizerBase, forms: dict[str, str]) -> tuple[t
     return row, pieces
 
 
-def wrap(cfg: Stage2Config, decoder: PreTrainedModel, tok: PreTrainedTokenizerBase, visual_dim: int) -> ReportGenerator:
+def trained_term_ids(
+    cfg: Stage2Config, tok: PreTrainedTokenizerBase, pieces: dict[str, list[int]]
+) -> torch.Tensor | None:
+    """Ids of the term tokens added to a pretrained vocabulary, whose rows train (also under LoRA)."""
+    if (
+        not (cfg.decoder.name_or_path and cfg.terminology.atomic_terms and cfg.terminology.train_term_rows)
+        or not pieces
+    ):
+        return None
+    return torch.tensor(sorted(token_id(tok, t) for t in pieces), dtype=torch.long)
+
+
+def uses_report_vocab(cfg: Stage2Config, tok: PreTrainedTokenizerBase) -> bool:
+    setting = cfg.decoder.report_vocab_head
+    return setting == "always" or (setting == "auto" and len(tok) > 32768)
+
+
+def report_vocabulary(
+    tok: PreTrainedTokenizerBase, reports: Iterable[list[int]], extra: Iterable[int] = ()
+) -> torch.Tensor:
+    """Sorted ids of the report vocabulary: every token of the training targets (reports, plans),
+    the lexicon terms, the special tokens and eos/pad."""
+    ids = {i for report in reports for i in report} | set(extra)
+    ids |= {int(i) for i in tok.all_special_ids} | {int(tok.eos_token_id), int(tok.pad_token_id)}
+    return torch.tensor(sorted(ids), dtype=torch.long)
+
+
+def wrap(
+    cfg: Stage2Config,
+    decoder: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    visual_dim: int,
+    term_ids: torch.Tensor | None = None,
+    report_vocab: torch.Tensor | None = None,
+) -> ReportGenerator:
     """The generator around a decoder, as the config describes it."""
     verbal = None
     if cfg.knowledge.verbal_tie and cfg.knowledge.mode in ("discrete", "both"):
@@ -207,6 +250,8 @@ def wrap(cfg: Stage2Config, decoder: PreTrainedModel, tok: PreTrainedTokenizerBa
         cfg.knowledge.mode,
         term_weights(cfg.terminology, tok),
         verbal,
+        term_ids,
+        report_vocab,
     )
 
 
@@ -224,4 +269,23 @@ def make_builder(cfg: Stage2Config, tok: PreTrainedTokenizerBase) -> PromptBuild
         normalizer,
         cfg.knowledge.confidence,
         cfg.data.assessment_plan,
+        cfg.knowledge.locations,
+        chat_wrapper(tok) if cfg.decoder.chat_template else None,
+    )
+
+
+def chat_wrapper(tok: PreTrainedTokenizerBase) -> tuple[list[int], list[int]]:
+    """(ids before, ids after) the prompt in the tokenizer's chat template, as one user turn
+    followed by the start of the model's turn (instruction-tuned decoders)."""
+    if not getattr(tok, "chat_template", None):
+        raise MammorgError("decoder.chat_template: true, but the tokenizer has no chat template")
+    marker = "\u2063MAMMORG\u2063"
+    text = str(
+        tok.apply_chat_template([{"role": "user", "content": marker}], tokenize=False, add_generation_prompt=True)
+    )
+    before, after = text.split(marker, 1)
+    encode: Any = tok
+    return (
+        list(encode(before, add_special_tokens=False)["input_ids"]),
+        list(encode(after, add_special_tokens=False)["input_ids"]),
     )

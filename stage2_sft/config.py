@@ -47,6 +47,7 @@ class KnowledgeSettings:
     gold_heads: list[str] = field(default_factory=lambda: list(KNOWLEDGE_HEADS))
     confidence: bool = True  # discrete: a <conf:low|mid|high> token after each stated class
     verbal_tie: bool = False  # discrete: each token also carries the embedding of its report words
+    locations: bool = True  # discrete: a <loc:quadrant> token after each finding stage 1 localised
 
     def __post_init__(self) -> None:
         _choice("knowledge.mode", self.mode, KNOWLEDGE_MODES)
@@ -68,6 +69,7 @@ class TerminologySettings:
     vocab_size: int = 800  # BPE size when the decoder is trained from scratch
     term_loss_weight: float = 1.0  # >1 weights lexicon-term tokens in the loss
     category_weight_power: float = 0.0  # >0: BI-RADS category terms weigh (mean count / count)^p
+    train_term_rows: bool = True  # pretrained decoders: the added term rows train (also under LoRA)
 
 
 @dataclass
@@ -76,6 +78,10 @@ class DecoderSettings:
     attn_implementation: str = "sdpa"
     dtype: str = "float32"  # bfloat16 (GPU): bf16 weights (LoRA adapters stay fp32)
     gradient_checkpointing: bool = False
+    # the loss (and generation) over the report vocabulary only: pieces of the training reports,
+    # lexicon terms, special tokens. auto: for vocabularies over 32k (pretrained decoders)
+    report_vocab_head: str = "auto"  # auto | always | never
+    chat_template: bool = False  # wrap the prompt in the tokenizer's chat template (instruction-tuned)
     from_config: dict[str, Any] = field(
         default_factory=lambda: {
             "hidden_size": 96,
@@ -90,6 +96,7 @@ class DecoderSettings:
 
     def __post_init__(self) -> None:
         _choice("decoder.dtype", self.dtype, DTYPES)
+        _choice("decoder.report_vocab_head", self.report_vocab_head, ("auto", "always", "never"))
         if not self.name_or_path and not self.from_config:
             raise ValueError("decoder: set name_or_path (a local model folder) or from_config")
 
@@ -112,6 +119,7 @@ class Stage2Train(TrainSettings):
     warmup_steps: int = 5
     clip: float = 1.0
     compile: bool = False  # torch.compile each decoder block (GPU: faster steps after warm-up)
+    align_epochs: int = 0  # first epochs with the decoder frozen: projector, knowledge and term rows only
 
 
 @dataclass

@@ -47,6 +47,8 @@ class PromptBuilder:
     normalizer: Normalizer | None = None
     confidence: bool = True  # discrete knowledge with confidence-bucket tokens
     plan: bool = False  # the target starts with the report's assessment plan (``plan_tokens``)
+    locations: bool = True  # discrete knowledge with the quadrant of each localised finding
+    chat: tuple[list[int], list[int]] | None = None  # chat-template ids around the prompt
 
     def prompt_ids(self, view_mask: list[bool], state: KnowledgeState) -> list[int]:
         tok = self.tokenizer
@@ -55,10 +57,13 @@ class PromptBuilder:
             for marker, present in zip(VIEW_MARKERS, view_mask):
                 pieces += [marker] + ([IMAGE] * self.visual_tokens_per_view if present else [MISSING])
         if self.knowledge_mode in ("discrete", "both"):
-            pieces += state.tokens(self.confidence)
+            pieces += state.tokens(self.confidence, self.locations)
         if self.knowledge_mode in ("soft", "both"):
             pieces += [KNOWLEDGE] * SOFT_SLOTS
         ids: list[int] = list(tok.convert_tokens_to_ids([*pieces, REPORT]))  # type: ignore[arg-type]
+        if self.chat is not None:  # the template brings its own bos
+            before, after = self.chat
+            return [*before, *ids, *after]
         return ([tok.bos_token_id] if tok.bos_token_id is not None else []) + ids
 
     def report_ids(self, text: str) -> list[int]:
@@ -138,6 +143,7 @@ class ReportDataset(Dataset):
         self.gold_fraction, self.seed, self.epoch = gold_fraction, seed, 0
         self.gold_heads = tuple(gold_heads)
         self._report_ids: dict[int, list[int]] = {}
+        self._locations: dict[int, list[dict]] = {}
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -154,6 +160,13 @@ class ReportDataset(Dataset):
             self._report_ids[i] = self.prompts.report_ids(str(self.rows[i].report))
         return self._report_ids[i]
 
+    def report_locations(self, i: int) -> list[dict]:
+        """Finding locations the reference report states (parsed once): the gold locations."""
+        if i not in self._locations:
+            report = self.rows[i].report
+            self._locations[i] = parse_report(report).locations if report else []
+        return self._locations[i]
+
     def uses_gold(self, i: int) -> bool:
         """Knowledge of exam ``i`` from its labels: the oracle source, or a ``gold_fraction`` draw
         (deterministic per seed, epoch and exam, so a resumed run sees the same draws)."""
@@ -169,7 +182,7 @@ class ReportDataset(Dataset):
         row = self.rows[i]
         if not self.uses_gold(i):
             return KnowledgeState.from_prediction(self.preds[row.exam_id])
-        gold = KnowledgeState.from_labels(row.labels, row.views)
+        gold = KnowledgeState.from_labels(row.labels, row.views, self.report_locations(i))
         if set(self.gold_heads) == set(KNOWLEDGE_HEADS):
             return gold
         return KnowledgeState.from_prediction(self.preds[row.exam_id]).with_heads_from(gold, self.gold_heads)

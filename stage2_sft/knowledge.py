@@ -23,12 +23,13 @@ from mammorg.labels import BIRADS_CLASSES, DENSITIES, FINDINGS, SIDES, birads_cl
 from mammorg.schema import Labels, Stage1Prediction
 
 CONFIDENCE = (("low", 0.5), ("mid", 0.8), ("high", 1.01))  # bucket: upper bound of max prob
+QUADRANTS = ("upper outer", "upper inner", "lower outer", "lower inner")  # location tokens
 SOFT_SLOTS = 1 + 2 + 2 * len(FINDINGS)  # density, BI-RADS per side, each finding per side
 PLAN_SIDES = (*SIDES, "exam")
 HEAD_FIELDS = {
     "density": ("density",),
     "birads": ("birads", "birads_label"),
-    "findings": ("findings", "finding_on"),
+    "findings": ("findings", "finding_on", "location"),
 }  # the state fields of each stage-1 head
 
 
@@ -59,6 +60,11 @@ class KnowledgeVocabulary:
         return f"<{side}:not_imaged>"
 
     @staticmethod
+    def location(quadrant: str) -> str:
+        """``<loc:upper_outer>``: where the finding before it is (stage 1's grounding)."""
+        return f"<loc:{quadrant.replace(' ', '_')}>"
+
+    @staticmethod
     def confidence(p: float) -> str:
         return next(f"<conf:{name}>" for name, hi in CONFIDENCE if p < hi)
 
@@ -69,6 +75,7 @@ class KnowledgeVocabulary:
         tokens += [cls.birads(s, c) for s in SIDES for c in BIRADS_CLASSES]
         tokens += [cls.finding(s, f) for s in SIDES for f in FINDINGS]
         tokens += [cls.no_finding(s) for s in SIDES] + [cls.not_imaged(s) for s in SIDES]
+        tokens += [cls.location(q) for q in QUADRANTS]
         return tokens + [f"<conf:{name}>" for name, _ in CONFIDENCE]
 
     @classmethod
@@ -105,6 +112,7 @@ class KnowledgeVocabulary:
         for side in SIDES:
             forms.update({cls.birads(side, c): f"BI-RADS {c}" for c in BIRADS_CLASSES})
             forms.update({cls.finding(side, f): by_label.get(("finding", f), f.replace("_", " ")) for f in FINDINGS})
+        forms.update({cls.location(q): f"{q} quadrant" for q in QUADRANTS})
         return forms
 
 
@@ -112,7 +120,8 @@ class KnowledgeVocabulary:
 class KnowledgeState:
     """Stage 1's view of one exam as tensors (a batch adds a leading dimension): probabilities
     ``density [4]``, ``birads [2, 9]``, ``findings [2, 7]``; ``sides [2]`` (breast imaged);
-    decisions ``birads_label [2]`` (class index, -1: none) and ``finding_on [2, 7]`` (0/1)."""
+    decisions ``birads_label [2]`` (class index, -1: none) and ``finding_on [2, 7]`` (0/1);
+    ``location [2, 7]``: the quadrant index (``QUADRANTS``) where a finding is, -1 unknown."""
 
     density: torch.Tensor
     birads: torch.Tensor
@@ -120,6 +129,7 @@ class KnowledgeState:
     sides: torch.Tensor
     birads_label: torch.Tensor
     finding_on: torch.Tensor
+    location: torch.Tensor
 
     @classmethod
     def from_prediction(cls, record: Stage1Prediction) -> KnowledgeState:
@@ -139,11 +149,16 @@ class KnowledgeState:
             sides[i] = 1.0
             label[i] = BIRADS_CLASSES.index(str(pred.birads[side]))
             finding_on[i] = torch.tensor([float(pred.findings[side].get(f) == "pos") for f in FINDINGS])
-        return cls(torch.tensor([probs.density[d] for d in DENSITIES]), birads, findings, sides, label, finding_on)
+        location = _locations([(g.side, g.finding, g.location.get("quadrant")) for g in record.grounded])
+        density = torch.tensor([probs.density[d] for d in DENSITIES])
+        return cls(density, birads, findings, sides, label, finding_on, location)
 
     @classmethod
-    def from_labels(cls, labels: Labels, views: dict[str, str | None]) -> KnowledgeState:
-        """Oracle state from manifest labels (``source: gold``); ``unc`` counts as 0.5."""
+    def from_labels(
+        cls, labels: Labels, views: dict[str, str | None], locations: list[dict[str, Any]] | None = None
+    ) -> KnowledgeState:
+        """Oracle state from manifest labels (``source: gold``); ``unc`` counts as 0.5; finding
+        locations from the reference report as parsed (``StructuredReport.locations``)."""
         density = torch.zeros(len(DENSITIES))
         if labels.density in DENSITIES:
             density[DENSITIES.index(labels.density)] = 1.0
@@ -158,7 +173,8 @@ class KnowledgeState:
             states = labels.findings.get(side) or {}
             findings[i] = torch.tensor([{"pos": 1.0, "unc": 0.5}.get(states.get(f, ""), 0.0) for f in FINDINGS])
         label = torch.where(birads.sum(1) > 0, birads.argmax(1), -1)
-        return cls(density, birads, findings, sides, label, (findings >= 0.5).float())
+        location = _locations([(x.get("side"), x.get("finding"), x.get("quadrant")) for x in locations or []])
+        return cls(density, birads, findings, sides, label, (findings >= 0.5).float(), location)
 
     def with_heads_from(self, gold: KnowledgeState, heads: tuple[str, ...]) -> KnowledgeState:
         """This state with the fields of ``heads`` (density, birads, findings) taken from ``gold``."""
@@ -177,9 +193,10 @@ class KnowledgeState:
 
         return KnowledgeState(**{f.name: move(getattr(self, f.name)) for f in fields(self)})
 
-    def tokens(self, confidence: bool = True) -> list[str]:
+    def tokens(self, confidence: bool = True, locations: bool = True) -> list[str]:
         """The discrete tokens of one exam's state: ``<density=c> <conf:high> <L:birads=1>
-        <conf:high> <L:no_finding> <R:birads=4B> ...``; without ``confidence`` no ``<conf:...>``."""
+        <conf:high> <L:no_finding> <R:birads=4B> <R:mass> <conf:mid> <loc:upper_outer> ...``;
+        without ``confidence`` no ``<conf:...>``, without ``locations`` no ``<loc:...>``."""
         vocab = KnowledgeVocabulary
         out: list[str] = []
 
@@ -198,9 +215,12 @@ class KnowledgeState:
             label = int(self.birads_label[i])
             if label >= 0:
                 stated(vocab.birads(side, BIRADS_CLASSES[label]), float(self.birads[i, label]))
-            found = [(f, float(q)) for f, q, on in zip(FINDINGS, self.findings[i], self.finding_on[i]) if on]
-            for name, q in found:
-                stated(vocab.finding(side, name), q)
+            found = [(j, float(q)) for j, (q, on) in enumerate(zip(self.findings[i], self.finding_on[i])) if on]
+            for j, q in found:
+                stated(vocab.finding(side, FINDINGS[j]), q)
+                where = int(self.location[i, j])
+                if locations and where >= 0:
+                    out.append(vocab.location(QUADRANTS[where]))
             if not found:
                 out.append(vocab.no_finding(side))
         return out
@@ -210,8 +230,20 @@ class KnowledgeState:
 
     @classmethod
     def from_json(cls, raw: dict[str, Any]) -> KnowledgeState:
-        dtypes = {"birads_label": torch.long}
+        dtypes = {"birads_label": torch.long, "location": torch.long}
+        raw = {"location": [[-1] * len(FINDINGS)] * 2, **raw}  # states saved before locations
         return cls(**{f.name: torch.tensor(raw[f.name], dtype=dtypes.get(f.name, torch.float)) for f in fields(cls)})
+
+
+def _locations(items: list[tuple[Any, Any, Any]]) -> torch.Tensor:
+    """``[2, F]`` quadrant indices from (side, finding, quadrant) triples; the first stated wins."""
+    out = torch.full((2, len(FINDINGS)), -1, dtype=torch.long)
+    for side, finding, quadrant in items:
+        if side in SIDES and finding in FINDINGS and quadrant in QUADRANTS:
+            i, j = SIDES.index(side), FINDINGS.index(finding)
+            if out[i, j] < 0:
+                out[i, j] = QUADRANTS.index(quadrant)
+    return out
 
 
 class SoftKnowledge(nn.Module):

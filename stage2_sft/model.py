@@ -17,7 +17,14 @@ from typing import Any
 import torch
 from peft import PeftModel
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LogitsProcessor,
+    LogitsProcessorList,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from mammorg.io import MammorgError, write_json_atomic
 from mammorg.labels import VIEWS
@@ -39,6 +46,24 @@ def token_id(tokenizer: PreTrainedTokenizerBase, token: str) -> int:
 def prompt_tokens() -> list[str]:
     """Special tokens every stage-2 tokenizer carries (structure, discrete knowledge, plans)."""
     return [IMAGE, KNOWLEDGE, REPORT, MISSING, *VIEW_MARKERS, *KnowledgeVocabulary.all()]
+
+
+def _embed_scale(table: Any) -> Any:
+    """Gemma scales its input embeddings by sqrt(hidden) inside the embedding module."""
+    scale = getattr(table, "embed_scale", None)
+    return 1.0 if scale is None else scale
+
+
+class ReportVocabulary(LogitsProcessor):
+    """Generation keeps to the report vocabulary: every other token gets -inf."""
+
+    def __init__(self, allowed: torch.Tensor):
+        self.allowed = allowed
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        mask = torch.full_like(scores, float("-inf"))
+        mask[:, self.allowed.to(scores.device)] = 0.0
+        return scores + mask  # type: ignore[return-value]
 
 
 class PlaceholderMismatch(ValueError):
@@ -103,6 +128,10 @@ class ReportGenerator(nn.Module):
     term_weights: torch.Tensor | None
     verbal_row: torch.Tensor | None
     verbal_pieces: torch.Tensor | None
+    term_ids: torch.Tensor | None
+    term_row: torch.Tensor | None
+    report_vocab: torch.Tensor | None
+    vocab_index: torch.Tensor | None
     projector: VisualProjector
     soft: SoftKnowledge | None
 
@@ -114,9 +143,16 @@ class ReportGenerator(nn.Module):
         knowledge_mode: str = "discrete",
         term_weights: torch.Tensor | None = None,
         verbal: tuple[torch.Tensor, torch.Tensor] | None = None,
+        term_ids: torch.Tensor | None = None,
+        report_vocab: torch.Tensor | None = None,
     ):
         """``verbal``: (vocabulary id -> row, rows of word-piece ids) of the verbal tie (see
-        ``_verbal_embeddings``); ``term_weights``: per-token loss weights (training only)."""
+        ``_verbal_embeddings``); ``term_weights``: per-token loss weights (training only).
+
+        ``term_ids``: tokens whose embedding (and output) rows train here even when the decoder
+        is frozen under LoRA (the atomic lexicon terms added to a pretrained vocabulary).
+        ``report_vocab``: sorted ids of the report vocabulary; the loss and generation use only
+        these output rows (``head_logits``), the saved decoder keeps its full head."""
         super().__init__()
         table: Any = decoder.get_input_embeddings()
         hidden = int(table.embedding_dim)
@@ -132,6 +168,72 @@ class ReportGenerator(nn.Module):
         base = get_base() if get_base is not None else decoder
         self._keeps_logits = "logits_to_keep" in inspect.signature(type(base).forward).parameters
         self.loss_fn = report_cross_entropy
+        self._init_term_rows(term_ids)
+        self.register_buffer("report_vocab", report_vocab)  # saved with the extras
+        vocab = int(table.num_embeddings)
+        index = torch.full((vocab,), -1, dtype=torch.long)
+        if report_vocab is not None:
+            index[report_vocab] = torch.arange(report_vocab.numel())
+        self.register_buffer("vocab_index", index if report_vocab is not None else None, persistent=False)
+        self.softcap = getattr(base.config, "final_logit_softcapping", None)
+
+    def _init_term_rows(self, term_ids: torch.Tensor | None) -> None:
+        """Trainable copies of the term rows of the (frozen) input and output embeddings."""
+        self.register_buffer("term_ids", term_ids)
+        if term_ids is None:
+            self.term_in = self.term_out = None
+            self.register_buffer("term_row", None, persistent=False)
+            return
+        table: Any = self.decoder.get_input_embeddings()
+        out: Any = self.decoder.get_output_embeddings()
+        self.term_in = nn.Parameter(table.weight.detach()[term_ids].clone().float())
+        tied = out is None or out.weight.data_ptr() == table.weight.data_ptr()
+        self.term_out = None if tied else nn.Parameter(out.weight.detach()[term_ids].clone().float())
+        row = torch.full((int(table.num_embeddings),), -1, dtype=torch.long)
+        row[term_ids] = torch.arange(term_ids.numel())
+        self.register_buffer("term_row", row, persistent=False)
+
+    @torch.no_grad()
+    def sync_term_rows(self) -> None:
+        """Write the trained term rows into the decoder's embedding and output weights, so that
+        ``generate`` and a saved decoder (loaded by transformers alone) use them."""
+        if self.term_ids is None or self.term_in is None:
+            return
+        table: Any = self.decoder.get_input_embeddings()
+        table.weight[self.term_ids] = self.term_in.to(table.weight.dtype)
+        out: Any = self.decoder.get_output_embeddings()
+        if self.term_out is not None and out is not None:
+            out.weight[self.term_ids] = self.term_out.to(out.weight.dtype)
+
+    def _body(self) -> Any:
+        """The decoder's transformer (LoRA layers included) without its LM head."""
+        get_base: Any = getattr(self.decoder, "get_base_model", None)
+        base = get_base() if get_base is not None else self.decoder
+        return base.get_decoder()
+
+    def head_weight(self) -> torch.Tensor:
+        """Output rows of the report vocabulary (all rows without one), term rows as trained."""
+        out: Any = self.decoder.get_output_embeddings()
+        weight = out.weight
+        rows = weight if self.report_vocab is None else weight[self.report_vocab]
+        if self.term_ids is None or self.term_in is None:
+            return rows
+        trained = (self.term_out if self.term_out is not None else self.term_in).to(rows.dtype)
+        where = self.term_ids if self.vocab_index is None else self.vocab_index[self.term_ids]
+        keep = where >= 0
+        return rows.index_copy(0, where[keep], trained[keep])
+
+    def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits over the report vocabulary (or the whole one) from final hidden states."""
+        logits = nn.functional.linear(hidden, self.head_weight())
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+    @property
+    def own_head(self) -> bool:
+        """Whether the loss computes the head here (term rows or a report vocabulary)."""
+        return self.term_ids is not None or self.report_vocab is not None
 
     def compile_loss(self) -> None:
         """``torch.compile`` the report loss (dynamic: the number of report positions varies)."""
@@ -146,6 +248,10 @@ class ReportGenerator(nn.Module):
         """Input embeddings with visual tokens (``visual [V, N, D]``, in prompt order) filled in."""
         table = self.decoder.get_input_embeddings()
         embeds = table(input_ids)
+        if self.term_row is not None and self.term_in is not None:
+            row = self.term_row[input_ids]
+            trained = self.term_in.to(embeds.dtype)[row.clamp(min=0)] * _embed_scale(table)
+            embeds = torch.where((row >= 0).unsqueeze(-1), trained, embeds)
         if self.verbal_row is not None:
             embeds = embeds + self._verbal_embeddings(table, input_ids)
         hidden = embeds.shape[-1]
@@ -191,6 +297,16 @@ class ReportGenerator(nn.Module):
         positions = (targets != IGNORE_INDEX).any(0).nonzero().squeeze(1)
         if positions.numel() == 0:
             return embeds.sum() * 0.0  # nothing to learn here; keeps every parameter in the graph
+        if self.own_head:  # hidden states at the kept positions, then this generator's head
+            hidden = self._body()(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False)
+            logits = self.head_logits(hidden.last_hidden_state[:, positions])
+            wanted = targets[:, positions]
+            weights = self.term_weights
+            if self.vocab_index is not None:  # targets as report-vocabulary indices
+                wanted = torch.where(wanted >= 0, self.vocab_index[wanted.clamp(min=0)], wanted)
+                wanted = wanted.masked_fill(wanted == -1, IGNORE_INDEX)  # a piece outside it
+                weights = None if weights is None else weights[self.report_vocab]
+            return self.loss_fn(logits, wanted, weights)
         keep = {"logits_to_keep": positions} if self._keeps_logits else {}
         logits = self.decoder(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False, **keep).logits
         if not keep:
@@ -206,8 +322,15 @@ class ReportGenerator(nn.Module):
         knowledge: KnowledgeState | None = None,
         **generation_kwargs: Any,
     ) -> torch.Tensor:
-        """New token ids for left-padded prompts (KV cache, greedy or beam search)."""
+        """New token ids for left-padded prompts (KV cache, greedy or beam search); with a report
+        vocabulary only its tokens can be generated."""
+        self.sync_term_rows()
         embeds = self.embed(input_ids, visual, knowledge)
+        if self.report_vocab is not None:
+            processors = list(generation_kwargs.pop("logits_processor", None) or [])
+            generation_kwargs["logits_processor"] = LogitsProcessorList(
+                [ReportVocabulary(self.report_vocab), *processors]
+            )
         return self.decoder.generate(inputs_embeds=embeds, attention_mask=attention_mask, **generation_kwargs)
 
     @property
@@ -237,6 +360,8 @@ class ReportGenerator(nn.Module):
         folder) also ``tokenizer/`` and ``base_decoder/`` (a self-contained folder, as in bundles).
         ``state``: the decoder's weights to write (ZeRO-3 gathered; default: the module's own)."""
         folder = Path(folder)
+        if state is None:
+            self.sync_term_rows()  # the saved decoder carries the trained term rows
         decoder_state, extras = self.split_state(state)
         decoder, adapter = self.decoder, self.is_adapter
         if adapter and merge_lora:
@@ -289,6 +414,8 @@ class ReportGenerator(nn.Module):
             int(meta["visual_dim"]),
             meta["knowledge_mode"],
             verbal=verbal,
+            term_ids=extras.get("term_ids"),
+            report_vocab=extras.get("report_vocab"),
         )
         missing, unexpected = model.load_state_dict(extras, strict=False)
         wrong = [k for k in missing if not k.startswith("decoder.")] + list(unexpected)

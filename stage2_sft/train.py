@@ -34,7 +34,11 @@ from stage2_sft.assembly import (
     category_weights,
     check_runtime,
     compile_generator,
+    lexicon_of,
     make_builder,
+    report_vocabulary,
+    trained_term_ids,
+    uses_report_vocab,
     wrap,
 )
 from stage2_sft.config import Stage2Config
@@ -48,6 +52,7 @@ from stage2_sft.data import (
     resolve_path,
 )
 from stage2_sft.model import ReportGenerator
+from terminology.tokenizer import term_token_ids
 
 TRAINABLE = "trainable.safetensors"
 
@@ -114,14 +119,24 @@ class Stage2Recipe(EpochRecipe):
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir)
         self.tok, pieces = prepare_tokenizer(cfg, self.run_dir, self.rank)
-        model = self.build_generator(pieces).to(self.device)
         self.train_ds, self.val_ds = datasets(cfg, make_builder(cfg, self.tok))
-        reports = (self.train_ds.report_ids(i) for i in range(len(self.train_ds)))
+        reports = [self.train_ds.report_ids(i) for i in range(len(self.train_ds))]
+        term_ids = trained_term_ids(cfg, self.tok, pieces)
+        vocab = None
+        if uses_report_vocab(cfg, self.tok):
+            terms = term_token_ids(self.tok, lexicon_of(cfg.terminology))
+            vocab = report_vocabulary(self.tok, reports, terms)
+        model = self.build_generator(pieces, term_ids, vocab).to(self.device)
         weights = category_weights(cfg, self.tok, reports, model.term_weights)
         model.term_weights = None if weights is None else weights.to(self.device)
         self.lengths = self.train_ds.lengths()
         per_epoch = len(length_grouped_batches(self.lengths, cfg.train.batch_size, cfg.seed, 0, self.rank, self.world))
         params = [p for p in model.parameters() if p.requires_grad]
+        self.decoder_trainable = {
+            n for n, p in model.named_parameters() if p.requires_grad and n.startswith("decoder.")
+        }
+        if cfg.train.align_epochs and cfg.deepspeed.config:
+            raise MammorgError("train.align_epochs needs the plain torch back-end (no deepspeed.config)")
         fused = torch.cuda.is_available() and not cfg.deepspeed.config  # one kernel for all parameters
         optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, fused=fused)
         steps = cfg.train.epochs * math.ceil(per_epoch / cfg.train.grad_accum)
@@ -135,7 +150,9 @@ class Stage2Recipe(EpochRecipe):
             clip=cfg.train.clip,
         )
 
-    def build_generator(self, pieces: dict) -> ReportGenerator:
+    def build_generator(
+        self, pieces: dict, term_ids: torch.Tensor | None = None, vocab: torch.Tensor | None = None
+    ) -> ReportGenerator:
         """Decoder (+ LoRA, saving the frozen base once) wrapped with projector and knowledge."""
         cfg = self.cfg
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
@@ -151,7 +168,7 @@ class Stage2Recipe(EpochRecipe):
         if cfg.decoder.gradient_checkpointing:
             decoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         assert cfg.visual.dim is not None
-        model = wrap(cfg, decoder, self.tok, cfg.visual.dim)
+        model = wrap(cfg, decoder, self.tok, cfg.visual.dim, term_ids, vocab)
         if cfg.train.compile:
             compile_generator(model)
         return model
@@ -169,8 +186,17 @@ class Stage2Recipe(EpochRecipe):
                 batch.input_ids, batch.attention_mask, batch.labels, batch.visual, batch.knowledge
             )
 
+    def set_alignment(self, on: bool) -> None:
+        """Alignment phase (LLaVA's first stage): the decoder frozen, LoRA adapters included;
+        the projector, soft knowledge and term rows train."""
+        for name, param in self.generator.named_parameters():
+            if name.startswith("decoder."):
+                param.requires_grad_(not on and name in self.decoder_trainable)
+
     def train_epoch(self, epoch: int) -> float:
         cfg, losses = self.cfg, []
+        if cfg.train.align_epochs:
+            self.set_alignment(epoch < cfg.train.align_epochs)
         batches = length_grouped_batches(self.lengths, cfg.train.batch_size, cfg.seed, epoch, self.rank, self.world)
         self.train_ds.epoch = epoch
         for i, idx in enumerate(tqdm(batches, desc=f"stage2 epoch {epoch}", disable=self.rank != 0, leave=False)):

@@ -23,17 +23,28 @@ def _atomic(term: str) -> AddedToken:
 def extend_tokenizer(
     tokenizer: PreTrainedTokenizerBase, lexicon: Lexicon, only_multi_piece: bool = True
 ) -> dict[str, list[int]]:
-    """Add lexicon terms as atomic tokens; return each added term's original piece ids."""
+    """Add lexicon terms as atomic tokens to a pretrained tokenizer; return each added token's
+    original piece ids (for its embedding's initialisation).
+
+    Each term is added twice: ``" term"`` (with its leading space, as it appears mid-sentence, so
+    that the space is part of the token like the word-boundary marker of the tokenizer's own
+    pieces, and no lone space piece precedes it) and ``"term"`` (at the start of a line)."""
     pieces = {}
+    vocab = tokenizer.get_vocab()
     for term in lexicon.canonical_terms():
-        ids = tokenizer(term, add_special_tokens=False)["input_ids"]
-        if only_multi_piece and len(ids) == 1:
-            continue
-        if term in tokenizer.get_vocab():
-            continue
-        pieces[term] = ids
-    tokenizer.add_tokens([_atomic(t) for t in pieces])
+        for token in (" " + term, term):
+            token_ids = tokenizer(token, add_special_tokens=False)["input_ids"]
+            if token in vocab or (only_multi_piece and len(token_ids) == 1):
+                continue
+            pieces[token] = [i for i in token_ids if str(tokenizer.decode([i])).strip()] or token_ids
+    tokenizer.add_tokens([_word_boundary(t) if t.startswith(" ") else _atomic(t) for t in pieces])
     return pieces
+
+
+def _word_boundary(token: str) -> AddedToken:
+    """A term with its leading space: matched in the raw text (before the tokenizer's own
+    normalisation), decoded as written."""
+    return AddedToken(token, single_word=False, lstrip=False, rstrip=False, normalized=False, special=False)
 
 
 @torch.no_grad()
@@ -83,9 +94,10 @@ def train_bpe_tokenizer(
 
 
 def term_token_ids(tokenizer: PreTrainedTokenizerBase, lexicon: Lexicon) -> list[int]:
-    """Ids of lexicon terms that are single tokens in ``tokenizer``."""
+    """Ids of lexicon terms that are single tokens in ``tokenizer`` (with and without their
+    leading space)."""
     vocab = tokenizer.get_vocab()
-    return sorted(vocab[t] for t in lexicon.canonical_terms() if t in vocab)
+    return sorted(vocab[t] for term in lexicon.canonical_terms() for t in (term, " " + term) if t in vocab)
 
 
 def term_loss_weights(vocab_size: int, term_ids: Sequence[int], weight: float) -> torch.Tensor:

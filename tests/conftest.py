@@ -59,7 +59,7 @@ def stage1_outputs(synth_dir, tmp_path_factory) -> Path:
     rows[0]["views"]["R_MLO"], rows[3]["views"]["L_CC"] = None, None  # exams with 3 views
     (root / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     preprocess_manifest(root / "m.jsonl", root / "cache", PreprocessSpec(64, 32), workers=1, progress=False)
-    assert train_stage1(root / "cache/manifest.jsonl", root / "s1", "train.epochs=1") == 0
+    assert train_stage1(root / "cache/manifest.jsonl", root / "s1", "train.epochs=1", "model.localise=true") == 0
     assert (
         cli(
             [

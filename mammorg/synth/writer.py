@@ -15,9 +15,9 @@ from tqdm import tqdm
 from mammorg.io import atomic_path, write_jsonl_atomic, write_text_atomic
 from mammorg.labels import SIDES, VIEWS, birads_severity, canonical_descriptor
 from mammorg.privacy import hash_id
-from mammorg.schema import Exam
+from mammorg.schema import Box, Exam, Lesion
 from mammorg.synth.findings import BENIGN_CALCS, lesion_birads, sample_exam
-from mammorg.synth.phantom import FIELD_MM, render_view
+from mammorg.synth.phantom import FIELD_MM, render_view_with_boxes
 from mammorg.synth.reports import REPORT_STYLES, report_labels, write_report
 
 MG_FOR_PRESENTATION = UID("1.2.840.10008.5.1.4.1.1.1.2")
@@ -66,9 +66,7 @@ def truth_descriptors(truth: dict) -> dict[str, dict[str, str]]:
     """Per breast, the descriptors of its most suspicious mass and calcification."""
     out: dict[str, dict[str, str]] = {}
     for side, breast in truth["breasts"].items():
-        ranked = sorted(
-            breast["lesions"], key=lambda x: birads_severity(lesion_birads(x) or "1"), reverse=True
-        )
+        ranked = sorted(breast["lesions"], key=lambda x: birads_severity(lesion_birads(x) or "1"), reverse=True)
         found: dict[str, str | None] = {}
         for lesion in ranked:
             if lesion["type"] == "mass" and "mass_shape" not in found:
@@ -170,7 +168,7 @@ def synthesise_exam(index: int, settings: SynthSettings, root: Path) -> dict:
     report = write_report(truth, style, rng)
     images = {}
     for view in VIEWS:
-        pixels = render_view(truth, view, settings.height, settings.width, rng, settings.difficulty)
+        pixels, boxes = render_view_with_boxes(truth, view, settings.height, settings.width, rng, settings.difficulty)
         image_id = hash_id(f"{ids['study_id']}:{view}", salt="synth-image", length=24)
         view_ids = {
             **ids,
@@ -179,7 +177,7 @@ def synthesise_exam(index: int, settings: SynthSettings, root: Path) -> dict:
         }
         rel = Path("images") / ids["study_id"] / f"{image_id}.dicom"
         _write_dicom(dicom_dataset(pixels, view, view_ids, rng), root / rel)
-        images[view] = {"image_id": image_id, "path": str(rel)}
+        images[view] = {"image_id": image_id, "path": str(rel), "boxes": boxes}
     return {"ids": ids, "truth": truth, "split": split, "style": style, "report": report, "images": images}
 
 
@@ -200,17 +198,33 @@ def _breast_rows(exam: dict, settings: SynthSettings) -> tuple[list[list], list[
             settings.width,
         ]
         breast_rows.append([*base, birads, density, exam["split"]])
-        lesions = [
-            x
-            for x in truth["breasts"][side]["lesions"]
-            if not (x.get("quadrant") == "axillary tail" and proj == "CC")
-        ]
-        cats = sorted({vindr_categories(x) for x in lesions}) or ["No Finding"]
-        finding_birads = birads if lesions else ""
-        finding_rows.append(
-            [*base, birads, density, str(cats), finding_birads, "", "", "", "", exam["split"]]
-        )
+        lesions = truth["breasts"][side]["lesions"]
+        boxed = dict(image["boxes"])
+        # one row per boxed lesion (VinDr: one row per box), one for the features without a box
+        for index, (x0, y0, x1, y1) in sorted(boxed.items()):
+            lesion = lesions[index]
+            category = f"BI-RADS {lesion_birads(lesion)}"
+            finding_rows.append(
+                [*base, birads, density, str([vindr_categories(lesion)]), category, x0, y0, x1, y1, exam["split"]]
+            )
+        unboxed = [x for x in lesions if x["type"] in ("skin_thickening", "nipple_retraction")]
+        if unboxed or not boxed:
+            cats = sorted({vindr_categories(x) for x in unboxed}) or ["No Finding"]
+            finding_rows.append(
+                [*base, birads, density, str(cats), birads if unboxed else "", "", "", "", "", exam["split"]]
+            )
     return breast_rows, finding_rows
+
+
+def _lesions(exam: dict) -> list[Lesion]:
+    """Every lesion's box on every view it is drawn on (original-image pixels)."""
+    out = []
+    for view in VIEWS:
+        lesions = exam["truth"]["breasts"][view.split("_")[0]]["lesions"]
+        for index, box in exam["images"][view]["boxes"]:
+            lesion = lesions[index]
+            out.append(Lesion(view, lesion["type"], Box(*box), lesion_birads(lesion)))
+    return out
 
 
 def _csv_text(columns: list[str], rows: list[list]) -> str:
@@ -242,6 +256,7 @@ def manifest_row(exam: dict) -> Exam:
             "report_style": exam["style"],
             "lesions": {s: truth["breasts"][s]["lesions"] for s in SIDES},
         },
+        lesions=_lesions(exam),
     )
 
 

@@ -1,0 +1,247 @@
+"""Localising stage 1 (issue #19): boxes from the generator through preprocessing, heatmap
+targets, localisation metrics, grounded findings and location knowledge tokens."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import ingest_vindr
+
+from mammorg.geometry import box_to_cache, box_to_original, point_to_cache, point_to_original
+from mammorg.io import read_jsonl
+from mammorg.labels import FINDINGS, VIEWS
+from mammorg.preprocess import PreprocessSpec, normalise_geometry
+from mammorg.schema import Box, Exam, GroundedFinding, HeadProbabilities, Labels, Stage1Prediction, StructuredReport
+from stage1_classification.data import augment, box_tensors
+from stage1_classification.localisation import (
+    box_targets,
+    localisation_metrics,
+    location_from_views,
+    peak_box,
+)
+from stage1_classification.model import MultiViewClassifier, stage1_loss
+
+
+def _breast(flip: bool) -> tuple[np.ndarray, Box]:
+    """A breast-like image (chest wall bright at the left, or right when ``flip``) with a bright
+    square lesion; the lesion's box."""
+    img = np.zeros((200, 120), dtype=np.float32)
+    yy, xx = np.mgrid[0:200, 0:120]
+    img[((xx / 100) ** 2 + ((yy - 100) / 80) ** 2) <= 1] = 0.4
+    img[60:80, 30:45] = 1.0
+    box = Box(30, 60, 45, 80)
+    if flip:
+        img = img[:, ::-1].copy()
+        box = Box(120 - 45, 60, 120 - 30, 80)
+    return img, box
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_boxes_follow_the_preprocessing_geometry(flip):
+    img, box = _breast(flip)
+    out, geometry = normalise_geometry(img, PreprocessSpec(128, 64))
+    cached = box_to_cache(box, geometry)
+    ys, xs = np.nonzero(out > 0.8)
+    assert abs(xs.min() - cached.xmin) <= 1.5 and abs(xs.max() + 1 - cached.xmax) <= 1.5
+    assert abs(ys.min() - cached.ymin) <= 1.5 and abs(ys.max() + 1 - cached.ymax) <= 1.5
+    back = box_to_original(cached, geometry)
+    assert np.allclose(back.to_json(), box.to_json(), atol=1e-3)
+    x, y = point_to_original(*point_to_cache(10.0, 20.0, geometry), geometry)
+    assert abs(x - 10) < 1e-6 and abs(y - 20) < 1e-6
+
+
+def test_synthetic_boxes_reach_the_manifest(synth_dir, tmp_path):
+    ingest_vindr(synth_dir, tmp_path / "m.jsonl")
+    rows = [Exam.from_json(r) for r in read_jsonl(tmp_path / "m.jsonl")]
+    boxed = 0
+    for exam in rows:
+        for side in ("L", "R"):
+            drawn = {f for f, v in exam.labels.findings[side].items() if v == "pos"}
+            drawn -= {"skin_thickening", "nipple_retraction"}
+            on_side = {x.finding for x in exam.lesions if x.side == side and x.box is not None}
+            assert drawn == on_side, (exam.exam_id, side)
+        for lesion in exam.lesions:
+            b = lesion.box
+            assert b is not None and 0 <= b.xmin < b.xmax <= 64 and 0 <= b.ymin < b.ymax <= 128
+            boxed += 1
+    assert boxed > 0
+
+
+def _known(view: int, finding: str) -> torch.Tensor:
+    known = torch.zeros(1, 4, len(FINDINGS), dtype=torch.bool)
+    known[0, view, FINDINGS.index(finding)] = True
+    return known
+
+
+def _batch(box: list[float], finding: str = "mass", view: int = 0) -> dict:
+    boxes = torch.full((1, 4, 8, 5), -1.0)
+    boxes[0, view, 0] = torch.tensor([FINDINGS.index(finding), *box])
+    return {
+        "images": torch.zeros(1, 4, 1, 64, 32),
+        "view_mask": torch.ones(1, 4, dtype=torch.bool),
+        "boxes": boxes,
+        "box_known": _known(view, finding),
+    }
+
+
+def test_box_targets_mark_the_overlapped_cells():
+    target = box_targets(_batch([4, 20, 12, 30])["boxes"], (64, 32), (8, 4))
+    mass = target[0, 0, FINDINGS.index("mass")]
+    assert mass.sum() == 4 and mass[2:4, 0:2].all()  # rows 16-32 px, columns 0-16 px
+    assert target.sum() == mass.sum()
+
+
+def test_pointing_game_and_froc():
+    batch = _batch([4, 20, 12, 30])
+    heat = torch.full((1, 4, len(FINDINGS), 8, 4), -5.0)
+    heat[0, 0, FINDINGS.index("mass"), 3, 1] = 5.0  # inside the box
+    good = localisation_metrics([{"heatmaps": heat}], [batch])
+    assert good["pointing_game"]["mass"] == 1.0 and good["froc_sensitivity_at_1fp"]["mass"] == 1.0
+    heat[0, 0, FINDINGS.index("mass"), 3, 1] = -5.0
+    heat[0, 0, FINDINGS.index("mass"), 7, 3] = 5.0  # far from it
+    bad = localisation_metrics([{"heatmaps": heat}], [batch])
+    assert bad["pointing_game"]["mass"] == 0.0
+
+
+def test_localisation_loss_only_where_known_and_falls_with_training():
+    torch.manual_seed(0)
+    model = MultiViewClassifier("resnet10t", 32, (2, 2), 4, 0.0, localise=True)
+    batch = _batch([4, 20, 12, 30])
+    batch["images"][0, 0, 0, 20:30, 4:12] = 1.0
+    batch.update(
+        density=torch.tensor([-1]),
+        birads_mask=torch.zeros(1, 2, 9, dtype=torch.bool),
+        findings=torch.zeros(1, 2, len(FINDINGS)),
+        finding_mask=torch.zeros(1, 2, len(FINDINGS)),
+    )
+    out = model(batch["images"], batch["view_mask"])
+    assert out["heatmaps"].shape[:3] == (1, 4, len(FINDINGS)) and out["findings"].shape == (1, 2, len(FINDINGS))
+    unknown = dict(batch, box_known=torch.zeros_like(batch["box_known"]))
+    assert stage1_loss(out, unknown).item() == pytest.approx(0.0, abs=1e-6)
+    opt = torch.optim.Adam(model.parameters(), 1e-2)
+    losses = []
+    for _ in range(8):
+        loss = stage1_loss(model(batch["images"], batch["view_mask"]), batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("pooling", ["lse", "topk", "attention"])
+def test_mil_poolings_ignore_missing_views(pooling):
+    model = MultiViewClassifier("resnet10t", 32, (2, 2), 4, 0.0, localise=True, mil_pooling=pooling).eval()
+    images = torch.rand(1, 4, 1, 64, 32)
+    mask = torch.tensor([[True, True, False, False]])
+    a = model(images, mask)["findings"]
+    images[0, 2:] = torch.rand(2, 1, 64, 32)  # the missing right views change nothing
+    assert torch.allclose(a, model(images, mask)["findings"])
+
+
+def test_augmentation_moves_boxes_with_the_image():
+    exam_boxes = torch.full((4, 8, 5), -1.0)
+    exam_boxes[0, 0] = torch.tensor([0.0, 10, 10, 20, 20])
+    sample = {
+        "images": torch.zeros(4, 1, 64, 32),
+        "view_mask": torch.ones(4, dtype=torch.bool),
+        "boxes": exam_boxes,
+        "box_known": torch.zeros(4, len(FINDINGS), dtype=torch.bool),
+        "birads_mask": torch.zeros(2, 9, dtype=torch.bool),
+        "findings": torch.zeros(2, len(FINDINGS)),
+        "finding_mask": torch.zeros(2, len(FINDINGS)),
+    }
+    sample["images"][0, 0, 10:20, 10:20] = 1.0
+    for seed in range(6):
+        out = augment(sample, np.random.default_rng(seed))
+        view = int(torch.nonzero(out["boxes"][:, 0, 0] >= 0)[0])
+        x0, y0, x1, y1 = (int(v) for v in out["boxes"][view, 0, 1:])
+        inside = out["images"][view, 0, y0:y1, x0:x1]
+        assert inside.numel() and inside.min() > 0.5  # the lesion is where its box says
+
+
+def test_box_tensors_from_an_exam(synth_dir, tmp_path):
+    from mammorg.preprocess import preprocess_manifest
+    from mammorg.schema import read_manifest
+
+    ingest_vindr(synth_dir, tmp_path / "m.jsonl")
+    preprocess_manifest(tmp_path / "m.jsonl", tmp_path / "cache", PreprocessSpec(64, 32), workers=1, progress=False)
+    exam = next(e for e in read_manifest(tmp_path / "cache" / "manifest.jsonl") if e.lesions)
+    t = box_tensors(exam)
+    lesion = exam.lesions[0]
+    v, f = VIEWS.index(lesion.view), FINDINGS.index(lesion.finding)
+    assert t["box_known"][v, f] and (t["boxes"][v, :, 0] == f).any()
+    row = t["boxes"][v][t["boxes"][v, :, 0] == f][0]
+    assert 0 <= row[1] < row[3] <= 32 and 0 <= row[2] < row[4] <= 64
+
+
+def test_peak_box_and_locations():
+    prob = torch.zeros(8, 4)
+    prob[2, 1], prob[2, 2], prob[6, 0] = 0.9, 0.6, 0.3
+    score, box = peak_box(prob, (64, 32))
+    assert score == pytest.approx(0.9) and box == (8.0, 16.0, 24.0, 24.0)
+    left = location_from_views("L", cc=(0.5, 0.2), mlo=(0.5, 0.2))  # lateral, upper
+    assert left["quadrant"] == "upper outer" and left["clock"] in (1, 2) and left["depth"] == "middle"
+    right = location_from_views("R", cc=(0.2, 0.8), mlo=(0.2, 0.8))  # medial, lower, near the chest wall
+    assert right["quadrant"] == "lower inner" and right["clock"] in (4, 5) and right["depth"] == "posterior"
+    assert location_from_views("R", cc=None, mlo=(0.9, 0.3)) == {"side": "R", "depth": "anterior", "quadrant": "upper"}
+
+
+def test_location_knowledge_tokens_and_location_f1():
+    from evaluation.clinical import point_metrics
+    from stage2_sft.knowledge import KnowledgeState, KnowledgeVocabulary
+
+    probs = HeadProbabilities(
+        {"a": 0.1, "b": 0.7, "c": 0.1, "d": 0.1},
+        {"L": dict.fromkeys(("0", "1", "2", "3", "4A", "4B", "4C", "5", "6"), 0.0) | {"4B": 1.0}, "R": None},
+        {"L": dict.fromkeys(FINDINGS, 0.1) | {"mass": 0.9}, "R": None},
+    )
+    pred = Labels.make("b", {"L": "4B", "R": None}, {"L": {"mass": "pos"}, "R": {}})
+    grounded = [GroundedFinding("L", "mass", 0.9, "L_CC", Box(1, 2, 3, 4), {"side": "L", "quadrant": "upper outer"})]
+    state = KnowledgeState.from_prediction(Stage1Prediction("e", ["L_CC", "L_MLO"], probs, pred, grounded=grounded))
+    tokens = state.tokens(confidence=False)
+    assert tokens[tokens.index("<L:mass>") + 1] == KnowledgeVocabulary.location("upper outer") == "<loc:upper_outer>"
+    assert "<loc:upper_outer>" not in state.tokens(confidence=False, locations=False)
+    assert "<loc:upper_outer>" in KnowledgeVocabulary.discrete()
+    gold = KnowledgeState.from_labels(
+        pred, {"L_CC": "x"}, [{"side": "L", "finding": "mass", "quadrant": "lower inner"}]
+    )
+    assert "<loc:lower_inner>" in gold.tokens()
+    assert KnowledgeState.from_json(state.to_json()).tokens() == state.tokens()
+
+    ref = StructuredReport.from_json(
+        {
+            "density": "b",
+            "birads": {"L": "4B", "R": None, "exam": "4B"},
+            "findings": {"L": {"mass": "pos"}, "R": {}, "U": {}},
+            "locations": [{"side": "L", "finding": "mass", "quadrant": "upper outer"}],
+        }
+    )
+    wrong = StructuredReport.from_json(
+        {**ref.to_json(), "locations": [{"side": "L", "finding": "mass", "quadrant": "lower inner"}]}
+    )
+    assert point_metrics([ref], [ref])["location_finding_f1"] == 1.0
+    assert point_metrics([wrong], [ref])["location_finding_f1"] == 0.0
+    assert point_metrics([wrong], [ref])["finding_f1"] == 1.0
+
+
+def test_predictions_carry_grounded_findings_in_original_pixels(stage1_outputs):
+    """End to end: a localising stage-1 run's predictions hold, per positive finding, its view,
+    a box inside the original image, a score and a location; the feature files hold heatmaps."""
+    from safetensors.torch import load_file
+
+    from mammorg.schema import read_manifest, read_predictions
+
+    exams = {e.exam_id: e for e in read_manifest(stage1_outputs / "cache" / "manifest.jsonl")}
+    records = read_predictions(stage1_outputs / "s1" / "pred.jsonl")
+    grounded = [(r, g) for r in records for g in r.grounded]
+    positives = sum(v == "pos" for r in records for s in ("L", "R") for v in r.pred.findings[s].values())
+    assert len(grounded) == positives > 0
+    for record, g in grounded:
+        assert g.view in record.views and g.view.startswith(g.side) and 0 <= g.score <= 1
+        height, width = exams[record.exam_id].geometry[g.view]["source_shape"]
+        assert g.box is not None and 0 <= g.box.xmin < g.box.xmax <= width and 0 <= g.box.ymin < g.box.ymax <= height
+        assert g.location["side"] == g.side and "depth" in g.location
+    feats = load_file(str(stage1_outputs / "s1" / records[0].features))
+    assert feats["heatmaps"].shape[:2] == (4, len(FINDINGS))
