@@ -13,6 +13,7 @@ trained and scored in the same run: ``ratio_birads_f1_vs_reference``.
 Usage:
   python benchmarks/stage1_localisation.py [--out runs/bench-stage1-loc] [--rows today localise ...]
   python benchmarks/stage1_localisation.py --list
+  (rows in parallel: --prepare-only once, then one process per row with --result ROW.json)
 Prints one JSON object (and writes it to OUT/result.json).
 """
 
@@ -61,7 +62,7 @@ def prepare(out: Path, exams: int, workers: int) -> dict[tuple[int, int], Path]:
     synth = out / "synth"
     if not (synth / "manifest.jsonl").exists():
         settings = SynthSettings(exams=exams, seed=0, height=256, width=128, test_fraction=0.25)
-        synthesise(synth, settings, progress=False)
+        synthesise(synth, settings, progress=False, workers=workers)
     manifest = out / "manifest.jsonl"
     if not manifest.exists():
         ingest("vindr", synth, manifest, parse_report)
@@ -175,6 +176,9 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=0)
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--list", action="store_true")
+    ap.add_argument("--prepare-only", action="store_true", help="write the data set and caches, train nothing")
+    ap.add_argument("--prep-workers", type=int, default=2)
+    ap.add_argument("--result", default="result.json", help="file name of this invocation's JSON under --out")
     args = ap.parse_args()
     if args.list:
         print(json.dumps({k: {"overrides": v[0], "size": v[1], "train_exams": v[2]} for k, v in ROWS.items()}))
@@ -184,7 +188,10 @@ def main() -> None:
         raise SystemExit(f"unknown rows {unknown}; see --list")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    caches = prepare(out, args.exams, max(args.workers, 1))
+    caches = prepare(out, args.exams, args.prep_workers)
+    if args.prepare_only:
+        print(json.dumps({"prepared": {f"{h}x{w}": str(p) for (h, w), p in caches.items()}}))
+        return
     rows = [run_row(name, caches, out, args.epochs, args.workers, args.batch_size) for name in args.rows]
     reference = rows[0]
     for row in rows:
@@ -198,7 +205,7 @@ def main() -> None:
         "device": "cuda" if torch.cuda.is_available() else "cpu",
         "rows": rows,
     }
-    write_json_atomic(out / "result.json", result)
+    write_json_atomic(out / args.result, result)
     print(json.dumps(result))
 
 

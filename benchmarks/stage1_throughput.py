@@ -42,11 +42,12 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def cache(tmp: Path, exams: int, size: tuple[int, int]) -> Path:
-    synthesise(tmp / "synth", SynthSettings(exams=exams, seed=5, height=size[0], width=size[1]), progress=False)
+def cache(tmp: Path, exams: int, size: tuple[int, int], workers: int) -> Path:
+    settings = SynthSettings(exams=exams, seed=5, height=size[0], width=size[1])
+    synthesise(tmp / "synth", settings, progress=False, workers=workers)
     ingest("vindr", tmp / "synth", tmp / "m.jsonl", parse_report)
     write_jsonl_atomic(tmp / "m.jsonl", [{**r, "split": "train"} for r in read_jsonl(tmp / "m.jsonl")])
-    preprocess_manifest(tmp / "m.jsonl", tmp / "cache", PreprocessSpec(*size), workers=2, progress=False)
+    preprocess_manifest(tmp / "m.jsonl", tmp / "cache", PreprocessSpec(*size), workers=workers, progress=False)
     return tmp / "cache" / "manifest.jsonl"
 
 
@@ -133,7 +134,7 @@ def main() -> None:
     torch.backends.cudnn.benchmark = gpu
     size = tuple(args.size)
     with tempfile.TemporaryDirectory() as tmp:
-        manifest = cache(Path(tmp), args.exams, size)
+        manifest = cache(Path(tmp), args.exams, size, max(2, args.workers))
         ours = recipe(manifest, args.backbone, device, args.batch, args.epochs, args.workers)
     steps = max(3, args.exams * args.epochs // args.batch // 2)
     bare = bare_timm(args.backbone, 4 * args.batch, size, device, steps, gpu)

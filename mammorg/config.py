@@ -30,10 +30,12 @@ def config_root() -> Path:
     """The folder of the shipped configs (``configs/`` of the source tree, installed as
     ``mammorg/configs``)."""
     try:
-        root = importlib.resources.files(CONFIG_PACKAGE)
+        return Path(str(importlib.resources.files(CONFIG_PACKAGE)))
     except ModuleNotFoundError:
+        source_tree = Path(__file__).resolve().parents[1] / "configs"  # run from a checkout, not installed
+        if source_tree.is_dir():
+            return source_tree
         raise MammorgError("the shipped configs are missing (mammorg.configs is not installed)") from None
-    return Path(str(root))
 
 
 def list_configs() -> list[str]:

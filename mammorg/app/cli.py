@@ -30,7 +30,7 @@ def _cmd_synth(args: argparse.Namespace) -> None:
         test_fraction=args.test_fraction,
         styles=styles,
     )
-    print(json.dumps(synthesise(args.out, settings)))
+    print(json.dumps(synthesise(args.out, settings, workers=args.workers)))
 
 
 def _cmd_ingest(args: argparse.Namespace) -> None:
@@ -241,6 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--label-noise", type=float, default=0.03)
     s.add_argument("--test-fraction", type=float, default=0.15, help="share of exams in the test split")
     s.add_argument("--styles", default="", help="comma-separated report styles (default: all)")
+    s.add_argument("--workers", type=int, default=1, help="processes (the files are the same for any number)")
     s.set_defaults(func=_cmd_synth)
 
     data = sub.add_parser("data", help="ingest, preprocess and audit data").add_subparsers(

@@ -206,7 +206,7 @@ def report_labels(exam: dict, style: str) -> Labels:
     """The structured labels (docs/design.md section 4) a report of this style states."""
     findings: dict[str, dict[str, str]] = {}
     for side in SIDES:
-        kinds = {x["type"] for x in exam["breasts"][side]["lesions"]}
+        kinds = list(dict.fromkeys(x["type"] for x in exam["breasts"][side]["lesions"]))  # first-seen order
         states = dict.fromkeys(kinds, "pos")
         if not kinds and style != "single_image" and exam["breasts"][side].get("normal", True):
             states.update(dict.fromkeys(NEGATIVE_SET, "neg"))

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import csv
 import io
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
+from itertools import repeat
 from pathlib import Path
 
 import numpy as np
@@ -260,14 +263,18 @@ def manifest_row(exam: dict) -> Exam:
     )
 
 
-def synthesise(out: str | Path, settings: SynthSettings, progress: bool = True) -> dict:
-    """Write ``settings.exams`` exams under ``out`` (VinDr layout + reports.jsonl + manifest.jsonl)."""
+def synthesise(out: str | Path, settings: SynthSettings, progress: bool = True, workers: int = 1) -> dict:
+    """Write ``settings.exams`` exams under ``out`` (VinDr layout + reports.jsonl + manifest.jsonl);
+    each exam depends only on (seed, index), so ``workers`` processes write the same files."""
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
-    exams = [
-        synthesise_exam(i, settings, root)
-        for i in tqdm(range(settings.exams), desc="synth", unit="exam", disable=not progress)
-    ]
+    indices = range(settings.exams)
+    bar = partial(tqdm, total=settings.exams, desc="synth", unit="exam", disable=not progress)
+    if workers > 1:
+        with ProcessPoolExecutor(workers) as pool:
+            exams = list(bar(pool.map(synthesise_exam, indices, repeat(settings), repeat(root), chunksize=4)))
+    else:
+        exams = [synthesise_exam(i, settings, root) for i in bar(indices)]
     breast_rows, finding_rows = [], []
     for exam in exams:
         b, f = _breast_rows(exam, settings)
