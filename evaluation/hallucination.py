@@ -2,11 +2,34 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 from evaluation.parser import mentions_prior
 from mammorg.labels import FINDINGS, birads_severity
 from mammorg.schema import StructuredReport
+
+# management phrases and the categories that call for them (BI-RADS 5th edition)
+MANAGEMENT_PATTERNS = {
+    ("0",): re.compile(r"additional imaging|recall|further imaging|spot compression|additional views", re.I),
+    ("1", "2"): re.compile(r"routine (?:screening|annual)|annual screening", re.I),
+    ("3",): re.compile(r"short[- ]interval follow[- ]up|six[- ]month|6[- ]month", re.I),
+    ("4", "4A", "4B", "4C", "5"): re.compile(r"tissue diagnosis|tissue sampling|biopsy", re.I),
+}
+
+
+def management_inconsistent(stated: StructuredReport, text: str) -> bool:
+    """Whether the report's management disagrees with its assessment: a management phrase that no
+    stated category calls for, or a final recommendation that the exam category does not call for
+    (e.g. BI-RADS 5 with routine screening)."""
+    exam = stated.birads.get("exam")
+    categories = {c for c in stated.birads.values() if c}
+    found = [(m.start(), cats) for cats, pattern in MANAGEMENT_PATTERNS.items() for m in pattern.finditer(text)]
+    if not found or exam is None:
+        return False
+    if any(not categories & set(cats) for _, cats in found):
+        return True
+    return exam not in max(found)[1]
 
 
 def exam_checks(pred: StructuredReport, ref: StructuredReport, pred_text: str, ref_text: str) -> dict[str, int]:
@@ -32,6 +55,7 @@ def exam_checks(pred: StructuredReport, ref: StructuredReport, pred_text: str, r
         "invented_finding": invented,
         "invented_prior": int(mentions_prior(pred_text) and not mentions_prior(ref_text)),
         "birads_inconsistent": int(inconsistent),
+        "management_inconsistent": int(management_inconsistent(pred, pred_text)),
     }
 
 
@@ -44,7 +68,7 @@ def hallucination_summary(
     """Rates over exams: share of reports with each problem, and totals."""
     rows = [exam_checks(p, r, pt, rt) for p, r, pt, rt in zip(preds, refs, pred_texts, ref_texts)]
     n = max(len(rows), 1)
-    keys = ("wrong_side", "invented_finding", "invented_prior", "birads_inconsistent")
+    keys = ("wrong_side", "invented_finding", "invented_prior", "birads_inconsistent", "management_inconsistent")
     return {
         **{f"{k}_rate": sum(bool(r[k]) for r in rows) / n for k in keys},
         **{f"{k}_total": sum(r[k] for r in rows) for k in keys},

@@ -60,7 +60,7 @@ SIDE_WORDS = re.compile(
 )
 HEADING = re.compile(
     r"^\s*(?P<head>right breast|left breast|[rl]\.?\s+breast|right|left|rt|lt|r|l|bilateral|"
-    r"findings|impression|"
+    r"findings|impression|overall|"
     r"opinion|assessment|conclusion|birads|bi-rads|breast composition|composition|"
     r"recommendation|indication|technique|comparison|breast density|density|axillae|axillas?)\s*[:\-]",
     re.IGNORECASE,

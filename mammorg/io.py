@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -14,6 +15,14 @@ from typing import Any
 
 class MammorgError(Exception):
     """An error about user input; the CLI prints it as one line and exits non-zero."""
+
+
+@functools.lru_cache(maxsize=1)
+def _umask() -> int:
+    """The process umask, read once (reading it means setting it; restored at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 @contextlib.contextmanager
@@ -29,6 +38,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        if tmp_path.exists():  # mkstemp makes 0600 files: give the usual permissions
+            os.chmod(tmp_path, 0o666 & ~_umask())
         os.replace(tmp_path, path)
     except OSError as exc:  # a full disk, a read-only folder: name the file, keep what was there
         raise MammorgError(f"{path}: cannot write ({exc.strerror or exc}); nothing was replaced") from None

@@ -37,6 +37,14 @@ class VisualSettings:
     enabled: bool = True
     tokens_per_view: int | None = None  # read from the feature files when null
     dim: int | None = None
+    # training exams (redrawn each epoch) shown without their visual tokens: the stage-1 features
+    # of training exams come from a model that saw them, so the decoder must not learn to read its
+    # assessment from them instead of the knowledge tokens
+    drop_rate: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.drop_rate < 1.0:
+            raise ValueError(f"visual.drop_rate={self.drop_rate}: expected 0 <= rate < 1")
 
 
 @dataclass
@@ -131,10 +139,12 @@ class GenerateSettings:
     batch_size: int = 8
     cache: str = "auto"  # KV cache: static (compiled decoding) | dynamic; auto = static on a GPU
     assessment: str = "free"  # stated BI-RADS categories: stage1 = stage 1's decisions; plan = the plan's
+    management: str = "consistent"  # consistent: management terms agree with the stated category | free
 
     def __post_init__(self) -> None:
         _choice("generate.cache", self.cache, CACHES)
         _choice("generate.assessment", self.assessment, ASSESSMENTS)
+        _choice("generate.management", self.management, ("consistent", "free"))
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""Constrained generation: which BI-RADS category the report states (``generate.assessment``).
+"""Constrained generation: which BI-RADS category the report states (``generate.assessment``),
+and management that agrees with it (``generate.management``).
 
 - ``stage1``: each category the report states is the one stage 1 decided for that breast;
 - ``plan``: each category the report states is the one the decoder itself wrote in its
@@ -171,6 +172,66 @@ class PlannedAssessment(CategoryChoice):
         sides = label[:, :2]
         exam = torch.where(label[:, 2:] >= 0, label[:, 2:], exam_category(sides))
         return torch.cat([sides, exam], 1)
+
+
+# the management each category calls for (BI-RADS 5th edition); 6 has no lexicon term here
+MANAGEMENT = {
+    "additional imaging evaluation": ("0",),
+    "routine screening": ("1", "2"),
+    "short-interval follow-up": ("3",),
+    "tissue diagnosis": ("4", "4A", "4B", "4C", "5"),
+}
+
+
+def _ids_of(tok: PreTrainedTokenizerBase, words: str) -> list[int]:
+    """The atomic token ids of a term: as written at a line start and mid-sentence."""
+    vocab = tok.get_vocab()
+    return [vocab[t] for t in (words, " " + words) if t in vocab]
+
+
+class ConsistentManagement(LogitsProcessor):
+    """Management agrees with the report's own assessment: once a category has been written (the
+    most severe so far; before any, the plan's), management terms that other categories call for
+    cannot be written; the decoder words the rest freely."""
+
+    def __init__(self, tok: PreTrainedTokenizerBase):
+        vocab = tok.get_vocab()
+        found = [
+            (vocab[t], c)
+            for c in BIRADS_CLASSES
+            for t in (f"BI-RADS {c}", f" BI-RADS {c}", *(f"<{s}:birads={c}>" for s in ("L", "R", "exam")))
+            if t in vocab
+        ]
+        self.category_ids = torch.tensor([i for i, _ in found], dtype=torch.long)
+        self.classes = [c for _, c in found]
+        self.severity = torch.tensor([float(birads_severity(c)) for c in self.classes])
+        self.terms = {term: torch.tensor(_ids_of(tok, term), dtype=torch.long) for term in MANAGEMENT}
+        self.active = bool(found) and all(ids.numel() for ids in self.terms.values())
+
+    def stated(self, input_ids: torch.Tensor) -> list[set[str]]:
+        """Per row, the categories whose management may be written: the most severe category
+        written so far and the most recent one (a breast's category 0 names its own management)."""
+        hits = input_ids[:, :, None] == self.category_ids.to(input_ids.device)  # [B, T, K]
+        seen = hits.any(1)
+        severity = torch.where(seen, self.severity.to(input_ids.device), -1.0)
+        best_severity, best = severity.max(1)
+        position = torch.arange(1, input_ids.shape[1] + 1, device=input_ids.device)[None, :, None]
+        latest = (hits * position).amax(1).argmax(1)  # the category token written last
+        return [
+            {self.classes[int(b)], self.classes[int(last)]} if v >= 0 else set()
+            for v, b, last in zip(best_severity.tolist(), best.tolist(), latest.tolist())
+        ]
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if not self.active or not input_ids.shape[1]:
+            return scores
+        for row, categories in enumerate(self.stated(input_ids)):
+            if not categories:
+                continue
+            for term, called_by in MANAGEMENT.items():
+                if not categories & set(called_by):
+                    scores[row, self.terms[term].to(scores.device)] = float("-inf")
+        return scores
 
 
 def assessment_processor(

@@ -125,6 +125,7 @@ class ReportDataset(Dataset):
         gold_fraction: float = 0.0,
         seed: int = 0,
         gold_heads: tuple[str, ...] = KNOWLEDGE_HEADS,
+        visual_drop: float = 0.0,
     ):
         rows = [r for r in read_manifest(manifest) if split is None or r.split == split]
         preds_path = Path(predictions)
@@ -142,6 +143,7 @@ class ReportDataset(Dataset):
         self.builder, self.source, self.with_reports = builder, source, with_reports
         self.gold_fraction, self.seed, self.epoch = gold_fraction, seed, 0
         self.gold_heads = tuple(gold_heads)
+        self.visual_drop = visual_drop
         self._report_ids: dict[int, list[int]] = {}
         self._locations: dict[int, list[dict]] = {}
 
@@ -194,6 +196,8 @@ class ReportDataset(Dataset):
             raise MammorgError(f"{self.pred_dir}: no feature tokens for {row.exam_id} (stage1 predict writes them)")
         tokens, view_mask = read_features(resolve_path(self.pred_dir, pred.features))
         report = self.report_ids(i) if self.with_reports else []
+        if self.visual_drop and np.random.default_rng([self.seed, self.epoch, i, 1]).random() < self.visual_drop:
+            view_mask = torch.zeros_like(view_mask)  # this epoch, the exam is seen without visual tokens
         return self.prompts.sample(row.exam_id, tokens, view_mask, self.knowledge(i), report)
 
     def lengths(self) -> list[int]:

@@ -19,17 +19,24 @@ from typing import Any
 import torch
 from torch import nn
 
-from mammorg.labels import BIRADS_CLASSES, DENSITIES, FINDINGS, SIDES, birads_class_mask, side_views
+from mammorg.labels import BIRADS_CLASSES, DENSITIES, DESCRIPTORS, FINDINGS, SIDES, birads_class_mask, side_views
 from mammorg.schema import Labels, Stage1Prediction
 
 CONFIDENCE = (("low", 0.5), ("mid", 0.8), ("high", 1.01))  # bucket: upper bound of max prob
 QUADRANTS = ("upper outer", "upper inner", "lower outer", "lower inner")  # location tokens
+DESCRIPTOR_NAMES = tuple(DESCRIPTORS)  # mass_shape, mass_margin, calc_morphology, calc_distribution
+DESCRIBES = {
+    "mass_shape": "mass",
+    "mass_margin": "mass",
+    "calc_morphology": "calcification",
+    "calc_distribution": "calcification",
+}
 SOFT_SLOTS = 1 + 2 + 2 * len(FINDINGS)  # density, BI-RADS per side, each finding per side
 PLAN_SIDES = (*SIDES, "exam")
 HEAD_FIELDS = {
     "density": ("density",),
     "birads": ("birads", "birads_label"),
-    "findings": ("findings", "finding_on", "location"),
+    "findings": ("findings", "finding_on", "location", "descriptor"),
 }  # the state fields of each stage-1 head
 
 
@@ -65,6 +72,11 @@ class KnowledgeVocabulary:
         return f"<loc:{quadrant.replace(' ', '_')}>"
 
     @staticmethod
+    def descriptor(side: str, name: str, value: str) -> str:
+        """``<R:mass_margin=spiculated>``: a lesion descriptor of stage 1 (or of the labels)."""
+        return f"<{side}:{name}={value.replace(' ', '_')}>"
+
+    @staticmethod
     def confidence(p: float) -> str:
         return next(f"<conf:{name}>" for name, hi in CONFIDENCE if p < hi)
 
@@ -76,6 +88,7 @@ class KnowledgeVocabulary:
         tokens += [cls.finding(s, f) for s in SIDES for f in FINDINGS]
         tokens += [cls.no_finding(s) for s in SIDES] + [cls.not_imaged(s) for s in SIDES]
         tokens += [cls.location(q) for q in QUADRANTS]
+        tokens += [cls.descriptor(s, n, v) for s in SIDES for n, values in DESCRIPTORS.items() for v in values]
         return tokens + [f"<conf:{name}>" for name, _ in CONFIDENCE]
 
     @classmethod
@@ -113,6 +126,8 @@ class KnowledgeVocabulary:
             forms.update({cls.birads(side, c): f"BI-RADS {c}" for c in BIRADS_CLASSES})
             forms.update({cls.finding(side, f): by_label.get(("finding", f), f.replace("_", " ")) for f in FINDINGS})
         forms.update({cls.location(q): f"{q} quadrant" for q in QUADRANTS})
+        for side in SIDES:
+            forms.update({cls.descriptor(side, n, v): v for n, values in DESCRIPTORS.items() for v in values})
         return forms
 
 
@@ -121,7 +136,8 @@ class KnowledgeState:
     """Stage 1's view of one exam as tensors (a batch adds a leading dimension): probabilities
     ``density [4]``, ``birads [2, 9]``, ``findings [2, 7]``; ``sides [2]`` (breast imaged);
     decisions ``birads_label [2]`` (class index, -1: none) and ``finding_on [2, 7]`` (0/1);
-    ``location [2, 7]``: the quadrant index (``QUADRANTS``) where a finding is, -1 unknown."""
+    ``location [2, 7]``: the quadrant index (``QUADRANTS``) where a finding is, -1 unknown;
+    ``descriptor [2, 4]``: the value index of each descriptor (``DESCRIPTOR_NAMES``), -1 none."""
 
     density: torch.Tensor
     birads: torch.Tensor
@@ -130,6 +146,7 @@ class KnowledgeState:
     birads_label: torch.Tensor
     finding_on: torch.Tensor
     location: torch.Tensor
+    descriptor: torch.Tensor
 
     @classmethod
     def from_prediction(cls, record: Stage1Prediction) -> KnowledgeState:
@@ -151,7 +168,7 @@ class KnowledgeState:
             finding_on[i] = torch.tensor([float(pred.findings[side].get(f) == "pos") for f in FINDINGS])
         location = _locations([(g.side, g.finding, g.location.get("quadrant")) for g in record.grounded])
         density = torch.tensor([probs.density[d] for d in DENSITIES])
-        return cls(density, birads, findings, sides, label, finding_on, location)
+        return cls(density, birads, findings, sides, label, finding_on, location, _descriptors(pred.descriptors))
 
     @classmethod
     def from_labels(
@@ -174,7 +191,8 @@ class KnowledgeState:
             findings[i] = torch.tensor([{"pos": 1.0, "unc": 0.5}.get(states.get(f, ""), 0.0) for f in FINDINGS])
         label = torch.where(birads.sum(1) > 0, birads.argmax(1), -1)
         location = _locations([(x.get("side"), x.get("finding"), x.get("quadrant")) for x in locations or []])
-        return cls(density, birads, findings, sides, label, (findings >= 0.5).float(), location)
+        descriptor = _descriptors(labels.descriptors)
+        return cls(density, birads, findings, sides, label, (findings >= 0.5).float(), location, descriptor)
 
     def with_heads_from(self, gold: KnowledgeState, heads: tuple[str, ...]) -> KnowledgeState:
         """This state with the fields of ``heads`` (density, birads, findings) taken from ``gold``."""
@@ -221,6 +239,10 @@ class KnowledgeState:
                 where = int(self.location[i, j])
                 if locations and where >= 0:
                     out.append(vocab.location(QUADRANTS[where]))
+                for k, name in enumerate(DESCRIPTOR_NAMES):
+                    value = int(self.descriptor[i, k])
+                    if DESCRIBES[name] == FINDINGS[j] and value >= 0:
+                        out.append(vocab.descriptor(side, name, DESCRIPTORS[name][value]))
             if not found:
                 out.append(vocab.no_finding(side))
         return out
@@ -230,9 +252,21 @@ class KnowledgeState:
 
     @classmethod
     def from_json(cls, raw: dict[str, Any]) -> KnowledgeState:
-        dtypes = {"birads_label": torch.long, "location": torch.long}
-        raw = {"location": [[-1] * len(FINDINGS)] * 2, **raw}  # states saved before locations
+        dtypes = {"birads_label": torch.long, "location": torch.long, "descriptor": torch.long}
+        defaults = {"location": [[-1] * len(FINDINGS)] * 2, "descriptor": [[-1] * len(DESCRIPTOR_NAMES)] * 2}
+        raw = {**defaults, **raw}  # states saved before locations and descriptors
         return cls(**{f.name: torch.tensor(raw[f.name], dtype=dtypes.get(f.name, torch.float)) for f in fields(cls)})
+
+
+def _descriptors(values: dict[str, dict[str, str]] | None) -> torch.Tensor:
+    """``[2, 4]`` value indices of the descriptors per side (-1: none)."""
+    out = torch.full((2, len(DESCRIPTOR_NAMES)), -1, dtype=torch.long)
+    for i, side in enumerate(SIDES):
+        for k, name in enumerate(DESCRIPTOR_NAMES):
+            value = ((values or {}).get(side) or {}).get(name)
+            if value in DESCRIPTORS[name]:
+                out[i, k] = DESCRIPTORS[name].index(value)
+    return out
 
 
 def _locations(items: list[tuple[Any, Any, Any]]) -> torch.Tensor:

@@ -23,7 +23,12 @@ from mammorg.schema import StructuredReport
 from mammorg.training.recipe import trained_run
 from stage2_sft.assembly import make_builder
 from stage2_sft.config import GenerateSettings, Stage2Config
-from stage2_sft.constrained import AssessmentTokens, assessment_processor, assessment_tokens
+from stage2_sft.constrained import (
+    AssessmentTokens,
+    ConsistentManagement,
+    assessment_processor,
+    assessment_tokens,
+)
 from stage2_sft.data import PromptBuilder, Sample, collate
 from stage2_sft.model import ReportGenerator
 
@@ -97,6 +102,7 @@ class Reporter:
         self.device = device or next(generator.parameters()).device
         self.generator.to(self.device)
         self._tokens: dict[str, AssessmentTokens | None] = {}
+        self._management = ConsistentManagement(tokenizer) if settings.management == "consistent" else None
 
     @classmethod
     def from_config(
@@ -144,6 +150,8 @@ class Reporter:
             batch = collate(chunk, self.tokenizer.pad_token_id, for_generation=True)
             batch = batch.to(self.device)
             processors = list(extra_processors)
+            if self._management is not None:
+                processors.append(self._management)
             processor = assessment_processor(assessment, tokens, batch.knowledge.birads_label)
             if processor is not None:
                 processors.append(processor)

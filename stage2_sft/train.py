@@ -93,6 +93,7 @@ def datasets(cfg: Stage2Config, builder: PromptBuilder) -> tuple[ReportDataset, 
 
     train = make(
         cfg.data.train_split,
+        visual_drop=cfg.visual.drop_rate,
         gold_fraction=cfg.knowledge.gold_fraction,
         seed=cfg.seed,
         gold_heads=tuple(cfg.knowledge.gold_heads),

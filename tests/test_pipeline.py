@@ -35,8 +35,8 @@ def test_pipeline_outputs(demo):
     summary = json.loads((demo / "summary.json").read_text())
     assert set(summary["metrics"]) >= {"birads_f1", "density_f1", "finding_f1", "bleu_4", "rouge_l"}
     assert summary["generated_test_reports"] == len(read_jsonl(demo / "references.jsonl")) > 0
-    assert "mammorg pipeline" in (demo / "index.html").read_text()
-    assert (demo / "samples.png").exists() and (demo / "stage1" / "learning_curve.png").exists()
+    assert "mammorg: generated mammography reports" in (demo / "index.html").read_text()
+    assert "data:image/png;base64," in (demo / "index.html").read_text() and (demo / "stage1" / "learning_curve.png").exists()
     example = json.loads((demo / "report_example.json").read_text())
     assert "text" in example and example["missing_views"] == []
 
