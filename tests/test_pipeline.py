@@ -36,7 +36,10 @@ def test_pipeline_outputs(demo):
     assert set(summary["metrics"]) >= {"birads_f1", "density_f1", "finding_f1", "bleu_4", "rouge_l"}
     assert summary["generated_test_reports"] == len(read_jsonl(demo / "references.jsonl")) > 0
     assert "mammorg: generated mammography reports" in (demo / "index.html").read_text()
-    assert "data:image/png;base64," in (demo / "index.html").read_text() and (demo / "stage1" / "learning_curve.png").exists()
+    assert (
+        "data:image/png;base64," in (demo / "index.html").read_text()
+        and (demo / "stage1" / "learning_curve.png").exists()
+    )
     example = json.loads((demo / "report_example.json").read_text())
     assert "text" in example and example["missing_views"] == []
 
@@ -131,3 +134,105 @@ def test_batch_report_over_a_manifest_keeps_going_past_a_bad_exam(demo, tmp_path
     assert [r["id"] for r in results] == [r["exam_id"] for r in rows]
     assert "error" in results[1] and "missing.dcm" in results[1]["error"]
     assert "text" in results[0] and "text" in results[2]
+
+
+# ---------------------------------------------------------------- reporting service and DICOM SR
+
+
+@pytest.fixture(scope="module")
+def service(demo):
+    from fastapi.testclient import TestClient
+
+    from mammorg.app.serve import create_app
+
+    reporter = ExamReporter.load(demo / "bundle")
+    return TestClient(create_app(reporter, token="s3cret", max_upload_mb=2.0, max_views=4)), reporter
+
+
+def _files(folder: Path) -> list[tuple[str, tuple[str, bytes, str]]]:
+    return [("files", (p.name, p.read_bytes(), "application/dicom")) for p in sorted(folder.iterdir())]
+
+
+AUTH = {"Authorization": "Bearer s3cret"}
+
+
+def test_service_reports_json_sr_and_page(service, new_exam):
+    import pydicom
+
+    from mammorg.app.sr import read_back
+
+    client, _ = service
+    health = client.get("/health").json()
+    assert health["status"] == "ok" and len(health["bundle_sha256"]) == 64 and "torch" in health["versions"]
+    report = client.post("/report", files=_files(new_exam), headers=AUTH)
+    assert report.status_code == 200, report.text
+    body = report.json()
+    assert "text" in body and set(body["stage1"]) >= {"probs", "pred", "grounded"} and len(body["views"]) == 4
+    sr = client.post("/report?format=sr", files=_files(new_exam), headers=AUTH)
+    assert sr.status_code == 200 and sr.headers["content-type"] == "application/dicom"
+    text, regions = read_back(sr.content)
+    assert text == body["text"]  # the same deterministic report
+    grounded = [g for g in body["stage1"]["grounded"] if g["box"]]
+    assert len(regions) == len(grounded)
+    ds = pydicom.dcmread(__import__("io").BytesIO(sr.content))
+    source = pydicom.dcmread(next(new_exam.iterdir()), stop_before_pixels=True)
+    assert ds.StudyInstanceUID == source.StudyInstanceUID and str(ds.PatientName) == "" and ds.PatientID == ""
+    assert "Doe" not in sr.content.decode("latin-1") and str(source.PatientID) not in sr.content.decode("latin-1")
+    page = client.get("/")
+    assert page.status_code == 200 and "<form" in page.text
+    fragment = client.post("/report?format=html", files=_files(new_exam), headers=AUTH)
+    assert fragment.status_code == 200 and "data:image/png;base64," in fragment.text
+
+
+def test_service_refuses_bad_uploads_in_one_line_and_keeps_serving(service, new_exam, tmp_path):
+    client, _ = service
+    files = _files(new_exam)
+    cases = [
+        (client.post("/report", files=files), 401),  # no token
+        (
+            client.post(
+                "/report", files=[("files", ("x.dcm", b"not a dicom file", "application/dicom"))], headers=AUTH
+            ),
+            415,
+        ),
+        (client.post("/report", files=files + files[:1], headers=AUTH), 422),  # five views
+        (
+            client.post(
+                "/report", files=[("files", ("big.dcm", b"\0" * (3 << 20), "application/dicom"))], headers=AUTH
+            ),
+            413,
+        ),
+        (client.post("/report", headers=AUTH), 422),  # nothing sent
+        (client.post("/report?format=pdf", files=files, headers=AUTH), 422),
+    ]
+    for response, code in cases:
+        assert response.status_code == code, (code, response.text)
+        assert "\n" not in response.json()["detail"]
+    duplicate = client.post("/report", files=files[:1] + files[:1], headers=AUTH)  # the same view twice
+    assert duplicate.status_code == 422 and "a second" in duplicate.json()["detail"]
+    assert "/tmp" not in duplicate.json()["detail"]  # no server paths
+    assert client.post("/report", files=files, headers=AUTH).status_code == 200  # still serving
+
+
+def test_sr_of_held_out_exams_validates_and_round_trips(demo, tmp_path):
+    """Every test exam's SR writes, reads back with pydicom and highdicom, and keeps the report
+    text and its finding regions."""
+    import highdicom as hd
+
+    from mammorg.app.sr import read_back, write_sr
+    from mammorg.schema import read_manifest
+
+    reporter = ExamReporter.load(demo / "bundle")
+    exams = [e for e in read_manifest(demo / "cache" / "manifest.jsonl") if e.split == "test"]
+    assert exams
+    for exam in exams:
+        files = [p for v in exam.present_views if (p := exam.view_path(v, demo / "cache")) is not None]
+        report = reporter.report_files(files)
+        path = write_sr(report.to_sr(), tmp_path / f"{exam.exam_id}.dcm")
+        assert isinstance(hd.sr.srread(path), hd.sr.ComprehensiveSR)
+        text, regions = read_back(path)
+        boxed = [g for g in report.stage1.grounded if g.box is not None]
+        assert text == report.text and len(regions) == len(boxed)
+        for region, g in zip(regions, boxed):
+            assert (region["finding"], region["side"]) == (g.finding, g.side)
+            assert region["points"][0] == pytest.approx([g.box.xmin, g.box.ymin], abs=1e-3)

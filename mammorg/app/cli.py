@@ -74,6 +74,14 @@ def _cmd_decoder_import(args: argparse.Namespace) -> None:
     print(json.dumps({k: v for k, v in record.items() if k != "files"} | {"out": str(args.out)}))
 
 
+def _cmd_serve(args: argparse.Namespace) -> None:
+    import os
+
+    from mammorg.app.serve import serve
+
+    serve(args.bundle, args.host, args.port, args.token or os.environ.get("MAMMORG_TOKEN"), args.max_upload_mb)
+
+
 def _cmd_audit(args: argparse.Namespace) -> None:
     from mammorg.data.audit import audit_manifest, format_audit
 
@@ -351,6 +359,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default=None, help="with --batch: write JSONL here (default: stdout)")
     s.add_argument("--trust-pickle", action="store_true", help="allow pickle files in the bundle")
     s.set_defaults(func=_cmd_report)
+    s = sub.add_parser("serve", help="the reporting service (HTTP API and upload page) for a bundle")
+    s.add_argument("--bundle", required=True)
+    s.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
+    s.add_argument("--port", type=int, default=8080)
+    s.add_argument("--token", default=None, help="bearer token for POST /report (or $MAMMORG_TOKEN)")
+    s.add_argument("--max-upload-mb", type=float, default=64.0)
+    s.set_defaults(func=_cmd_serve)
     s = sub.add_parser("demo", help="the whole pipeline on synthetic exams")
     s.add_argument("--out", default="demo_out")
     s.add_argument("--config", default="pipeline/demo", help="pipeline config name or file (default: pipeline/demo)")

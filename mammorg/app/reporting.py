@@ -13,6 +13,7 @@ report. A missing view is recorded in ``missing_views`` and ``flags``.
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pydicom
 import torch
 
 from mammorg.app.bundle import Bundle, load_bundle, rehash
@@ -43,6 +45,7 @@ class ExamViews:
 
     images: dict[str, np.ndarray]
     geometry: dict[str, dict] = field(default_factory=dict)
+    sources: dict[str, Any] = field(default_factory=dict)  # DICOM headers (no pixels) per view
 
 
 @dataclass
@@ -57,6 +60,15 @@ class ExamReport:
     missing_views: list[str]
     flags: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    exam_views: ExamViews | None = None  # the preprocessed views (for pages), not serialised
+    heatmaps: torch.Tensor | None = None  # stage-1 finding heatmaps [4, F, h, w] when it localises
+
+    def to_sr(self) -> Any:
+        """The report as a DICOM Comprehensive SR referencing the exam's DICOM images."""
+        from mammorg.app.sr import structured_report
+
+        sources = self.exam_views.sources if self.exam_views else {}
+        return structured_report(self.text, self.stage1.grounded, sources)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -111,12 +123,14 @@ class ExamReporter:
                 raise MammorgError(f"{path}: a second {view} view (first: {sources[view]})")
             views.images[view], sources[view] = from_uint16(to_uint16(img)), path
             views.geometry[view] = {k: meta[k] for k in GEOMETRY_KEYS}
+            if path.suffix.lower() not in RASTER_SUFFIXES:
+                views.sources[view] = pydicom.dcmread(str(path), stop_before_pixels=True)
         return views
 
     @torch.no_grad()
-    def stage1(self, views: ExamViews) -> tuple[Stage1Prediction, torch.Tensor, torch.Tensor]:
+    def stage1(self, views: ExamViews) -> tuple[Stage1Prediction, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Stage 1 on preprocessed views: (prediction with grounded findings when the model
-        localises, feature tokens ``[4, N, D]``, view mask ``[4]``)."""
+        localises, feature tokens ``[4, N, D]``, view mask ``[4]``, heatmap probabilities or None)."""
         if not views.images:
             raise MammorgError("an exam with no usable view cannot be reported")
         shape = next(iter(views.images.values())).shape
@@ -136,18 +150,17 @@ class ExamReporter:
             descriptors,
             self.bundle.stage1_points,
         )
-        if "heatmaps" in out:
+        heat = out["heatmaps"][0].sigmoid() if "heatmaps" in out else None
+        if heat is not None:
             positive = {s: [f for f, v in record.pred.findings[s].items() if v == "pos"] for s in SIDES}
-            record.grounded = grounded_findings(
-                positive, out["heatmaps"][0].sigmoid(), images[0], mask[0], views.geometry
-            )
-        return record, out["tokens"][0], mask[0]
+            record.grounded = grounded_findings(positive, heat, images[0], mask[0], views.geometry)
+        return record, out["tokens"][0], mask[0], heat
 
     def report_views(self, views: ExamViews) -> ExamReport:
         """Stage 1 -> knowledge + visual tokens -> stage 2 -> narrative and structured report.
         At inference the knowledge is always stage 1's prediction."""
         t0 = time.perf_counter()
-        record, tokens, mask = self.stage1(views)
+        record, tokens, mask, heat = self.stage1(views)
         reporter = self.bundle.reporter
         sample = reporter.builder.sample("exam", tokens, mask, KnowledgeState.from_prediction(record))
         (generated,) = reporter.generate([sample])
@@ -161,11 +174,23 @@ class ExamReporter:
             missing,
             flags,
             time.perf_counter() - t0,
+            views,
+            heat,
         )
 
     def report_files(self, inputs: Sequence[str | Path]) -> ExamReport:
         """The report of one exam given as a folder or as its image files."""
         return self.report_views(self.load_views(exam_files(inputs)))
+
+    def report_datasets(self, datasets: Sequence[Any]) -> ExamReport:
+        """The report of one exam given as in-memory DICOM datasets (``pydicom.Dataset``)."""
+        with tempfile.TemporaryDirectory(prefix="mammorg-exam-") as tmp:
+            files = []
+            for i, ds in enumerate(datasets):
+                path = Path(tmp) / f"view{i}.dcm"
+                ds.save_as(path, enforce_file_format=True)
+                files.append(path)
+            return self.report_views(self.load_views(files))
 
 
 def add_example(bundle: str | Path, inputs: Sequence[str | Path]) -> ExamReport:

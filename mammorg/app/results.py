@@ -25,7 +25,7 @@ from mammorg.io import read_jsonl, write_text_atomic
 from mammorg.labels import FINDINGS, SIDES, VIEWS
 from mammorg.plotting import pyplot
 from mammorg.preprocess import load_cached
-from mammorg.schema import Exam, Stage1Prediction, StructuredReport, read_manifest, read_predictions
+from mammorg.schema import Exam, GroundedFinding, Stage1Prediction, StructuredReport, read_manifest, read_predictions
 from mammorg.training.checkpoint import load_tensors
 
 CARD_EXAMS = 12
@@ -70,42 +70,56 @@ def _fmt(value: Any) -> str:
     return "n/a" if value is None or (isinstance(value, float) and np.isnan(value)) else f"{value:.3f}"
 
 
-def views_figure(exam: Exam, cache_dir: Path, prediction: Stage1Prediction | None, pred_dir: Path) -> str:
-    """The four cached views (R_CC, L_CC, R_MLO, L_MLO) with the heatmaps of the findings stage 1
-    calls positive and their boxes."""
-    heat = None
-    if prediction is not None and prediction.features:
-        path = Path(prediction.features)
-        tensors = load_tensors(path if path.is_absolute() else pred_dir / path)
-        heat = tensors.get("heatmaps")
+def views_png(
+    images: dict[str, np.ndarray],
+    heat: Any,
+    grounded: list[GroundedFinding],
+    geometry: dict[str, dict],
+) -> str:
+    """The four preprocessed views (R_CC, L_CC, R_MLO, L_MLO) with the heatmaps (``[4, F, h, w]``
+    probabilities) of the grounded findings and their boxes, as a PNG data URI."""
     plt = pyplot()
     fig, axes = plt.subplots(1, 4, figsize=(8, 3.4))
     for ax, view in zip(axes, ("R_CC", "L_CC", "R_MLO", "L_MLO")):
         ax.axis("off")
         ax.set_title(view, fontsize=9)
-        entry = (exam.cache or {}).get(view)
-        if not entry:
-            ax.text(0.5, 0.5, "missing", ha="center", va="center", color="w", transform=ax.transAxes)
+        image = images.get(view)
+        if image is None:
+            ax.text(0.5, 0.5, "missing", ha="center", va="center", transform=ax.transAxes)
             continue
-        image = np.asarray(load_cached(cache_dir, entry), dtype=np.float32)
-        ax.imshow(image, cmap="gray", aspect="auto")
-        side = view.split("_")[0]
-        positive = [g for g in (prediction.grounded if prediction else []) if g.side == side]
+        ax.imshow(image, cmap="gray")
+        positive = [g for g in grounded if g.side == view[0]]
         if heat is not None and positive:
-            maps = heat[VIEWS.index(view)].float().numpy()
+            maps = np.asarray(heat[VIEWS.index(view)], dtype=np.float32)
             hot = np.max([maps[FINDINGS.index(g.finding)] for g in positive], axis=0)
             ax.imshow(hot, cmap="inferno", alpha=0.45, extent=(0, image.shape[1], image.shape[0], 0), vmin=0, vmax=1)
         for g in positive:
-            if g.view == view and g.box is not None and exam.geometry.get(view):
-                b = box_to_cache(g.box, exam.geometry[view])
+            if g.view == view and g.box is not None and geometry.get(view):
+                b = box_to_cache(g.box, geometry[view])
                 ax.add_patch(
                     plt.Rectangle(
                         (b.xmin, b.ymin), b.xmax - b.xmin, b.ymax - b.ymin, fill=False, color="#4fd1ff", lw=1.2
                     )
                 )
-                ax.text(b.xmin, b.ymin - 2, g.finding.replace("_", " "), color="#4fd1ff", fontsize=7)
+                ax.text(b.xmin, max(b.ymin - 2, 0), g.finding.replace("_", " "), color="#4fd1ff", fontsize=7)
     fig.tight_layout()
     return _png_uri(fig)
+
+
+def views_figure(exam: Exam, cache_dir: Path, prediction: Stage1Prediction | None, pred_dir: Path) -> str:
+    """``views_png`` of a cached exam and its stage-1 prediction (heatmaps from its feature file)."""
+    heat = None
+    if prediction is not None and prediction.features:
+        path = Path(prediction.features)
+        heat = load_tensors(path if path.is_absolute() else pred_dir / path).get("heatmaps")
+    images = {
+        v: np.asarray(load_cached(cache_dir, entry), dtype=np.float32)
+        for v, entry in (exam.cache or {}).items()
+        if entry
+    }
+    return views_png(
+        images, None if heat is None else heat.float().numpy(), prediction.grounded if prediction else [], exam.geometry
+    )
 
 
 def facts_table(generated: StructuredReport, reference: StructuredReport) -> str:

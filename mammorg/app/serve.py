@@ -1,0 +1,247 @@
+"""The reporting service: ``mammorg serve --bundle BUNDLE [--host 127.0.0.1] [--port 8080]``.
+
+A FastAPI app (run by uvicorn) that loads a bundle once and reports on exams:
+
+- ``GET /health``: the bundle's name, the sha256 of its metadata (which lists every file's hash)
+  and the versions of mammorg, torch and transformers;
+- ``POST /report``: one exam's views as multipart files (field ``files``, DICOM), answered with the
+  report JSON (``?format=json``), the DICOM Comprehensive SR (``?format=sr``) or an HTML fragment
+  for the page (``?format=html``);
+- ``GET /``: a page to upload an exam and see the four views with the stage-1 heatmaps, the
+  narrative, the structured findings and the probabilities.
+
+Requests wait in a bounded queue and reach the model one exam at a time (the model is the
+bottleneck; concurrent clients are served in turn, a full queue answers 503). Uploads are limited
+in size and number of views; a bad upload (not DICOM, no usable view, too large, too many files)
+gets a 4xx with a one-line reason and the service keeps serving. Logs hold a request number, the
+number of views, the status and the time: nothing of the patient. It binds to the loopback
+address unless told otherwise; with a token, ``POST /report`` needs ``Authorization: Bearer T``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import html
+import io
+import itertools
+import json
+import logging
+import re
+import time
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+import pydicom
+from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from pydicom.errors import InvalidDicomError
+from starlette.concurrency import run_in_threadpool
+
+from mammorg.app.reporting import ExamReport, ExamReporter
+from mammorg.app.results import STYLE, stage1_summary, views_png
+from mammorg.io import MammorgError
+from mammorg.labels import VIEWS
+
+LOG = logging.getLogger("mammorg.serve")
+CHUNK = 1 << 20
+
+
+def _version(package: str) -> str | None:
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
+
+
+def health_record(reporter: ExamReporter) -> dict[str, Any]:
+    folder = reporter.bundle.folder
+    meta = folder / "metadata.json"
+    return {
+        "status": "ok",
+        "bundle": folder.name,
+        "bundle_sha256": hashlib.sha256(meta.read_bytes()).hexdigest(),
+        "versions": {p: _version(p) for p in ("mammorg", "torch", "transformers")},
+    }
+
+
+def report_fragment(report: ExamReport) -> str:
+    """The page's view of one report: views with heatmaps, narrative, facts, probabilities."""
+    views = report.exam_views
+    figure = (
+        views_png(
+            views.images,
+            None if report.heatmaps is None else report.heatmaps.numpy(),
+            report.stage1.grounded,
+            views.geometry,
+        )
+        if views
+        else ""
+    )
+    flags = "".join(f"<p class='bad'>{html.escape(f)}</p>" for f in report.flags)
+    return (
+        f"<section class='card'><h3>Report ({report.seconds:.2f} s; views {', '.join(report.views)})</h3>{flags}"
+        + (f"<img class='views' alt='views with stage-1 heatmaps' src='{figure}'>" if figure else "")
+        + f"<div class='reports'><div><b>Narrative</b><pre>{html.escape(report.text)}</pre></div>"
+        f"<div><b>Structured</b><pre>{html.escape(json.dumps(report.structured.to_json(), indent=1))}</pre></div></div>"
+        f"{stage1_summary(report.stage1)}</section>"
+    )
+
+
+PAGE = """<!doctype html><html lang='en'><head><meta charset='utf-8'><title>mammorg reporting</title>
+<meta name='viewport' content='width=device-width'><style>{style}
+form{{background:#fff;border:1px solid #d5dde5;border-radius:8px;padding:16px 18px}}
+button{{background:#15324b;color:#fff;border:0;border-radius:5px;padding:7px 16px;font-size:15px;cursor:pointer}}
+#status{{margin-left:12px;color:#45535f}}</style></head><body>
+<header><h1>mammorg reporting</h1>
+<p>{bundle} · upload the DICOM views of one exam (L-CC, L-MLO, R-CC, R-MLO)</p></header>
+<main><form id='f'><input type='file' id='files' name='files' multiple accept='.dcm,.dicom,application/dicom'>
+<input type='password' id='token' placeholder='access token (if the service has one)'>
+<button type='submit'>Report</button><span id='status'></span></form><div id='out'></div></main>
+<script>
+document.getElementById('f').addEventListener('submit', async (e) => {{
+  e.preventDefault();
+  const data = new FormData();
+  for (const file of document.getElementById('files').files) data.append('files', file);
+  const headers = {{}};
+  const token = document.getElementById('token').value;
+  if (token) headers['Authorization'] = 'Bearer ' + token;
+  const status = document.getElementById('status');
+  status.textContent = 'reporting...';
+  const response = await fetch('report?format=html', {{method: 'POST', body: data, headers}});
+  if (response.ok) {{ document.getElementById('out').innerHTML = await response.text(); status.textContent = ''; }}
+  else {{ status.textContent = (await response.json()).detail; }}
+}});
+</script></body></html>"""
+
+
+class ExamQueue:
+    """Exams reach the model one at a time; at most ``limit`` wait."""
+
+    def __init__(self, limit: int):
+        self.limit, self.waiting = limit, 0
+        self.lock = asyncio.Lock()
+
+    async def run(self, fn: Any, *args: Any) -> Any:
+        if self.waiting >= self.limit:
+            raise HTTPException(503, f"the service is busy ({self.waiting} exams waiting); try again shortly")
+        self.waiting += 1
+        try:
+            async with self.lock:
+                return await run_in_threadpool(fn, *args)
+        finally:
+            self.waiting -= 1
+
+
+async def read_uploads(files: list[UploadFile], max_bytes: int, max_views: int) -> list[pydicom.Dataset]:
+    """The uploaded DICOM datasets; a 4xx with a one-line reason for a bad upload."""
+    if not files:
+        raise HTTPException(422, "no files: send the exam's views as multipart field 'files'")
+    if len(files) > max_views:
+        raise HTTPException(422, f"{len(files)} files: an exam has at most {max_views} views")
+    datasets: list[pydicom.Dataset] = []
+    total = 0
+    for number, upload in enumerate(files, 1):
+        name = f"file {number}"  # never the client's file name (it may hold a patient's name)
+        buf = io.BytesIO()
+        while chunk := await upload.read(CHUNK):
+            total += len(chunk)
+            if total > max_bytes:
+                raise HTTPException(413, f"upload larger than {max_bytes // (1 << 20)} MiB")
+            buf.write(chunk)
+        try:
+            datasets.append(pydicom.dcmread(io.BytesIO(buf.getvalue())))
+        except (InvalidDicomError, EOFError, ValueError, TypeError, OSError) as exc:
+            raise HTTPException(415, f"{name}: not a readable DICOM file ({str(exc).splitlines()[0][:120]})") from None
+    return datasets
+
+
+def create_app(
+    reporter: ExamReporter,
+    token: str | None = None,
+    max_upload_mb: float = 64.0,
+    max_views: int = len(VIEWS),
+    max_waiting: int = 32,
+) -> FastAPI:
+    """The service around a loaded bundle (see the module docstring)."""
+    app = FastAPI(title="mammorg reporting", docs_url=None, redoc_url=None, openapi_url=None)
+    queue = ExamQueue(max_waiting)
+    health = health_record(reporter)
+    counter = itertools.count(1)
+    max_bytes = int(max_upload_mb * (1 << 20))
+
+    def authorised(request: Request) -> None:
+        if token is None:
+            return
+        given = request.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+            raise HTTPException(401, "missing or wrong bearer token")
+
+    @app.exception_handler(HTTPException)
+    async def one_line(_request: Request, exc: HTTPException) -> JSONResponse:
+        return JSONResponse({"detail": str(exc.detail).splitlines()[0]}, status_code=exc.status_code)
+
+    @app.get("/health")
+    async def get_health() -> dict[str, Any]:
+        return health
+
+    @app.get("/", response_class=HTMLResponse)
+    async def page() -> str:
+        return PAGE.format(style=STYLE, bundle=html.escape(health["bundle"]))
+
+    @app.post("/report")
+    async def post_report(
+        request: Request,
+        files: list[UploadFile] = File(default=[]),  # noqa: B008 (FastAPI's declaration style)
+        format: str = Query("json", pattern="^(json|sr|html)$"),
+    ) -> Response:
+        number, t0 = next(counter), time.perf_counter()
+        status = 500
+        try:
+            authorised(request)
+            length = int(request.headers.get("content-length") or 0)
+            if length > max_bytes + (1 << 16):
+                raise HTTPException(413, f"upload larger than {max_upload_mb:g} MiB")
+            datasets = await read_uploads(files, max_bytes, max_views)
+            try:
+                report: ExamReport = await queue.run(reporter.report_datasets, datasets)
+            except MammorgError as exc:
+                raise HTTPException(422, _anonymous(str(exc))) from None
+            status = 200
+            if format == "sr":
+                buf = io.BytesIO()
+                report.to_sr().save_as(buf, enforce_file_format=True)
+                return Response(buf.getvalue(), media_type="application/dicom")
+            if format == "html":
+                return HTMLResponse(report_fragment(report))
+            return JSONResponse(report.to_json())
+        except HTTPException as exc:
+            status = exc.status_code
+            raise
+        except Exception as exc:  # one line, never a traceback to the client
+            LOG.exception("request %d failed", number)
+            raise HTTPException(500, f"internal error ({type(exc).__name__})") from None
+        finally:
+            LOG.info("request %d: %d file(s), status %d, %.2f s", number, len(files), status, time.perf_counter() - t0)
+
+    return app
+
+
+def _anonymous(message: str) -> str:
+    """A reporter error naming the upload by its number, not by the temporary file it was in."""
+    first = message.splitlines()[0]
+    return re.sub(r"\S*mammorg-exam-\w+/view(\d+)\.dcm", lambda m: f"file {int(m.group(1)) + 1}", first)
+
+
+def serve(
+    bundle: str, host: str = "127.0.0.1", port: int = 8080, token: str | None = None, max_upload_mb: float = 64.0
+) -> None:
+    """Load the bundle once and serve it with uvicorn."""
+    import uvicorn
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if host not in ("127.0.0.1", "localhost", "::1") and token is None:
+        LOG.warning("serving on %s without a token: anyone who can reach it can send exams", host)
+    app = create_app(ExamReporter.load(bundle), token, max_upload_mb)
+    uvicorn.run(app, host=host, port=port, log_level="info", access_log=False)
