@@ -49,6 +49,16 @@ class ExamViews:
 
 
 @dataclass
+class Stage1Result:
+    """Stage 1's output for one exam, as the generator takes it."""
+
+    record: Stage1Prediction
+    tokens: torch.Tensor
+    mask: torch.Tensor
+    heat: torch.Tensor | None
+
+
+@dataclass
 class ExamReport:
     """The report of one exam: narrative, what it states, stage 1's view of the exam, the views
     used and any flags (a missing view, ...)."""
@@ -128,69 +138,93 @@ class ExamReporter:
         return views
 
     @torch.no_grad()
-    def stage1(self, views: ExamViews) -> tuple[Stage1Prediction, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Stage 1 on preprocessed views: (prediction with grounded findings when the model
-        localises, feature tokens ``[4, N, D]``, view mask ``[4]``, heatmap probabilities or None)."""
-        if not views.images:
+    def stage1(self, exams: Sequence[ExamViews]) -> list[Stage1Result]:
+        """Stage 1 on the preprocessed views of one or more exams (one batch): per exam the
+        prediction (grounded findings when the model localises), feature tokens ``[4, N, D]``,
+        view mask ``[4]`` and heatmap probabilities (None without localisation)."""
+        if not exams or any(not views.images for views in exams):
             raise MammorgError("an exam with no usable view cannot be reported")
-        shape = next(iter(views.images.values())).shape
+        shape = next(iter(exams[0].images.values())).shape
         images = torch.stack(
-            [torch.from_numpy(views.images[v]) if v in views.images else torch.zeros(shape) for v in VIEWS]
-        ).reshape(1, 4, 1, *shape)
-        mask = torch.tensor([[v in views.images for v in VIEWS]])
+            [
+                torch.stack([torch.from_numpy(x.images[v]) if v in x.images else torch.zeros(shape) for v in VIEWS])
+                for x in exams
+            ]
+        ).unsqueeze(2)
+        mask = torch.tensor([[v in x.images for v in VIEWS] for x in exams])
         device = next(self.bundle.stage1.parameters()).device
         out = {k: v.float().cpu() for k, v in self.bundle.stage1(images.to(device), mask.to(device)).items()}
-        descriptors = {k[5:]: v[0].softmax(-1) for k, v in out.items() if k.startswith("desc_")}
-        record = exam_record(
-            "exam",
-            out["density"][0].softmax(-1),
-            out["birads"][0].softmax(-1),
-            out["findings"][0].sigmoid(),
-            mask[0],
-            descriptors,
-            self.bundle.stage1_points,
-        )
-        heat = out["heatmaps"][0].sigmoid() if "heatmaps" in out else None
-        if heat is not None:
-            positive = {s: [f for f, v in record.pred.findings[s].items() if v == "pos"] for s in SIDES}
-            record.grounded = grounded_findings(positive, heat, images[0], mask[0], views.geometry)
-        return record, out["tokens"][0], mask[0], heat
+        results = []
+        for i, views in enumerate(exams):
+            descriptors = {k[5:]: v[i].softmax(-1) for k, v in out.items() if k.startswith("desc_")}
+            record = exam_record(
+                "exam",
+                out["density"][i].softmax(-1),
+                out["birads"][i].softmax(-1),
+                out["findings"][i].sigmoid(),
+                mask[i],
+                descriptors,
+                self.bundle.stage1_points,
+            )
+            heat = out["heatmaps"][i].sigmoid() if "heatmaps" in out else None
+            if heat is not None:
+                positive = {s: [f for f, v in record.pred.findings[s].items() if v == "pos"] for s in SIDES}
+                record.grounded = grounded_findings(positive, heat, images[i], mask[i], views.geometry)
+            results.append(Stage1Result(record, out["tokens"][i], mask[i], heat))
+        return results
+
+    def report_many(self, exams: Sequence[ExamViews]) -> list[ExamReport]:
+        """Reports of several exams in one batch (stage 1 and generation batched): what the
+        service does with requests that arrive together."""
+        t0 = time.perf_counter()
+        results = self.stage1(exams)
+        reporter = self.bundle.reporter
+        samples = [
+            reporter.builder.sample("exam", r.tokens, r.mask, KnowledgeState.from_prediction(r.record)) for r in results
+        ]
+        generated = reporter.generate(samples, batch_size=max(len(samples), 1))
+        seconds = time.perf_counter() - t0
+        reports = []
+        for views, result, gen in zip(exams, results, generated):
+            missing = [v for v in VIEWS if v not in views.images]
+            flags = [f"generated without view(s): {', '.join(missing)}"] if missing else []
+            reports.append(
+                ExamReport(
+                    gen.text,
+                    gen.structured,
+                    result.record,
+                    sorted(views.images),
+                    missing,
+                    flags,
+                    seconds,
+                    views,
+                    result.heat,
+                )
+            )
+        return reports
 
     def report_views(self, views: ExamViews) -> ExamReport:
         """Stage 1 -> knowledge + visual tokens -> stage 2 -> narrative and structured report.
         At inference the knowledge is always stage 1's prediction."""
-        t0 = time.perf_counter()
-        record, tokens, mask, heat = self.stage1(views)
-        reporter = self.bundle.reporter
-        sample = reporter.builder.sample("exam", tokens, mask, KnowledgeState.from_prediction(record))
-        (generated,) = reporter.generate([sample])
-        missing = [v for v in VIEWS if v not in views.images]
-        flags = [f"generated without view(s): {', '.join(missing)}"] if missing else []
-        return ExamReport(
-            generated.text,
-            generated.structured,
-            record,
-            sorted(views.images),
-            missing,
-            flags,
-            time.perf_counter() - t0,
-            views,
-            heat,
-        )
+        return self.report_many([views])[0]
 
     def report_files(self, inputs: Sequence[str | Path]) -> ExamReport:
         """The report of one exam given as a folder or as its image files."""
         return self.report_views(self.load_views(exam_files(inputs)))
 
-    def report_datasets(self, datasets: Sequence[Any]) -> ExamReport:
-        """The report of one exam given as in-memory DICOM datasets (``pydicom.Dataset``)."""
+    def load_datasets(self, datasets: Sequence[Any]) -> ExamViews:
+        """Preprocess an exam given as in-memory DICOM datasets (``pydicom.Dataset``)."""
         with tempfile.TemporaryDirectory(prefix="mammorg-exam-") as tmp:
             files = []
             for i, ds in enumerate(datasets):
                 path = Path(tmp) / f"view{i}.dcm"
                 ds.save_as(path, enforce_file_format=True)
                 files.append(path)
-            return self.report_views(self.load_views(files))
+            return self.load_views(files)
+
+    def report_datasets(self, datasets: Sequence[Any]) -> ExamReport:
+        """The report of one exam given as in-memory DICOM datasets (``pydicom.Dataset``)."""
+        return self.report_views(self.load_datasets(datasets))
 
 
 def add_example(bundle: str | Path, inputs: Sequence[str | Path]) -> ExamReport:

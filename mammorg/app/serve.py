@@ -10,8 +10,9 @@ A FastAPI app (run by uvicorn) that loads a bundle once and reports on exams:
 - ``GET /``: a page to upload an exam and see the four views with the stage-1 heatmaps, the
   narrative, the structured findings and the probabilities.
 
-Requests wait in a bounded queue and reach the model one exam at a time (the model is the
-bottleneck; concurrent clients are served in turn, a full queue answers 503). Uploads are limited
+Each request's views are decoded and preprocessed beside the others; the exams then wait in a
+bounded queue and the model takes every waiting exam in one batch (stage 1 and decoding
+batched), so concurrent clients share the model's work; a full queue answers 503. Uploads are limited
 in size and number of views; a bad upload (not DICOM, no usable view, too large, too many files)
 gets a 4xx with a one-line reason and the service keeps serving. Logs hold a request number, the
 number of views, the status and the time: nothing of the patient. It binds to the loopback
@@ -116,22 +117,40 @@ document.getElementById('f').addEventListener('submit', async (e) => {{
 </script></body></html>"""
 
 
-class ExamQueue:
-    """Exams reach the model one at a time; at most ``limit`` wait."""
+class Batcher:
+    """Exams wait in a bounded queue; the model takes every exam waiting (up to ``max_batch``) in
+    one batch, so concurrent clients share stage-1 passes and decoding steps. A batch that fails
+    is retried exam by exam, so one bad exam fails only its own request."""
 
-    def __init__(self, limit: int):
-        self.limit, self.waiting = limit, 0
-        self.lock = asyncio.Lock()
+    def __init__(self, reporter: ExamReporter, max_batch: int = 8, limit: int = 32):
+        self.reporter, self.max_batch = reporter, max_batch
+        self.queue: asyncio.Queue = asyncio.Queue(limit)
+        self.worker: asyncio.Task | None = None
 
-    async def run(self, fn: Any, *args: Any) -> Any:
-        if self.waiting >= self.limit:
-            raise HTTPException(503, f"the service is busy ({self.waiting} exams waiting); try again shortly")
-        self.waiting += 1
-        try:
-            async with self.lock:
-                return await run_in_threadpool(fn, *args)
-        finally:
-            self.waiting -= 1
+    async def report(self, views: Any) -> ExamReport:
+        if self.queue.full():
+            raise HTTPException(503, f"the service is busy ({self.queue.qsize()} exams waiting); try again shortly")
+        future = asyncio.get_running_loop().create_future()
+        await self.queue.put((views, future))
+        if self.worker is None or self.worker.done():
+            self.worker = asyncio.create_task(self._run())
+        return await future
+
+    async def _run(self) -> None:
+        while True:
+            batch = [await self.queue.get()]
+            while len(batch) < self.max_batch and not self.queue.empty():
+                batch.append(self.queue.get_nowait())
+            try:
+                reports = await run_in_threadpool(self.reporter.report_many, [views for views, _ in batch])
+                for (_, future), report in zip(batch, reports):
+                    future.set_result(report)
+            except Exception:
+                for views, future in batch:  # one by one: the failing exam fails alone
+                    try:
+                        future.set_result(await run_in_threadpool(self.reporter.report_views, views))
+                    except Exception as exc:
+                        future.set_exception(exc)
 
 
 async def read_uploads(files: list[UploadFile], max_bytes: int, max_views: int) -> list[pydicom.Dataset]:
@@ -166,7 +185,7 @@ def create_app(
 ) -> FastAPI:
     """The service around a loaded bundle (see the module docstring)."""
     app = FastAPI(title="mammorg reporting", docs_url=None, redoc_url=None, openapi_url=None)
-    queue = ExamQueue(max_waiting)
+    batcher = Batcher(reporter, limit=max_waiting)
     health = health_record(reporter)
     counter = itertools.count(1)
     max_bytes = int(max_upload_mb * (1 << 20))
@@ -204,8 +223,9 @@ def create_app(
             if length > max_bytes + (1 << 16):
                 raise HTTPException(413, f"upload larger than {max_upload_mb:g} MiB")
             datasets = await read_uploads(files, max_bytes, max_views)
-            try:
-                report: ExamReport = await queue.run(reporter.report_datasets, datasets)
+            try:  # preprocessing runs beside other requests; the model takes exams in batches
+                views = await run_in_threadpool(reporter.load_datasets, datasets)
+                report: ExamReport = await batcher.report(views)
             except MammorgError as exc:
                 raise HTTPException(422, _anonymous(str(exc))) from None
             status = 200

@@ -1,0 +1,127 @@
+"""Load test of the reporting service on the loopback address.
+
+Starts ``mammorg serve`` on a bundle (default: the demo's, ``demo_out/bundle``) in a subprocess,
+measures one request alone (the reference), then sends N requests from C concurrent clients with
+the views of one exam, and reports p50/p95 latency, throughput, errors and the service's resident
+memory after the first 20 requests and at the end. Prints one JSON object.
+
+Usage: python benchmarks/service_load.py [--bundle demo_out/bundle] [--exam FOLDER] [--requests 200] [--clients 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _exam(bundle: Path, exam: str | None) -> Path:
+    if exam:
+        return Path(exam)
+    images = bundle.parent / "synth" / "images"
+    if not images.is_dir():
+        raise SystemExit(f"{images}: no synthetic exams beside the bundle; pass --exam FOLDER")
+    return sorted(images.iterdir())[-1]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--bundle", default="demo_out/bundle")
+    ap.add_argument("--exam", default=None, help="a folder with the DICOM views of one exam")
+    ap.add_argument("--requests", type=int, default=200)
+    ap.add_argument("--clients", type=int, default=4)
+    args = ap.parse_args()
+    bundle = Path(args.bundle)
+    if not (bundle / "metadata.json").exists():
+        raise SystemExit(f"{bundle}: no bundle (run 'make demo' first, or pass --bundle)")
+    files = [
+        ("files", (p.name, p.read_bytes(), "application/dicom")) for p in sorted(_exam(bundle, args.exam).iterdir())
+    ]
+    port = _free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mammorg", "serve", "--bundle", str(bundle), "--port", str(port)],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        else:
+            raise SystemExit("the service did not start")
+
+        def one(_: int) -> tuple[float, int]:
+            t0 = time.perf_counter()
+            try:
+                status = httpx.post(f"{url}/report", files=files, timeout=120).status_code
+            except httpx.HTTPError:
+                status = -1
+            return time.perf_counter() - t0, status
+
+        one(0)  # warm-up
+        single = float(np.median([one(0)[0] for _ in range(5)]))
+        memory_start = None
+        latencies, statuses = [], []
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(args.clients) as pool:
+            for i, (latency, status) in enumerate(pool.map(one, range(args.requests))):
+                latencies.append(latency)
+                statuses.append(status)
+                if i + 1 == 20:
+                    memory_start = _rss_mib(server.pid)
+        wall = time.perf_counter() - t0
+        memory_end = _rss_mib(server.pid)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    p50, p95 = (float(np.percentile(latencies, q)) for q in (50, 95))
+    print(
+        json.dumps(
+            {
+                "benchmark": "service_load",
+                "requests": args.requests,
+                "clients": args.clients,
+                "errors": sum(s != 200 for s in statuses),
+                "single_request_s": round(single, 3),
+                "p50_s": round(p50, 3),
+                "p95_s": round(p95, 3),
+                "ratio_p95_vs_single": round(p95 / single, 2),
+                "throughput_rps": round(args.requests / wall, 2),
+                "rss_mib_after_20": None if memory_start is None else round(memory_start, 1),
+                "rss_mib_end": round(memory_end, 1),
+                "rss_growth": None if memory_start is None else round(memory_end / memory_start - 1, 3),
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
