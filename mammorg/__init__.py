@@ -1,3 +1,3 @@
 """mammorg: two-stage clinical-reasoning mammography report generation."""
 
-__version__ = "0.1.0"
+__version__ = "0.3.0"

@@ -1,0 +1,116 @@
+"""The default stage-2 recipe's parts (issue #20): consistent management, visual drop-out,
+descriptor knowledge, chat-template prompts; deterministic parallel synthesis."""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoTokenizer
+
+from evaluation.hallucination import management_inconsistent
+from evaluation.parser import parse_report
+from mammorg.config import load_config
+from stage2_sft.config import Stage2Config
+from stage2_sft.constrained import MANAGEMENT, ConsistentManagement
+
+
+def _tokenizer(local_decoder, tmp_path):
+    tok = AutoTokenizer.from_pretrained(str(local_decoder), local_files_only=True)
+    from stage2_sft.model import prompt_tokens
+
+    tok.add_tokens(prompt_tokens(), special_tokens=True)
+    return tok
+
+
+def test_defaults_are_the_verbaliser_plan_with_visual_tokens():
+    cfg = load_config("stage2/tiny", Stage2Config)
+    assert cfg.data.assessment_plan and cfg.generate.assessment == "plan" and cfg.generate.management == "consistent"
+    assert cfg.knowledge.gold_fraction == 1.0 and not cfg.knowledge.confidence and cfg.knowledge.locations
+    assert cfg.visual.enabled and cfg.visual.drop_rate == 0.5
+
+
+def test_management_follows_the_written_category(local_decoder, tmp_path):
+    tok = _tokenizer(local_decoder, tmp_path)
+    processor = ConsistentManagement(tok)
+    assert processor.active
+    vocab = tok.get_vocab()
+    written = torch.tensor([[vocab["BI-RADS 5"], vocab["BI-RADS 1"]], [vocab["BI-RADS 1"], vocab["BI-RADS 2"]]])
+    scores = torch.zeros(2, len(tok))
+    out = processor(written, scores.clone())
+    routine, biopsy = vocab["routine screening"], vocab["tissue diagnosis"]
+    assert out[0, biopsy] == 0 and out[0, routine] == 0  # most severe (5) and latest (1) allowed
+    assert out[1, routine] == 0 and out[1, biopsy] == float("-inf")  # a benign exam: no biopsy
+    assert torch.isneginf(out[1, vocab["short-interval follow-up"]])
+    assert torch.equal(processor(written[:, :0], scores.clone()), scores)  # nothing written yet: free
+    assert set(MANAGEMENT) <= set(vocab)
+
+
+def test_management_check_of_evaluation():
+    bad = "Overall: BI-RADS 5 - Highly suggestive of malignancy. Routine screening mammography is recommended."
+    good = "Overall: BI-RADS 5 - Highly suggestive of malignancy. Tissue diagnosis is recommended."
+    zero = (
+        "Right breast: BI-RADS 4A.\nLeft breast: BI-RADS 0 - Incomplete - need additional imaging evaluation.\n"
+        "Overall: BI-RADS 4A.\nTissue diagnosis is recommended."
+    )
+    assert management_inconsistent(parse_report(bad), bad)
+    assert not management_inconsistent(parse_report(good), good)
+    assert not management_inconsistent(parse_report(zero), zero)
+
+
+def test_visual_drop_out_only_in_training_and_reproducible(stage1_outputs):
+    from stage2_sft.assembly import make_builder
+    from stage2_sft.data import ReportDataset
+    from stage2_sft.train import prepare_tokenizer
+
+    root = stage1_outputs
+    cfg = load_config(
+        "stage2/tiny",
+        Stage2Config,
+        [f"data.manifest={root / 'm.jsonl'}", f"data.predictions={root / 's1/pred.jsonl'}", "visual.tokens_per_view=4"],
+    )
+    tok, _ = prepare_tokenizer(cfg, root / "drop_tok", 0)
+    builder = make_builder(cfg, tok)
+
+    def views(drop: float, epoch: int) -> list[int]:
+        ds = ReportDataset(root / "m.jsonl", root / "s1/pred.jsonl", builder, None, visual_drop=drop)
+        ds.epoch = epoch
+        return [len(ds[i].views) for i in range(len(ds))]
+
+    assert all(n > 0 for n in views(0.0, 0))
+    dropped = views(0.5, 0)
+    assert 0 in dropped and any(dropped) and dropped == views(0.5, 0) and dropped != views(0.5, 3)
+
+
+def test_descriptor_knowledge_tokens():
+    from mammorg.schema import Labels
+    from stage2_sft.knowledge import KnowledgeState, KnowledgeVocabulary
+
+    labels = Labels.make(
+        "b",
+        {"L": "5", "R": "1"},
+        {"L": {"mass": "pos", "calcification": "pos"}, "R": {}},
+        {"L": {"mass_margin": "spiculated", "calc_distribution": "segmental"}, "R": {}},
+    )
+    tokens = KnowledgeState.from_labels(labels, {"L_CC": "x", "R_CC": "y"}).tokens(confidence=False)
+    mass = tokens.index("<L:mass>")
+    assert tokens[mass + 1] == KnowledgeVocabulary.descriptor("L", "mass_margin", "spiculated")
+    assert tokens[tokens.index("<L:calcification>") + 1] == "<L:calc_distribution=segmental>"
+    assert set(tokens) <= set(KnowledgeVocabulary.all())
+
+
+def test_chat_template_wraps_the_prompt(local_decoder, tmp_path):
+    from stage2_sft.assembly import chat_wrapper
+
+    tok = _tokenizer(local_decoder, tmp_path)
+    tok.chat_template = "{% for m in messages %}<start>{{ m['content'] }}<end>{% endfor %}<model>"
+    before, after = chat_wrapper(tok)
+    assert tok.decode(before).strip().startswith("<") and "model" in tok.decode(after)
+
+
+def test_parallel_synthesis_writes_the_same_files(tmp_path):
+    from mammorg.synth.writer import SynthSettings, synthesise
+
+    settings = SynthSettings(exams=4, seed=7, height=64, width=32)
+    synthesise(tmp_path / "a", settings, progress=False)
+    synthesise(tmp_path / "b", settings, progress=False, workers=2)
+    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
+    assert files and all((tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in files)
