@@ -7,6 +7,7 @@ features equals the number of placeholders (the LLaVA port's pattern).
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import shutil
@@ -46,6 +47,17 @@ def token_id(tokenizer: PreTrainedTokenizerBase, token: str) -> int:
 def prompt_tokens() -> list[str]:
     """Special tokens every stage-2 tokenizer carries (structure, discrete knowledge, plans)."""
     return [IMAGE, KNOWLEDGE, REPORT, MISSING, *VIEW_MARKERS, *KnowledgeVocabulary.all()]
+
+
+def _gathered(param: torch.Tensor) -> Any:
+    """A context in which a ZeRO-3-partitioned parameter is whole (read only); else nothing."""
+    if hasattr(param, "ds_id"):
+        import deepspeed
+        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+        if param.ds_status != ZeroParamStatus.AVAILABLE:  # already whole inside a module's forward
+            return deepspeed.zero.GatheredParameters([param], modifier_rank=None)
+    return contextlib.nullcontext()
 
 
 def _embed_scale(table: Any) -> Any:
@@ -212,10 +224,12 @@ class ReportGenerator(nn.Module):
         return base.get_decoder()
 
     def head_weight(self) -> torch.Tensor:
-        """Output rows of the report vocabulary (all rows without one), term rows as trained."""
+        """Output rows of the report vocabulary (all rows without one), term rows as trained.
+        Under ZeRO-3 the (frozen) output matrix is gathered for this read."""
         out: Any = self.decoder.get_output_embeddings()
         weight = out.weight
-        rows = weight if self.report_vocab is None else weight[self.report_vocab]
+        with _gathered(weight):
+            rows = weight.clone() if self.report_vocab is None else weight[self.report_vocab]
         if self.term_ids is None or self.term_in is None:
             return rows
         trained = (self.term_out if self.term_out is not None else self.term_in).to(rows.dtype)

@@ -87,6 +87,16 @@ def prepare_tokenizer(cfg: Stage2Config, run_dir: Path, rank: int) -> tuple[PreT
     return tok, json.loads(pieces_file.read_text())
 
 
+def zero_stage(cfg: Stage2Config) -> int:
+    """The ZeRO stage of the run's DeepSpeed config (0 without one)."""
+    if not cfg.deepspeed.config:
+        return 0
+    from mammorg.config import resolve_config
+
+    raw = json.loads(resolve_config(cfg.deepspeed.config).read_text())
+    return int(raw.get("zero_optimization", {}).get("stage", 0))
+
+
 def datasets(cfg: Stage2Config, builder: PromptBuilder) -> tuple[ReportDataset, ReportDataset]:
     def make(split: str, **kw: Any) -> ReportDataset:
         return ReportDataset(cfg.data.manifest, cfg.data.predictions, builder, split, cfg.knowledge.source, **kw)
@@ -124,7 +134,9 @@ class Stage2Recipe(EpochRecipe):
         reports = [self.train_ds.report_ids(i) for i in range(len(self.train_ds))]
         term_ids = trained_term_ids(cfg, self.tok, pieces)
         vocab = None
-        if uses_report_vocab(cfg, self.tok):
+        if zero_stage(cfg) == 3 and not cfg.lora.enabled:  # full fine-tuning under ZeRO-3: the plain LM head
+            term_ids = None  # (every row trains anyway; a partitioned head is read only inside its own forward)
+        elif uses_report_vocab(cfg, self.tok):
             terms = term_token_ids(self.tok, lexicon_of(cfg.terminology))
             vocab = report_vocabulary(self.tok, reports, terms)
         model = self.build_generator(pieces, term_ids, vocab).to(self.device)

@@ -236,3 +236,21 @@ def test_gemma_package_imports(tmp_path):
     record = json.loads((out / "import.json").read_text())
     assert record["class"] == "Gemma3ForCausalLM" and record["vocab_size"] == 262144
     assert "GEMMA_TERMS.html" in record["licence_files"] and (out / "GEMMA_TERMS.html").exists()
+
+
+def test_deepspeed_zero3_two_ranks_lora_gemma3(decoders, stage1_outputs, tmp_path):
+    """2 CPU ranks under ZeRO-3, LoRA on a Gemma 3 text decoder with term rows and the report
+    vocabulary head: the embedding resize and new-row initialisation happen before partitioning,
+    the partitioned head is gathered for the report rows, and the saved adapters, term rows and
+    extras are complete and reload without DeepSpeed."""
+    from conftest import assert_complete_lora_run, launch_stage2
+    from safetensors.torch import load_file
+
+    run_dir = tmp_path / "z3"
+    proc = launch_stage2(
+        stage1_outputs, run_dir, decoders["gemma3_text"], 3, 2, True, "decoder.report_vocab_head=always"
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_complete_lora_run(run_dir)
+    extras = load_file(str(run_dir / "checkpoints" / "best" / "extras.safetensors"))
+    assert extras["term_in"].numel() > 0 and extras["report_vocab"].numel() > 0
