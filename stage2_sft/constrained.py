@@ -210,17 +210,21 @@ class ConsistentManagement(LogitsProcessor):
 
     def stated(self, input_ids: torch.Tensor) -> list[set[str]]:
         """Per row, the categories whose management may be written: the most severe category
-        written so far and the most recent one (a breast's category 0 names its own management)."""
+        written so far, and the most recent one when it is 0 (whose name, "need additional
+        imaging evaluation", follows it in a breast's line)."""
         hits = input_ids[:, :, None] == self.category_ids.to(input_ids.device)  # [B, T, K]
         seen = hits.any(1)
         severity = torch.where(seen, self.severity.to(input_ids.device), -1.0)
         best_severity, best = severity.max(1)
         position = torch.arange(1, input_ids.shape[1] + 1, device=input_ids.device)[None, :, None]
         latest = (hits * position).amax(1).argmax(1)  # the category token written last
-        return [
-            {self.classes[int(b)], self.classes[int(last)]} if v >= 0 else set()
-            for v, b, last in zip(best_severity.tolist(), best.tolist(), latest.tolist())
-        ]
+        out = []
+        for v, b, last in zip(best_severity.tolist(), best.tolist(), latest.tolist()):
+            allowed = {self.classes[int(b)]} if v >= 0 else set()
+            if allowed and self.classes[int(last)] == "0":
+                allowed.add("0")
+            out.append(allowed)
+        return out
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         if not self.active or not input_ids.shape[1]:
