@@ -157,7 +157,13 @@ class Stage1Recipe(EpochRecipe):
             save_tensors(self.model.state_dict(), folder / WEIGHTS)
 
     def read_weights(self, folder: Path) -> None:
-        self.model.load_state_dict(load_tensors(folder / WEIGHTS))
+        missing, unexpected = self.model.load_state_dict(load_tensors(folder / WEIGHTS), strict=False)
+        if missing or unexpected:
+            names = ", ".join([*missing, *unexpected][:3])
+            raise MammorgError(
+                f"{folder / WEIGHTS}: the checkpoint does not match this config's model ({names}); "
+                "resume with the run's own config.yaml or start a new run_dir"
+            )
 
     def finish(self) -> None:
         """Rank 0: back to the best checkpoint, its validation operating points, plots."""
