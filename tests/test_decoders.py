@@ -21,6 +21,15 @@ from mammorg.config import load_config
 from stage2_sft.config import Stage2Config
 from stage2_sft.train import train
 
+VIEWS_ALL = ["L_CC", "L_MLO", "R_CC", "R_MLO"]
+
+
+def _manifest(root: Path) -> list[dict]:
+    from mammorg.io import read_jsonl
+
+    return read_jsonl(root / "m.jsonl")
+
+
 TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1)
 
 
@@ -121,6 +130,14 @@ def test_architecture_trains_generates_exports(arch, decoders, stage1_outputs, t
     assert load_bundle(bundle).reporter.generator.report_vocab is not None
     if arch == "gemma3_multimodal":  # MedGemma's class: its language model with our tokens
         assert type(plain).__name__ == "Gemma3ForCausalLM"
+        from mammorg.app.reporting import ExamReporter
+
+        exam = stage1_outputs / "exam"
+        exam.mkdir(exist_ok=True)
+        for view, rel in next(r for r in _manifest(stage1_outputs) if all(r["views"].values()))["views"].items():
+            shutil.copy(stage1_outputs / rel, exam / f"{view}.dcm")
+        report = ExamReporter.load(bundle).report_files([exam])  # mammorg report from its bundle
+        assert report.views == sorted(VIEWS_ALL) and isinstance(report.text, str)
 
 
 def test_full_fine_tuning_and_alignment_phase(decoders, stage1_outputs, tmp_path):
