@@ -183,6 +183,9 @@ MANAGEMENT = {
 }
 
 
+OPENERS = (("additional imaging evaluation", "Recall"), ("additional imaging evaluation", " Recall"))
+
+
 def _ids_of(tok: PreTrainedTokenizerBase, words: str) -> list[int]:
     """The atomic token ids of a term: as written at a line start and mid-sentence."""
     vocab = tok.get_vocab()
@@ -206,6 +209,13 @@ class ConsistentManagement(LogitsProcessor):
         self.classes = [c for _, c in found]
         self.severity = torch.tensor([float(birads_severity(c)) for c in self.classes])
         self.terms = {term: torch.tensor(_ids_of(tok, term), dtype=torch.long) for term in MANAGEMENT}
+        # words that open a management sentence without a lexicon term ("Recall for additional
+        # imaging"): their last piece is blocked once the pieces before it are written
+        self.openers: list[tuple[str, list[int], int]] = []
+        for term, word in OPENERS:
+            ids = list(tok(word, add_special_tokens=False)["input_ids"])
+            if ids:
+                self.openers.append((term, ids[:-1], ids[-1]))
         self.active = bool(found) and all(ids.numel() for ids in self.terms.values())
 
     def stated(self, input_ids: torch.Tensor) -> list[set[str]]:
@@ -235,6 +245,12 @@ class ConsistentManagement(LogitsProcessor):
             for term, called_by in MANAGEMENT.items():
                 if not categories & set(called_by):
                     scores[row, self.terms[term].to(scores.device)] = float("-inf")
+            for term, prefix, last in self.openers:
+                if categories & set(MANAGEMENT[term]):
+                    continue
+                written = input_ids[row, input_ids.shape[1] - len(prefix) :].tolist() if prefix else []
+                if written == prefix:
+                    scores[row, last] = float("-inf")
         return scores
 
 

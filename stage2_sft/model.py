@@ -55,7 +55,7 @@ def _gathered(param: torch.Tensor) -> Any:
         import deepspeed
         from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
-        if param.ds_status != ZeroParamStatus.AVAILABLE:  # already whole inside a module's forward
+        if getattr(param, "ds_status", None) != ZeroParamStatus.AVAILABLE:  # already whole inside a forward
             return deepspeed.zero.GatheredParameters([param], modifier_rank=None)
     return contextlib.nullcontext()
 

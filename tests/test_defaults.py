@@ -114,3 +114,15 @@ def test_parallel_synthesis_writes_the_same_files(tmp_path):
     synthesise(tmp_path / "b", settings, progress=False, workers=2)
     files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
     assert files and all((tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in files)
+
+
+def test_management_openers_are_blocked_piece_by_piece(local_decoder, tmp_path):
+    """A management sentence without a lexicon term ("Recall for ...", spelt in pieces) cannot be
+    completed after a benign category."""
+    tok = _tokenizer(local_decoder, tmp_path)
+    processor = ConsistentManagement(tok)
+    vocab = tok.get_vocab()
+    term, prefix, last = processor.openers[0]
+    written = torch.tensor([[vocab["BI-RADS 1"], *prefix], [vocab["BI-RADS 0"], *prefix]])
+    out = processor(written, torch.zeros(2, len(tok)))
+    assert torch.isneginf(out[0, last]) and out[1, last] == 0
