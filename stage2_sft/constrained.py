@@ -183,7 +183,12 @@ MANAGEMENT = {
 }
 
 
-OPENERS = (("additional imaging evaluation", "Recall"), ("additional imaging evaluation", " Recall"))
+OPENERS = (
+    ("additional imaging evaluation", "Recall"),
+    ("additional imaging evaluation", " Recall"),
+    ("short-interval follow-up", " 6 months"),
+    ("short-interval follow-up", " six months"),
+)
 
 
 def _ids_of(tok: PreTrainedTokenizerBase, words: str) -> list[int]:

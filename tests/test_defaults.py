@@ -122,7 +122,7 @@ def test_management_openers_are_blocked_piece_by_piece(local_decoder, tmp_path):
     tok = _tokenizer(local_decoder, tmp_path)
     processor = ConsistentManagement(tok)
     vocab = tok.get_vocab()
-    term, prefix, last = processor.openers[0]
+    _, prefix, last = processor.openers[0]
     written = torch.tensor([[vocab["BI-RADS 1"], *prefix], [vocab["BI-RADS 0"], *prefix]])
     out = processor(written, torch.zeros(2, len(tok)))
     assert torch.isneginf(out[0, last]) and out[1, last] == 0
