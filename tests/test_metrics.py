@@ -68,7 +68,13 @@ def test_hallucination_checks():
     ref = _s("a", "4B", {"R": {"mass": "pos"}})
     pred = _s("a", "1", {"L": {"mass": "pos", "calcification": "pos"}})
     checks = exam_checks(pred, ref, "Stable mass.", "Mass.")
-    assert checks == {"wrong_side": 1, "invented_finding": 1, "invented_prior": 1, "birads_inconsistent": 1}
+    assert checks == {
+        "wrong_side": 1,
+        "invented_finding": 1,
+        "invented_prior": 1,
+        "birads_inconsistent": 1,
+        "management_inconsistent": 0,
+    }
 
 
 def test_paired_bootstrap_detects_a_better_system():
