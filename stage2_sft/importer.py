@@ -16,6 +16,7 @@ copied from the source, and the sha256 of every file.
 
 from __future__ import annotations
 
+import copy
 import importlib
 import shutil
 import tempfile
@@ -49,8 +50,13 @@ def language_model_of(model: Any) -> PreTrainedModel:
 
 
 def _rebuilt(model: Any) -> PreTrainedModel:
-    """A plain model of the same class and weights (what ``save_pretrained`` accepts)."""
-    fresh: Any = type(model)(model.config)
+    """A plain model of the same class and weights (what ``save_pretrained`` accepts): the GGUF
+    loader's quantisation record is dropped from the config, the weights are de-quantised."""
+    config = copy.deepcopy(model.config)
+    for key in ("quantization_config", "_pre_quantization_dtype"):
+        if hasattr(config, key):
+            delattr(config, key)
+    fresh: Any = type(model)(config)
     fresh.load_state_dict(model.state_dict())
     return fresh.to(next(model.parameters()).dtype)
 

@@ -253,6 +253,7 @@ def test_gemma_package_imports(tmp_path):
     record = json.loads((out / "import.json").read_text())
     assert record["class"] == "Gemma3ForCausalLM" and record["vocab_size"] == 262144
     assert "GEMMA_TERMS.html" in record["licence_files"] and (out / "GEMMA_TERMS.html").exists()
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())  # saves again
 
 
 def test_deepspeed_zero3_two_ranks_lora_gemma3(decoders, stage1_outputs, tmp_path):
