@@ -60,7 +60,7 @@ def _plan_ids(vocab: dict[str, int]) -> torch.Tensor | None:
 class AssessmentTokens:
     """Token ids the processors need: category terms, side words, sentence ends, plan tokens."""
 
-    categories: torch.Tensor
+    categories: torch.Tensor  # [V, 9]: each spelling of the category terms (line start, mid-sentence)
     sides: tuple[torch.Tensor, torch.Tensor]  # left, right
     stops: torch.Tensor
     plan: torch.Tensor | None = None  # [3, 9]: L, R, exam
@@ -72,7 +72,12 @@ class AssessmentTokens:
             raise MammorgError(
                 "generate.assessment needs BI-RADS categories as atomic terms (terminology.atomic_terms: true)"
             )
-        categories = torch.tensor([vocab[f"BI-RADS {c}"] for c in BIRADS_CLASSES])
+        spellings = [
+            [vocab[f"{lead}BI-RADS {c}"] for c in BIRADS_CLASSES]
+            for lead in ("", " ")
+            if all(f"{lead}BI-RADS {c}" in vocab for c in BIRADS_CLASSES)
+        ]
+        categories = torch.tensor(spellings)
         return cls(
             categories,
             (side_word_ids(tok, "left"), side_word_ids(tok, "right")),
@@ -138,7 +143,8 @@ class CategoryChoice(LogitsProcessor, ABC):
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         targets = self.targets(input_ids, scores.shape[0]).to(scores.device)
         target = targets.gather(1, self._context(input_ids).unsqueeze(1)).squeeze(1)
-        _force(scores, self.tokens.categories.to(scores.device), target)
+        for spelling in self.tokens.categories.to(scores.device):  # each spelling held alike
+            _force(scores, spelling, target)
         self.hold_plan(scores, targets)
         return scores
 
