@@ -164,7 +164,7 @@ def preprocess_manifest(
                 cache[v] = os.path.relpath(res["entry"], cache_dir)
                 geometry[v] = res["geometry"]
         if cache:
-            views = {v: (str(ex.view_path(v, manifest.parent)) if ex.views.get(v) else None) for v in VIEWS}
+            views = {v: _view_for(ex, v, manifest.parent, cache_dir) for v in VIEWS}
             out_rows.append(dataclasses.replace(ex, views=views, cache=cache, geometry=geometry))
         else:
             problems.append({"exam_id": ex.exam_id, "view": None, "problem": "no usable view"})
@@ -179,6 +179,17 @@ def preprocess_manifest(
         "reused": sum(1 for r in results.values() if r.get("cached")),
         "problems": problems,
     }
+
+
+def _view_for(exam: Exam, view: str, source_dir: Path, cache_dir: Path) -> str | None:
+    """A view's path as the cache manifest keeps it: relative to the cache folder (the manifest's
+    own folder), or absolute when the source manifest gave it so."""
+    value = exam.views.get(view)
+    if not value:
+        return None
+    if Path(value).is_absolute():
+        return value
+    return os.path.relpath((source_dir / value).resolve(), cache_dir.resolve())
 
 
 def _run_jobs(jobs: list, cache_dir: Path, spec: PreprocessSpec, workers: int, progress: bool) -> dict:

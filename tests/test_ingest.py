@@ -219,3 +219,16 @@ def test_descriptors_are_canonicalised():
         "R": {"mass_shape": "irregular", "mass_margin": "indistinct"},
         "L": {"calc_morphology": "fine pleomorphic", "calc_distribution": "grouped"},
     }
+
+
+def test_cache_manifest_views_resolve_from_its_own_folder(synth_dir, tmp_path, monkeypatch):
+    """Relative paths given on the command line: the cache manifest's view paths are relative to
+    the cache folder, so they resolve wherever the manifest is read from."""
+    root = _copy_synth(synth_dir, tmp_path)
+    monkeypatch.chdir(tmp_path)
+    ingest("vindr", root.name, "m.jsonl", parse_report)
+    preprocess_manifest("m.jsonl", "cache", PreprocessSpec(height=64, width=32), workers=1, progress=False)
+    from mammorg.schema import read_manifest
+
+    for exam in read_manifest(tmp_path / "cache" / "manifest.jsonl"):
+        assert all(exam.view_path(v, tmp_path / "cache").is_file() for v in exam.present_views)
