@@ -28,8 +28,9 @@ if want loc; then
 stamp "stage-1 localisation: data"
 python3 benchmarks/stage1_localisation.py --out "$WORK/loc" --exams "${EXAMS:-900}" --prepare-only --prep-workers 14 > "$WORK/prep.log" 2>&1 || tail -5 "$WORK/prep.log"
 ROWS=${ROWS:-today localise localise_topk localise_attention localise_no_box_loss curve_150 curve_360 curve_700}
+# each row is bounded (LOC_LIMIT seconds) so that the throughput checks and the merge still run
 for row in $ROWS; do
-  python3 benchmarks/stage1_localisation.py --out "$WORK/loc" --exams "${EXAMS:-900}" --epochs "${EPOCHS:-16}" --rows "$row" --workers 1 --prep-workers 1 \
+  timeout "${LOC_LIMIT:-280}" python3 benchmarks/stage1_localisation.py --out "$WORK/loc" --exams "${EXAMS:-900}" --epochs "${EPOCHS:-16}" --rows "$row" --workers 1 --prep-workers 1 \
     --result "$row.json" > "$WORK/$row.log" 2>&1 &
 done
 wait
@@ -48,26 +49,27 @@ result = {"benchmark": "stage1_localisation", "reference": "today", "epochs": in
 out.write_text(json.dumps(result))
 print(json.dumps(result))
 EOF
-for row in $ROWS; do [ -f "$WORK/loc/$row.json" ] || { echo "row $row failed:"; tail -3 "$WORK/$row.log"; }; done
+for row in $ROWS; do [ -f "$WORK/loc/$row.json" ] || { echo "row $row failed:"; tail -c 600 "$WORK/$row.log"; echo; }; done > "$OUT/loc_failures.txt"
+cat "$OUT/loc_failures.txt"
 fi
 
 if want s1t; then
 stamp "stage-1 throughput 1024x512"
-python3 benchmarks/stage1_throughput.py --exams 64 --workers 8 > "$OUT/stage1_throughput.json" 2> "$WORK/s1t.log" || tail -5 "$WORK/s1t.log"
+timeout "${S1T_LIMIT:-80}" python3 benchmarks/stage1_throughput.py --exams 64 --workers 8 > "$OUT/stage1_throughput.json" 2> "$WORK/s1t.log" || tail -5 "$WORK/s1t.log"
 cat "$OUT/stage1_throughput.json"
 fi
 
 if want s2t; then
 stamp "stage-2 throughput: Gemma 3 270M"
-python3 benchmarks/stage2_throughput.py --shape gemma-3-270m --report-vocab 4000 --batch 16 --seq 512 --steps 10 \
+timeout "${S2T_LIMIT:-60}" python3 benchmarks/stage2_throughput.py --shape gemma-3-270m --report-vocab 4000 --batch 16 --seq 512 --steps 10 \
   --no-generate > "$OUT/stage2_gemma270m.json" 2> "$WORK/g270.log" || tail -5 "$WORK/g270.log"
 cat "$OUT/stage2_gemma270m.json"
 stamp "stage-2 throughput: Gemma 3 1B shape"
-python3 benchmarks/stage2_throughput.py --shape gemma-3-1b --report-vocab 4000 --batch 8 --seq 1024 --steps 10 \
+timeout "${S2T_LIMIT:-60}" python3 benchmarks/stage2_throughput.py --shape gemma-3-1b --report-vocab 4000 --batch 8 --seq 1024 --steps 10 \
   --no-generate > "$OUT/stage2_gemma1b.json" 2> "$WORK/g1b.log" || tail -5 "$WORK/g1b.log"
 cat "$OUT/stage2_gemma1b.json"
 stamp "stage-2 throughput: Llama 3.2 1B shape"
-python3 benchmarks/stage2_throughput.py --shape llama-3.2-1b --report-vocab 4000 --batch 8 --seq 1024 --steps 10 \
+timeout "${S2T_LIMIT:-60}" python3 benchmarks/stage2_throughput.py --shape llama-3.2-1b --report-vocab 4000 --batch 8 --seq 1024 --steps 10 \
   > "$OUT/stage2_llama1b.json" 2> "$WORK/l1b.log" || tail -5 "$WORK/l1b.log"
 cat "$OUT/stage2_llama1b.json"
 fi
