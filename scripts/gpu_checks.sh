@@ -61,15 +61,15 @@ fi
 
 if want s2t; then
 stamp "stage-2 throughput: Gemma 3 270M"
-timeout "${S2T_LIMIT:-60}" python3 benchmarks/stage2_throughput.py --shape gemma-3-270m --report-vocab 4000 --batch 16 --seq 512 --steps 10 \
+timeout "${S2T_LIMIT:-150}" python3 benchmarks/stage2_throughput.py --shape gemma-3-270m --report-vocab 4000 --batch 16 --seq 512 --steps 10 --no-compile \
   --no-generate > "$OUT/stage2_gemma270m.json" 2> "$WORK/g270.log" || tail -5 "$WORK/g270.log"
 cat "$OUT/stage2_gemma270m.json"
 stamp "stage-2 throughput: Gemma 3 1B shape"
-timeout "${S2T_LIMIT:-60}" python3 benchmarks/stage2_throughput.py --shape gemma-3-1b --report-vocab 4000 --batch 8 --seq 1024 --steps 10 \
+timeout "${S2T_LIMIT:-150}" python3 benchmarks/stage2_throughput.py --shape gemma-3-1b --report-vocab 4000 --batch 8 --seq 1024 --steps 10 --no-compile \
   --no-generate > "$OUT/stage2_gemma1b.json" 2> "$WORK/g1b.log" || tail -5 "$WORK/g1b.log"
 cat "$OUT/stage2_gemma1b.json"
 stamp "stage-2 throughput: Llama 3.2 1B shape"
-timeout "${S2T_LIMIT:-60}" python3 benchmarks/stage2_throughput.py --shape llama-3.2-1b --report-vocab 4000 --batch 8 --seq 1024 --steps 10 \
+timeout "${S2T_LIMIT:-150}" python3 benchmarks/stage2_throughput.py --shape llama-3.2-1b --report-vocab 4000 --batch 8 --seq 1024 --steps 10 --no-compile \
   > "$OUT/stage2_llama1b.json" 2> "$WORK/l1b.log" || tail -5 "$WORK/l1b.log"
 cat "$OUT/stage2_llama1b.json"
 fi
