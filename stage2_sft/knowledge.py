@@ -270,9 +270,12 @@ def _descriptors(values: dict[str, dict[str, str]] | None) -> torch.Tensor:
 
 
 def _locations(items: list[tuple[Any, Any, Any]]) -> torch.Tensor:
-    """``[2, F]`` quadrant indices from (side, finding, quadrant) triples; the first stated wins."""
+    """``[2, F]`` quadrant indices from (side, finding, quadrant) triples; the first stated wins.
+    Quadrants are named as stage 1 names them ("upper outer") or as the parser reads them from a
+    report ("upper outer quadrant"): both are the same location token."""
     out = torch.full((2, len(FINDINGS)), -1, dtype=torch.long)
-    for side, finding, quadrant in items:
+    for side, finding, where in items:
+        quadrant = str(where or "").strip().lower().removesuffix(" quadrant")
         if side in SIDES and finding in FINDINGS and quadrant in QUADRANTS:
             i, j = SIDES.index(side), FINDINGS.index(finding)
             if out[i, j] < 0:

@@ -8,6 +8,7 @@ import pytest
 import torch
 from conftest import ingest_vindr
 
+from evaluation.parser import parse_report
 from mammorg.geometry import box_to_cache, box_to_original, point_to_cache, point_to_original
 from mammorg.io import read_jsonl
 from mammorg.labels import FINDINGS, VIEWS
@@ -208,6 +209,11 @@ def test_location_knowledge_tokens_and_location_f1():
         pred, {"L_CC": "x"}, [{"side": "L", "finding": "mass", "quadrant": "lower inner"}]
     )
     assert "<loc:lower_inner>" in gold.tokens()
+    # gold locations as training reads them: parsed from the reference report ("... quadrant")
+    parsed = parse_report("Left breast: A mass is seen in the lower inner quadrant at 7 o'clock. BI-RADS 4B.")
+    assert parsed.locations and parsed.locations[0]["quadrant"] == "lower inner quadrant"
+    from_report = KnowledgeState.from_labels(pred, {"L_CC": "x"}, parsed.locations).tokens(confidence=False)
+    assert from_report[from_report.index("<L:mass>") + 1] == "<loc:lower_inner>"
     assert KnowledgeState.from_json(state.to_json()).tokens() == state.tokens()
 
     ref = StructuredReport.from_json(
