@@ -104,8 +104,11 @@ def test_gold_fraction_draws_label_knowledge_per_epoch(stage1_outputs):
     assert [ds.uses_gold(i) for i in range(len(ds))] == draws[0]  # deterministic: resumable
     for i, gold in enumerate(draws[0]):
         row = ds.rows[i]
-        expect = state_from_labels(row.labels, row.views) if gold else state_from_prediction(ds.preds[row.exam_id])
+        gold_state = state_from_labels(row.labels, row.views, ds.report_locations(i))  # locations from the report
+        expect = gold_state if gold else state_from_prediction(ds.preds[row.exam_id])
         assert ds.knowledge(i).to_json() == expect.to_json()
+    located = [ds.report_locations(i) for i in range(len(ds))]
+    assert any(located)  # the synthetic reports locate findings, so gold draws carry <loc:...> tokens
     assert not any(make().uses_gold(i) for i in range(len(ds)))
     assert all(make(source="gold").uses_gold(i) for i in range(len(ds)))
     with pytest.raises(Exception, match="gold_fraction=1.5: expected 0..1"):
