@@ -97,34 +97,6 @@ def save_features(
 
 
 @torch.no_grad()
-def _batch_records(
-    batch: dict,
-    out: dict,
-    geometries: dict,
-    features_dir: Path | None,
-    points: OperatingPoints | None,
-) -> list[Stage1Prediction]:
-    """The records of one predicted batch: decisions, grounded findings and feature files."""
-    mask = batch["view_mask"]
-    dens, bir = out["density"].float().softmax(-1).cpu(), out["birads"].float().softmax(-1).cpu()
-    find, tokens = out["findings"].float().sigmoid().cpu(), out["tokens"].float().cpu()
-    desc = {k[5:]: v.float().softmax(-1).cpu() for k, v in out.items() if k.startswith("desc_")}
-    heat = out["heatmaps"].float().sigmoid().cpu() if "heatmaps" in out else None
-    records = []
-    for i, exam_id in enumerate(batch["exam_id"]):
-        rec = exam_record(exam_id, dens[i], bir[i], find[i], mask[i], {k: v[i] for k, v in desc.items()}, points)
-        if heat is not None:
-            positive = {s: [f for f, v in rec.pred.findings[s].items() if v == "pos"] for s in SIDES}
-            geometry = geometries.get(exam_id, {})
-            rec.grounded = grounded_findings(positive, heat[i], batch["images"][i], mask[i], geometry)
-        if features_dir is not None:
-            name = feature_name(exam_id)
-            save_features(features_dir / name, tokens[i], mask[i], None if heat is None else heat[i])
-            rec.features = f"{features_dir.name}/{name}"
-        records.append(rec)
-    return records
-
-
 def predict_dataset(
     model: MultiViewClassifier,
     ds: ExamDataset,
@@ -136,23 +108,31 @@ def predict_dataset(
 ) -> list[Stage1Prediction]:
     """Records for every exam of ``ds``; writes feature files when ``features_dir`` is given.
     On a GPU the views load in ``num_workers`` processes into pinned memory and the model runs
-    under bf16 autocast (as in training); each batch's records (grounding, feature files) are
-    made on the CPU while the GPU already runs the next batch."""
+    under bf16 autocast (as in training)."""
     device = next(model.parameters()).device
     cuda = device.type == "cuda"
-    records: list[Stage1Prediction] = []
+    records = []
     geometries = {exam.exam_id: exam.geometry for exam in getattr(ds, "exams", [])}
     loader = DataLoader(
         ds, batch_size=batch_size, shuffle=False, collate_fn=collate, num_workers=num_workers, pin_memory=cuda
     )
-    pending: tuple[dict, dict] | None = None
     for batch in tqdm(loader, desc="stage1 predict", disable=not progress, leave=False):
         mask = batch["view_mask"]
         with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
             out = model(batch["images"].to(device, non_blocking=True), mask.to(device, non_blocking=True))
-        if pending is not None:  # the previous batch, while this one runs on the device
-            records += _batch_records(*pending, geometries, features_dir, points)
-        pending = (batch, out)
-    if pending is not None:
-        records += _batch_records(*pending, geometries, features_dir, points)
+        dens, bir = out["density"].float().softmax(-1).cpu(), out["birads"].float().softmax(-1).cpu()
+        find, tokens = out["findings"].float().sigmoid().cpu(), out["tokens"].float().cpu()
+        desc = {k[5:]: v.float().softmax(-1).cpu() for k, v in out.items() if k.startswith("desc_")}
+        heat = out["heatmaps"].float().sigmoid().cpu() if "heatmaps" in out else None
+        for i, exam_id in enumerate(batch["exam_id"]):
+            rec = exam_record(exam_id, dens[i], bir[i], find[i], mask[i], {k: v[i] for k, v in desc.items()}, points)
+            if heat is not None:
+                positive = {s: [f for f, v in rec.pred.findings[s].items() if v == "pos"] for s in SIDES}
+                geometry = geometries.get(exam_id, {})
+                rec.grounded = grounded_findings(positive, heat[i], batch["images"][i], mask[i], geometry)
+            if features_dir is not None:
+                name = feature_name(exam_id)
+                save_features(features_dir / name, tokens[i], mask[i], None if heat is None else heat[i])
+                rec.features = f"{features_dir.name}/{name}"
+            records.append(rec)
     return records
