@@ -36,6 +36,10 @@ def test_pipeline_outputs(demo):
     assert set(summary["metrics"]) >= {"birads_f1", "density_f1", "finding_f1", "bleu_4", "rouge_l"}
     assert summary["generated_test_reports"] == len(read_jsonl(demo / "references.jsonl")) > 0
     assert "mammorg: generated mammography reports" in (demo / "index.html").read_text()
+    agree = summary["stage1_agreement"]  # the reports scored against the knowledge they were given
+    assert agree["n"] == summary["generated_test_reports"]
+    assert all(0.0 <= agree[k] <= 1.0 for k in ("exam_category", "density")) and "finding_f1" in agree
+    assert "Agreement with stage 1" in (demo / "index.html").read_text()
     assert (
         "data:image/png;base64," in (demo / "index.html").read_text()
         and (demo / "stage1" / "learning_curve.png").exists()
@@ -236,3 +240,22 @@ def test_sr_of_held_out_exams_validates_and_round_trips(demo, tmp_path):
         for region, g in zip(regions, boxed):
             assert (region["finding"], region["side"]) == (g.finding, g.side)
             assert region["points"][0] == pytest.approx([g.box.xmin, g.box.ymin], abs=1e-3)
+
+
+def test_stage1_agreement_scores_reports_against_stage1_labels(demo, tmp_path):
+    from mammorg.app.pipeline import stage1_agreement
+    from mammorg.schema import StructuredReport, read_predictions
+
+    preds = read_predictions(demo / "stage1" / "predictions.jsonl")[:6]
+    faithful = [
+        {"id": r.exam_id, "text": "", "structured": StructuredReport.from_labels(r.pred).to_json()} for r in preds
+    ]
+    (tmp_path / "faithful.jsonl").write_text("".join(json.dumps(r) + "\n" for r in faithful))
+    agree = stage1_agreement(tmp_path / "faithful.jsonl", demo / "stage1" / "predictions.jsonl")
+    assert agree["n"] == 6 and agree["exam_category"] == agree["density"] == 1.0
+    flipped = [
+        {**r, "structured": {**r["structured"], "density": "a" if r["structured"]["density"] != "a" else "d"}}
+        for r in faithful
+    ]
+    (tmp_path / "flipped.jsonl").write_text("".join(json.dumps(r) + "\n" for r in flipped))
+    assert stage1_agreement(tmp_path / "flipped.jsonl", demo / "stage1" / "predictions.jsonl")["density"] == 0.0

@@ -197,6 +197,7 @@ class Pipeline:
             "stage1_test_as_report": stage1_as_report_metrics(
                 parsed_references(self.out), self.path("stage1/predictions.jsonl")
             ),
+            "stage1_agreement": stage1_agreement(self.path("generated.jsonl"), self.path("stage1/predictions.jsonl")),
             "report_seconds": report_seconds,
             "timings_s": self.timings,
             "seconds": round(sum(self.timings.values()), 1),
@@ -219,6 +220,25 @@ def stage1_as_report_metrics(refs: dict[str, StructuredReport], predictions: Pat
     return {k: m[k] for k in ("birads_f1", "birads_acc", "density_f1", "finding_f1")}
 
 
+def stage1_agreement(generated: Path, predictions: Path) -> dict:
+    """How faithfully the reports state the knowledge they were given: each generated report
+    scored against stage 1's own labels of its exam (exam and per-breast category accuracy,
+    density accuracy, side-aware finding F1)."""
+    preds = {r.exam_id: StructuredReport.from_labels(r.pred) for r in read_predictions(predictions)}
+    rows = [r for r in read_jsonl(generated) if r["id"] in preds]
+    if not rows:
+        return {}
+    m = point_metrics([StructuredReport.from_json(r["structured"]) for r in rows], [preds[r["id"]] for r in rows])
+    keys = {
+        "exam_category": "birads_acc",
+        "left_category": "birads_L_acc",
+        "right_category": "birads_R_acc",
+        "density": "density_acc",
+        "finding_f1": "finding_f1",
+    }
+    return {name: m[key] for name, key in keys.items()} | {"n": len(rows)}
+
+
 def run_pipeline(config: str | Path, out: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> dict:
     path = resolve_config(config)
     cfg = load_config(path, PipelineConfig, overrides)
@@ -238,4 +258,11 @@ def summary_table(summary: dict) -> str:
     for k, v in summary["metrics"].items():
         s1 = stage1.get(k)
         lines.append(f"| {k} | {'n/a' if v is None else f'{v:.3f}'} | {'' if s1 is None else f'{s1:.3f}'} |")
+    agree = summary.get("stage1_agreement") or {}
+    if agree:
+        lines.append("")
+        lines.append(
+            "reports against stage 1's own labels (the knowledge they were given): "
+            + ", ".join(f"{k.replace('_', ' ')} {v:.3f}" for k, v in agree.items() if k != "n")
+        )
     return "\n".join(lines)

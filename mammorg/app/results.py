@@ -204,11 +204,22 @@ def metrics_table(summary: dict, metrics: dict) -> str:
         for k, v in checks.items()
         if k.endswith("_rate")
     )
+    agree = summary.get("stage1_agreement") or {}
+    agree_rows = "".join(
+        f"<tr><td>{k.replace('_', ' ')}</td><td class='num'>{_fmt(v)}</td></tr>" for k, v in agree.items() if k != "n"
+    )
+    agreement = (
+        "<h2>Agreement with stage 1</h2><p class='muted'>Generated reports scored against stage 1's own labels "
+        "of the same exams (the knowledge the decoder was given): how faithfully the reports state it.</p>"
+        f"<table><tr><th>fact</th><th>agreement</th></tr>{agree_rows}</table>"
+        if agree_rows
+        else ""
+    )
     return (
         "<table><tr><th>metric (test split, against the reference reports)</th><th>generated reports [95% CI]</th>"
         f"<th>stage-1 labels</th></tr>{''.join(rows)}</table>"
         "<h2>Consistency and hallucination checks</h2><p class='muted'>Share of generated reports with each problem.</p>"
-        f"<table><tr><th>check</th><th>rate</th></tr>{checks_rows}</table>"
+        f"<table><tr><th>check</th><th>rate</th></tr>{checks_rows}</table>" + agreement
     )
 
 
