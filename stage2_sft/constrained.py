@@ -14,6 +14,7 @@ a plan, the plan's category tokens (``<R:birads=4B>``) are held to stage 1's dec
 
 from __future__ import annotations
 
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -197,6 +198,39 @@ OPENERS = (
 )
 
 
+# every spelling of a management phrase, as text (lower case): the lexicon terms and the words
+# that open a management sentence without one; the text guard checks candidates against these
+MANAGEMENT_PHRASES = (
+    *((term, term) for term in MANAGEMENT),
+    ("recall", "additional imaging evaluation"),
+    ("6 months", "short-interval follow-up"),
+    ("six months", "short-interval follow-up"),
+)
+GUARD_PREFIX = 6  # characters of a phrase, from a word start, that count as writing it
+GUARD_WINDOW = 16  # tokens of the written tail decoded for the text guard
+GUARD_CANDIDATES = 8  # the most likely next tokens checked per row and step
+
+
+def _word_starts(text: str, part: str) -> int:
+    """How often ``part`` occurs in ``text`` starting at a word start."""
+    return sum(1 for m in re.finditer(re.escape(part), text) if m.start() == 0 or not text[m.start() - 1].isalnum())
+
+
+def opens_phrase(text: str, before: str, phrases: list[str]) -> bool:
+    """Whether ``text`` (the tail with a candidate token, lower case) writes one of ``phrases``
+    that ``before`` (the tail alone) had not: the whole phrase at a word start, or its first
+    ``GUARD_PREFIX`` characters or more at a word start at the end of the text."""
+    for phrase in phrases:
+        if _word_starts(text, phrase) > _word_starts(before, phrase):
+            return True
+        for k in range(len(phrase), min(len(phrase), GUARD_PREFIX) - 1, -1):
+            start = len(text) - k
+            ends_with_start = text.endswith(phrase[:k]) and (start == 0 or not text[start - 1].isalnum())
+            if start >= 0 and ends_with_start and not before.endswith(phrase[:k]):
+                return True
+    return False
+
+
 def _ids_of(tok: PreTrainedTokenizerBase, words: str) -> list[int]:
     """The atomic token ids of a term: as written at a line start and mid-sentence."""
     vocab = tok.get_vocab()
@@ -218,6 +252,8 @@ class ConsistentManagement(LogitsProcessor):
         ]
         self.category_ids = torch.tensor([i for i, _ in found], dtype=torch.long)
         self.classes = [c for _, c in found]
+        plan_ids = {vocab[t] for row in KnowledgeVocabulary.plan_categories() for t in row if t in vocab}
+        self.in_report = torch.tensor([i not in plan_ids for i, _ in found], dtype=torch.bool)
         self.severity = torch.tensor([float(birads_severity(c)) for c in self.classes])
         self.terms = {term: torch.tensor(_ids_of(tok, term), dtype=torch.long) for term in MANAGEMENT}
         # words that open a management sentence without a lexicon term ("Recall for additional
@@ -228,12 +264,17 @@ class ConsistentManagement(LogitsProcessor):
             if ids:
                 self.openers.append((term, ids[:-1], ids[-1]))
         self.active = bool(found) and all(ids.numel() for ids in self.terms.values())
+        self.tok = tok
 
     def stated(self, input_ids: torch.Tensor) -> list[set[str]]:
         """Per row, the categories whose management may be written: the most severe category
-        written so far, and the most recent one when it is 0 (whose name, "need additional
-        imaging evaluation", follows it in a breast's line)."""
+        the report has written so far (before it writes any, its plan's), and the most recent one
+        when it is 0 (whose name, "need additional imaging evaluation", follows it in a breast's
+        line). A plan that disagrees with the report's own categories does not count."""
         hits = input_ids[:, :, None] == self.category_ids.to(input_ids.device)  # [B, T, K]
+        in_report = self.in_report.to(input_ids.device)
+        report_written = (hits & in_report).flatten(1).any(1)  # [B]
+        hits = hits & (in_report | ~report_written[:, None, None])
         seen = hits.any(1)
         severity = torch.where(seen, self.severity.to(input_ids.device), -1.0)
         best_severity, best = severity.max(1)
@@ -262,7 +303,27 @@ class ConsistentManagement(LogitsProcessor):
                 written = input_ids[row, input_ids.shape[1] - len(prefix) :].tolist() if prefix else []
                 if written == prefix:
                     scores[row, last] = float("-inf")
+            self.guard_text(row, input_ids, scores, categories)
         return scores
+
+    def guard_text(self, row: int, input_ids: torch.Tensor, scores: torch.Tensor, categories: set[str]) -> None:
+        """The same rule on the decoded text, for management the decoder spells in its own word
+        pieces (a pretrained tokenizer): the most likely next tokens that would start writing a
+        phrase the categories do not call for are blocked."""
+        forbidden = [phrase for phrase, term in MANAGEMENT_PHRASES if not categories & set(MANAGEMENT[term])]
+        tail = input_ids[row, -GUARD_WINDOW:].tolist()
+        before = str(self.tok.decode(tail, skip_special_tokens=True)).lower()
+        allowed = 0
+        for cand in scores[row].topk(min(GUARD_CANDIDATES, scores.shape[1])).indices.tolist():
+            if torch.isneginf(scores[row, cand]):
+                continue
+            text = str(self.tok.decode([*tail, cand], skip_special_tokens=True)).lower()
+            if opens_phrase(text, before, forbidden):
+                scores[row, cand] = float("-inf")
+            else:
+                allowed += 1
+                if allowed >= 2:  # greedy takes the first; beam search looks a little further
+                    break
 
 
 def assessment_processor(

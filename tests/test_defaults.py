@@ -126,3 +126,46 @@ def test_management_openers_are_blocked_piece_by_piece(local_decoder, tmp_path):
     written = torch.tensor([[vocab["BI-RADS 1"], *prefix], [vocab["BI-RADS 0"], *prefix]])
     out = processor(written, torch.zeros(2, len(tok)))
     assert torch.isneginf(out[0, last]) and out[1, last] == 0
+
+
+def test_management_spelt_in_pieces_is_blocked_by_the_text_guard(local_decoder, tmp_path):
+    """A pretrained decoder can spell a management term in its own word pieces instead of the
+    atomic lexicon token: the text guard blocks the piece that would write it after a category
+    that does not call for it, and lets it through after one that does."""
+    from stage2_sft.constrained import opens_phrase
+
+    tok = _tokenizer(local_decoder, tmp_path)
+    processor = ConsistentManagement(tok)
+    vocab = tok.get_vocab()
+    pieces = tok(" short-interval", add_special_tokens=False)["input_ids"]
+    assert len(pieces) > 1 and vocab["short-interval follow-up"] not in pieces  # spelt in pieces
+    candidate = pieces[-1]
+    rows = [[vocab["BI-RADS 1"], *pieces[:-1]], [vocab["BI-RADS 3"], *pieces[:-1]]]
+    scores = torch.zeros(2, len(tok))
+    scores[:, candidate] = 10.0  # the decoder's favourite next piece
+    out = processor(torch.tensor(rows), scores)
+    assert torch.isneginf(out[0, candidate]) and out[1, candidate] == 10.0
+    routine = tok(" routine", add_special_tokens=False)["input_ids"]
+    benign = torch.zeros(1, len(tok))
+    benign[0, routine[0]] = 10.0
+    assert processor(torch.tensor([[vocab["BI-RADS 1"]]]), benign)[0, routine[0]] == 10.0
+    phrases = ["6 months", "short-interval follow-up"]
+    assert opens_phrase("follow-up in 6 months", "follow-up in 6 month", phrases)
+    assert not opens_phrase("follow-up in 16 months", "follow-up in 16 month", phrases)
+    assert not opens_phrase("the breast. short", "the breast. shor", phrases)
+
+
+def test_management_follows_the_report_not_a_plan_it_contradicts(local_decoder, tmp_path):
+    """A malformed plan (here category 3 for the right breast) decides the management only until
+    the report writes its own categories; then the report's categories decide."""
+    tok = _tokenizer(local_decoder, tmp_path)
+    vocab = tok.get_vocab()
+    if "<R:birads=3>" not in vocab:
+        tok.add_tokens(["<R:birads=3>"], special_tokens=True)
+        vocab = tok.get_vocab()
+    processor = ConsistentManagement(tok)
+    follow_up, routine = vocab["short-interval follow-up"], vocab["routine screening"]
+    plan_only = processor(torch.tensor([[vocab["<R:birads=3>"]]]), torch.zeros(1, len(tok)))
+    assert plan_only[0, follow_up] == 0 and torch.isneginf(plan_only[0, routine])
+    both = processor(torch.tensor([[vocab["<R:birads=3>"], vocab["BI-RADS 1"]]]), torch.zeros(1, len(tok)))
+    assert torch.isneginf(both[0, follow_up]) and both[0, routine] == 0
