@@ -57,6 +57,12 @@ def _plan_ids(vocab: dict[str, int]) -> torch.Tensor | None:
     return torch.tensor([[vocab[n] for n in row] for row in names])
 
 
+def _bracket_ids(vocab: dict[str, int]) -> tuple[int, int] | None:
+    """Ids of ``<plan>`` and ``</plan>`` (None if absent)."""
+    names = (KnowledgeVocabulary.PLAN, KnowledgeVocabulary.PLAN_END)
+    return (vocab[names[0]], vocab[names[1]]) if all(n in vocab for n in names) else None
+
+
 @dataclass(frozen=True)
 class AssessmentTokens:
     """Token ids the processors need: category terms, side words, sentence ends, plan tokens."""
@@ -65,6 +71,7 @@ class AssessmentTokens:
     sides: tuple[torch.Tensor, torch.Tensor]  # left, right
     stops: torch.Tensor
     plan: torch.Tensor | None = None  # [3, 9]: L, R, exam
+    brackets: tuple[int, int] | None = None  # <plan>, </plan>
 
     @classmethod
     def of(cls, tok: PreTrainedTokenizerBase) -> AssessmentTokens:
@@ -84,6 +91,7 @@ class AssessmentTokens:
             (side_word_ids(tok, "left"), side_word_ids(tok, "right")),
             sentence_end_ids(tok),
             _plan_ids(vocab),
+            _bracket_ids(vocab),
         )
 
 
@@ -168,7 +176,37 @@ class StatedAssessment(CategoryChoice):
 
 
 class PlannedAssessment(CategoryChoice):
-    """The report states the categories of the decoder's own assessment plan."""
+    """The report states the categories of the decoder's own assessment plan, and the plan has
+    the form training gave it: at most one category per breast, left before right (or one exam
+    category), then ``</plan>``."""
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        scores = super().__call__(input_ids, scores)
+        if self.tokens.plan is not None and self.tokens.brackets is not None:
+            self.shape_plan(input_ids, scores)
+        return scores
+
+    def shape_plan(self, input_ids: torch.Tensor, scores: torch.Tensor) -> None:
+        """In place: inside an open plan only the next well-formed plan tokens keep their scores."""
+        assert self.tokens.plan is not None and self.tokens.brackets is not None
+        opening, closing = self.tokens.brackets
+        plan = self.tokens.plan.tolist()  # [L, R, exam] x classes
+        for row, ids in enumerate(input_ids.tolist()):
+            if opening not in ids:
+                continue
+            written = ids[len(ids) - ids[::-1].index(opening) :]
+            if closing in written:
+                continue
+            stated = [any(t in plan[k] for t in written) for k in range(3)]
+            if stated[1] or stated[2]:
+                allowed = [closing]
+            elif stated[0]:
+                allowed = [*plan[1], closing]
+            else:
+                allowed = [*plan[0], *plan[1], *plan[2]]
+            keep = scores[row, allowed].clone()
+            scores[row] = float("-inf")
+            scores[row, allowed] = keep
 
     def targets(self, input_ids: torch.Tensor, batch: int) -> torch.Tensor:
         if self.tokens.plan is None:

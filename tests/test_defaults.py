@@ -169,3 +169,30 @@ def test_management_follows_the_report_not_a_plan_it_contradicts(local_decoder, 
     assert plan_only[0, follow_up] == 0 and torch.isneginf(plan_only[0, routine])
     both = processor(torch.tensor([[vocab["<R:birads=3>"], vocab["BI-RADS 1"]]]), torch.zeros(1, len(tok)))
     assert torch.isneginf(both[0, follow_up]) and both[0, routine] == 0
+
+
+def test_assessment_plan_keeps_its_trained_form(local_decoder, tmp_path):
+    """Inside an open plan: at most one category per breast, left before right, then </plan>
+    (a Gemma run wrote <R:birads=3> <R:birads=1> and no left category)."""
+    from stage2_sft.constrained import AssessmentTokens, PlannedAssessment
+    from stage2_sft.knowledge import KnowledgeVocabulary as K
+
+    tok = _tokenizer(local_decoder, tmp_path)
+    missing = [t for t in K.all() if t not in tok.get_vocab()]
+    if missing:
+        tok.add_tokens(missing, special_tokens=True)
+    vocab = tok.get_vocab()
+    processor = PlannedAssessment(AssessmentTokens.of(tok))
+    opening, closing = vocab[K.PLAN], vocab[K.PLAN_END]
+    left1, right3, right1 = vocab["<L:birads=1>"], vocab["<R:birads=3>"], vocab["<R:birads=1>"]
+
+    def allowed(ids: list[int]) -> set[int]:
+        out = processor(torch.tensor([ids]), torch.zeros(1, len(tok)))
+        return set((~torch.isneginf(out[0])).nonzero().squeeze(1).tolist())
+
+    assert allowed([opening, right3]) == {closing}  # no second right category, no left after right
+    after_left = allowed([opening, left1])
+    assert right1 in after_left and closing in after_left and left1 not in after_left
+    assert left1 in allowed([opening]) and closing not in allowed([opening])
+    word = tok(" breast", add_special_tokens=False)["input_ids"][0]
+    assert word in allowed([opening, left1, right1, closing]) and word not in allowed([opening, left1])
