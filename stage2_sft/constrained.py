@@ -175,6 +175,28 @@ class StatedAssessment(CategoryChoice):
                 _force(scores, self.tokens.plan[k].to(scores.device), targets[:, k])
 
 
+def shape_plan(input_ids: torch.Tensor, scores: torch.Tensor, plan: list[list[int]], brackets: tuple[int, int]) -> None:
+    """In place: inside an open plan only the next well-formed plan tokens keep their scores
+    (``plan``: ids of [L, R, exam] x classes; ``brackets``: ``<plan>``, ``</plan>``)."""
+    opening, closing = brackets
+    for row, ids in enumerate(input_ids.tolist()):
+        if opening not in ids:
+            continue
+        written = ids[len(ids) - ids[::-1].index(opening) :]
+        if closing in written:
+            continue
+        stated = [any(t in plan[k] for t in written) for k in range(3)]
+        if stated[1] or stated[2]:
+            allowed = [closing]
+        elif stated[0]:
+            allowed = [*plan[1], closing]
+        else:
+            allowed = [*plan[0], *plan[1], *plan[2]]
+        keep = scores[row, allowed].clone()
+        scores[row] = float("-inf")
+        scores[row, allowed] = keep
+
+
 class PlannedAssessment(CategoryChoice):
     """The report states the categories of the decoder's own assessment plan, and the plan has
     the form training gave it: at most one category per breast, left before right (or one exam
@@ -183,30 +205,8 @@ class PlannedAssessment(CategoryChoice):
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         scores = super().__call__(input_ids, scores)
         if self.tokens.plan is not None and self.tokens.brackets is not None:
-            self.shape_plan(input_ids, scores)
+            shape_plan(input_ids, scores, self.tokens.plan.tolist(), self.tokens.brackets)
         return scores
-
-    def shape_plan(self, input_ids: torch.Tensor, scores: torch.Tensor) -> None:
-        """In place: inside an open plan only the next well-formed plan tokens keep their scores."""
-        assert self.tokens.plan is not None and self.tokens.brackets is not None
-        opening, closing = self.tokens.brackets
-        plan = self.tokens.plan.tolist()  # [L, R, exam] x classes
-        for row, ids in enumerate(input_ids.tolist()):
-            if opening not in ids:
-                continue
-            written = ids[len(ids) - ids[::-1].index(opening) :]
-            if closing in written:
-                continue
-            stated = [any(t in plan[k] for t in written) for k in range(3)]
-            if stated[1] or stated[2]:
-                allowed = [closing]
-            elif stated[0]:
-                allowed = [*plan[1], closing]
-            else:
-                allowed = [*plan[0], *plan[1], *plan[2]]
-            keep = scores[row, allowed].clone()
-            scores[row] = float("-inf")
-            scores[row, allowed] = keep
 
     def targets(self, input_ids: torch.Tensor, batch: int) -> torch.Tensor:
         if self.tokens.plan is None:
@@ -236,13 +236,10 @@ OPENERS = (
 )
 
 
-# every spelling of a management phrase, as text (lower case): the lexicon terms and the words
-# that open a management sentence without one; the text guard checks candidates against these
-MANAGEMENT_PHRASES = (
-    *((term, term) for term in MANAGEMENT),
-    ("recall", "additional imaging evaluation"),
-    ("6 months", "short-interval follow-up"),
-    ("six months", "short-interval follow-up"),
+# every spelling of a management phrase, as text (lower case), with its term: the lexicon terms
+# and the openers above; the text guard checks candidates against these
+MANAGEMENT_PHRASES = tuple(
+    dict.fromkeys([*((term, term) for term in MANAGEMENT), *((word.strip().lower(), term) for term, word in OPENERS)])
 )
 GUARD_PREFIX = 6  # characters of a phrase, from a word start, that count as writing it
 GUARD_WINDOW = 16  # tokens of the written tail decoded for the text guard
@@ -303,6 +300,7 @@ class ConsistentManagement(LogitsProcessor):
                 self.openers.append((term, ids[:-1], ids[-1]))
         self.active = bool(found) and all(ids.numel() for ids in self.terms.values())
         self.tok = tok
+        self.phrases = [(phrase, set(MANAGEMENT[term])) for phrase, term in MANAGEMENT_PHRASES]
 
     def stated(self, input_ids: torch.Tensor) -> list[set[str]]:
         """Per row, the categories whose management may be written: the most severe category
@@ -348,7 +346,7 @@ class ConsistentManagement(LogitsProcessor):
         """The same rule on the decoded text, for management the decoder spells in its own word
         pieces (a pretrained tokenizer): the most likely next tokens that would start writing a
         phrase the categories do not call for are blocked."""
-        forbidden = [phrase for phrase, term in MANAGEMENT_PHRASES if not categories & set(MANAGEMENT[term])]
+        forbidden = [phrase for phrase, called_by in self.phrases if not categories & called_by]
         tail = input_ids[row, -GUARD_WINDOW:].tolist()
         before = str(self.tok.decode(tail, skip_special_tokens=True)).lower()
         allowed = 0
