@@ -6,7 +6,7 @@ import re
 from collections.abc import Sequence
 
 from evaluation.parser import mentions_prior
-from mammorg.labels import FINDINGS, birads_severity
+from mammorg.labels import FINDINGS, birads_agrees_with_findings
 from mammorg.schema import StructuredReport
 
 # management phrases and the categories that call for them (BI-RADS 5th edition)
@@ -47,9 +47,7 @@ def exam_checks(pred: StructuredReport, ref: StructuredReport, pred_text: str, r
                 invented += 1
     positives = [f for _, f in pred.positives()]
     cat = pred.birads.get("exam")
-    inconsistent = cat is not None and (
-        (cat == "1" and bool(positives)) or (birads_severity(cat) >= birads_severity("4") and not positives)
-    )
+    inconsistent = cat is not None and not birads_agrees_with_findings(cat, bool(positives))
     return {
         "wrong_side": wrong_side,
         "invented_finding": invented,

@@ -38,6 +38,14 @@ def most_severe(values: Sequence[str | None]) -> str | None:
     return max(present, key=birads_severity) if present else None
 
 
+def birads_agrees_with_findings(category: str, any_finding: bool) -> bool:
+    """Whether a category agrees with whether its breast (or exam) has a finding: BI-RADS 1
+    (negative) has none, 4 and above (suspicious, known malignancy) need one."""
+    if category == "1":
+        return not any_finding
+    return any_finding or birads_severity(category) < birads_severity("4")
+
+
 def birads_class_mask(value: str | None) -> list[bool]:
     """Which BI-RADS head classes are compatible with a label (a bare 4 admits 4A/4B/4C)."""
     if value is None:

@@ -47,7 +47,8 @@ def exam_record(
     ``pred`` holds the labels decided at the run's operating points."""
     points = points or OperatingPoints()
     present = {s: bool(view_mask[2 * i : 2 * i + 2].any()) for i, s in enumerate(SIDES)}
-    birads_idx, positive = points.birads_labels(birads).tolist(), points.finding_positive(findings).tolist()
+    found = points.finding_positive(findings)
+    birads_idx, positive = points.birads_labels(birads, found).tolist(), found.tolist()
     side_birads = {s: BIRADS_CLASSES[birads_idx[i]] if present[s] else None for i, s in enumerate(SIDES)}
     side_findings = {
         s: ({f: "pos" if on else "neg" for f, on in zip(FINDINGS, positive[i])} if present[s] else {})

@@ -8,9 +8,14 @@ operating points turn probabilities into labels the way a reader would want them
   on the validation breasts; ``tau`` (0 = plain argmax) maximises validation macro-F1.
 - Findings: one threshold per finding maximising validation F1 (0.5 where the validation split
   has no positive, or where no threshold clearly beats calling every breast positive).
+- Categories follow the findings (``birads_follow_findings``): a breast's category is the best
+  one that agrees with its decided findings (BI-RADS 1 only without a finding, 4A and above only
+  with one), so stage 1 never states "negative" beside a mass it found; ``tau`` is fitted under
+  the same rule. The two heads otherwise contradict each other on small or short-trained models.
 
 They are saved as ``operating_points.json`` in the run folder; a run without the file decides
-by plain argmax and 0.5.
+by plain argmax and 0.5 (categories following findings); a file written before the rule existed
+keeps plain category decisions.
 """
 
 from __future__ import annotations
@@ -24,11 +29,18 @@ import torch
 from sklearn.metrics import f1_score
 
 from mammorg.io import MammorgError, write_json_atomic
-from mammorg.labels import BIRADS_CLASSES, FINDINGS
+from mammorg.labels import BIRADS_CLASSES, FINDINGS, birads_agrees_with_findings
 
 FILENAME = "operating_points.json"
 PRIOR_POWERS = tuple(np.round(np.arange(0.0, 1.51, 0.125), 3).tolist())
 THRESHOLDS = tuple(np.round(np.arange(0.05, 0.951, 0.025), 3).tolist())
+# [without a finding, with one] x classes: the categories a breast may take
+AGREES = np.array([[birads_agrees_with_findings(c, found) for c in BIRADS_CLASSES] for found in (False, True)])
+
+
+def _agreeing(log_p: np.ndarray, any_finding: np.ndarray | None) -> np.ndarray:
+    """``log_p [N, 9]`` with the categories that disagree with each breast's findings at -inf."""
+    return log_p if any_finding is None else np.where(AGREES[any_finding.astype(int)], log_p, -np.inf)
 
 
 @dataclass(frozen=True)
@@ -36,11 +48,17 @@ class OperatingPoints:
     birads_prior_power: float = 0.0
     birads_log_prior: tuple[float, ...] = field(default=(0.0,) * len(BIRADS_CLASSES))
     finding_thresholds: tuple[float, ...] = field(default=(0.5,) * len(FINDINGS))
+    birads_follow_findings: bool = True
 
-    def birads_labels(self, probs: torch.Tensor) -> torch.Tensor:
-        """Class indices from probabilities ``[..., 9]``."""
+    def birads_labels(self, probs: torch.Tensor, positive: torch.Tensor | None = None) -> torch.Tensor:
+        """Class indices from probabilities ``[..., 9]``; with the finding decisions ``positive
+        [..., 7]`` (and ``birads_follow_findings``) only categories that agree with them."""
         prior = torch.tensor(self.birads_log_prior, dtype=probs.dtype)
-        return (probs.clamp_min(1e-8).log() - self.birads_prior_power * prior).argmax(-1)
+        score = probs.clamp_min(1e-8).log() - self.birads_prior_power * prior
+        if positive is not None and self.birads_follow_findings:
+            agrees = torch.from_numpy(AGREES)[positive.any(-1).long()]
+            score = score.masked_fill(~agrees, float("-inf"))
+        return score.argmax(-1)
 
     def finding_positive(self, probs: torch.Tensor) -> torch.Tensor:
         """Boolean decisions from probabilities ``[..., 7]``."""
@@ -61,6 +79,7 @@ class OperatingPoints:
                 float(raw["birads_prior_power"]),
                 tuple(map(float, raw["birads_log_prior"])),
                 tuple(map(float, raw["finding_thresholds"])),
+                bool(raw.get("birads_follow_findings", False)),  # files before the rule: plain decisions
             )
         except (ValueError, KeyError, TypeError) as exc:
             raise MammorgError(f"{path}: not an operating-points file ({exc})") from exc
@@ -75,10 +94,13 @@ def _macro_f1(labels: np.ndarray, pred: np.ndarray) -> float:
     return float(f1_score(labels, pred, average="macro", zero_division=0))
 
 
-def fit_birads(probs: np.ndarray, labels: np.ndarray) -> tuple[float, tuple[float, ...]]:
-    """(tau, log prior) maximising macro-F1 on breasts with one exact label; ties keep small tau."""
+def fit_birads(
+    probs: np.ndarray, labels: np.ndarray, any_finding: np.ndarray | None = None
+) -> tuple[float, tuple[float, ...]]:
+    """(tau, log prior) maximising macro-F1 on breasts with one exact label; ties keep small tau.
+    ``any_finding [N]``: whether each breast has a decided finding (categories then follow it)."""
     log_prior = np.log(probs.mean(0).clip(1e-8))
-    log_p = np.log(probs.clip(1e-8))
+    log_p = _agreeing(np.log(probs.clip(1e-8)), any_finding)
     scores = [_macro_f1(labels, (log_p - tau * log_prior).argmax(1)) for tau in PRIOR_POWERS]
     best = int(np.argmax(scores))  # first maximum: the smallest adjustment that reaches it
     return float(PRIOR_POWERS[best]), tuple(log_prior.tolist())
@@ -106,16 +128,18 @@ def fit_operating_points(
     finding_labels: np.ndarray,
     finding_mask: np.ndarray,
 ) -> OperatingPoints:
-    """Operating points from validation breasts: ``birads_* [N, 9]``, ``finding_* [N, 7]``."""
-    exact = birads_mask.sum(1) == 1
-    tau, prior = (
-        fit_birads(birads_probs[exact], birads_mask[exact].argmax(1))
-        if exact.any()
-        else (0.0, (0.0,) * len(BIRADS_CLASSES))
-    )
+    """Operating points from validation breasts: ``birads_* [N, 9]``, ``finding_* [N, 7]``; the
+    categories are fitted under the rule that they follow the findings decided first."""
     thresholds = tuple(
         fit_threshold(finding_probs[finding_mask[:, j], j], finding_labels[finding_mask[:, j], j])
         for j in range(len(FINDINGS))
+    )
+    any_finding = (finding_probs >= np.asarray(thresholds)).any(1)
+    exact = birads_mask.sum(1) == 1
+    tau, prior = (
+        fit_birads(birads_probs[exact], birads_mask[exact].argmax(1), any_finding[exact])
+        if exact.any()
+        else (0.0, (0.0,) * len(BIRADS_CLASSES))
     )
     return OperatingPoints(tau, prior, thresholds)
 

@@ -167,6 +167,11 @@ class Stage2Config:
     def __post_init__(self) -> None:
         if self.generate.assessment == "plan" and not self.data.assessment_plan:
             raise ValueError("generate.assessment=plan needs a run trained with data.assessment_plan: true")
+        if self.generate.assessment == "stage1" and self.knowledge.mode == "none":
+            raise ValueError(
+                "generate.assessment=stage1 states stage 1's decisions, which knowledge.mode=none withholds: "
+                "set generate.assessment to plan or free"
+            )
 
 
 @dataclass

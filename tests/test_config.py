@@ -62,6 +62,8 @@ def test_missing_file(tmp_path):
 def test_wrong_types_and_values_are_one_line_errors(tmp_path):
     with pytest.raises(MammorgError, match="invalid config"):
         load_config(_write(tmp_path, "c.yaml", "train:\n  epochs: many\n"), Schema)
+    with pytest.raises(MammorgError, match=r"assessment=stage1 states stage 1's decisions, which knowledge.mode=none"):
+        load_config("stage2/tiny", Stage2Config, ["knowledge.mode=none"])
     with pytest.raises(MammorgError, match=r"knowledge.mode='verbose': expected one of none, discrete"):
         load_config("stage2/tiny", Stage2Config, ["knowledge.mode=verbose"])
     with pytest.raises(MammorgError, match="model.dim=100 is not divisible by model.heads=3"):

@@ -21,9 +21,9 @@ def _tokenizer(local_decoder, tmp_path):
     return tok
 
 
-def test_defaults_are_the_verbaliser_plan_with_visual_tokens():
+def test_defaults_state_stage1_categories_with_visual_tokens():
     cfg = load_config("stage2/tiny", Stage2Config)
-    assert cfg.data.assessment_plan and cfg.generate.assessment == "plan" and cfg.generate.management == "consistent"
+    assert cfg.data.assessment_plan and cfg.generate.assessment == "stage1" and cfg.generate.management == "consistent"
     assert cfg.knowledge.gold_fraction == 1.0 and not cfg.knowledge.confidence and cfg.knowledge.locations
     assert cfg.visual.enabled and cfg.visual.drop_rate == 0.5
 

@@ -141,3 +141,44 @@ def test_gold_state_decides_by_label():
     tokens = discrete_tokens(state)
     assert "<L:birads=2>" in tokens and "<R:birads=4A>" in tokens  # a bare 4 names its first subclass
     assert "<R:mass>" in tokens and "<R:calcification>" in tokens
+
+
+def test_categories_follow_the_decided_findings():
+    from mammorg.labels import birads_agrees_with_findings
+
+    probs = torch.zeros(3, len(BIRADS_CLASSES))
+    probs[:, BIRADS_CLASSES.index("1")] = 0.5  # the BI-RADS head says "negative" for every breast
+    probs[:, BIRADS_CLASSES.index("4B")] = 0.3
+    probs[:, BIRADS_CLASSES.index("2")] = 0.2
+    found = torch.zeros(3, len(FINDINGS), dtype=torch.bool)
+    found[0, 0] = True  # a mass: not negative; 4B (the next best) agrees with a finding
+    points = OperatingPoints()
+    labels = [BIRADS_CLASSES[i] for i in points.birads_labels(probs, found).tolist()]
+    assert labels == ["4B", "1", "1"]
+    probs[2, BIRADS_CLASSES.index("1")] = 0.0  # without a finding 4B is not allowed: 2 is next
+    assert BIRADS_CLASSES[points.birads_labels(probs, found)[2]] == "2"
+    plain = OperatingPoints(birads_follow_findings=False)
+    assert BIRADS_CLASSES[plain.birads_labels(probs, found)[0]] == "1"  # the old rule: contradicts
+    for c in BIRADS_CLASSES:  # the rule is the evaluation's consistency check
+        assert birads_agrees_with_findings(c, True) == (c != "1")
+
+
+def test_operating_points_files_before_the_rule_keep_plain_decisions(tmp_path):
+    import json
+
+    old = {"birads_prior_power": 0.0, "birads_log_prior": [0.0] * 9, "finding_thresholds": [0.5] * 7}
+    (tmp_path / "operating_points.json").write_text(json.dumps(old))
+    assert not OperatingPoints.load(tmp_path).birads_follow_findings
+    OperatingPoints().save(tmp_path)
+    assert OperatingPoints.load(tmp_path).birads_follow_findings
+
+
+def test_exam_record_never_calls_a_breast_with_findings_negative():
+    points = OperatingPoints(finding_thresholds=(0.3,) * len(FINDINGS))
+    birads = torch.full((2, len(BIRADS_CLASSES)), 0.05)
+    birads[:, BIRADS_CLASSES.index("1")] = 0.6
+    findings = torch.zeros(2, len(FINDINGS))
+    findings[1, 1] = 0.4  # right breast: calcification above its threshold
+    record = exam_record("e", torch.full((4,), 0.25), birads, findings, torch.ones(4, dtype=torch.bool), None, points)
+    assert record.pred.birads["L"] == "1" and record.pred.birads["R"] != "1"
+    assert record.pred.findings["R"]["calcification"] == "pos"
