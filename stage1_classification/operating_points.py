@@ -134,7 +134,7 @@ def fit_operating_points(
         fit_threshold(finding_probs[finding_mask[:, j], j], finding_labels[finding_mask[:, j], j])
         for j in range(len(FINDINGS))
     )
-    any_finding = np.asarray(finding_probs >= np.asarray(thresholds)).any(1)
+    any_finding: np.ndarray = np.any(finding_probs >= np.asarray(thresholds), axis=1)
     exact = birads_mask.sum(1) == 1
     tau, prior = (
         fit_birads(birads_probs[exact], birads_mask[exact].argmax(1), any_finding[exact])
