@@ -140,11 +140,13 @@ class GenerateSettings:
     cache: str = "auto"  # KV cache: static (compiled decoding) | dynamic; auto = static on a GPU
     assessment: str = "free"  # stated BI-RADS categories: stage1 = stage 1's decisions; plan = the plan's
     management: str = "consistent"  # consistent: management terms agree with the stated category | free
+    findings: str = "free"  # stage1: the report states stage 1's decided findings and no other | free
 
     def __post_init__(self) -> None:
         _choice("generate.cache", self.cache, CACHES)
         _choice("generate.assessment", self.assessment, ASSESSMENTS)
         _choice("generate.management", self.management, ("consistent", "free"))
+        _choice("generate.findings", self.findings, ("stage1", "free"))
 
 
 @dataclass
@@ -167,11 +169,16 @@ class Stage2Config:
     def __post_init__(self) -> None:
         if self.generate.assessment == "plan" and not self.data.assessment_plan:
             raise ValueError("generate.assessment=plan needs a run trained with data.assessment_plan: true")
-        if self.generate.assessment == "stage1" and self.knowledge.mode == "none":
+        if self.generate.findings == "stage1" and not self.terminology.atomic_terms:
             raise ValueError(
-                "generate.assessment=stage1 states stage 1's decisions, which knowledge.mode=none withholds: "
-                "set generate.assessment to plan or free"
+                "generate.findings=stage1 needs finding terms as atomic terms (terminology.atomic_terms: true)"
             )
+        for key in ("assessment", "findings"):
+            if getattr(self.generate, key) == "stage1" and self.knowledge.mode == "none":
+                raise ValueError(
+                    f"generate.{key}=stage1 states stage 1's decisions, which knowledge.mode=none withholds: "
+                    f"set generate.{key} to {'plan or free' if key == 'assessment' else 'free'}"
+                )
 
 
 @dataclass

@@ -28,7 +28,7 @@ from stage2_sft.config import ASSESSMENTS
 from stage2_sft.knowledge import KnowledgeVocabulary
 
 
-def _ids_where(tok: PreTrainedTokenizerBase, keep: Callable[[str], bool], hint: Callable[[str], bool]) -> torch.Tensor:
+def ids_where(tok: PreTrainedTokenizerBase, keep: Callable[[str], bool], hint: Callable[[str], bool]) -> torch.Tensor:
     """Ids of the vocabulary entries whose text (as decoded, whatever the tokenizer's word-boundary
     marker) satisfies ``keep``; ``hint`` pre-filters the raw entries cheaply."""
     ids = [i for t, i in tok.get_vocab().items() if hint(t) and keep(tok.convert_tokens_to_string([t]))]
@@ -37,12 +37,12 @@ def _ids_where(tok: PreTrainedTokenizerBase, keep: Callable[[str], bool], hint: 
 
 def side_word_ids(tok: PreTrainedTokenizerBase, word: str) -> torch.Tensor:
     """Tokens that spell ``word`` (any case, with or without a leading word boundary)."""
-    return _ids_where(tok, lambda text: text.strip().lower() == word, lambda raw: word in raw.lower())
+    return ids_where(tok, lambda text: text.strip().lower() == word, lambda raw: word in raw.lower())
 
 
 def sentence_end_ids(tok: PreTrainedTokenizerBase) -> torch.Tensor:
     """Tokens that end a sentence or a heading: ``.``, ``:`` or line breaks."""
-    return _ids_where(
+    return ids_where(
         tok,
         lambda text: text.strip(" ") in (".", ":") or (text.strip(" ") != "" and not text.strip("\n ")),
         lambda raw: len(raw) <= 4,

@@ -2,7 +2,8 @@
 
 ``stage2 generate`` (a run over a manifest), ``mammorg report`` and the reporting service (a
 bundle over new exams) and the export's model card all generate through ``Reporter``: batching,
-greedy or beam search with the KV cache, the ``generate.assessment`` constraint, decoding
+greedy or beam search with the KV cache, the ``generate.assessment``, ``generate.management``
+and ``generate.findings`` constraints, decoding
 without special tokens, and parsing into a ``StructuredReport``.
 """
 
@@ -21,7 +22,7 @@ from evaluation.parser import parse_report
 from mammorg.io import read_jsonl
 from mammorg.schema import StructuredReport
 from mammorg.training.recipe import trained_run
-from stage2_sft.assembly import make_builder
+from stage2_sft.assembly import lexicon_of, make_builder
 from stage2_sft.config import GenerateSettings, Stage2Config
 from stage2_sft.constrained import (
     AssessmentTokens,
@@ -31,6 +32,8 @@ from stage2_sft.constrained import (
 )
 from stage2_sft.data import PromptBuilder, Sample, collate
 from stage2_sft.model import ReportGenerator
+from stage2_sft.stated_findings import FindingTokens, StatedFindings
+from terminology.lexicon import Lexicon
 
 
 @dataclass
@@ -97,12 +100,15 @@ class Reporter:
         builder: PromptBuilder,
         settings: GenerateSettings,
         device: torch.device | None = None,
+        lexicon: Lexicon | None = None,
     ):
+        """``lexicon``: the run's terms (the findings constraint needs their finding labels)."""
         self.generator, self.tokenizer, self.builder, self.settings = generator, tokenizer, builder, settings
         self.device = device or next(generator.parameters()).device
         self.generator.to(self.device)
         self._tokens: dict[str, AssessmentTokens | None] = {}
         self._management = ConsistentManagement(tokenizer) if settings.management == "consistent" else None
+        self._findings = FindingTokens.of(tokenizer, lexicon) if settings.findings == "stage1" and lexicon else None
 
     @classmethod
     def from_config(
@@ -112,7 +118,8 @@ class Reporter:
         tokenizer: PreTrainedTokenizerBase,
         device: torch.device | None = None,
     ) -> Reporter:
-        return cls(generator, tokenizer, make_builder(cfg, tokenizer), cfg.generate, device)
+        builder = make_builder(cfg, tokenizer)
+        return cls(generator, tokenizer, builder, cfg.generate, device, lexicon_of(cfg.terminology))
 
     @classmethod
     def from_run(cls, run_dir: str | Path, device: torch.device | None = None) -> tuple[Stage2Config, Reporter]:
@@ -155,6 +162,9 @@ class Reporter:
             processor = assessment_processor(assessment, tokens, batch.knowledge.birads_label)
             if processor is not None:
                 processors.append(processor)
+            if self._findings is not None:
+                decided = batch.knowledge.finding_on.any(1)  # [N, 7]: either breast
+                processors.append(StatedFindings(self._findings, decided))
             step = {**kwargs, "logits_processor": LogitsProcessorList(processors)} if processors else kwargs
             ids = self.generator.generate(batch.input_ids, batch.attention_mask, batch.visual, batch.knowledge, **step)
             for exam_id, row in zip(batch.exam_ids, ids):

@@ -3,12 +3,14 @@ descriptor knowledge, chat-template prompts; deterministic parallel synthesis.""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from transformers import AutoTokenizer
 
 from evaluation.hallucination import management_inconsistent
 from evaluation.parser import parse_report
 from mammorg.config import load_config
+from mammorg.io import MammorgError
 from stage2_sft.config import Stage2Config
 from stage2_sft.constrained import MANAGEMENT, ConsistentManagement
 
@@ -196,3 +198,36 @@ def test_assessment_plan_keeps_its_trained_form(local_decoder, tmp_path):
     assert left1 in allowed([opening]) and closing not in allowed([opening])
     word = tok(" breast", add_special_tokens=False)["input_ids"][0]
     assert word in allowed([opening, left1, right1, closing]) and word not in allowed([opening, left1])
+
+
+def test_stated_findings_blocks_undecided_findings_outside_negations(local_decoder, tmp_path):
+    from stage2_sft.assembly import lexicon_of
+    from stage2_sft.config import TerminologySettings
+    from stage2_sft.stated_findings import FindingTokens, StatedFindings
+
+    tok = _tokenizer(local_decoder, tmp_path)
+    tokens = FindingTokens.of(tok, lexicon_of(TerminologySettings()))
+    vocab = tok.get_vocab()
+    mass, calc = vocab["mass"], vocab["calcifications"]
+    decided = torch.zeros(2, 7, dtype=torch.bool)
+    decided[0, 0] = True  # exam 0: stage 1 decided a mass; exam 1: nothing
+    processor = StatedFindings(tokens, decided)
+    there = tok("There is a", add_special_tokens=False)["input_ids"]
+    out = processor(torch.tensor([there, there]), torch.zeros(2, len(tok)))
+    assert out[0, mass] == 0 and torch.isneginf(out[0, calc])  # only the decided finding
+    assert torch.isneginf(out[1, mass]) and torch.isneginf(out[1, calc])
+    negated = tok("No", add_special_tokens=False)["input_ids"]  # a negation (one token here)
+    out = processor(torch.tensor([negated, negated]), torch.zeros(2, len(tok)))
+    assert (out[:, [mass, calc]] == 0).all()  # "No mass, calcifications ...": free
+    after_stop = tok("No mass. There is a", add_special_tokens=False)["input_ids"]
+    out = processor(torch.tensor([after_stop, after_stop]), torch.zeros(2, len(tok)))
+    assert torch.isneginf(out[1, mass])  # the negation ended with its sentence
+    beams = processor(torch.tensor([there] * 4), torch.zeros(4, len(tok)))  # 2 beams per exam
+    assert beams[1, mass] == 0 and torch.isneginf(beams[2, mass])
+
+
+def test_stated_findings_needs_knowledge_and_atomic_terms():
+    with pytest.raises(MammorgError, match="generate.findings=stage1 states stage 1's decisions"):
+        load_config("stage2/tiny", Stage2Config, ["knowledge.mode=none", "generate.assessment=plan"])
+    with pytest.raises(MammorgError, match="generate.findings=stage1 needs finding terms as atomic"):
+        load_config("stage2/tiny", Stage2Config, ["terminology.atomic_terms=false"])
