@@ -1,14 +1,16 @@
 """Constrained generation: which BI-RADS category the report states (``generate.assessment``),
 and management that agrees with it (``generate.management``).
 
-- ``stage1``: each category the report states is the one stage 1 decided for that breast;
+- ``stage1``: each category the report states is the one stage 1 decided for that breast, and its
+  breast composition term (``heterogeneously dense``) is stage 1's density;
 - ``plan``: each category the report states is the one the decoder itself wrote in its
   assessment plan (``data.assessment_plan``), so the wording cannot drift from its decision.
 
 The decoder still chooses where a category goes and words the report freely: whenever it writes a
 BI-RADS category term (an atomic token such as ``BI-RADS 4B``) the term becomes the target for the
 last side named in the sentence (``Right``/``Left``), else the exam's. Its score is the best
-category score, so the choice to state a category at that point is unchanged. With ``stage1`` and
+category score, so the choice to state a category at that point is unchanged (composition terms
+alike). With ``stage1`` and
 a plan, the plan's category tokens (``<R:birads=4B>``) are held to stage 1's decisions as well.
 """
 
@@ -23,9 +25,10 @@ import torch
 from transformers import LogitsProcessor, PreTrainedTokenizerBase
 
 from mammorg.io import MammorgError
-from mammorg.labels import BIRADS_CLASSES, birads_severity
+from mammorg.labels import BIRADS_CLASSES, DENSITIES, birads_severity
 from stage2_sft.config import ASSESSMENTS
 from stage2_sft.knowledge import KnowledgeVocabulary
+from terminology.lexicon import Lexicon
 
 
 def ids_where(tok: PreTrainedTokenizerBase, keep: Callable[[str], bool], hint: Callable[[str], bool]) -> torch.Tensor:
@@ -63,46 +66,63 @@ def _bracket_ids(vocab: dict[str, int]) -> tuple[int, int] | None:
     return (vocab[names[0]], vocab[names[1]]) if all(n in vocab for n in names) else None
 
 
+def _spellings(vocab: dict[str, int], terms: list[str]) -> torch.Tensor:
+    """``[S, len(terms)]`` ids of atomic ``terms`` in each spelling all of them have (at a line
+    start, mid-sentence with the word boundary)."""
+    rows = [[vocab[lead + t] for t in terms] for lead in ("", " ") if all(lead + t in vocab for t in terms)]
+    return torch.tensor(rows, dtype=torch.long).reshape(len(rows), len(terms))
+
+
+def _density_terms(lexicon: Lexicon | None) -> list[str] | None:
+    """The composition term of each density class (``DENSITIES`` order), if the lexicon has all."""
+    if lexicon is None:
+        return None
+    terms = [next((t.term for t in lexicon.terms if t.label.get("density") == d), None) for d in DENSITIES]
+    return None if None in terms else [str(t) for t in terms]
+
+
 @dataclass(frozen=True)
 class AssessmentTokens:
-    """Token ids the processors need: category terms, side words, sentence ends, plan tokens."""
+    """Token ids the processors need: category and composition terms, side words, sentence ends,
+    plan tokens."""
 
-    categories: torch.Tensor  # [V, 9]: each spelling of the category terms (line start, mid-sentence)
+    categories: torch.Tensor  # [S, 9]: each spelling of the category terms (line start, mid-sentence)
     sides: tuple[torch.Tensor, torch.Tensor]  # left, right
     stops: torch.Tensor
     plan: torch.Tensor | None = None  # [3, 9]: L, R, exam
     brackets: tuple[int, int] | None = None  # <plan>, </plan>
+    densities: torch.Tensor | None = None  # [S, 4]: each spelling of the composition terms
 
     @classmethod
-    def of(cls, tok: PreTrainedTokenizerBase) -> AssessmentTokens:
+    def of(cls, tok: PreTrainedTokenizerBase, lexicon: Lexicon | None = None) -> AssessmentTokens:
         vocab = tok.get_vocab()
         if any(f"BI-RADS {c}" not in vocab for c in BIRADS_CLASSES):
             raise MammorgError(
                 "generate.assessment needs BI-RADS categories as atomic terms (terminology.atomic_terms: true)"
             )
-        spellings = [
-            [vocab[f"{lead}BI-RADS {c}"] for c in BIRADS_CLASSES]
-            for lead in ("", " ")
-            if all(f"{lead}BI-RADS {c}" in vocab for c in BIRADS_CLASSES)
-        ]
-        categories = torch.tensor(spellings)
+        density_terms = _density_terms(lexicon)
+        densities = _spellings(vocab, density_terms) if density_terms else None
         return cls(
-            categories,
+            _spellings(vocab, [f"BI-RADS {c}" for c in BIRADS_CLASSES]),
             (side_word_ids(tok, "left"), side_word_ids(tok, "right")),
             sentence_end_ids(tok),
             _plan_ids(vocab),
             _bracket_ids(vocab),
+            densities if densities is not None and len(densities) else None,
         )
 
 
-def assessment_tokens(assessment: str, tok: PreTrainedTokenizerBase, plan: bool = False) -> AssessmentTokens | None:
+def assessment_tokens(
+    assessment: str, tok: PreTrainedTokenizerBase, plan: bool = False, lexicon: Lexicon | None = None
+) -> AssessmentTokens | None:
     """The tokens for ``generate.assessment`` (None for ``free``); checks the setting against the
-    run (``plan``: whether it was trained with assessment plans)."""
+    run (``plan``: whether it was trained with assessment plans; ``lexicon``: the run's terms, for
+    the composition terms that ``stage1`` holds as well)."""
     if assessment not in ASSESSMENTS:
         raise MammorgError(f"generate.assessment={assessment!r}: expected {', '.join(ASSESSMENTS)}")
     if assessment == "plan" and not plan:
         raise MammorgError("generate.assessment=plan needs a run trained with data.assessment_plan: true")
-    return AssessmentTokens.of(tok) if assessment != "free" else None
+    return AssessmentTokens.of(tok, lexicon) if assessment != "free" else None
 
 
 def exam_category(label: torch.Tensor) -> torch.Tensor:
@@ -159,15 +179,26 @@ class CategoryChoice(LogitsProcessor, ABC):
 
 
 class StatedAssessment(CategoryChoice):
-    """The report (and its plan, if any) states stage 1's BI-RADS decisions."""
+    """The report (and its plan, if any) states stage 1's BI-RADS decisions, and its breast
+    composition term is stage 1's density (when the tokens have the composition terms)."""
 
-    def __init__(self, tokens: AssessmentTokens, birads_label: torch.Tensor):
-        """``birads_label``: ``[N, 2]`` stage-1 class index per exam and side (L, R; -1: none)."""
+    def __init__(self, tokens: AssessmentTokens, birads_label: torch.Tensor, density_label: torch.Tensor | None = None):
+        """``birads_label``: ``[N, 2]`` stage-1 class index per exam and side (L, R; -1: none);
+        ``density_label``: ``[N]`` density class index (-1: none)."""
         super().__init__(tokens)
         self.fixed = torch.cat([birads_label, exam_category(birads_label)], 1)  # [N, 3]
+        self.density = density_label
 
     def targets(self, input_ids: torch.Tensor, batch: int) -> torch.Tensor:
         return self.fixed.repeat_interleave(batch // self.fixed.shape[0], 0)  # beams: rows repeat
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        scores = super().__call__(input_ids, scores)
+        if self.density is not None and self.tokens.densities is not None:
+            target = self.density.repeat_interleave(scores.shape[0] // self.density.shape[0], 0).to(scores.device)
+            for spelling in self.tokens.densities.to(scores.device):
+                _force(scores, spelling, target)
+        return scores
 
     def hold_plan(self, scores: torch.Tensor, targets: torch.Tensor) -> None:
         if self.tokens.plan is not None:
@@ -363,11 +394,13 @@ class ConsistentManagement(LogitsProcessor):
 
 
 def assessment_processor(
-    assessment: str, tokens: AssessmentTokens | None, birads_label: torch.Tensor
+    assessment: str, tokens: AssessmentTokens | None, birads_label: torch.Tensor, density: torch.Tensor | None = None
 ) -> CategoryChoice | None:
-    """The processor of ``generate.assessment`` for a batch (None for ``free``)."""
+    """The processor of ``generate.assessment`` for a batch (None for ``free``); ``density``:
+    ``[N, 4]`` stage 1's density probabilities (all zero: unknown)."""
     if tokens is None:
         return None
     if assessment == "stage1":
-        return StatedAssessment(tokens, birads_label)
+        label = None if density is None else torch.where(density.sum(-1) > 0, density.argmax(-1), -1)
+        return StatedAssessment(tokens, birads_label, label)
     return PlannedAssessment(tokens) if assessment == "plan" else None

@@ -108,6 +108,7 @@ class Reporter:
         self.generator.to(self.device)
         self._tokens: dict[str, AssessmentTokens | None] = {}
         self._management = ConsistentManagement(tokenizer) if settings.management == "consistent" else None
+        self.lexicon = lexicon
         self._findings = FindingTokens.of(tokenizer, lexicon) if settings.findings == "stage1" and lexicon else None
 
     @classmethod
@@ -132,7 +133,7 @@ class Reporter:
     def assessment_tokens(self, assessment: str) -> AssessmentTokens | None:
         """The token ids an assessment constraint needs (None for ``free``), looked up once."""
         if assessment not in self._tokens:
-            self._tokens[assessment] = assessment_tokens(assessment, self.tokenizer, self.builder.plan)
+            self._tokens[assessment] = assessment_tokens(assessment, self.tokenizer, self.builder.plan, self.lexicon)
         return self._tokens[assessment]
 
     @torch.no_grad()
@@ -159,7 +160,7 @@ class Reporter:
             processors = list(extra_processors)
             if self._management is not None:
                 processors.append(self._management)
-            processor = assessment_processor(assessment, tokens, batch.knowledge.birads_label)
+            processor = assessment_processor(assessment, tokens, batch.knowledge.birads_label, batch.knowledge.density)
             if processor is not None:
                 processors.append(processor)
             if self._findings is not None:

@@ -306,13 +306,23 @@ def test_stated_assessment_puts_stage1_categories_in_the_report(stage1_outputs, 
     assert out[0, cat["5"]] == 5.0 and torch.isinf(out[0, cat["3"]]) and torch.isinf(out[0, cat["1"]])
     ended = torch.tensor([tok("Right breast mass.", add_special_tokens=False)["input_ids"]])
     assert proc(ended, scores.clone())[0, cat["5"]] == 5.0  # no side named: the exam's (most severe)
+    # with the lexicon, the composition term is stage 1's density
+    from stage2_sft.assembly import lexicon_of
+
+    tokens = AssessmentTokens.of(tok, lexicon_of(cfg.terminology))
+    dense = {d: tok.convert_tokens_to_ids(t) for d, t in (("c", "heterogeneously dense"), ("d", "extremely dense"))}
+    scores[0, dense["d"]] = 7.0
+    out = StatedAssessment(tokens, labels, torch.tensor([2]))(right, scores.clone())  # stage 1: density c
+    assert out[0, dense["c"]] == 7.0 and torch.isinf(out[0, dense["d"]])
     # end to end: every category the reports state is one stage 1 decided for that exam
     ds = ReportDataset(root / "m.jsonl", root / "s1/pred.jsonl", make_builder(cfg, tok), with_reports=False)
     rows = generate_reports(model, tok, ds, cfg, 4, assessment="stage1")
     preds = {r["exam_id"]: r["pred"]["birads"] for r in read_jsonl(root / "s1/pred.jsonl")}
+    densities = {r["exam_id"]: r["pred"]["density"] for r in read_jsonl(root / "s1/pred.jsonl")}
     for r in rows:
         stated = {v for v in r["structured"]["birads"].values() if v is not None}
         assert stated <= {preds[r["id"]]["L"], preds[r["id"]]["R"]}
+        assert r["structured"]["density"] in (None, densities[r["id"]])
     with pytest.raises(Exception, match="generate.assessment='always'"):
         generate_reports(model, tok, ds, cfg, 4, assessment="always")
 
