@@ -56,7 +56,7 @@ def test_knowledge_modes_train_and_generate(stage1_outputs, tmp_path, mode):
             root,
             tmp_path / mode,
             f"knowledge.mode={mode}",
-            *(["generate.assessment=plan"] if mode == "none" else []),  # no knowledge: the decoder's plan
+            *(["generate.assessment=plan", "generate.findings=free"] if mode == "none" else []),  # no knowledge
             "train.epochs=1",
             checkpointing,
             "generate.max_new_tokens=6",
