@@ -164,8 +164,7 @@ class Reporter:
             if processor is not None:
                 processors.append(processor)
             if self._findings is not None:
-                decided = batch.knowledge.finding_on.any(1)  # [N, 7]: either breast
-                processors.append(StatedFindings(self._findings, decided))
+                processors.append(StatedFindings(self._findings, batch.knowledge.finding_on))  # [N, 2, 7]
             step = {**kwargs, "logits_processor": LogitsProcessorList(processors)} if processors else kwargs
             ids = self.generator.generate(batch.input_ids, batch.attention_mask, batch.visual, batch.knowledge, **step)
             for exam_id, row in zip(batch.exam_ids, ids):

@@ -1,15 +1,22 @@
 """Constrained generation of findings (``generate.findings: stage1``): the report states no
-finding that stage 1 did not decide.
+finding that stage 1 did not decide, and none on a breast stage 1 did not decide it for.
 
 A decoder trained on a few hundred reports reads its knowledge tokens loosely: it writes findings
-it was not given (and leaves out some it was). In a sentence without a negation or a hedge
-(``NEGATIONS`` written as whole tokens: "no", "not", "without", "negative", and "obscure" of the
-composition sentence's "may obscure small masses"), a finding term that names a finding stage 1 decided for neither
-breast cannot be written; negated sentences ("No mass, calcifications or architectural
-distortion") stay free. The decoder still chooses which decided findings to state, their side,
-wording and details. Holding it to state every decided finding as well (blocking the impression
-heading until each was written) was tried and left out: the tiny decoder then wrote broken
-sentences and stated findings on the wrong breast (docs/benchmarks.md).
+it was not given, puts findings on the wrong breast (and leaves out some it was given). Outside
+sentences with a negation or a hedge (``NEGATIONS`` written as whole tokens: "no", "not",
+"without", "negative", and "obscure" of the composition sentence's "may obscure small masses";
+negated sentences such as "No mass, calcifications or architectural distortion" stay free):
+
+- a finding term can only name a finding stage 1 decided for the breast the line is about (a
+  side word earlier in the line: "Right Breast: A focal asymmetry ..."), or, in a line that has
+  not named a breast yet, for either breast;
+- after a finding term, a side word can only name a breast stage 1 decided every finding of the
+  sentence for ("A focal asymmetry is seen ... of the right breast").
+
+The decoder still chooses which decided findings to state, in what order, with what wording and
+details. Holding it to state every decided finding as well (blocking the impression heading until
+each was written) was tried and left out: the tiny decoder then wrote broken sentences and put
+findings on the wrong breast (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ from transformers import LogitsProcessor, PreTrainedTokenizerBase
 
 from mammorg.io import MammorgError
 from mammorg.labels import FINDINGS
-from stage2_sft.constrained import ids_where, sentence_end_ids
+from stage2_sft.constrained import ids_where, sentence_end_ids, side_word_ids
 from terminology.lexicon import Lexicon
 
 NEGATIONS = ("no", "not", "without", "negative", "obscure")
@@ -38,7 +45,9 @@ class FindingTokens:
 
     finding_of: torch.Tensor  # [V] finding index of each finding-term token, -1 for the rest
     negations: torch.Tensor
-    stops: torch.Tensor
+    stops: torch.Tensor  # sentence ends (".", ":", line breaks)
+    line_breaks: torch.Tensor
+    sides: tuple[torch.Tensor, torch.Tensor]  # left, right
 
     @classmethod
     def of(cls, tok: PreTrainedTokenizerBase, lexicon: Lexicon) -> FindingTokens:
@@ -58,25 +67,71 @@ class FindingTokens:
                 if spelling in vocab:
                     finding_of[vocab[spelling]] = index
         negations = ids_where(tok, lambda text: text.strip().lower() in NEGATIONS, lambda raw: len(raw) <= 10)
-        return cls(finding_of, negations, sentence_end_ids(tok))
+        line_breaks = ids_where(
+            tok, lambda text: text.strip(" ") != "" and not text.strip("\n "), lambda raw: len(raw) <= 4
+        )
+        sides = (side_word_ids(tok, "left"), side_word_ids(tok, "right"))
+        return cls(finding_of, negations, sentence_end_ids(tok), line_breaks, sides)
 
 
 class StatedFindings(LogitsProcessor):
-    """No finding term of a finding stage 1 did not decide (``decided``: ``[N, 7]``, either
-    breast) in a sentence without a negation."""
+    """Findings and their sides held to stage 1's decisions (``decided``: ``[N, 2, 7]``, L and R)
+    outside negated sentences."""
 
     def __init__(self, tokens: FindingTokens, decided: torch.Tensor):
         self.tokens, self.decided = tokens, decided.bool()
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         device = scores.device
-        decided = self.decided.to(device).repeat_interleave(scores.shape[0] // self.decided.shape[0], 0)
+        rows = scores.shape[0]
+        decided = self.decided.to(device).repeat_interleave(rows // self.decided.shape[0], 0)  # [B, 2, 7]
         finding_of = self.tokens.finding_of.to(device)
         term_ids = (finding_of >= 0).nonzero().squeeze(1)
-        negated = torch.zeros(scores.shape[0], dtype=torch.bool, device=device)
-        if input_ids.shape[1]:  # the current sentence has a negation (after its last stop)
-            negation = _latest(torch.isin(input_ids, self.tokens.negations.to(device)))
-            negated = negation > _latest(torch.isin(input_ids, self.tokens.stops.to(device)))
-        blocked = ~decided[:, finding_of[term_ids]] & ~negated[:, None]  # [B, K]
+        if not input_ids.shape[1]:
+            allowed = decided.any(1)
+        else:
+            latest = {
+                name: _latest(torch.isin(input_ids, ids.to(device)))
+                for name, ids in (
+                    ("negation", self.tokens.negations),
+                    ("stop", self.tokens.stops),
+                    ("line", self.tokens.line_breaks),
+                    ("left", self.tokens.sides[0]),
+                    ("right", self.tokens.sides[1]),
+                )
+            }
+            negated = latest["negation"] > latest["stop"]
+            named = [
+                (latest[s] > latest["line"]) & (latest[s] > latest[o])
+                for s, o in (("left", "right"), ("right", "left"))
+            ]
+            allowed = torch.where(
+                named[0][:, None], decided[:, 0], torch.where(named[1][:, None], decided[:, 1], decided.any(1))
+            )
+            allowed = allowed | negated[:, None]
+            self.hold_sides(input_ids, scores, decided, latest["stop"], negated)
+        blocked = ~allowed[:, finding_of[term_ids]]  # [B, K]
         scores[:, term_ids] = scores[:, term_ids].masked_fill(blocked, float("-inf"))
         return scores
+
+    def hold_sides(
+        self,
+        input_ids: torch.Tensor,
+        scores: torch.Tensor,
+        decided: torch.Tensor,
+        stop: torch.Tensor,
+        negated: torch.Tensor,
+    ) -> None:
+        """In place: after finding terms in the current sentence, no side word of a breast stage 1
+        did not decide all of them for (when it decided them for the other)."""
+        finding_of = self.tokens.finding_of.to(scores.device)
+        found = finding_of[input_ids]  # [B, T]
+        pos = torch.arange(1, input_ids.shape[1] + 1, device=scores.device)
+        in_sentence = (found >= 0) & (pos[None] > stop[:, None]) & ~negated[:, None]
+        written = torch.nn.functional.one_hot(found.clamp(min=0), len(FINDINGS)).bool() & in_sentence[..., None]
+        written = written.any(1)  # [B, 7]
+        fits = (decided | ~written[:, None]).all(2) & written.any(1)[:, None]  # [B, 2]: side has them all
+        for side, other in ((0, 1), (1, 0)):
+            block = fits[:, other] & ~fits[:, side]
+            ids = self.tokens.sides[side].to(scores.device)
+            scores[:, ids] = scores[:, ids].masked_fill(block[:, None], float("-inf"))

@@ -200,7 +200,7 @@ def test_assessment_plan_keeps_its_trained_form(local_decoder, tmp_path):
     assert word in allowed([opening, left1, right1, closing]) and word not in allowed([opening, left1])
 
 
-def test_stated_findings_blocks_undecided_findings_outside_negations(local_decoder, tmp_path):
+def test_stated_findings_blocks_undecided_findings_and_sides_outside_negations(local_decoder, tmp_path):
     from stage2_sft.assembly import lexicon_of
     from stage2_sft.config import TerminologySettings
     from stage2_sft.stated_findings import FindingTokens, StatedFindings
@@ -209,20 +209,26 @@ def test_stated_findings_blocks_undecided_findings_outside_negations(local_decod
     tokens = FindingTokens.of(tok, lexicon_of(TerminologySettings()))
     vocab = tok.get_vocab()
     mass, calc = vocab["mass"], vocab["calcifications"]
-    decided = torch.zeros(2, 7, dtype=torch.bool)
-    decided[0, 0] = True  # exam 0: stage 1 decided a mass; exam 1: nothing
+    left, right = vocab["Left"], vocab["Right"]
+    decided = torch.zeros(2, 2, 7, dtype=torch.bool)
+    decided[0, 1, 0] = True  # exam 0: stage 1 decided a mass in the right breast; exam 1: nothing
     processor = StatedFindings(tokens, decided)
-    there = tok("There is a", add_special_tokens=False)["input_ids"]
-    out = processor(torch.tensor([there, there]), torch.zeros(2, len(tok)))
+
+    def step(text: str, rows: int = 2) -> torch.Tensor:
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        return processor(torch.tensor([ids] * rows), torch.zeros(rows, len(tok)))
+
+    out = step("There is a")
     assert out[0, mass] == 0 and torch.isneginf(out[0, calc])  # only the decided finding
     assert torch.isneginf(out[1, mass]) and torch.isneginf(out[1, calc])
-    negated = tok("No", add_special_tokens=False)["input_ids"]  # a negation (one token here)
-    out = processor(torch.tensor([negated, negated]), torch.zeros(2, len(tok)))
-    assert (out[:, [mass, calc]] == 0).all()  # "No mass, calcifications ...": free
-    after_stop = tok("No mass. There is a", add_special_tokens=False)["input_ids"]
-    out = processor(torch.tensor([after_stop, after_stop]), torch.zeros(2, len(tok)))
-    assert torch.isneginf(out[1, mass])  # the negation ended with its sentence
-    beams = processor(torch.tensor([there] * 4), torch.zeros(4, len(tok)))  # 2 beams per exam
+    assert (step("No")[:, [mass, calc]] == 0).all()  # "No mass, calcifications ...": free
+    assert torch.isneginf(step("No mass. There is a")[1, mass])  # the negation ended with its sentence
+    assert torch.isneginf(step("Left Breast: There is a")[0, mass])  # a line about the left breast
+    assert step("Right Breast: There is a")[0, mass] == 0
+    out = step("There is a mass in the")  # after the term: only the breast it was decided for
+    assert torch.isneginf(out[0, left]) and out[0, right] == 0
+    assert out[1, left] == 0 and out[1, right] == 0  # nothing decided: the side stays free
+    beams = step("There is a", rows=4)  # 2 beams per exam
     assert beams[1, mass] == 0 and torch.isneginf(beams[2, mass])
 
 
