@@ -332,12 +332,18 @@ class ConsistentManagement(LogitsProcessor):
         self.active = bool(found) and all(ids.numel() for ids in self.terms.values())
         self.tok = tok
         self.phrases = [(phrase, set(MANAGEMENT[term])) for phrase, term in MANAGEMENT_PHRASES]
+        self.full_stops = ids_where(  # "." and line breaks: they end a category's name
+            tok,
+            lambda text: text.strip(" ") == "." or (text.strip(" ") != "" and not text.strip("\n ")),
+            lambda raw: len(raw) <= 4,
+        )
 
     def stated(self, input_ids: torch.Tensor) -> list[set[str]]:
         """Per row, the categories whose management may be written: the most severe category
         the report has written so far (before it writes any, its plan's), and the most recent one
-        when it is 0 (whose name, "need additional imaging evaluation", follows it in a breast's
-        line). A plan that disagrees with the report's own categories does not count."""
+        when it is 0 and its sentence has not ended (its name, "BI-RADS 0 - Incomplete - need
+        additional imaging evaluation", follows it; a recommendation after the sentence is the
+        exam's). A plan that disagrees with the report's own categories does not count."""
         hits = input_ids[:, :, None] == self.category_ids.to(input_ids.device)  # [B, T, K]
         in_report = self.in_report.to(input_ids.device)
         report_written = (hits & in_report).flatten(1).any(1)  # [B]
@@ -346,11 +352,13 @@ class ConsistentManagement(LogitsProcessor):
         severity = torch.where(seen, self.severity.to(input_ids.device), -1.0)
         best_severity, best = severity.max(1)
         position = torch.arange(1, input_ids.shape[1] + 1, device=input_ids.device)[None, :, None]
-        latest = (hits * position).amax(1).argmax(1)  # the category token written last
+        last_position, latest = (hits * position).amax(1).max(1)  # the category token written last
+        ended = torch.isin(input_ids, self.full_stops.to(input_ids.device)) * position[:, :, 0]
+        open_name = last_position > ended.amax(1)  # no "." or line break after it
         out = []
-        for v, b, last in zip(best_severity.tolist(), best.tolist(), latest.tolist()):
+        for v, b, last, naming in zip(best_severity.tolist(), best.tolist(), latest.tolist(), open_name.tolist()):
             allowed = {self.classes[int(b)]} if v >= 0 else set()
-            if allowed and self.classes[int(last)] == "0":
+            if allowed and naming and self.classes[int(last)] == "0":
                 allowed.add("0")
             out.append(allowed)
         return out

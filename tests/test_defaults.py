@@ -46,6 +46,20 @@ def test_management_follows_the_written_category(local_decoder, tmp_path):
     assert set(MANAGEMENT) <= set(vocab)
 
 
+def test_category_zero_names_its_imaging_only_in_its_own_sentence(local_decoder, tmp_path):
+    tok = _tokenizer(local_decoder, tmp_path)
+    processor = ConsistentManagement(tok)
+    vocab = tok.get_vocab()
+    imaging, biopsy = vocab["additional imaging evaluation"], vocab["tissue diagnosis"]
+    dash, stop = tok(" -", add_special_tokens=False)["input_ids"], tok(".", add_special_tokens=False)["input_ids"]
+    # traced: "Right breast BI-RADS 4B. Left breast BI-RADS 0. Recall for additional imaging ..."
+    naming = [vocab["BI-RADS 4B"], *stop, vocab["BI-RADS 0"], *dash]  # "BI-RADS 0 - ..." names it
+    after = [vocab["BI-RADS 4B"], *stop, vocab["BI-RADS 0"], *stop]  # the exam's recommendation
+    named, recommended = (processor(torch.tensor([ids]), torch.zeros(1, len(tok)))[0] for ids in (naming, after))
+    assert named[imaging] == 0 and named[biopsy] == 0
+    assert torch.isneginf(recommended[imaging]) and recommended[biopsy] == 0
+
+
 def test_management_check_of_evaluation():
     bad = "Overall: BI-RADS 5 - Highly suggestive of malignancy. Routine screening mammography is recommended."
     good = "Overall: BI-RADS 5 - Highly suggestive of malignancy. Tissue diagnosis is recommended."
