@@ -43,11 +43,12 @@ def side_word_ids(tok: PreTrainedTokenizerBase, word: str) -> torch.Tensor:
     return ids_where(tok, lambda text: text.strip().lower() == word, lambda raw: word in raw.lower())
 
 
-def sentence_end_ids(tok: PreTrainedTokenizerBase) -> torch.Tensor:
-    """Tokens that end a sentence or a heading: ``.``, ``:`` or line breaks."""
+def sentence_end_ids(tok: PreTrainedTokenizerBase, marks: tuple[str, ...] = (".", ":")) -> torch.Tensor:
+    """Tokens that end a sentence or a heading: ``marks`` or line breaks (``marks=()``: line
+    breaks alone)."""
     return ids_where(
         tok,
-        lambda text: text.strip(" ") in (".", ":") or (text.strip(" ") != "" and not text.strip("\n ")),
+        lambda text: text.strip(" ") in marks or (text.strip(" ") != "" and not text.strip("\n ")),
         lambda raw: len(raw) <= 4,
     )
 
@@ -332,11 +333,7 @@ class ConsistentManagement(LogitsProcessor):
         self.active = bool(found) and all(ids.numel() for ids in self.terms.values())
         self.tok = tok
         self.phrases = [(phrase, set(MANAGEMENT[term])) for phrase, term in MANAGEMENT_PHRASES]
-        self.full_stops = ids_where(  # "." and line breaks: they end a category's name
-            tok,
-            lambda text: text.strip(" ") == "." or (text.strip(" ") != "" and not text.strip("\n ")),
-            lambda raw: len(raw) <= 4,
-        )
+        self.full_stops = sentence_end_ids(tok, (".",))  # they end a category's name; ":" does not
 
     def stated(self, input_ids: torch.Tensor) -> list[set[str]]:
         """Per row, the categories whose management may be written: the most severe category

@@ -67,11 +67,8 @@ class FindingTokens:
                 if spelling in vocab:
                     finding_of[vocab[spelling]] = index
         negations = ids_where(tok, lambda text: text.strip().lower() in NEGATIONS, lambda raw: len(raw) <= 10)
-        line_breaks = ids_where(
-            tok, lambda text: text.strip(" ") != "" and not text.strip("\n "), lambda raw: len(raw) <= 4
-        )
         sides = (side_word_ids(tok, "left"), side_word_ids(tok, "right"))
-        return cls(finding_of, negations, sentence_end_ids(tok), line_breaks, sides)
+        return cls(finding_of, negations, sentence_end_ids(tok), sentence_end_ids(tok, ()), sides)
 
 
 class StatedFindings(LogitsProcessor):
