@@ -38,6 +38,12 @@ def ids_where(tok: PreTrainedTokenizerBase, keep: Callable[[str], bool], hint: C
     return torch.tensor(sorted(ids), dtype=torch.long)
 
 
+def latest_hit(input_ids: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """``[B]`` position (1-based) of the latest of ``ids`` in each row of ``input_ids`` (0: none)."""
+    hits = torch.isin(input_ids, ids.to(input_ids.device))
+    return (hits * torch.arange(1, input_ids.shape[1] + 1, device=input_ids.device)).max(1).values
+
+
 def side_word_ids(tok: PreTrainedTokenizerBase, word: str) -> torch.Tensor:
     """Tokens that spell ``word`` (any case, with or without a leading word boundary)."""
     return ids_where(tok, lambda text: text.strip().lower() == word, lambda raw: word in raw.lower())
@@ -157,12 +163,7 @@ class CategoryChoice(LogitsProcessor, ABC):
         """0 / 1 when the current sentence named the left / right breast last, else 2 (exam)."""
         if not input_ids.shape[1]:  # first step: nothing generated yet
             return input_ids.new_full((input_ids.shape[0],), 2)
-        pos = torch.arange(1, input_ids.shape[1] + 1, device=input_ids.device)
-
-        def last(ids: torch.Tensor) -> torch.Tensor:
-            return (torch.isin(input_ids, ids.to(input_ids.device)) * pos).max(1).values
-
-        left, right, stop = last(self.tokens.sides[0]), last(self.tokens.sides[1]), last(self.tokens.stops)
+        left, right, stop = (latest_hit(input_ids, ids) for ids in (*self.tokens.sides, self.tokens.stops))
         side = torch.full_like(left, 2)
         side = torch.where((left > stop) & (left > right), 0, side)
         return torch.where((right > stop) & (right > left), 1, side)
@@ -350,8 +351,7 @@ class ConsistentManagement(LogitsProcessor):
         best_severity, best = severity.max(1)
         position = torch.arange(1, input_ids.shape[1] + 1, device=input_ids.device)[None, :, None]
         last_position, latest = (hits * position).amax(1).max(1)  # the category token written last
-        ended = torch.isin(input_ids, self.full_stops.to(input_ids.device)) * position[:, :, 0]
-        open_name = last_position > ended.amax(1)  # no "." or line break after it
+        open_name = last_position > latest_hit(input_ids, self.full_stops)  # no "." or line break after it
         out = []
         for v, b, last, naming in zip(best_severity.tolist(), best.tolist(), latest.tolist(), open_name.tolist()):
             allowed = {self.classes[int(b)]} if v >= 0 else set()

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from transformers import LogitsProcessorList, PreTrainedTokenizerBase
 
 from evaluation.parser import parse_report
-from mammorg.io import read_jsonl
+from mammorg.io import MammorgError, read_jsonl
 from mammorg.schema import StructuredReport
 from mammorg.training.recipe import trained_run
 from stage2_sft.assembly import lexicon_of, make_builder
@@ -109,7 +109,11 @@ class Reporter:
         self._tokens: dict[str, AssessmentTokens | None] = {}
         self._management = ConsistentManagement(tokenizer) if settings.management == "consistent" else None
         self.lexicon = lexicon
-        self._findings = FindingTokens.of(tokenizer, lexicon) if settings.findings == "stage1" and lexicon else None
+        self._findings = None
+        if settings.findings == "stage1":
+            if lexicon is None:
+                raise MammorgError("generate.findings=stage1 needs the run's lexicon (Reporter.from_config passes it)")
+            self._findings = FindingTokens.of(tokenizer, lexicon)
 
     @classmethod
     def from_config(

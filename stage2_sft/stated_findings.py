@@ -28,15 +28,10 @@ from transformers import LogitsProcessor, PreTrainedTokenizerBase
 
 from mammorg.io import MammorgError
 from mammorg.labels import FINDINGS
-from stage2_sft.constrained import ids_where, sentence_end_ids, side_word_ids
+from stage2_sft.constrained import ids_where, latest_hit, sentence_end_ids, side_word_ids
 from terminology.lexicon import Lexicon
 
 NEGATIONS = ("no", "not", "without", "negative", "obscure")
-
-
-def _latest(hits: torch.Tensor) -> torch.Tensor:
-    """``[B]`` position (1-based) of the latest hit in ``hits [B, T]`` (0: none)."""
-    return (hits * torch.arange(1, hits.shape[1] + 1, device=hits.device)).max(1).values
 
 
 @dataclass(frozen=True)
@@ -88,7 +83,7 @@ class StatedFindings(LogitsProcessor):
             allowed = decided.any(1)
         else:
             latest = {
-                name: _latest(torch.isin(input_ids, ids.to(device)))
+                name: latest_hit(input_ids, ids)
                 for name, ids in (
                     ("negation", self.tokens.negations),
                     ("stop", self.tokens.stops),

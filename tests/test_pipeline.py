@@ -243,7 +243,7 @@ def test_sr_of_held_out_exams_validates_and_round_trips(demo, tmp_path):
 
 
 def test_stage1_agreement_scores_reports_against_stage1_labels(demo, tmp_path):
-    from mammorg.app.pipeline import stage1_agreement
+    from mammorg.app.pipeline import stage1_agreement, stage1_reports
     from mammorg.schema import StructuredReport, read_predictions
 
     preds = read_predictions(demo / "stage1" / "predictions.jsonl")[:6]
@@ -251,11 +251,12 @@ def test_stage1_agreement_scores_reports_against_stage1_labels(demo, tmp_path):
         {"id": r.exam_id, "text": "", "structured": StructuredReport.from_labels(r.pred).to_json()} for r in preds
     ]
     (tmp_path / "faithful.jsonl").write_text("".join(json.dumps(r) + "\n" for r in faithful))
-    agree = stage1_agreement(tmp_path / "faithful.jsonl", demo / "stage1" / "predictions.jsonl")
+    labels = stage1_reports(demo / "stage1" / "predictions.jsonl")
+    agree = stage1_agreement(tmp_path / "faithful.jsonl", labels)
     assert agree["n"] == 6 and agree["exam_category"] == agree["density"] == 1.0
     flipped = [
         {**r, "structured": {**r["structured"], "density": "a" if r["structured"]["density"] != "a" else "d"}}
         for r in faithful
     ]
     (tmp_path / "flipped.jsonl").write_text("".join(json.dumps(r) + "\n" for r in flipped))
-    assert stage1_agreement(tmp_path / "flipped.jsonl", demo / "stage1" / "predictions.jsonl")["density"] == 0.0
+    assert stage1_agreement(tmp_path / "flipped.jsonl", labels)["density"] == 0.0

@@ -19,7 +19,7 @@ from scipy import stats
 
 from evaluation.clinical import paired_bootstrap, per_exam_scores
 from mammorg.app.config import AblationConfig, PipelineConfig
-from mammorg.app.pipeline import Pipeline, parsed_references, stage1_as_report_metrics
+from mammorg.app.pipeline import Pipeline, parsed_references, stage1_as_report_metrics, stage1_reports
 from mammorg.config import load_config, resolve_config, save_config
 from mammorg.io import atomic_path, write_text_atomic
 from mammorg.plotting import pyplot, save_figure
@@ -87,7 +87,7 @@ def write_table(cfg: AblationConfig, out: Path) -> Path:
         per_seed = [json.loads((out / f"runs/{name}/seed{s}/evaluation/metrics.json").read_text()) for s in seeds]
         row: dict = {"row": name, "seeds": len(seeds), "versus": spec.versus or cfg.baseline}
         s1_run = _stage1_key([*cfg_pipeline_stage1(out), *spec.stage1])
-        s1 = stage1_as_report_metrics(refs, out / s1_run / "predictions.jsonl")
+        s1 = stage1_as_report_metrics(refs, stage1_reports(out / s1_run / "predictions.jsonl"))
         row.update({f"stage1_{k}": v for k, v in s1.items()})
         for key in METRICS:
             row[key], row[f"{key}_ci95"] = _mean_ci([m.get(key) for m in per_seed])

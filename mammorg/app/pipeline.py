@@ -190,14 +190,13 @@ class Pipeline:
         metrics = json.loads(self.path("evaluation/metrics.json").read_text())
         s1 = read_jsonl(self.path("stage1/metrics.jsonl"))
         best = max(s1, key=lambda r: r["val"].get("score", -1))["val"] if s1 else {}
+        stage1 = stage1_reports(self.path("stage1/predictions.jsonl"))
         summary = {
             "generated_test_reports": metrics.get("n"),
             "metrics": {k: metrics.get(k) for k in SUMMARY_KEYS},
             "stage1_val": {k: v for k, v in best.items() if isinstance(v, float)},
-            "stage1_test_as_report": stage1_as_report_metrics(
-                parsed_references(self.out), self.path("stage1/predictions.jsonl")
-            ),
-            "stage1_agreement": stage1_agreement(self.path("generated.jsonl"), self.path("stage1/predictions.jsonl")),
+            "stage1_test_as_report": stage1_as_report_metrics(parsed_references(self.out), stage1),
+            "stage1_agreement": stage1_agreement(self.path("generated.jsonl"), stage1),
             "report_seconds": report_seconds,
             "timings_s": self.timings,
             "seconds": round(sum(self.timings.values()), 1),
@@ -212,19 +211,22 @@ def parsed_references(out: Path) -> dict[str, StructuredReport]:
     return {r["id"]: parse_report(r["text"]) for r in read_jsonl(out / "references.jsonl")}
 
 
-def stage1_as_report_metrics(refs: dict[str, StructuredReport], predictions: Path) -> dict:
-    """Stage-1 labels (operating points) scored like generated reports (same references, metrics)."""
-    preds = {r.exam_id: StructuredReport.from_labels(r.pred) for r in read_predictions(predictions)}
+def stage1_reports(predictions: Path) -> dict[str, StructuredReport]:
+    """Stage 1's labels (at its operating points) of every exam, as structured reports."""
+    return {r.exam_id: StructuredReport.from_labels(r.pred) for r in read_predictions(predictions)}
+
+
+def stage1_as_report_metrics(refs: dict[str, StructuredReport], preds: dict[str, StructuredReport]) -> dict:
+    """Stage-1 labels (``stage1_reports``) scored like generated reports (same references, metrics)."""
     ids = [i for i in refs if i in preds]
     m = point_metrics([preds[i] for i in ids], [refs[i] for i in ids])
     return {k: m[k] for k in ("birads_f1", "birads_acc", "density_f1", "finding_f1")}
 
 
-def stage1_agreement(generated: Path, predictions: Path) -> dict:
+def stage1_agreement(generated: Path, preds: dict[str, StructuredReport]) -> dict:
     """How faithfully the reports state the knowledge they were given: each generated report
-    scored against stage 1's own labels of its exam (exam and per-breast category accuracy,
-    density accuracy, side-aware finding F1)."""
-    preds = {r.exam_id: StructuredReport.from_labels(r.pred) for r in read_predictions(predictions)}
+    scored against stage 1's own labels of its exam (``stage1_reports``: exam and per-breast
+    category accuracy, density accuracy, side-aware finding F1)."""
     rows = [r for r in read_jsonl(generated) if r["id"] in preds]
     if not rows:
         return {}
