@@ -268,6 +268,16 @@ OPENERS = (
     ("short-interval follow-up", " six months"),
 )
 
+# how a recommendation sentence opens, per management term (the wording of US reports): when the
+# decoder heads for management the stated category does not call for, it is steered into these
+# words for the management that category calls for
+RECOMMENDATIONS = {
+    "additional imaging evaluation": "Recall for additional imaging",
+    "routine screening": "Routine screening",
+    "short-interval follow-up": "Short-interval follow-up",
+    "tissue diagnosis": "Tissue diagnosis",
+}
+
 
 # every spelling of a management phrase, as text (lower case), with its term: the lexicon terms
 # and the openers above; the text guard checks candidates against these
@@ -299,6 +309,75 @@ def opens_phrase(text: str, before: str, phrases: list[str]) -> bool:
     return False
 
 
+def called_for(categories: set[str]) -> str | None:
+    """The management term the categories call for (category 0's only when it stands alone: it
+    names its imaging itself)."""
+    terms = [term for term, called_by in MANAGEMENT.items() if categories & set(called_by)]
+    if len(terms) > 1:
+        terms = [term for term in terms if "0" not in MANAGEMENT[term]]
+    return terms[0] if terms else None
+
+
+def _opens_sentence(text: str) -> bool:
+    stripped = text.rstrip(" ")
+    return not stripped or stripped.endswith((".", ":", "\n"))
+
+
+@dataclass(frozen=True)
+class PieceRule:
+    """A management opening spelt in word pieces: once ``prefix`` is written (at a sentence start
+    when ``at_start``), ``piece`` would go on spelling ``term``; ``instead``: for each other term,
+    the piece its recommendation goes on with after the same prefix."""
+
+    term: str
+    prefix: tuple[int, ...]
+    piece: int
+    at_start: bool
+    instead: dict[str, int]
+
+    def applies(self, written: list[int], tok: PreTrainedTokenizerBase) -> bool:
+        n = len(self.prefix)
+        if n > len(written) or (n and tuple(written[-n:]) != self.prefix):
+            return False
+        return not self.at_start or _opens_sentence(str(tok.decode(written[len(written) - n - 4 : len(written) - n])))
+
+
+def _common_prefix(a: tuple[int, ...], b: tuple[int, ...]) -> int:
+    return next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def piece_rules(tok: PreTrainedTokenizerBase) -> list[PieceRule]:
+    """The piece rules of every management opening: an opener's last piece is blocked once the rest
+    is written (anywhere); where an opening parts from another term's recommendation after shared
+    letters ("R|ecall" and "R|outine" in a small tokenizer), the parting piece is blocked at a
+    sentence start, and the other term's piece there is its steer."""
+
+    def pieces(words: str) -> tuple[int, ...]:
+        return tuple(tok(words, add_special_tokens=False)["input_ids"])
+
+    openings = [*OPENERS, *((term, lead + words) for term, words in RECOMMENDATIONS.items() for lead in ("", " "))]
+    rules: dict[tuple[str, tuple[int, ...], int], PieceRule] = {}
+    for term, word in openings:
+        spelt = pieces(word)
+        if not spelt:
+            continue
+        lead = " " if word.startswith(" ") else ""
+        opener = (term, word) in OPENERS
+        splits: dict[int, dict[str, int]] = {len(spelt) - 1: {}} if opener else {}
+        for other, words in RECOMMENDATIONS.items():
+            steer = pieces(lead + words)
+            k = _common_prefix(spelt, steer)
+            shares_text = bool(str(tok.decode(list(spelt[:k]))).strip())  # not just a leading space piece
+            if other != term and k < min(len(spelt), len(steer)) and (shares_text or len(spelt) == 1):
+                splits.setdefault(k, {})[other] = steer[k]
+        for k, instead in splits.items():
+            key = (term, spelt[:k], spelt[k])
+            if key in rules:
+                instead = {**rules[key].instead, **instead}
+            rules[key] = PieceRule(term, spelt[:k], spelt[k], not (opener and k == len(spelt) - 1), instead)
+    return list(rules.values())
+
+
 def _ids_of(tok: PreTrainedTokenizerBase, words: str) -> list[int]:
     """The atomic token ids of a term: as written at a line start and mid-sentence."""
     vocab = tok.get_vocab()
@@ -324,24 +403,19 @@ class ConsistentManagement(LogitsProcessor):
         self.in_report = torch.tensor([i not in plan_ids for i, _ in found], dtype=torch.bool)
         self.severity = torch.tensor([float(birads_severity(c)) for c in self.classes])
         self.terms = {term: torch.tensor(_ids_of(tok, term), dtype=torch.long) for term in MANAGEMENT}
-        # words that open a management sentence without a lexicon term ("Recall for additional
-        # imaging"): their last piece is blocked once the pieces before it are written
-        self.openers: list[tuple[str, list[int], int]] = []
-        for term, word in OPENERS:
-            ids = list(tok(word, add_special_tokens=False)["input_ids"])
-            if ids:
-                self.openers.append((term, ids[:-1], ids[-1]))
+        self.rules = piece_rules(tok)
         self.active = bool(found) and all(ids.numel() for ids in self.terms.values())
         self.tok = tok
         self.phrases = [(phrase, set(MANAGEMENT[term])) for phrase, term in MANAGEMENT_PHRASES]
         self.full_stops = sentence_end_ids(tok, (".",))  # they end a category's name; ":" does not
 
-    def stated(self, input_ids: torch.Tensor) -> list[set[str]]:
+    def stated(self, input_ids: torch.Tensor) -> tuple[list[set[str]], list[bool]]:
         """Per row, the categories whose management may be written: the most severe category
         the report has written so far (before it writes any, its plan's), and the most recent one
         when it is 0 and its sentence has not ended (its name, "BI-RADS 0 - Incomplete - need
         additional imaging evaluation", follows it; a recommendation after the sentence is the
-        exam's). A plan that disagrees with the report's own categories does not count."""
+        exam's). A plan that disagrees with the report's own categories does not count. Also per
+        row: whether the report has written a category of its own."""
         hits = input_ids[:, :, None] == self.category_ids.to(input_ids.device)  # [B, T, K]
         in_report = self.in_report.to(input_ids.device)
         report_written = (hits & in_report).flatten(1).any(1)  # [B]
@@ -358,25 +432,53 @@ class ConsistentManagement(LogitsProcessor):
             if allowed and naming and self.classes[int(last)] == "0":
                 allowed.add("0")
             out.append(allowed)
-        return out
+        return out, report_written.tolist()
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         if not self.active or not input_ids.shape[1]:
             return scores
-        for row, categories in enumerate(self.stated(input_ids)):
+        for row, (categories, assessed) in enumerate(zip(*self.stated(input_ids))):
             if not categories:
                 continue
+            top = int(scores[row].argmax())
+            instead = self.block_pieces(row, input_ids, scores, categories, top, assessed)
             for term, called_by in MANAGEMENT.items():
                 if not categories & set(called_by):
+                    if top in self.terms[term].tolist():
+                        instead = self.same_form(top, term, called_for(categories))
                     scores[row, self.terms[term].to(scores.device)] = float("-inf")
-            for term, prefix, last in self.openers:
-                if categories & set(MANAGEMENT[term]):
-                    continue
-                written = input_ids[row, input_ids.shape[1] - len(prefix) :].tolist() if prefix else []
-                if written == prefix:
-                    scores[row, last] = float("-inf")
             self.guard_text(row, input_ids, scores, categories)
+            if instead is not None and torch.isneginf(scores[row, top]):
+                scores[row, instead] = scores[row].max() + 1.0  # steered to what the category calls for
         return scores
+
+    def block_pieces(
+        self, row: int, input_ids: torch.Tensor, scores: torch.Tensor, categories: set[str], top: int, assessed: bool
+    ) -> int | None:
+        """Block the piece rules of management the categories do not call for (those at sentence
+        starts only once the report has ``assessed``: its findings may open with the same letters,
+        "Round" and "Routine"); return the piece that steers the decoder's blocked choice (``top``)
+        into the called-for recommendation."""
+        written = input_ids[row].tolist()
+        target = called_for(categories)
+        instead = None
+        for rule in self.rules:
+            if categories & set(MANAGEMENT[rule.term]) or (rule.at_start and not assessed):
+                continue
+            if not rule.applies(written, self.tok):
+                continue
+            scores[row, rule.piece] = float("-inf")
+            if rule.piece == top and target in rule.instead:
+                instead = rule.instead[target]
+        return instead
+
+    def same_form(self, blocked: int, term: str, target: str | None) -> int | None:
+        """The atomic token of ``target`` in the form (line start or mid-sentence) of the blocked
+        atomic token of ``term``."""
+        if target is None:
+            return None
+        forms, targets = self.terms[term].tolist(), self.terms[target].tolist()
+        return targets[forms.index(blocked)] if len(forms) == len(targets) else None
 
     def guard_text(self, row: int, input_ids: torch.Tensor, scores: torch.Tensor, categories: set[str]) -> None:
         """The same rule on the decoded text, for management the decoder spells in its own word

@@ -138,10 +138,46 @@ def test_management_openers_are_blocked_piece_by_piece(local_decoder, tmp_path):
     tok = _tokenizer(local_decoder, tmp_path)
     processor = ConsistentManagement(tok)
     vocab = tok.get_vocab()
-    _, prefix, last = processor.openers[0]
-    written = torch.tensor([[vocab["BI-RADS 1"], *prefix], [vocab["BI-RADS 0"], *prefix]])
+    rule = next(r for r in processor.rules if r.term == "additional imaging evaluation" and not r.at_start)
+    written = torch.tensor([[vocab["BI-RADS 1"], *rule.prefix], [vocab["BI-RADS 0"], *rule.prefix]])
     out = processor(written, torch.zeros(2, len(tok)))
-    assert torch.isneginf(out[0, last]) and out[1, last] == 0
+    assert torch.isneginf(out[0, rule.piece]) and out[1, rule.piece] == 0
+
+
+def test_blocked_management_is_steered_to_what_the_category_calls_for(local_decoder, tmp_path):
+    """Traced on the demo: stage 1 held the category to 2 where the decoder was heading for a
+    recall; blocking "Rec|all" left it writing "Reccall" and looping. Now the decoder's blocked
+    choice is replaced by the recommendation the stated category calls for: the atomic term in the
+    same form, or the piece where the spellings part ("R|outine" for "R|ecall")."""
+    from stage2_sft.constrained import RECOMMENDATIONS, piece_rules
+
+    tok = _tokenizer(local_decoder, tmp_path)
+    processor = ConsistentManagement(tok)
+    vocab = tok.get_vocab()
+    stop = tok(".", add_special_tokens=False)["input_ids"]
+    scores = torch.zeros(1, len(tok))
+    scores[0, vocab["tissue diagnosis"]] = 5.0  # the decoder heads for a biopsy after BI-RADS 2
+    out = processor(torch.tensor([[vocab["BI-RADS 2"], *stop]]), scores)
+    assert int(out[0].argmax()) == vocab["routine screening"]
+
+    # a tokenizer that spells both recommendations in pieces sharing their first letter
+    parting = tok(RECOMMENDATIONS["additional imaging evaluation"], add_special_tokens=False)["input_ids"]
+    routine = tok(RECOMMENDATIONS["routine screening"], add_special_tokens=False)["input_ids"]
+    rules = [r for r in piece_rules(tok) if r.at_start and "routine screening" in r.instead]
+    if parting[0] != routine[0]:
+        pytest.skip("this tokenizer's spellings part at their first piece")
+    rule = next(r for r in rules if r.term == "additional imaging evaluation" and r.prefix == (parting[0],))
+    assert rule.piece == parting[1] and rule.instead["routine screening"] == routine[1]
+    scores = torch.zeros(2, len(tok))
+    scores[:, rule.piece] = 5.0
+    if "<R:birads=2>" not in vocab:
+        tok.add_tokens(["<R:birads=2>"], special_tokens=True)
+        vocab = tok.get_vocab()
+    processor = ConsistentManagement(tok)
+    assessed = [vocab["<R:birads=2>"], vocab["BI-RADS 2"], *stop, *rule.prefix]
+    planned = [vocab["<R:birads=2>"], *stop, *stop, *rule.prefix]  # findings may open so ("Round ...")
+    out = processor(torch.tensor([assessed, planned]), scores)
+    assert int(out[0].argmax()) == routine[1] and out[1, rule.piece] == 5.0
 
 
 def test_management_spelt_in_pieces_is_blocked_by_the_text_guard(local_decoder, tmp_path):
