@@ -268,14 +268,15 @@ OPENERS = (
     ("short-interval follow-up", " six months"),
 )
 
-# how a recommendation sentence opens, per management term (the wording of US reports): when the
-# decoder heads for management the stated category does not call for, it is steered into these
-# words for the management that category calls for
+# how a recommendation sentence opens, per management term: as normalised report text writes it
+# (``terminology.normalize``: the lexicon term itself, or "Recall for ..."), and as raw text does.
+# When the decoder heads for management the stated category does not call for, it is steered into
+# the opening of the management that category calls for
 RECOMMENDATIONS = {
-    "additional imaging evaluation": "Recall for additional imaging",
-    "routine screening": "Routine screening",
-    "short-interval follow-up": "Short-interval follow-up",
-    "tissue diagnosis": "Tissue diagnosis",
+    "additional imaging evaluation": ("Recall for additional imaging evaluation", "Recall for additional imaging"),
+    "routine screening": ("routine screening", "Routine screening"),
+    "short-interval follow-up": ("short-interval follow-up", "Short-interval follow-up"),
+    "tissue diagnosis": ("tissue diagnosis", "Tissue diagnosis"),
 }
 
 
@@ -318,63 +319,67 @@ def called_for(categories: set[str]) -> str | None:
     return terms[0] if terms else None
 
 
-def _opens_sentence(text: str) -> bool:
-    stripped = text.rstrip(" ")
-    return not stripped or stripped.endswith((".", ":", "\n"))
-
-
 @dataclass(frozen=True)
 class PieceRule:
     """A management opening spelt in word pieces: once ``prefix`` is written (at a sentence start
-    when ``at_start``), ``piece`` would go on spelling ``term``; ``instead``: for each other term,
-    the piece its recommendation goes on with after the same prefix."""
+    when ``at_start``), ``piece`` goes on spelling ``term``'s opening, and no other but those of
+    the ``shared`` terms."""
 
     term: str
     prefix: tuple[int, ...]
     piece: int
     at_start: bool
-    instead: dict[str, int]
+    shared: frozenset[str]
 
     def applies(self, written: list[int], tok: PreTrainedTokenizerBase) -> bool:
         n = len(self.prefix)
         if n > len(written) or (n and tuple(written[-n:]) != self.prefix):
             return False
-        return not self.at_start or _opens_sentence(str(tok.decode(written[len(written) - n - 4 : len(written) - n])))
+        return not self.at_start or _opens_sentence(tok, written[: len(written) - n])
 
 
-def _common_prefix(a: tuple[int, ...], b: tuple[int, ...]) -> int:
-    return next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+def _opens_sentence(tok: PreTrainedTokenizerBase, written: list[int]) -> bool:
+    """Whether the next token starts a sentence: nothing written yet, or the last text written
+    (ignoring spaces) ends a sentence, a heading or a line."""
+    text = str(tok.decode(written[-4:])).rstrip(" ")
+    return not text or text.endswith((".", ":", "\n"))
 
 
-def piece_rules(tok: PreTrainedTokenizerBase) -> list[PieceRule]:
-    """The piece rules of every management opening: an opener's last piece is blocked once the rest
-    is written (anywhere); where an opening parts from another term's recommendation after shared
-    letters ("R|ecall" and "R|outine" in a small tokenizer), the parting piece is blocked at a
-    sentence start, and the other term's piece there is its steer."""
+def _written_prefix(written: list[int], spelt: tuple[int, ...]) -> int:
+    """How many of ``spelt``'s pieces (fewer than all) end ``written``."""
+    fits = (k for k in range(len(spelt) - 1, 0, -1) if k <= len(written) and tuple(written[-k:]) == spelt[:k])
+    return next(fits, 0)
 
-    def pieces(words: str) -> tuple[int, ...]:
-        return tuple(tok(words, add_special_tokens=False)["input_ids"])
 
-    openings = [*OPENERS, *((term, lead + words) for term, words in RECOMMENDATIONS.items() for lead in ("", " "))]
+def _spelt(tok: PreTrainedTokenizerBase, words: str) -> tuple[int, ...]:
+    return tuple(tok(words, add_special_tokens=False)["input_ids"])
+
+
+def recommendation_spellings(tok: PreTrainedTokenizerBase, normalized: bool = True) -> dict[str, list[tuple[int, ...]]]:
+    """Each term's recommendation opening (normalised or raw wording) as the tokenizer spells it,
+    at a line start and after a space."""
+    wording = 0 if normalized else 1
+    return {term: [_spelt(tok, lead + w[wording]) for lead in ("", " ")] for term, w in RECOMMENDATIONS.items()}
+
+
+def piece_rules(tok: PreTrainedTokenizerBase, normalized: bool = True) -> list[PieceRule]:
+    """The piece rules of every management opening spelt in pieces: an opener's last piece once
+    the rest is written (anywhere), and each piece of a recommendation's opening written from a
+    sentence start; each with the other terms whose openings share the pieces so far."""
+    spellings = recommendation_spellings(tok, normalized)
+    openings = [(term, _spelt(tok, word), True) for term, word in OPENERS]
+    openings += [(term, spelt, False) for term, spelts in spellings.items() for spelt in spelts if len(spelt) > 1]
     rules: dict[tuple[str, tuple[int, ...], int], PieceRule] = {}
-    for term, word in openings:
-        spelt = pieces(word)
-        if not spelt:
-            continue
-        lead = " " if word.startswith(" ") else ""
-        opener = (term, word) in OPENERS
-        splits: dict[int, dict[str, int]] = {len(spelt) - 1: {}} if opener else {}
-        for other, words in RECOMMENDATIONS.items():
-            steer = pieces(lead + words)
-            k = _common_prefix(spelt, steer)
-            shares_text = bool(str(tok.decode(list(spelt[:k]))).strip())  # not just a leading space piece
-            if other != term and k < min(len(spelt), len(steer)) and (shares_text or len(spelt) == 1):
-                splits.setdefault(k, {})[other] = steer[k]
-        for k, instead in splits.items():
-            key = (term, spelt[:k], spelt[k])
-            if key in rules:
-                instead = {**rules[key].instead, **instead}
-            rules[key] = PieceRule(term, spelt[:k], spelt[k], not (opener and k == len(spelt) - 1), instead)
+    for term, spelt, opener in openings:
+        for k in range(len(spelt) - 1 if opener else 0, len(spelt)):
+            if not str(tok.decode(list(spelt[: k + 1]))).strip():
+                continue  # a leading space piece starts every word
+            shared = frozenset(
+                other for other, steers in spellings.items() if any(s[: k + 1] == spelt[: k + 1] for s in steers)
+            )
+            key, at_start = (term, spelt[:k], spelt[k]), not opener
+            if key not in rules or not at_start:  # a rule that holds anywhere wins
+                rules[key] = PieceRule(term, spelt[:k], spelt[k], at_start, shared - {term})
     return list(rules.values())
 
 
@@ -389,7 +394,9 @@ class ConsistentManagement(LogitsProcessor):
     most severe so far; before any, the plan's), management terms that other categories call for
     cannot be written; the decoder words the rest freely."""
 
-    def __init__(self, tok: PreTrainedTokenizerBase):
+    def __init__(self, tok: PreTrainedTokenizerBase, normalized: bool = True):
+        """``normalized``: the decoder learnt report text normalised to lexicon terms
+        (``terminology.normalize``), which words recommendations differently."""
         vocab = tok.get_vocab()
         found = [
             (vocab[t], c)
@@ -403,7 +410,10 @@ class ConsistentManagement(LogitsProcessor):
         self.in_report = torch.tensor([i not in plan_ids for i, _ in found], dtype=torch.bool)
         self.severity = torch.tensor([float(birads_severity(c)) for c in self.classes])
         self.terms = {term: torch.tensor(_ids_of(tok, term), dtype=torch.long) for term in MANAGEMENT}
-        self.rules = piece_rules(tok)
+        self.rules = piece_rules(tok, normalized)
+        self.spellings = {
+            t: [s for s in spelts if s] for t, spelts in recommendation_spellings(tok, normalized).items()
+        }
         self.active = bool(found) and all(ids.numel() for ids in self.terms.values())
         self.tok = tok
         self.phrases = [(phrase, set(MANAGEMENT[term])) for phrase, term in MANAGEMENT_PHRASES]
@@ -441,44 +451,46 @@ class ConsistentManagement(LogitsProcessor):
             if not categories:
                 continue
             top = int(scores[row].argmax())
-            instead = self.block_pieces(row, input_ids, scores, categories, top, assessed)
             for term, called_by in MANAGEMENT.items():
                 if not categories & set(called_by):
-                    if top in self.terms[term].tolist():
-                        instead = self.same_form(top, term, called_for(categories))
                     scores[row, self.terms[term].to(scores.device)] = float("-inf")
+            self.block_pieces(row, input_ids, scores, categories, assessed)
             self.guard_text(row, input_ids, scores, categories)
-            if instead is not None and torch.isneginf(scores[row, top]):
-                scores[row, instead] = scores[row].max() + 1.0  # steered to what the category calls for
+            target = called_for(categories)
+            if target is not None and torch.isneginf(scores[row, top]):
+                steer = self.steer(input_ids[row].tolist(), scores[row], target)
+                if steer is not None:
+                    scores[row, steer] = scores[row].max() + 1.0
         return scores
 
     def block_pieces(
-        self, row: int, input_ids: torch.Tensor, scores: torch.Tensor, categories: set[str], top: int, assessed: bool
-    ) -> int | None:
+        self, row: int, input_ids: torch.Tensor, scores: torch.Tensor, categories: set[str], assessed: bool
+    ) -> None:
         """Block the piece rules of management the categories do not call for (those at sentence
         starts only once the report has ``assessed``: its findings may open with the same letters,
-        "Round" and "Routine"); return the piece that steers the decoder's blocked choice (``top``)
-        into the called-for recommendation."""
+        "Round" and "Routine")."""
         written = input_ids[row].tolist()
-        target = called_for(categories)
-        instead = None
+        allowed = {term for term, called_by in MANAGEMENT.items() if categories & set(called_by)}
         for rule in self.rules:
-            if categories & set(MANAGEMENT[rule.term]) or (rule.at_start and not assessed):
+            if rule.term in allowed or rule.shared & allowed or (rule.at_start and not assessed):
                 continue
-            if not rule.applies(written, self.tok):
-                continue
-            scores[row, rule.piece] = float("-inf")
-            if rule.piece == top and target in rule.instead:
-                instead = rule.instead[target]
-        return instead
+            if rule.applies(written, self.tok):
+                scores[row, rule.piece] = float("-inf")
 
-    def same_form(self, blocked: int, term: str, target: str | None) -> int | None:
-        """The atomic token of ``target`` in the form (line start or mid-sentence) of the blocked
-        atomic token of ``term``."""
-        if target is None:
+    def steer(self, written: list[int], scores: torch.Tensor, target: str) -> int | None:
+        """The piece that goes on with ``target``'s recommendation opening: of its spellings that
+        agree with the most pieces written (none: from a sentence start only), the next piece the
+        decoder likes best."""
+        best, pieces = -1, []
+        for spelt in self.spellings[target]:
+            k = _written_prefix(written, spelt)
+            if k > best:
+                best, pieces = k, [spelt[k]]
+            elif k == best:
+                pieces.append(spelt[k])
+        if best == 0 and not _opens_sentence(self.tok, written):
             return None
-        forms, targets = self.terms[term].tolist(), self.terms[target].tolist()
-        return targets[forms.index(blocked)] if len(forms) == len(targets) else None
+        return max(pieces, key=lambda piece: float(scores[piece]))
 
     def guard_text(self, row: int, input_ids: torch.Tensor, scores: torch.Tensor, categories: set[str]) -> None:
         """The same rule on the decoded text, for management the decoder spells in its own word

@@ -101,13 +101,16 @@ class Reporter:
         settings: GenerateSettings,
         device: torch.device | None = None,
         lexicon: Lexicon | None = None,
+        normalized: bool = True,
     ):
-        """``lexicon``: the run's terms (the findings constraint needs their finding labels)."""
+        """``lexicon``: the run's terms (the findings constraint needs their finding labels);
+        ``normalized``: the decoder learnt normalised report text (``terminology.normalize``)."""
         self.generator, self.tokenizer, self.builder, self.settings = generator, tokenizer, builder, settings
         self.device = device or next(generator.parameters()).device
         self.generator.to(self.device)
         self._tokens: dict[str, AssessmentTokens | None] = {}
-        self._management = ConsistentManagement(tokenizer) if settings.management == "consistent" else None
+        consistent = settings.management == "consistent"
+        self._management = ConsistentManagement(tokenizer, normalized) if consistent else None
         self.lexicon = lexicon
         self._findings = None
         if settings.findings == "stage1":
@@ -124,7 +127,8 @@ class Reporter:
         device: torch.device | None = None,
     ) -> Reporter:
         builder = make_builder(cfg, tokenizer)
-        return cls(generator, tokenizer, builder, cfg.generate, device, lexicon_of(cfg.terminology))
+        lexicon = lexicon_of(cfg.terminology)
+        return cls(generator, tokenizer, builder, cfg.generate, device, lexicon, cfg.terminology.normalize)
 
     @classmethod
     def from_run(cls, run_dir: str | Path, device: torch.device | None = None) -> tuple[Stage2Config, Reporter]:

@@ -147,37 +147,40 @@ def test_management_openers_are_blocked_piece_by_piece(local_decoder, tmp_path):
 def test_blocked_management_is_steered_to_what_the_category_calls_for(local_decoder, tmp_path):
     """Traced on the demo: stage 1 held the category to 2 where the decoder was heading for a
     recall; blocking "Rec|all" left it writing "Reccall" and looping. Now the decoder's blocked
-    choice is replaced by the recommendation the stated category calls for: the atomic term in the
-    same form, or the piece where the spellings part ("R|outine" for "R|ecall")."""
-    from stage2_sft.constrained import RECOMMENDATIONS, piece_rules
+    choice is replaced by the next piece of the recommendation the stated category calls for: the
+    atomic term, "Recall for ..." for category 0, or the piece where the spellings part
+    ("R|outine" for "R|ecall")."""
+    from stage2_sft.constrained import recommendation_spellings
 
     tok = _tokenizer(local_decoder, tmp_path)
+    if "<R:birads=2>" not in tok.get_vocab():
+        tok.add_tokens(["<R:birads=2>"], special_tokens=True)
     processor = ConsistentManagement(tok)
     vocab = tok.get_vocab()
     stop = tok(".", add_special_tokens=False)["input_ids"]
-    scores = torch.zeros(1, len(tok))
-    scores[0, vocab["tissue diagnosis"]] = 5.0  # the decoder heads for a biopsy after BI-RADS 2
-    out = processor(torch.tensor([[vocab["BI-RADS 2"], *stop]]), scores)
-    assert int(out[0].argmax()) == vocab["routine screening"]
-
-    # a tokenizer that spells both recommendations in pieces sharing their first letter
-    parting = tok(RECOMMENDATIONS["additional imaging evaluation"], add_special_tokens=False)["input_ids"]
-    routine = tok(RECOMMENDATIONS["routine screening"], add_special_tokens=False)["input_ids"]
-    rules = [r for r in piece_rules(tok) if r.at_start and "routine screening" in r.instead]
-    if parting[0] != routine[0]:
-        pytest.skip("this tokenizer's spellings part at their first piece")
-    rule = next(r for r in rules if r.term == "additional imaging evaluation" and r.prefix == (parting[0],))
-    assert rule.piece == parting[1] and rule.instead["routine screening"] == routine[1]
+    spellings = recommendation_spellings(tok)
     scores = torch.zeros(2, len(tok))
-    scores[:, rule.piece] = 5.0
-    if "<R:birads=2>" not in vocab:
-        tok.add_tokens(["<R:birads=2>"], special_tokens=True)
-        vocab = tok.get_vocab()
-    processor = ConsistentManagement(tok)
-    assessed = [vocab["<R:birads=2>"], vocab["BI-RADS 2"], *stop, *rule.prefix]
-    planned = [vocab["<R:birads=2>"], *stop, *stop, *rule.prefix]  # findings may open so ("Round ...")
+    scores[0, vocab["tissue diagnosis"]] = 5.0  # the decoder heads for a biopsy after BI-RADS 2
+    scores[1, vocab["routine screening"]] = 5.0  # and for routine screening after BI-RADS 0
+    out = processor(torch.tensor([[vocab["BI-RADS 2"], *stop], [vocab["BI-RADS 0"], *stop]]), scores)
+    assert int(out[0].argmax()) == vocab["routine screening"]
+    assert int(out[1].argmax()) in {s[0] for s in spellings["additional imaging evaluation"]}
+
+    recall = tok("Recall for", add_special_tokens=False)["input_ids"]
+    routine = tok("Routine screening", add_special_tokens=False)["input_ids"]
+    if recall[0] != routine[0] or len(recall) < 3:
+        pytest.skip("this tokenizer's spellings part at their first piece")
+    assessed = [vocab["<R:birads=2>"], vocab["BI-RADS 2"], *stop]
+    planned = [vocab["<R:birads=2>"], *stop, *stop]  # findings may open so ("Round ...")
+    scores = torch.zeros(2, len(tok))
+    scores[:, recall[0]] = 5.0  # the decoder heads for "R(ecall)" at a sentence start
     out = processor(torch.tensor([assessed, planned]), scores)
-    assert int(out[0].argmax()) == routine[1] and out[1, rule.piece] == 5.0
+    assert int(out[0].argmax()) in {s[0] for s in spellings["routine screening"]} and out[1, recall[0]] == 5.0
+    raw = ConsistentManagement(tok, normalized=False)  # a decoder that learnt "Routine screening ..."
+    scores = torch.zeros(2, len(tok))
+    scores[:, recall[1]] = 5.0  # "R" written, the decoder heads for "Re(call)"
+    out = raw(torch.tensor([[*assessed, recall[0]], [*planned, recall[0]]]), scores)
+    assert int(out[0].argmax()) == routine[1] and out[1, recall[1]] == 5.0
 
 
 def test_management_spelt_in_pieces_is_blocked_by_the_text_guard(local_decoder, tmp_path):
