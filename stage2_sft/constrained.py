@@ -290,6 +290,17 @@ GUARD_WINDOW = 16  # tokens of the written tail decoded for the text guard
 GUARD_CANDIDATES = 8  # the most likely next tokens checked per row and step
 
 
+def _inside_phrase(phrases: list[str]) -> Callable[[str], bool]:
+    """Whether a token's text (without punctuation and outer spaces, lower case) lies inside one
+    of ``phrases``: a token that adds letters no phrase has cannot complete or open one."""
+
+    def inside(text: str) -> bool:
+        letters = re.sub(r"[^\w\s-]", "", text).strip().lower()  # "months." can complete "6 months"
+        return bool(letters) and any(letters in phrase for phrase in phrases)
+
+    return inside
+
+
 def _word_starts(text: str, part: str) -> int:
     """How often ``part`` occurs in ``text`` starting at a word start."""
     return sum(1 for m in re.finditer(re.escape(part), text) if m.start() == 0 or not text[m.start() - 1].isalnum())
@@ -331,18 +342,31 @@ class PieceRule:
     at_start: bool
     shared: frozenset[str]
 
-    def applies(self, written: list[int], tok: PreTrainedTokenizerBase) -> bool:
+    def applies(self, written: list[int], opens_sentence: Callable[[list[int]], bool]) -> bool:
         n = len(self.prefix)
         if n > len(written) or (n and tuple(written[-n:]) != self.prefix):
             return False
-        return not self.at_start or _opens_sentence(tok, written[: len(written) - n])
+        return not self.at_start or opens_sentence(written[: len(written) - n])
 
 
-def _opens_sentence(tok: PreTrainedTokenizerBase, written: list[int]) -> bool:
-    """Whether the next token starts a sentence: nothing written yet, or the last text written
-    (ignoring spaces) ends a sentence, a heading or a line."""
-    text = str(tok.decode(written[-4:])).rstrip(" ")
-    return not text or text.endswith((".", ":", "\n"))
+@dataclass(frozen=True)
+class SentenceStarts:
+    """Whether the next token starts a sentence, from token ids alone: nothing written yet, or
+    the last token that is not a space ends a sentence, a heading or a line."""
+
+    ends: frozenset[int]
+    spaces: frozenset[int]
+
+    @classmethod
+    def of(cls, tok: PreTrainedTokenizerBase) -> SentenceStarts:
+        spaces = ids_where(tok, lambda text: text != "" and not text.strip(" "), lambda raw: len(raw) <= 2)
+        return cls(frozenset(sentence_end_ids(tok).tolist()), frozenset(spaces.tolist()))
+
+    def __call__(self, written: list[int]) -> bool:
+        for token in reversed(written):
+            if token not in self.spaces:
+                return token in self.ends
+        return True
 
 
 def _written_prefix(written: list[int], spelt: tuple[int, ...]) -> int:
@@ -418,6 +442,12 @@ class ConsistentManagement(LogitsProcessor):
         self.tok = tok
         self.phrases = [(phrase, set(MANAGEMENT[term])) for phrase, term in MANAGEMENT_PHRASES]
         self.full_stops = sentence_end_ids(tok, (".",))  # they end a category's name; ":" does not
+        self.opens_sentence = SentenceStarts.of(tok)
+        # tokens whose letters lie inside a management phrase: only these can write one
+        inside = _inside_phrase([phrase for phrase, _ in MANAGEMENT_PHRASES])
+        self.phrase_pieces = frozenset(
+            ids_where(tok, inside, lambda raw: inside(raw.replace("Ġ", " ").replace("▁", " "))).tolist()
+        )
 
     def stated(self, input_ids: torch.Tensor) -> tuple[list[set[str]], list[bool]]:
         """Per row, the categories whose management may be written: the most severe category
@@ -474,7 +504,7 @@ class ConsistentManagement(LogitsProcessor):
         for rule in self.rules:
             if rule.term in allowed or rule.shared & allowed or (rule.at_start and not assessed):
                 continue
-            if rule.applies(written, self.tok):
+            if rule.applies(written, self.opens_sentence):
                 scores[row, rule.piece] = float("-inf")
 
     def steer(self, written: list[int], scores: torch.Tensor, target: str) -> int | None:
@@ -488,7 +518,7 @@ class ConsistentManagement(LogitsProcessor):
                 best, pieces = k, [spelt[k]]
             elif k == best:
                 pieces.append(spelt[k])
-        if best == 0 and not _opens_sentence(self.tok, written):
+        if best == 0 and not self.opens_sentence(written):
             return None
         return max(pieces, key=lambda piece: float(scores[piece]))
 
@@ -498,18 +528,21 @@ class ConsistentManagement(LogitsProcessor):
         phrase the categories do not call for are blocked."""
         forbidden = [phrase for phrase, called_by in self.phrases if not categories & called_by]
         tail = input_ids[row, -GUARD_WINDOW:].tolist()
-        before = str(self.tok.decode(tail, skip_special_tokens=True)).lower()
+        before: str | None = None  # decoded only when a candidate could write a phrase
         allowed = 0
         for cand in scores[row].topk(min(GUARD_CANDIDATES, scores.shape[1])).indices.tolist():
             if torch.isneginf(scores[row, cand]):
                 continue
-            text = str(self.tok.decode([*tail, cand], skip_special_tokens=True)).lower()
-            if opens_phrase(text, before, forbidden):
-                scores[row, cand] = float("-inf")
-            else:
-                allowed += 1
-                if allowed >= 2:  # greedy takes the first; beam search looks a little further
-                    break
+            if cand in self.phrase_pieces:
+                if before is None:
+                    before = str(self.tok.decode(tail, skip_special_tokens=True)).lower()
+                text = str(self.tok.decode([*tail, cand], skip_special_tokens=True)).lower()
+                if opens_phrase(text, before, forbidden):
+                    scores[row, cand] = float("-inf")
+                    continue
+            allowed += 1
+            if allowed >= 2:  # greedy takes the first; beam search looks a little further
+                break
 
 
 def assessment_processor(

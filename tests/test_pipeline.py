@@ -218,41 +218,6 @@ def test_service_refuses_bad_uploads_in_one_line_and_keeps_serving(service, new_
     assert client.post("/report", files=files, headers=AUTH).status_code == 200  # still serving
 
 
-def test_batcher_gathers_requests_still_arriving_and_never_holds_a_lone_one():
-    """Concurrent clients drift apart: the model waits (at most gather_s) for an exam whose upload
-    is still being read, so both share one batch; a lone request is taken at once."""
-    import asyncio
-    import time
-    from typing import Any, cast
-
-    from mammorg.app.serve import Batcher
-
-    class Model:
-        def __init__(self) -> None:
-            self.batches: list[list[str]] = []
-
-        def report_many(self, views: list[str]) -> list[str]:
-            self.batches.append(list(views))
-            return [v.upper() for v in views]
-
-    async def scenario() -> tuple[list[Any], list[list[str]], float]:
-        model = Model()
-        batcher = Batcher(cast(Any, model), gather_s=2.0)
-
-        async def late() -> Any:
-            with batcher.arrival():  # its upload is being read while the first exam waits
-                await asyncio.sleep(0.2)
-            return await batcher.report("b")
-
-        both = await asyncio.gather(batcher.report("a"), late())
-        start = time.perf_counter()
-        await batcher.report("c")
-        return list(both), model.batches, time.perf_counter() - start
-
-    reports, batches, lone = asyncio.run(scenario())
-    assert reports == ["A", "B"] and batches == [["a", "b"], ["c"]] and lone < 1.0
-
-
 def test_sr_of_held_out_exams_validates_and_round_trips(demo, tmp_path):
     """Every test exam's SR writes, reads back with pydicom and highdicom, and keeps the report
     text and its finding regions."""

@@ -22,7 +22,6 @@ address unless told otherwise; with a token, ``POST /report`` needs ``Authorizat
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import hmac
 import html
@@ -32,7 +31,6 @@ import json
 import logging
 import re
 import time
-from collections.abc import Iterator
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
@@ -121,26 +119,13 @@ document.getElementById('f').addEventListener('submit', async (e) => {{
 
 class Batcher:
     """Exams wait in a bounded queue; the model takes every exam waiting (up to ``max_batch``) in
-    one batch, so concurrent clients share stage-1 passes and decoding steps. Before it starts a
-    batch it waits, at most ``gather_s``, for requests already being received or decoded
-    (``arriving``): without that, concurrent clients drift apart and each batch holds one or two
-    exams. A lone request never waits. A batch that fails is retried exam by exam, so one bad
-    exam fails only its own request."""
+    one batch, so concurrent clients share stage-1 passes and decoding steps. A batch that fails
+    is retried exam by exam, so one bad exam fails only its own request."""
 
-    def __init__(self, reporter: ExamReporter, max_batch: int = 8, limit: int = 32, gather_s: float = 0.1):
-        self.reporter, self.max_batch, self.gather_s = reporter, max_batch, gather_s
+    def __init__(self, reporter: ExamReporter, max_batch: int = 8, limit: int = 32):
+        self.reporter, self.max_batch = reporter, max_batch
         self.queue: asyncio.Queue = asyncio.Queue(limit)
         self.worker: asyncio.Task | None = None
-        self.arriving = 0
-
-    @contextlib.contextmanager
-    def arrival(self) -> Iterator[None]:
-        """A request being read and preprocessed: the next batch waits briefly for it."""
-        self.arriving += 1
-        try:
-            yield
-        finally:
-            self.arriving -= 1
 
     async def report(self, views: Any) -> ExamReport:
         if self.queue.full():
@@ -151,21 +136,11 @@ class Batcher:
             self.worker = asyncio.create_task(self._run())
         return await future
 
-    async def _gather(self) -> list[tuple[Any, asyncio.Future]]:
-        batch = [await self.queue.get()]
-        deadline = time.perf_counter() + self.gather_s
-        while len(batch) < self.max_batch:
-            if not self.queue.empty():
-                batch.append(self.queue.get_nowait())
-            elif self.arriving > 0 and time.perf_counter() < deadline:
-                await asyncio.sleep(0.002)
-            else:
-                break
-        return batch
-
     async def _run(self) -> None:
         while True:
-            batch = await self._gather()
+            batch = [await self.queue.get()]
+            while len(batch) < self.max_batch and not self.queue.empty():
+                batch.append(self.queue.get_nowait())
             try:
                 reports = await run_in_threadpool(self.reporter.report_many, [views for views, _ in batch])
                 for (_, future), report in zip(batch, reports):
@@ -247,10 +222,9 @@ def create_app(
             length = int(request.headers.get("content-length") or 0)
             if length > max_bytes + (1 << 16):
                 raise HTTPException(413, f"upload larger than {max_upload_mb:g} MiB")
-            try:  # reading and preprocessing run beside other requests; the model takes exams in batches
-                with batcher.arrival():
-                    datasets = await read_uploads(files, max_bytes, max_views)
-                    views = await run_in_threadpool(reporter.load_datasets, datasets)
+            datasets = await read_uploads(files, max_bytes, max_views)
+            try:  # preprocessing runs beside other requests; the model takes exams in batches
+                views = await run_in_threadpool(reporter.load_datasets, datasets)
                 report: ExamReport = await batcher.report(views)
             except MammorgError as exc:
                 raise HTTPException(422, _anonymous(str(exc))) from None
