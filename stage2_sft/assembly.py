@@ -271,6 +271,7 @@ def make_builder(cfg: Stage2Config, tok: PreTrainedTokenizerBase) -> PromptBuild
         cfg.data.assessment_plan,
         cfg.knowledge.locations,
         chat_wrapper(tok) if cfg.decoder.chat_template else None,
+        cfg.data.findings_plan,
     )
 
 

@@ -30,6 +30,7 @@ class Stage2Data:
     val_split: str = "val"
     max_report_tokens: int = 192
     assessment_plan: bool = False  # targets open with the stated BI-RADS categories (<plan> ... </plan>)
+    findings_plan: bool = False  # the plan (with assessment_plan) also names the stated findings (<R:mass>)
 
 
 @dataclass

@@ -67,6 +67,11 @@ def _plan_ids(vocab: dict[str, int]) -> torch.Tensor | None:
     return torch.tensor([[vocab[n] for n in row] for row in names])
 
 
+def _plan_finding_ids(vocab: dict[str, int]) -> list[int] | None:
+    tokens = KnowledgeVocabulary.plan_findings()
+    return [vocab[t] for t in tokens] if all(t in vocab for t in tokens) else None
+
+
 def _bracket_ids(vocab: dict[str, int]) -> tuple[int, int] | None:
     """Ids of ``<plan>`` and ``</plan>`` (None if absent)."""
     names = (KnowledgeVocabulary.PLAN, KnowledgeVocabulary.PLAN_END)
@@ -99,6 +104,7 @@ class AssessmentTokens:
     plan: torch.Tensor | None = None  # [3, 9]: L, R, exam
     brackets: tuple[int, int] | None = None  # <plan>, </plan>
     densities: torch.Tensor | None = None  # [S, 4]: each spelling of the composition terms
+    plan_findings: list[int] | None = None  # the plan's finding tokens in their order (L, then R)
 
     @classmethod
     def of(cls, tok: PreTrainedTokenizerBase, lexicon: Lexicon | None = None) -> AssessmentTokens:
@@ -116,6 +122,7 @@ class AssessmentTokens:
             _plan_ids(vocab),
             _bracket_ids(vocab),
             densities if densities is not None and len(densities) else None,
+            _plan_finding_ids(vocab),
         )
 
 
@@ -208,10 +215,18 @@ class StatedAssessment(CategoryChoice):
                 _force(scores, self.tokens.plan[k].to(scores.device), targets[:, k])
 
 
-def shape_plan(input_ids: torch.Tensor, scores: torch.Tensor, plan: list[list[int]], brackets: tuple[int, int]) -> None:
+def shape_plan(
+    input_ids: torch.Tensor,
+    scores: torch.Tensor,
+    plan: list[list[int]],
+    brackets: tuple[int, int],
+    findings: list[int] | None = None,
+) -> None:
     """In place: inside an open plan only the next well-formed plan tokens keep their scores
-    (``plan``: ids of [L, R, exam] x classes; ``brackets``: ``<plan>``, ``</plan>``)."""
+    (``plan``: ids of [L, R, exam] x classes; ``brackets``: ``<plan>``, ``</plan>``; ``findings``:
+    the plan's finding tokens in their order, each at most once, after the categories)."""
     opening, closing = brackets
+    findings = findings or []
     for row, ids in enumerate(input_ids.tolist()):
         if opening not in ids:
             continue
@@ -219,10 +234,13 @@ def shape_plan(input_ids: torch.Tensor, scores: torch.Tensor, plan: list[list[in
         if closing in written:
             continue
         stated = [any(t in plan[k] for t in written) for k in range(3)]
-        if stated[1] or stated[2]:
-            allowed = [closing]
+        named = [k for k, t in enumerate(findings) if t in written]
+        if named:
+            allowed = [*findings[max(named) + 1 :], closing]
+        elif stated[1] or stated[2]:
+            allowed = [*findings, closing]
         elif stated[0]:
-            allowed = [*plan[1], closing]
+            allowed = [*plan[1], *findings, closing]
         else:
             allowed = [*plan[0], *plan[1], *plan[2]]
         keep = scores[row, allowed].clone()
@@ -238,7 +256,7 @@ class PlannedAssessment(CategoryChoice):
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         scores = super().__call__(input_ids, scores)
         if self.tokens.plan is not None and self.tokens.brackets is not None:
-            shape_plan(input_ids, scores, self.tokens.plan.tolist(), self.tokens.brackets)
+            shape_plan(input_ids, scores, self.tokens.plan.tolist(), self.tokens.brackets, self.tokens.plan_findings)
         return scores
 
     def targets(self, input_ids: torch.Tensor, batch: int) -> torch.Tensor:
@@ -509,8 +527,8 @@ class ConsistentManagement(LogitsProcessor):
 
     def steer(self, written: list[int], scores: torch.Tensor, target: str) -> int | None:
         """The piece that goes on with ``target``'s recommendation opening: of its spellings that
-        agree with the most pieces written (none: from a sentence start only), the next piece the
-        decoder likes best."""
+        agree with the most pieces written (none, or only a space: from a sentence start only),
+        the next piece the decoder likes best."""
         best, pieces = -1, []
         for spelt in self.spellings[target]:
             k = _written_prefix(written, spelt)
@@ -518,8 +536,9 @@ class ConsistentManagement(LogitsProcessor):
                 best, pieces = k, [spelt[k]]
             elif k == best:
                 pieces.append(spelt[k])
-        if best == 0 and not self.opens_sentence(written):
-            return None
+        spaces_only = all(piece in self.opens_sentence.spaces for piece in written[len(written) - best :])
+        if (best == 0 or spaces_only) and not self.opens_sentence(written):
+            return None  # mid-sentence ("A |"): no opening to go on with
         return max(pieces, key=lambda piece: float(scores[piece]))
 
     def guard_text(self, row: int, input_ids: torch.Tensor, scores: torch.Tensor, categories: set[str]) -> None:

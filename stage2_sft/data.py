@@ -49,6 +49,7 @@ class PromptBuilder:
     plan: bool = False  # the target starts with the report's assessment plan (``plan_tokens``)
     locations: bool = True  # discrete knowledge with the quadrant of each localised finding
     chat: tuple[list[int], list[int]] | None = None  # chat-template ids around the prompt
+    findings_plan: bool = False  # the plan also names the findings the report states
 
     def prompt_ids(self, view_mask: list[bool], state: KnowledgeState) -> list[int]:
         tok = self.tokenizer
@@ -68,12 +69,13 @@ class PromptBuilder:
 
     def report_ids(self, text: str) -> list[int]:
         """Target ids: with ``plan``, the assessment plan first (the categories the report states,
-        decided before it is worded; special tokens, so decoding drops them), then the report."""
-        plan = (
-            self.tokenizer.convert_tokens_to_ids(KnowledgeVocabulary.plan(parse_report(text).birads))
-            if self.plan
-            else []
-        )
+        and with ``findings_plan`` its findings, decided before it is worded; special tokens, so
+        decoding drops them), then the report."""
+        plan: list[int] = []
+        if self.plan:
+            parsed = parse_report(text)
+            findings = parsed.positives() if self.findings_plan else None
+            plan = self.tokenizer.convert_tokens_to_ids(KnowledgeVocabulary.plan(parsed.birads, findings))  # type: ignore[assignment]
         text = self.normalizer(text) if self.normalizer else text
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"][: self.max_report_tokens]
         return plan + ids + [self.tokenizer.eos_token_id]

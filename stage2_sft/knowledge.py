@@ -13,6 +13,7 @@ embedding per head (and per finding) mixed from learned class embeddings, filled
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -106,14 +107,27 @@ class KnowledgeVocabulary:
         return [[cls.birads(s, c) for c in BIRADS_CLASSES] for s in PLAN_SIDES]
 
     @classmethod
-    def plan(cls, birads: dict[str, str | None]) -> list[str]:
+    def plan(cls, birads: dict[str, str | None], findings: Iterable[tuple[str, str]] | None = None) -> list[str]:
         """The assessment plan of a report from the categories it states (``{"L", "R", "exam"}``,
         as parsed): ``<plan> <L:birads=1> <R:birads=4B> </plan>``; the exam category only when no
-        breast has its own. A category outside ``BIRADS_CLASSES`` (a bare "4") is left out."""
+        breast has its own. A category outside ``BIRADS_CLASSES`` (a bare "4") is left out. With
+        ``findings`` (``(side, finding)`` pairs the report states), the finding tokens follow the
+        categories in ``plan_findings`` order: ``... <R:birads=4B> <R:mass> </plan>``."""
         sides = [cls.birads(s, str(birads[s])) for s in SIDES if birads.get(s) in BIRADS_CLASSES]
         if not sides and birads.get("exam") in BIRADS_CLASSES:
             sides = [cls.birads("exam", str(birads["exam"]))]
-        return [cls.PLAN, *sides, cls.PLAN_END]
+        stated = set(findings or ())
+        named = [cls.finding(s, f) for s, f in cls.plan_finding_pairs() if (s, f) in stated]
+        return [cls.PLAN, *sides, *named, cls.PLAN_END]
+
+    @staticmethod
+    def plan_finding_pairs() -> list[tuple[str, str]]:
+        """The order of a plan's findings: the left breast's, then the right's, each in ``FINDINGS`` order."""
+        return [(s, f) for s in SIDES for f in FINDINGS]
+
+    @classmethod
+    def plan_findings(cls) -> list[str]:
+        return [cls.finding(s, f) for s, f in cls.plan_finding_pairs()]
 
     @classmethod
     def verbal_forms(cls, lexicon: Any) -> dict[str, str]:

@@ -32,7 +32,7 @@ from stage2_sft.constrained import (
 )
 from stage2_sft.data import PromptBuilder, Sample, collate
 from stage2_sft.model import ReportGenerator
-from stage2_sft.stated_findings import FindingTokens, StatedFindings
+from stage2_sft.stated_findings import FindingTokens, PlannedFindings, StatedFindings
 from terminology.lexicon import Lexicon
 
 
@@ -145,6 +145,16 @@ class Reporter:
         return self._tokens[assessment]
 
     @torch.no_grad()
+    def planned_findings(self, tokens: AssessmentTokens | None, decided: torch.Tensor) -> PlannedFindings | None:
+        """The processor that writes stage 1's findings into the plan (runs trained with
+        ``data.findings_plan``; None otherwise)."""
+        if not self.builder.findings_plan:
+            return None
+        tokens = tokens or AssessmentTokens.of(self.tokenizer, self.lexicon)
+        if tokens.plan_findings is None or tokens.brackets is None:
+            return None
+        return PlannedFindings(tokens.plan_findings, tokens.brackets, decided)
+
     def generate(
         self,
         samples: SampleSource,
@@ -173,6 +183,9 @@ class Reporter:
                 processors.append(processor)
             if self._findings is not None:
                 processors.append(StatedFindings(self._findings, batch.knowledge.finding_on))  # [N, 2, 7]
+                planned = self.planned_findings(tokens, batch.knowledge.finding_on)
+                if planned is not None:
+                    processors.append(planned)
             step = {**kwargs, "logits_processor": LogitsProcessorList(processors)} if processors else kwargs
             ids = self.generator.generate(batch.input_ids, batch.attention_mask, batch.visual, batch.knowledge, **step)
             for exam_id, row in zip(batch.exam_ids, ids):

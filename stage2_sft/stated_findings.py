@@ -103,8 +103,21 @@ class StatedFindings(LogitsProcessor):
             allowed = allowed | negated[:, None]
             self.hold_sides(input_ids, scores, decided, latest["stop"], negated)
         blocked = ~allowed[:, finding_of[term_ids]]  # [B, K]
+        top = scores.argmax(1)
         scores[:, term_ids] = scores[:, term_ids].masked_fill(blocked, float("-inf"))
+        self.steer(scores, top, term_ids)
         return scores
+
+    @staticmethod
+    def steer(scores: torch.Tensor, top: torch.Tensor, term_ids: torch.Tensor) -> None:
+        """In place: where the decoder headed for a finding term that is blocked, it names the
+        likeliest finding it may name there instead (if any), not whatever word came next."""
+        term_scores = scores[:, term_ids]
+        best, at = term_scores.max(1)
+        headed = torch.isin(top, term_ids) & torch.isneginf(scores.gather(1, top[:, None]).squeeze(1))
+        rows = (headed & ~torch.isneginf(best)).nonzero().squeeze(1)
+        if len(rows):
+            scores[rows, term_ids[at[rows]]] = scores[rows].max(1).values + 1.0
 
     def hold_sides(
         self,
@@ -127,3 +140,35 @@ class StatedFindings(LogitsProcessor):
             block = fits[:, other] & ~fits[:, side]
             ids = self.tokens.sides[side].to(scores.device)
             scores[:, ids] = scores[:, ids].masked_fill(block[:, None], float("-inf"))
+
+
+class PlannedFindings(LogitsProcessor):
+    """With a findings plan (``data.findings_plan``), the plan names exactly the findings stage 1
+    decided (``decided``: ``[N, 2, 7]``), in the plan's order (left, then right, each in
+    ``FINDINGS`` order): once the decoder is done with the plan's categories (its choice is a
+    finding token or ``</plan>``), the next decided finding is written, then ``</plan>``. A
+    decoder trained on plans that match their reports then words the report after its plan."""
+
+    def __init__(self, finding_ids: list[int], brackets: tuple[int, int], decided: torch.Tensor):
+        self.ids = torch.tensor(finding_ids, dtype=torch.long)
+        self.opening, self.closing = brackets
+        self.decided = decided.bool().flatten(1)  # [N, 14] in the plan's order
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if not input_ids.shape[1]:
+            return scores
+        ids = self.ids.to(scores.device)
+        decided = self.decided.to(scores.device).repeat_interleave(scores.shape[0] // self.decided.shape[0], 0)
+        open_plan = (input_ids == self.opening).any(1) & ~(input_ids == self.closing).any(1)
+        written = torch.isin(input_ids, ids).sum(1)
+        top = scores.argmax(1)
+        done = torch.isin(top, ids) | (top == self.closing)  # the categories are written
+        for row in (open_plan & done).nonzero().squeeze(1).tolist():
+            wanted = decided[row].nonzero().squeeze(1).tolist()
+            n = int(written[row])
+            target = int(ids[wanted[n]]) if n < len(wanted) else self.closing
+            best = scores[row].max()
+            scores[row, ids] = float("-inf")
+            scores[row, self.closing] = float("-inf")
+            scores[row, target] = best + 1.0
+        return scores

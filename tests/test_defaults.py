@@ -245,12 +245,65 @@ def test_assessment_plan_keeps_its_trained_form(local_decoder, tmp_path):
         out = processor(torch.tensor([ids]), torch.zeros(1, len(tok)))
         return set((~torch.isneginf(out[0])).nonzero().squeeze(1).tolist())
 
-    assert allowed([opening, right3]) == {closing}  # no second right category, no left after right
+    findings = [vocab[t] for t in K.plan_findings()]
+    assert allowed([opening, right3]) == {closing, *findings}  # no second right category, no left after right
     after_left = allowed([opening, left1])
     assert right1 in after_left and closing in after_left and left1 not in after_left
+    l_mass, r_calc = vocab["<L:mass>"], vocab["<R:calcification>"]
+    after_finding = allowed([opening, right3, r_calc])  # findings in the plan's order, each once
+    assert closing in after_finding and r_calc not in after_finding and l_mass not in after_finding
     assert left1 in allowed([opening]) and closing not in allowed([opening])
     word = tok(" breast", add_special_tokens=False)["input_ids"][0]
     assert word in allowed([opening, left1, right1, closing]) and word not in allowed([opening, left1])
+
+
+def test_findings_plan_is_trained_from_the_report_and_written_from_stage1(local_decoder, tmp_path):
+    """With data.findings_plan the target's plan names the findings the report states (L, then R,
+    in FINDINGS order), and at generation the plan names exactly stage 1's decided findings once
+    the decoder is done with the categories, then closes."""
+    from mammorg.labels import FINDINGS
+    from stage2_sft.data import PromptBuilder
+    from stage2_sft.knowledge import KnowledgeVocabulary as K
+    from stage2_sft.stated_findings import PlannedFindings
+
+    tok = _tokenizer(local_decoder, tmp_path)
+    missing = [t for t in K.all() if t not in tok.get_vocab()]
+    if missing:
+        tok.add_tokens(missing, special_tokens=True)
+    vocab = tok.get_vocab()
+    text = (
+        "Right Breast: There is a 12 mm oval mass with circumscribed margins.\n"
+        "Left Breast: Amorphous calcifications in a segmental distribution.\n"
+        "OPINION: Right breast BI-RADS 4A. Left breast BI-RADS 4B. Tissue diagnosis is recommended."
+    )
+    plan = PromptBuilder(tok, 1, plan=True, findings_plan=True).report_ids(text)
+    closing = plan.index(vocab[K.PLAN_END])
+    assert tok.convert_ids_to_tokens(plan[1:closing]) == [
+        "<L:birads=4B>",
+        "<R:birads=4A>",
+        "<L:calcification>",
+        "<R:mass>",
+    ]
+    assert vocab["<R:mass>"] not in PromptBuilder(tok, 1, plan=True).report_ids(text)
+
+    decided = torch.zeros(1, 2, len(FINDINGS))
+    decided[0, 0, FINDINGS.index("asymmetry")] = decided[0, 1, FINDINGS.index("mass")] = 1  # L, R
+    ids = [vocab[t] for t in K.plan_findings()]
+    processor = PlannedFindings(ids, (vocab[K.PLAN], vocab[K.PLAN_END]), decided)
+
+    def step(written: list[str], favourite: str) -> str:
+        scores = torch.zeros(1, len(tok))
+        scores[0, vocab[favourite]] = 5.0
+        out = processor(torch.tensor([[vocab[t] for t in written]]), scores)
+        return tok.convert_ids_to_tokens(int(out[0].argmax()))
+
+    start = [K.PLAN, "<L:birads=2>", "<R:birads=4A>"]
+    assert step(start[:2], "<R:birads=4A>") == "<R:birads=4A>"  # the categories are the decoder's
+    assert step(start, K.PLAN_END) == "<L:asymmetry>"  # it would close: stage 1's findings first
+    assert step([*start, "<L:asymmetry>"], "<L:mass>") == "<R:mass>"
+    assert step([*start, "<L:asymmetry>", "<R:mass>"], "<R:calcification>") == K.PLAN_END
+    after = [*start, "<L:asymmetry>", "<R:mass>", K.PLAN_END]
+    assert step(after, "<L:mass>") == "<L:mass>"  # after the plan: untouched
 
 
 def test_stated_findings_blocks_undecided_findings_and_sides_outside_negations(local_decoder, tmp_path):
