@@ -38,6 +38,12 @@ def ids_where(tok: PreTrainedTokenizerBase, keep: Callable[[str], bool], hint: C
     return torch.tensor(sorted(ids), dtype=torch.long)
 
 
+def promote(scores: torch.Tensor, rows: torch.Tensor | int, ids: torch.Tensor | int) -> None:
+    """In place: token ``ids`` (one per row) become the rows' best choice, one above their best
+    score (the steers: where the decoder's own choice was blocked)."""
+    scores[rows, ids] = scores[rows].max(-1).values + 1.0
+
+
 def latest_hit(input_ids: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """``[B]`` position (1-based) of the latest of ``ids`` in each row of ``input_ids`` (0: none)."""
     hits = torch.isin(input_ids, ids.to(input_ids.device))
@@ -339,10 +345,15 @@ def opens_phrase(text: str, before: str, phrases: list[str]) -> bool:
     return False
 
 
+def terms_called_for(categories: set[str]) -> list[str]:
+    """The management terms any of the categories calls for."""
+    return [term for term, called_by in MANAGEMENT.items() if categories & set(called_by)]
+
+
 def called_for(categories: set[str]) -> str | None:
     """The management term the categories call for (category 0's only when it stands alone: it
     names its imaging itself)."""
-    terms = [term for term, called_by in MANAGEMENT.items() if categories & set(called_by)]
+    terms = terms_called_for(categories)
     if len(terms) > 1:
         terms = [term for term in terms if "0" not in MANAGEMENT[term]]
     return terms[0] if terms else None
@@ -508,7 +519,7 @@ class ConsistentManagement(LogitsProcessor):
             if target is not None and torch.isneginf(scores[row, top]):
                 steer = self.steer(input_ids[row].tolist(), scores[row], target)
                 if steer is not None:
-                    scores[row, steer] = scores[row].max() + 1.0
+                    promote(scores, row, steer)
         return scores
 
     def block_pieces(
@@ -518,7 +529,7 @@ class ConsistentManagement(LogitsProcessor):
         starts only once the report has ``assessed``: its findings may open with the same letters,
         "Round" and "Routine")."""
         written = input_ids[row].tolist()
-        allowed = {term for term, called_by in MANAGEMENT.items() if categories & set(called_by)}
+        allowed = set(terms_called_for(categories))
         for rule in self.rules:
             if rule.term in allowed or rule.shared & allowed or (rule.at_start and not assessed):
                 continue
@@ -537,7 +548,7 @@ class ConsistentManagement(LogitsProcessor):
             elif k == best:
                 pieces.append(spelt[k])
         spaces_only = all(piece in self.opens_sentence.spaces for piece in written[len(written) - best :])
-        if (best == 0 or spaces_only) and not self.opens_sentence(written):
+        if spaces_only and not self.opens_sentence(written):
             return None  # mid-sentence ("A |"): no opening to go on with
         return max(pieces, key=lambda piece: float(scores[piece]))
 

@@ -28,7 +28,7 @@ from transformers import LogitsProcessor, PreTrainedTokenizerBase
 
 from mammorg.io import MammorgError
 from mammorg.labels import FINDINGS
-from stage2_sft.constrained import ids_where, latest_hit, sentence_end_ids, side_word_ids
+from stage2_sft.constrained import ids_where, latest_hit, promote, sentence_end_ids, side_word_ids
 from terminology.lexicon import Lexicon
 
 NEGATIONS = ("no", "not", "without", "negative", "obscure")
@@ -117,7 +117,7 @@ class StatedFindings(LogitsProcessor):
         headed = torch.isin(top, term_ids) & torch.isneginf(scores.gather(1, top[:, None]).squeeze(1))
         rows = (headed & ~torch.isneginf(best)).nonzero().squeeze(1)
         if len(rows):
-            scores[rows, term_ids[at[rows]]] = scores[rows].max(1).values + 1.0
+            promote(scores, rows, term_ids[at[rows]])
 
     def hold_sides(
         self,
@@ -167,8 +167,7 @@ class PlannedFindings(LogitsProcessor):
             wanted = decided[row].nonzero().squeeze(1).tolist()
             n = int(written[row])
             target = int(ids[wanted[n]]) if n < len(wanted) else self.closing
-            best = scores[row].max()
             scores[row, ids] = float("-inf")
             scores[row, self.closing] = float("-inf")
-            scores[row, target] = best + 1.0
+            promote(scores, row, target)
         return scores
