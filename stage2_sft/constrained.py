@@ -44,6 +44,12 @@ def promote(scores: torch.Tensor, rows: torch.Tensor | int, ids: torch.Tensor | 
     scores[rows, ids] = scores[rows].max(-1).values + 1.0
 
 
+def per_row(values: torch.Tensor, rows: int) -> torch.Tensor:
+    """``values`` (one per exam) repeated for the ``rows`` being decoded (beams: each exam's rows
+    are consecutive)."""
+    return values.repeat_interleave(rows // values.shape[0], 0)
+
+
 def latest_hit(input_ids: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """``[B]`` position (1-based) of the latest of ``ids`` in each row of ``input_ids`` (0: none)."""
     hits = torch.isin(input_ids, ids.to(input_ids.device))
@@ -205,12 +211,12 @@ class StatedAssessment(CategoryChoice):
         self.density = density_label
 
     def targets(self, input_ids: torch.Tensor, batch: int) -> torch.Tensor:
-        return self.fixed.repeat_interleave(batch // self.fixed.shape[0], 0)  # beams: rows repeat
+        return per_row(self.fixed, batch)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         scores = super().__call__(input_ids, scores)
         if self.density is not None and self.tokens.densities is not None:
-            target = self.density.repeat_interleave(scores.shape[0] // self.density.shape[0], 0).to(scores.device)
+            target = per_row(self.density, scores.shape[0]).to(scores.device)
             for spelling in self.tokens.densities.to(scores.device):
                 _force(scores, spelling, target)
         return scores
@@ -510,31 +516,29 @@ class ConsistentManagement(LogitsProcessor):
             if not categories:
                 continue
             top = int(scores[row].argmax())
-            for term, called_by in MANAGEMENT.items():
-                if not categories & set(called_by):
+            written = input_ids[row].tolist()
+            allowed = set(terms_called_for(categories))
+            for term in MANAGEMENT:
+                if term not in allowed:
                     scores[row, self.terms[term].to(scores.device)] = float("-inf")
-            self.block_pieces(row, input_ids, scores, categories, assessed)
+            self.block_pieces(written, scores[row], allowed, assessed)
             self.guard_text(row, input_ids, scores, categories)
             target = called_for(categories)
             if target is not None and torch.isneginf(scores[row, top]):
-                steer = self.steer(input_ids[row].tolist(), scores[row], target)
+                steer = self.steer(written, scores[row], target)
                 if steer is not None:
                     promote(scores, row, steer)
         return scores
 
-    def block_pieces(
-        self, row: int, input_ids: torch.Tensor, scores: torch.Tensor, categories: set[str], assessed: bool
-    ) -> None:
-        """Block the piece rules of management the categories do not call for (those at sentence
-        starts only once the report has ``assessed``: its findings may open with the same letters,
-        "Round" and "Routine")."""
-        written = input_ids[row].tolist()
-        allowed = set(terms_called_for(categories))
+    def block_pieces(self, written: list[int], scores: torch.Tensor, allowed: set[str], assessed: bool) -> None:
+        """Block (in one row's ``scores``) the piece rules of management other than ``allowed``
+        (those at sentence starts only once the report has ``assessed``: its findings may open
+        with the same letters, "Round" and "Routine")."""
         for rule in self.rules:
             if rule.term in allowed or rule.shared & allowed or (rule.at_start and not assessed):
                 continue
             if rule.applies(written, self.opens_sentence):
-                scores[row, rule.piece] = float("-inf")
+                scores[rule.piece] = float("-inf")
 
     def steer(self, written: list[int], scores: torch.Tensor, target: str) -> int | None:
         """The piece that goes on with ``target``'s recommendation opening: of its spellings that

@@ -144,7 +144,6 @@ class Reporter:
             self._tokens[assessment] = assessment_tokens(assessment, self.tokenizer, self.builder.plan, self.lexicon)
         return self._tokens[assessment]
 
-    @torch.no_grad()
     def planned_findings(self, tokens: AssessmentTokens | None, decided: torch.Tensor) -> PlannedFindings | None:
         """The processor that writes stage 1's findings into the plan (runs trained with
         ``data.findings_plan``; None otherwise)."""
@@ -155,6 +154,7 @@ class Reporter:
             return None
         return PlannedFindings(tokens.plan_findings, tokens.brackets, decided)
 
+    @torch.no_grad()
     def generate(
         self,
         samples: SampleSource,

@@ -28,7 +28,7 @@ from transformers import LogitsProcessor, PreTrainedTokenizerBase
 
 from mammorg.io import MammorgError
 from mammorg.labels import FINDINGS
-from stage2_sft.constrained import ids_where, latest_hit, promote, sentence_end_ids, side_word_ids
+from stage2_sft.constrained import ids_where, latest_hit, per_row, promote, sentence_end_ids, side_word_ids
 from terminology.lexicon import Lexicon
 
 NEGATIONS = ("no", "not", "without", "negative", "obscure")
@@ -76,7 +76,7 @@ class StatedFindings(LogitsProcessor):
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         device = scores.device
         rows = scores.shape[0]
-        decided = self.decided.to(device).repeat_interleave(rows // self.decided.shape[0], 0)  # [B, 2, 7]
+        decided = per_row(self.decided.to(device), rows)  # [B, 2, 7]
         finding_of = self.tokens.finding_of.to(device)
         term_ids = (finding_of >= 0).nonzero().squeeze(1)
         if not input_ids.shape[1]:
@@ -158,7 +158,7 @@ class PlannedFindings(LogitsProcessor):
         if not input_ids.shape[1]:
             return scores
         ids = self.ids.to(scores.device)
-        decided = self.decided.to(scores.device).repeat_interleave(scores.shape[0] // self.decided.shape[0], 0)
+        decided = per_row(self.decided.to(scores.device), scores.shape[0])
         open_plan = (input_ids == self.opening).any(1) & ~(input_ids == self.closing).any(1)
         written = torch.isin(input_ids, ids).sum(1)
         top = scores.argmax(1)
