@@ -38,10 +38,15 @@ def ids_where(tok: PreTrainedTokenizerBase, keep: Callable[[str], bool], hint: C
     return torch.tensor(sorted(ids), dtype=torch.long)
 
 
-def promote(scores: torch.Tensor, rows: torch.Tensor | int, ids: torch.Tensor | int) -> None:
-    """In place: token ``ids`` (one per row) become the rows' best choice, one above their best
-    score (the steers: where the decoder's own choice was blocked)."""
-    scores[rows, ids] = scores[rows].max(-1).values + 1.0
+STEER_MARGIN = 1e-4  # a steered token's score above the row's best remaining one, at least
+
+
+def promote(scores: torch.Tensor, rows: torch.Tensor | int, ids: torch.Tensor | int, choice: torch.Tensor) -> None:
+    """In place: token ``ids`` (one per row) take the place of the rows' own choice, blocked
+    (the steers): each gets the score that choice had (``choice``, per row), so it is the row's
+    best, and a beam that had to be steered scores as the decoder's own choice would have, no
+    better (beam search adds these scores up as log-probabilities)."""
+    scores[rows, ids] = torch.maximum(choice, scores[rows].max(-1).values + STEER_MARGIN)
 
 
 def per_row(values: torch.Tensor, rows: int) -> torch.Tensor:
@@ -516,6 +521,7 @@ class ConsistentManagement(LogitsProcessor):
             if not categories:
                 continue
             top = int(scores[row].argmax())
+            choice = scores[row, top].clone()
             written = input_ids[row].tolist()
             allowed = set(terms_called_for(categories))
             for term in MANAGEMENT:
@@ -527,7 +533,7 @@ class ConsistentManagement(LogitsProcessor):
             if target is not None and torch.isneginf(scores[row, top]):
                 steer = self.steer(written, scores[row], target)
                 if steer is not None:
-                    promote(scores, row, steer)
+                    promote(scores, row, steer, choice)
         return scores
 
     def block_pieces(self, written: list[int], scores: torch.Tensor, allowed: set[str], assessed: bool) -> None:

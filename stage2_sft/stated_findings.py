@@ -43,6 +43,9 @@ class FindingTokens:
     stops: torch.Tensor  # sentence ends (".", ":", line breaks)
     line_breaks: torch.Tensor
     sides: tuple[torch.Tensor, torch.Tensor]  # left, right
+    colons: torch.Tensor  # ":" (line headings: "Right Breast:")
+    spaces: torch.Tensor  # a lone word boundary (before an atomic term: "Right Breast:", " ", "BI-RADS 1")
+    categories: torch.Tensor  # the BI-RADS category terms ("Right breast: BI-RADS 4A")
 
     @classmethod
     def of(cls, tok: PreTrainedTokenizerBase, lexicon: Lexicon) -> FindingTokens:
@@ -63,7 +66,12 @@ class FindingTokens:
                     finding_of[vocab[spelling]] = index
         negations = ids_where(tok, lambda text: text.strip().lower() in NEGATIONS, lambda raw: len(raw) <= 10)
         sides = (side_word_ids(tok, "left"), side_word_ids(tok, "right"))
-        return cls(finding_of, negations, sentence_end_ids(tok), sentence_end_ids(tok, ()), sides)
+        colons = ids_where(tok, lambda text: text.strip(" ") == ":", lambda raw: len(raw) <= 4)
+        spaces = ids_where(tok, lambda text: text == " ", lambda raw: len(raw) <= 4)
+        categories = ids_where(tok, lambda text: text.strip().startswith("BI-RADS "), lambda raw: "BI-RADS" in raw)
+        return cls(
+            finding_of, negations, sentence_end_ids(tok), sentence_end_ids(tok, ()), sides, colons, spaces, categories
+        )
 
 
 class StatedFindings(LogitsProcessor):
@@ -103,13 +111,35 @@ class StatedFindings(LogitsProcessor):
             allowed = allowed | negated[:, None]
             self.hold_sides(input_ids, scores, decided, latest["stop"], negated)
         blocked = ~allowed[:, finding_of[term_ids]]  # [B, K]
-        top = scores.argmax(1)
+        choice, top = scores.max(1)
         scores[:, term_ids] = scores[:, term_ids].masked_fill(blocked, float("-inf"))
-        self.steer(scores, top, term_ids)
+        self.steer(scores, top, choice, term_ids)
+        if input_ids.shape[1]:
+            empty = torch.where(named[0], ~decided[:, 0].any(1), named[1] & ~decided[:, 1].any(1))
+            self.open_empty_lines(input_ids, scores, empty, top, choice)
         return scores
 
+    def open_empty_lines(
+        self, input_ids: torch.Tensor, scores: torch.Tensor, empty: torch.Tensor, top: torch.Tensor, choice: torch.Tensor
+    ) -> None:
+        """In place: the line of a breast stage 1 decided no finding for ("Right Breast: ...",
+        ``empty``) opens with a negation ("No suspicious mass ...") or a category term, not with
+        the description of a lesion: its finding term would be blocked at the end of the
+        description and leave a broken sentence ("There is a 21 mm round high density  in ...")."""
+        device = scores.device
+        last = input_ids[:, -1]
+        colon = torch.isin(last, self.tokens.colons.to(device))
+        if input_ids.shape[1] > 1:  # or after the heading's colon and a lone word boundary
+            spaced = torch.isin(last, self.tokens.spaces.to(device))
+            colon = colon | (spaced & torch.isin(input_ids[:, -2], self.tokens.colons.to(device)))
+        fine = torch.cat([self.tokens.negations, self.tokens.categories, self.tokens.spaces]).to(device)
+        rows = (colon & empty & ~torch.isin(top, fine)).nonzero().squeeze(1)
+        if len(rows):
+            negations = self.tokens.negations.to(device)
+            promote(scores, rows, negations[scores[rows][:, negations].argmax(1)], choice[rows])
+
     @staticmethod
-    def steer(scores: torch.Tensor, top: torch.Tensor, term_ids: torch.Tensor) -> None:
+    def steer(scores: torch.Tensor, top: torch.Tensor, choice: torch.Tensor, term_ids: torch.Tensor) -> None:
         """In place: where the decoder headed for a finding term that is blocked, it names the
         likeliest finding it may name there instead (if any), not whatever word came next."""
         term_scores = scores[:, term_ids]
@@ -117,7 +147,7 @@ class StatedFindings(LogitsProcessor):
         headed = torch.isin(top, term_ids) & torch.isneginf(scores.gather(1, top[:, None]).squeeze(1))
         rows = (headed & ~torch.isneginf(best)).nonzero().squeeze(1)
         if len(rows):
-            promote(scores, rows, term_ids[at[rows]])
+            promote(scores, rows, term_ids[at[rows]], choice[rows])
 
     def hold_sides(
         self,
@@ -161,13 +191,12 @@ class PlannedFindings(LogitsProcessor):
         decided = per_row(self.decided.to(scores.device), scores.shape[0])
         open_plan = (input_ids == self.opening).any(1) & ~(input_ids == self.closing).any(1)
         written = torch.isin(input_ids, ids).sum(1)
-        top = scores.argmax(1)
+        choice, top = scores.max(1)
         done = torch.isin(top, ids) | (top == self.closing)  # the categories are written
         for row in (open_plan & done).nonzero().squeeze(1).tolist():
             wanted = decided[row].nonzero().squeeze(1).tolist()
             n = int(written[row])
             target = int(ids[wanted[n]]) if n < len(wanted) else self.closing
-            scores[row, ids] = float("-inf")
-            scores[row, self.closing] = float("-inf")
-            promote(scores, row, target)
+            scores[row] = float("-inf")  # the plan's next token is decided: nothing else
+            scores[row, target] = choice[row]
         return scores
