@@ -302,6 +302,12 @@ def test_findings_plan_is_trained_from_the_report_and_written_from_stage1(local_
     assert step(start, K.PLAN_END) == "<L:asymmetry>"  # it would close: stage 1's findings first
     assert step([*start, "<L:asymmetry>"], "<L:mass>") == "<R:mass>"
     assert step([*start, "<L:asymmetry>", "<R:mass>"], "<R:calcification>") == K.PLAN_END
+    # the forced token takes the score of the decoder's own choice and nothing else keeps one: a
+    # beam cannot wander off the plan (with --num-beams 3 the plan once repeated its categories)
+    scores = torch.zeros(1, len(tok))
+    scores[0, vocab["<L:mass>"]] = 5.0
+    out = processor(torch.tensor([[vocab[t] for t in start]]), scores)
+    assert out[0, vocab["<L:asymmetry>"]] == 5.0 and int(torch.isfinite(out).sum()) == 1
     after = [*start, "<L:asymmetry>", "<R:mass>", K.PLAN_END]
     assert step(after, "<L:mass>") == "<L:mass>"  # after the plan: untouched
 
@@ -343,6 +349,25 @@ def test_stated_findings_blocks_undecided_findings_and_sides_outside_negations(l
     scores[:, calc] = 5.0
     out = processor(torch.tensor([ids] * 2), scores)
     assert int(out[0].argmax()) == mass and torch.isneginf(out[1, mass]) and int(out[1].argmax()) != calc
+    assert out[0, mass] == 5.0  # with the score of the blocked choice, no more (beam search sums them)
+
+    # the line of a breast stage 1 decided nothing for opens with a negation, not with a lesion
+    # whose term would then be blocked (traced: "Left Breast: There is a 21 mm round high density  in")
+    there = tok("There", add_special_tokens=False)["input_ids"][0]
+    the = tok.decode([there]).strip()
+    category = vocab["BI-RADS 1"]
+
+    def opening(text: str, favourite: int, space: bool = False) -> list[str]:
+        ids = tok(text, add_special_tokens=False)["input_ids"] + ([vocab["Ġ"]] if space else [])
+        scores = torch.zeros(2, len(tok))
+        scores[:, favourite] = 5.0
+        return [tok.decode([int(i)]).strip() for i in processor(torch.tensor([ids] * 2), scores).argmax(1)]
+
+    assert opening("Right Breast:", there) == [the, "No"]  # exam 0 decided a right mass
+    assert opening("Left Breast:", there) == ["No", "No"]
+    assert opening("Left Breast:", there, space=True) == ["No", "No"]  # after the lone word boundary
+    assert opening("Left breast:", category, space=True) == ["BI-RADS 1"] * 2  # an impression line
+    assert opening("There is no mass in the left breast.", there) == [the, the]  # no heading
 
 
 def test_stated_findings_needs_knowledge_and_atomic_terms():
