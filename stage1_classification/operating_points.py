@@ -7,7 +7,11 @@ operating points turn probabilities into labels the way a reader would want them
 - BI-RADS: ``argmax(log p - tau * log prior)``, the prior being the mean predicted distribution
   on the validation breasts; ``tau`` (0 = plain argmax) maximises validation macro-F1.
 - Findings: one threshold per finding maximising validation F1 (0.5 where the validation split
-  has no positive, or where no threshold clearly beats calling every breast positive).
+  has no positive, or where no threshold clearly beats calling every breast positive), then
+  adjusted together to maximise the pooled F1 over all findings, the measure reports are scored
+  with: a weak finding is decided only where its calls are worth their false alarms (its own
+  optimum calls it almost everywhere: architectural distortion on the knowledge benchmark, 610
+  calls on 462 test breasts at 12% precision).
 - Categories follow the findings (``birads_follow_findings``): a breast's category is the best
   one that agrees with its decided findings (BI-RADS 1 only without a finding, 4A and above only
   with one), so stage 1 never states "negative" beside a mass it found; ``tau`` is fitted under
@@ -121,6 +125,33 @@ def fit_threshold(probs: np.ndarray, labels: np.ndarray, min_gain: float = 0.05)
     return float(THRESHOLDS[int(np.argmax(f1))])
 
 
+def _counts(probs: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(true positives, calls) of one finding at every threshold of ``THRESHOLDS``."""
+    pred = probs[None, :] >= np.asarray(THRESHOLDS)[:, None]
+    return (pred & (labels[None] == 1)).sum(1), pred.sum(1)
+
+
+def fit_pooled_thresholds(
+    probs: np.ndarray, labels: np.ndarray, mask: np.ndarray, start: tuple[float, ...], rounds: int = 3
+) -> tuple[float, ...]:
+    """Thresholds ``[7]`` maximising the pooled F1 over all findings of the labelled breasts
+    (``probs``, ``labels``, ``mask``: ``[N, 7]``), by coordinate ascent from ``start``; a finding
+    without a positive label keeps its start (the split may simply lack it)."""
+    grid = np.asarray(THRESHOLDS)
+    counts = [_counts(probs[mask[:, j], j], labels[mask[:, j], j]) for j in range(len(FINDINGS))]
+    tp, calls = np.stack([c[0] for c in counts]), np.stack([c[1] for c in counts])  # [7, G]
+    positives = int(sum((labels[mask[:, j], j] == 1).sum() for j in range(len(FINDINGS))))
+    tunable = [j for j in range(len(FINDINGS)) if (labels[mask[:, j], j] == 1).any()]
+    at = [int(np.abs(grid - t).argmin()) for t in start]
+    for _ in range(rounds):
+        for j in tunable:
+            other_tp = sum(tp[k, at[k]] for k in range(len(FINDINGS)) if k != j)
+            other_calls = sum(calls[k, at[k]] for k in range(len(FINDINGS)) if k != j)
+            f1 = 2 * (other_tp + tp[j]) / np.maximum(other_calls + calls[j] + positives, 1)
+            at[j] = int(np.argmax(f1 + 1e-9 * (np.arange(len(grid)) == at[j])))  # ties keep the current one
+    return tuple(float(start[j]) if j not in tunable else float(grid[at[j]]) for j in range(len(FINDINGS)))
+
+
 def fit_operating_points(
     birads_probs: np.ndarray,
     birads_mask: np.ndarray,
@@ -130,10 +161,11 @@ def fit_operating_points(
 ) -> OperatingPoints:
     """Operating points from validation breasts: ``birads_* [N, 9]``, ``finding_* [N, 7]``; the
     categories are fitted under the rule that they follow the findings decided first."""
-    thresholds = tuple(
+    own = tuple(
         fit_threshold(finding_probs[finding_mask[:, j], j], finding_labels[finding_mask[:, j], j])
         for j in range(len(FINDINGS))
     )
+    thresholds = fit_pooled_thresholds(finding_probs, finding_labels, finding_mask, own)
     any_finding: np.ndarray = np.any(finding_probs >= np.asarray(thresholds), axis=1)
     exact = birads_mask.sum(1) == 1
     tau, prior = (
