@@ -35,6 +35,14 @@ MASS = FINDINGS.index("mass")
 NEGATIONS = ("no", "not", "without", "negative", "obscure")
 
 
+def _first_pieces(tok: PreTrainedTokenizerBase, headings: tuple[str, ...]) -> torch.Tensor:
+    """The first token of each heading as it opens a line (the whole heading where the
+    tokenizer learnt it from reports); none where that piece is too short to tell the heading
+    from other words (the rules that need it then stay off)."""
+    firsts = {tok(h, add_special_tokens=False)["input_ids"][0] for h in headings}
+    return torch.tensor(sorted(i for i in firsts if len(tok.decode([i]).strip()) >= 4), dtype=torch.long)
+
+
 @dataclass(frozen=True)
 class FindingTokens:
     """Token ids the findings constraint needs."""
@@ -49,6 +57,10 @@ class FindingTokens:
     categories: torch.Tensor  # the BI-RADS category terms ("Right breast: BI-RADS 4A")
     periods: torch.Tensor
     mass_opener: tuple[int, ...]  # " There is a"
+    mass_line_opener: tuple[int, ...]  # "There is a" (at a line start)
+    line_terms: torch.Tensor  # the finding terms' spellings without a leading word boundary
+    findings_heading: torch.Tensor  # "FINDINGS" (a section of one line per finding), its first piece
+    impression_headings: torch.Tensor  # "IMPRESSION", "OPINION", their first pieces
 
     @classmethod
     def of(cls, tok: PreTrainedTokenizerBase, lexicon: Lexicon) -> FindingTokens:
@@ -83,6 +95,10 @@ class FindingTokens:
             categories,
             ids_where(tok, lambda text: text.strip(" ") == ".", lambda raw: len(raw) <= 4),
             tuple(tok(" There is a", add_special_tokens=False)["input_ids"]),
+            tuple(tok("There is a", add_special_tokens=False)["input_ids"]),
+            torch.tensor(sorted(vocab[term] for term, _ in terms)),
+            _first_pieces(tok, ("FINDINGS",)),
+            _first_pieces(tok, ("IMPRESSION", "OPINION")),
         )
 
 
@@ -92,7 +108,7 @@ class StatedFindings(LogitsProcessor):
 
     def __init__(self, tokens: FindingTokens, decided: torch.Tensor, continued: bool = True):
         """``continued``: a breast's line names every finding stage 1 decided for it
-        (``continue_lines``)."""
+        (``complete``)."""
         self.tokens, self.decided, self.continued = tokens, decided.bool(), continued
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
@@ -133,22 +149,16 @@ class StatedFindings(LogitsProcessor):
             self.open_empty_lines(input_ids, scores, empty, top, choice)
             if self.continued:
                 side = torch.where(named[0], 0, torch.where(named[1], 1, -1))
-                remaining = self.remaining(input_ids, decided, side, latest["line"])
-                self.continue_lines(input_ids, scores, remaining, top, choice)
+                self.complete(input_ids, scores, decided, side, latest["line"], top, choice)
         return scores
 
-    def remaining(
-        self, input_ids: torch.Tensor, decided: torch.Tensor, side: torch.Tensor, line: torch.Tensor
-    ) -> torch.Tensor:
-        """``[B, 7]`` the findings stage 1 decided for the breast the current line is about
-        (``side``: 0 / 1, -1: none) that the line has not named, in lines that named one already
-        (outside negated sentences)."""
+    def named_since(self, input_ids: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+        """``[B, 7]`` the findings named after position ``start`` (``[B]``, 1-based), outside
+        negated sentences."""
         found = self.tokens.finding_of.to(input_ids.device)[input_ids]  # [B, T]
         pos = torch.arange(1, input_ids.shape[1] + 1, device=input_ids.device)
-        in_line = (found >= 0) & (pos[None] > line[:, None]) & ~self.negated_at(input_ids)
-        named = (torch.nn.functional.one_hot(found.clamp(min=0), len(FINDINGS)).bool() & in_line[..., None]).any(1)
-        mine = decided[torch.arange(len(side), device=input_ids.device), side.clamp(min=0)]
-        return mine & ~named & (side >= 0)[:, None] & named.any(1)[:, None]
+        after = (found >= 0) & (pos[None] > start[:, None]) & ~self.negated_at(input_ids)
+        return (torch.nn.functional.one_hot(found.clamp(min=0), len(FINDINGS)).bool() & after[..., None]).any(1)
 
     def negated_at(self, input_ids: torch.Tensor) -> torch.Tensor:
         """``[B, T]`` whether each position lies in a sentence with a negation before it."""
@@ -157,50 +167,86 @@ class StatedFindings(LogitsProcessor):
         last_stop = torch.cummax(torch.isin(input_ids, self.tokens.stops.to(input_ids.device)) * pos, 1)
         return last_negation.values > last_stop.values
 
-    def continue_lines(
+    def complete(
+        self,
+        input_ids: torch.Tensor,
+        scores: torch.Tensor,
+        decided: torch.Tensor,
+        side: torch.Tensor,
+        line: torch.Tensor,
+        top: torch.Tensor,
+        choice: torch.Tensor,
+    ) -> None:
+        """In place: the report names every finding stage 1 decided. The decoder names about one
+        finding per line (traced on the knowledge benchmark: breasts with two or more decided
+        findings, 116 of their 300 findings named), so
+
+        - a breast's line that has named one of its breast's findings goes on, sentence by
+          sentence, until it has named the others ("... middle depth. architectural distortion
+          is seen in ...");
+        - a findings section ("FINDINGS:", one line per finding) does not end while a decided
+          finding is unnamed (the next line names it), and does not open by denying every
+          finding ("There is no mass ... in either breast.") when stage 1 decided one."""
+        device = scores.device
+        named = self.named_since(input_ids, line)
+        mine = decided[torch.arange(len(side), device=device), side.clamp(min=0)]
+        remaining = mine & ~named & (side >= 0)[:, None] & named.any(1)[:, None]
+        tokens = self.tokens
+        self.open_next(input_ids, scores, remaining, tokens.periods, tokens.line_breaks, tokens.spaces[0], top, choice)
+        section = latest_hit(input_ids, tokens.findings_heading)
+        open_section = (section > 0) & (latest_hit(input_ids, tokens.impression_headings) < section)
+        first = open_section & (latest_hit(input_ids, tokens.periods) < section) & decided.flatten(1).any(1)
+        scores[:, tokens.negations.to(device)] = scores[:, tokens.negations.to(device)].masked_fill(
+            first[:, None], float("-inf")
+        )
+        remaining = decided.any(1) & ~self.named_since(input_ids, section) & open_section[:, None]
+        self.open_next(input_ids, scores, remaining, tokens.line_breaks, tokens.impression_headings, None, top, choice)
+
+    def open_next(
         self,
         input_ids: torch.Tensor,
         scores: torch.Tensor,
         remaining: torch.Tensor,
+        boundary: torch.Tensor,
+        closing: torch.Tensor,
+        lead: torch.Tensor | None,
         top: torch.Tensor,
         choice: torch.Tensor,
     ) -> None:
-        """In place: a breast's line that has named one of stage 1's findings for its breast goes
-        on, sentence by sentence, until it has named the others (``remaining``: ``[B, 7]``). The
-        decoder names about one finding per line (traced on the knowledge benchmark: breasts
-        with two or more decided findings, 116 of their 300 findings named). Where it would end
-        the line after a sentence, the next sentence opens with the likeliest remaining finding
-        other than a mass (a lone word boundary, then its term: "... middle depth. architectural
-        distortion is seen in ..."); a mass, left last, opens with "There is a" and the decoder
+        """In place: where the decoder would close (its choice in ``closing``) right after a
+        ``boundary`` while findings remain (``remaining``: ``[B, 7]``), the next sentence opens
+        with the likeliest remaining finding other than a mass (after ``lead``, a lone word
+        boundary, if given: its term); a mass, left last, with "There is a", and the decoder
         describes it (a sentence opened with the bare term ran into "mass, suspicious mass, or
         mass")."""
         device = scores.device
         last = input_ids[:, -1]
-        periods = self.tokens.periods.to(device)
-        ends = torch.isin(top, self.tokens.line_breaks.to(device))
+        boundary, closing = boundary.to(device), closing.to(device)
+        closes = torch.isin(top, closing)
         others = remaining.clone()
         others[:, MASS] = False
         finding_of = self.tokens.finding_of.to(device)
-        term_ids = (finding_of >= 0).nonzero().squeeze(1)
+        term_ids = self.tokens.line_terms.to(device) if lead is None else (finding_of >= 0).nonzero().squeeze(1)
         wanted = others[:, finding_of[term_ids]]  # [B, K]
-        space = int(self.tokens.spaces[0])
-        rows = (others.any(1) & torch.isin(last, periods) & ends).nonzero().squeeze(1)
-        if len(rows):
-            promote(scores, rows, space, choice[rows])
-        if input_ids.shape[1] > 1:
-            spaced = (last == space) & torch.isin(input_ids[:, -2], periods)
-            heading = (wanted & (term_ids[None] == top[:, None])).any(1)
-            rows = (others.any(1) & spaced & ~heading).nonzero().squeeze(1)
+        if lead is None:
+            opens_term = others.any(1) & torch.isin(last, boundary) & closes
+        else:
+            rows = (others.any(1) & torch.isin(last, boundary) & closes).nonzero().squeeze(1)
             if len(rows):
-                best = scores[rows][:, term_ids].masked_fill(~wanted[rows], float("-inf")).argmax(1)
-                promote(scores, rows, term_ids[best], choice[rows])
+                promote(scores, rows, int(lead), choice[rows])
+            led = (last == lead) & torch.isin(input_ids[:, -2], boundary) if input_ids.shape[1] > 1 else last < 0
+            opens_term = others.any(1) & led & ~(wanted & (term_ids[None] == top[:, None])).any(1)
+        rows = opens_term.nonzero().squeeze(1)
+        if len(rows):
+            best = scores[rows][:, term_ids].masked_fill(~wanted[rows], float("-inf")).argmax(1)
+            promote(scores, rows, term_ids[best], choice[rows])
         mass = remaining[:, MASS] & ~others.any(1)
-        opener = self.tokens.mass_opener
+        opener = self.tokens.mass_opener if lead is not None else self.tokens.mass_line_opener
         for k in range(min(len(opener), input_ids.shape[1])):  # "There is a", token by token
             tail = input_ids[:, input_ids.shape[1] - k :]
-            matched = torch.isin(input_ids[:, -k - 1], periods)
+            matched = torch.isin(input_ids[:, -k - 1], boundary)
             matched &= (tail == torch.tensor(opener[:k], dtype=torch.long, device=device)).all(1)
-            rows = (mass & matched & (ends if k == 0 else top != opener[k])).nonzero().squeeze(1)
+            rows = (mass & matched & (closes if k == 0 else top != opener[k])).nonzero().squeeze(1)
             if len(rows):
                 promote(scores, rows, opener[k], choice[rows])
 

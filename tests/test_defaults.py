@@ -382,6 +382,7 @@ def test_a_breast_line_goes_on_until_it_names_stage1_findings(local_decoder, tmp
     from stage2_sft.stated_findings import FindingTokens, StatedFindings
 
     tok = _tokenizer(local_decoder, tmp_path)
+    tok.add_tokens(["FINDINGS", "IMPRESSION"])  # as a tokenizer trained on more reports has them
     tokens = FindingTokens.of(tok, lexicon_of(TerminologySettings()))
     vocab = tok.get_vocab()
     newline = tok("\n", add_special_tokens=False)["input_ids"][-1]
@@ -408,6 +409,15 @@ def test_a_breast_line_goes_on_until_it_names_stage1_findings(local_decoder, tmp
     assert next_token(named + " There is a 12 mm oval mass.", newline) == newline  # all named
     assert next_token("Left Breast: No mass or calcifications.", newline) == newline  # not its breast
     assert next_token("Right Breast: No mass or calcifications.", newline) == newline  # negated
+    # a findings section (one line per finding) names the other breast's findings before its end,
+    # and does not open by denying every finding
+    decided[0, 0, FINDINGS.index("calcification")] = True
+    impression = vocab["IMPRESSION"]
+    section = "FINDINGS:\nThere is a 12 mm oval mass in the right breast.\n"
+    assert tok.convert_ids_to_tokens(next_token(section, impression)) in {"calcifications", "architectural distortion"}
+    no = vocab["No"]
+    assert next_token("FINDINGS:\n", no) != no
+    assert next_token("FINDINGS:\nThere is a mass in the right breast.\n", no) == no  # later: free
     assert (
         StatedFindings(tokens, decided, continued=False)(
             torch.tensor([tok(line, add_special_tokens=False)["input_ids"]]),
