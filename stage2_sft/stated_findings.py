@@ -40,7 +40,7 @@ def _first_pieces(tok: PreTrainedTokenizerBase, headings: tuple[str, ...]) -> to
     tokenizer learnt it from reports); none where that piece is too short to tell the heading
     from other words (the rules that need it then stay off)."""
     firsts = {tok(h, add_special_tokens=False)["input_ids"][0] for h in headings}
-    return torch.tensor(sorted(i for i in firsts if len(tok.decode([i]).strip()) >= 4), dtype=torch.long)
+    return torch.tensor(sorted(i for i in firsts if len(str(tok.decode([i])).strip()) >= 4), dtype=torch.long)
 
 
 @dataclass(frozen=True)
