@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -61,11 +64,12 @@ def main() -> None:
         ("files", (p.name, p.read_bytes(), "application/dicom")) for p in sorted(_exam(bundle, args.exam).iterdir())
     ]
     port = _free_port()
+    log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 (the service's log: read once it stops, then closed)
     server = subprocess.Popen(
         [sys.executable, "-m", "mammorg", "serve", "--bundle", str(bundle), "--port", str(port)],
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stderr=log,
     )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -102,6 +106,9 @@ def main() -> None:
     finally:
         server.terminate()
         server.wait(timeout=30)
+    log.seek(0)
+    sizes = Counter(int(m.group(1)) for m in re.finditer(r"batch of (\d+) exam", log.read()))
+    log.close()
     p50, p95 = (float(np.percentile(latencies, q)) for q in (50, 95))
     print(
         json.dumps(
@@ -117,6 +124,7 @@ def main() -> None:
                 "throughput_rps": round(args.requests / wall, 2),
                 "rss_mib_after_20": None if memory_start is None else round(memory_start, 1),
                 "rss_mib_end": round(memory_end, 1),
+                "batch_sizes": {str(k): sizes[k] for k in sorted(sizes)},
                 "rss_growth": None if memory_start is None else round(memory_end / memory_start - 1, 3),
             }
         )

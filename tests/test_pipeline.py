@@ -260,3 +260,41 @@ def test_stage1_agreement_scores_reports_against_stage1_labels(demo, tmp_path):
     ]
     (tmp_path / "flipped.jsonl").write_text("".join(json.dumps(r) + "\n" for r in flipped))
     assert stage1_agreement(tmp_path / "flipped.jsonl", labels)["density"] == 0.0
+
+
+def test_batcher_gathers_the_clients_it_just_answered():
+    """Four clients in a closed loop: without waiting for the clients just answered the batches
+    settled into 1 and 3, alternating (traced in the load test); now they hold all four. A lone
+    request on an idle service does not wait."""
+    import asyncio
+    import time as clock
+
+    from mammorg.app.serve import Batcher
+
+    class SlowReporter:
+        def __init__(self):
+            self.sizes: list[int] = []
+
+        def report_many(self, exams):
+            self.sizes.append(len(exams))
+            clock.sleep(0.05)
+            return list(exams)
+
+    async def client(batcher: Batcher, n: int, upload: float) -> None:
+        for _ in range(n):
+            await batcher.report("exam")
+            await asyncio.sleep(upload)  # the next upload and its preprocessing
+
+    async def run() -> tuple[list[int], float]:
+        reporter = SlowReporter()
+        batcher = Batcher(reporter, linger=0.2)  # type: ignore[arg-type]
+        t0 = clock.perf_counter()
+        await batcher.report("exam")  # idle: no wait
+        alone = clock.perf_counter() - t0
+        await asyncio.sleep(0.3)  # idle again
+        await asyncio.gather(*(client(batcher, 8, 0.01 * (i + 1)) for i in range(4)))
+        return reporter.sizes, alone
+
+    sizes, alone = asyncio.run(run())
+    assert alone < 0.15
+    assert sizes[-5:] == [4] * 5, sizes

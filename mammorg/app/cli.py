@@ -79,7 +79,8 @@ def _cmd_serve(args: argparse.Namespace) -> None:
 
     from mammorg.app.serve import serve
 
-    serve(args.bundle, args.host, args.port, args.token or os.environ.get("MAMMORG_TOKEN"), args.max_upload_mb)
+    token = args.token or os.environ.get("MAMMORG_TOKEN")
+    serve(args.bundle, args.host, args.port, token, args.max_upload_mb, args.batch_wait)
 
 
 def _cmd_audit(args: argparse.Namespace) -> None:
@@ -365,6 +366,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=8080)
     s.add_argument("--token", default=None, help="bearer token for POST /report (or $MAMMORG_TOKEN)")
     s.add_argument("--max-upload-mb", type=float, default=64.0)
+    s.add_argument(
+        "--batch-wait",
+        type=float,
+        default=0.25,
+        help="seconds the model may wait, under load, for the exams of clients it just answered (0: never)",
+    )
     s.set_defaults(func=_cmd_serve)
     s = sub.add_parser("demo", help="the whole pipeline on synthetic exams")
     s.add_argument("--out", default="demo_out")
