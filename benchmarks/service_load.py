@@ -6,6 +6,7 @@ the views of one exam, and reports p50/p95 latency, throughput, errors and the s
 memory after the first 20 requests and at the end. Prints one JSON object.
 
 Usage: python benchmarks/service_load.py [--bundle demo_out/bundle] [--exam FOLDER] [--requests 200] [--clients 4]
+       [--batch-wait S]
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ def main() -> None:
     ap.add_argument("--exam", default=None, help="a folder with the DICOM views of one exam")
     ap.add_argument("--requests", type=int, default=200)
     ap.add_argument("--clients", type=int, default=4)
+    ap.add_argument("--batch-wait", type=float, default=None, help="the service's --batch-wait (default: its own)")
     args = ap.parse_args()
     bundle = Path(args.bundle)
     if not (bundle / "metadata.json").exists():
@@ -66,7 +68,8 @@ def main() -> None:
     port = _free_port()
     log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 (the service's log: read once it stops, then closed)
     server = subprocess.Popen(
-        [sys.executable, "-m", "mammorg", "serve", "--bundle", str(bundle), "--port", str(port)],
+        [sys.executable, "-m", "mammorg", "serve", "--bundle", str(bundle), "--port", str(port)]
+        + ([] if args.batch_wait is None else ["--batch-wait", str(args.batch_wait)]),
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
         stderr=log,

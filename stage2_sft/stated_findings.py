@@ -13,10 +13,15 @@ negated sentences such as "No mass, calcifications or architectural distortion" 
 - after a finding term, a side word can only name a breast stage 1 decided every finding of the
   sentence for ("A focal asymmetry is seen ... of the right breast").
 
-The decoder still chooses which decided findings to state, in what order, with what wording and
-details. Holding it to state every decided finding as well (blocking the impression heading until
-each was written) was tried and left out: the tiny decoder then wrote broken sentences and put
-findings on the wrong breast (docs/benchmarks.md).
+A breast's line that stage 1 decided nothing for opens with a negation ("No suspicious mass
+..."), not with a lesion whose term would then be blocked. And the report names every finding
+stage 1 decided (``StatedFindings.complete``): a breast's line goes on, sentence by sentence,
+until it has named its breast's decided findings, and a findings section of one line per
+finding does not end before it has named them (nor open by denying them all). The decoder words
+each sentence: the opening of a finding left over is given (its term; "There is a" for a mass),
+the rest is the decoder's. Holding the report open without saying what comes next (blocking the
+impression heading until each finding was written) was tried first and left out: the tiny
+decoder then wrote broken sentences and put findings on the wrong breast (docs/benchmarks.md).
 """
 
 from __future__ import annotations
