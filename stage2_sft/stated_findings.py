@@ -152,6 +152,7 @@ class StatedFindings(LogitsProcessor):
         if input_ids.shape[1]:
             empty = torch.where(named[0], ~decided[:, 0].any(1), named[1] & ~decided[:, 1].any(1))
             self.open_empty_lines(input_ids, scores, empty, top, choice)
+            self.one_line_per_breast(input_ids, scores)
             if self.continued:
                 side = torch.where(named[0], 0, torch.where(named[1], 1, -1))
                 self.complete(input_ids, scores, decided, side, latest["line"], top, choice)
@@ -254,6 +255,20 @@ class StatedFindings(LogitsProcessor):
             rows = (mass & matched & (closes if k == 0 else top != opener[k])).nonzero().squeeze(1)
             if len(rows):
                 promote(scores, rows, opener[k], choice[rows])
+
+    def one_line_per_breast(self, input_ids: torch.Tensor, scores: torch.Tensor) -> None:
+        """In place: a side word cannot open a second line ("Left Breast: ..." twice; no reference
+        report opens two lines with the same breast). Traced on the demo: a line completed with
+        its breast's findings was followed by the same breast's line again, which looped to the
+        token limit."""
+        device = scores.device
+        breaks = torch.isin(input_ids, self.tokens.line_breaks.to(device))
+        line_start = torch.cat([torch.ones_like(breaks[:, :1]), breaks[:, :-1]], 1)  # after a line break
+        at_start = breaks[:, -1]
+        for ids in self.tokens.sides:
+            ids = ids.to(device)
+            opened = (torch.isin(input_ids, ids) & line_start).any(1) & at_start
+            scores[:, ids] = scores[:, ids].masked_fill(opened[:, None], float("-inf"))
 
     def open_empty_lines(
         self,

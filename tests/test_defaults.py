@@ -409,6 +409,11 @@ def test_a_breast_line_goes_on_until_it_names_stage1_findings(local_decoder, tmp
     assert next_token(named + " There is a 12 mm oval mass.", newline) == newline  # all named
     assert next_token("Left Breast: No mass or calcifications.", newline) == newline  # not its breast
     assert next_token("Right Breast: No mass or calcifications.", newline) == newline  # negated
+    # a breast's line is written once (traced on the demo: a second "Left Breast:" line looped)
+    right = tok("Right", add_special_tokens=False)["input_ids"][0]
+    assert next_token("Right Breast: No mass.\nLeft Breast: No mass.\n", right) != right
+    assert next_token("Breast composition: The breasts are fatty.\n", right) == right
+
     # a findings section (one line per finding) names the other breast's findings before its end,
     # and does not open by denying every finding
     decided[0, 0, FINDINGS.index("calcification")] = True
