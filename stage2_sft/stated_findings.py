@@ -198,41 +198,48 @@ class StatedFindings(LogitsProcessor):
         mine = decided[torch.arange(len(side), device=device), side.clamp(min=0)]
         remaining = mine & ~named & (side >= 0)[:, None] & named.any(1)[:, None]
         tokens = self.tokens
-        self.open_next(input_ids, scores, remaining, tokens.periods, tokens.line_breaks, tokens.spaces[0], top, choice)
+        lead = tokens.spaces[0] if len(tokens.spaces) else None  # a tokenizer without a lone boundary: the term
+        all_terms = (tokens.finding_of >= 0).nonzero().squeeze(1)
+        line_end = (tokens.periods, tokens.line_breaks)  # a sentence ends; the decoder would end the line
+        self.open_next(input_ids, scores, remaining, line_end, lead, all_terms, tokens.mass_opener, top, choice)
         section = latest_hit(input_ids, tokens.findings_heading)
         open_section = (section > 0) & (latest_hit(input_ids, tokens.impression_headings) < section)
-        first = open_section & (latest_hit(input_ids, tokens.periods) < section) & decided.flatten(1).any(1)
-        scores[:, tokens.negations.to(device)] = scores[:, tokens.negations.to(device)].masked_fill(
-            first[:, None], float("-inf")
-        )
+        first = open_section & (latest_hit(input_ids, tokens.periods) < section)  # its first sentence
+        negations = tokens.negations.to(device)  # denies nothing stage 1 decided
+        deny = first & decided.flatten(1).any(1)
+        scores[:, negations] = scores[:, negations].masked_fill(deny[:, None], float("-inf"))
         remaining = decided.any(1) & ~self.named_since(input_ids, section) & open_section[:, None]
-        self.open_next(input_ids, scores, remaining, tokens.line_breaks, tokens.impression_headings, None, top, choice)
+        section_end = (tokens.line_breaks, tokens.impression_headings)  # a line ends; the decoder would close
+        self.open_next(
+            input_ids, scores, remaining, section_end, None, tokens.line_terms, tokens.mass_line_opener, top, choice
+        )
 
     def open_next(
         self,
         input_ids: torch.Tensor,
         scores: torch.Tensor,
         remaining: torch.Tensor,
-        boundary: torch.Tensor,
-        closing: torch.Tensor,
+        end: tuple[torch.Tensor, torch.Tensor],
         lead: torch.Tensor | None,
+        terms: torch.Tensor,
+        opener: tuple[int, ...],
         top: torch.Tensor,
         choice: torch.Tensor,
     ) -> None:
-        """In place: where the decoder would close (its choice in ``closing``) right after a
-        ``boundary`` while findings remain (``remaining``: ``[B, 7]``), the next sentence opens
-        with the likeliest remaining finding other than a mass (after ``lead``, a lone word
-        boundary, if given: its term); a mass, left last, with "There is a", and the decoder
-        describes it (a sentence opened with the bare term ran into "mass, suspicious mass, or
-        mass")."""
+        """In place: where the decoder would close (its choice among ``end[1]``) right after one
+        of ``end[0]`` while findings remain (``remaining``: ``[B, 7]``), the next sentence opens
+        with the likeliest remaining finding other than a mass (one of ``terms``, after ``lead``,
+        a lone word boundary, if given); a mass, left last, with ``opener`` ("There is a"), and
+        the decoder describes it (a sentence opened with the bare term ran into "mass,
+        suspicious mass, or mass")."""
         device = scores.device
         last = input_ids[:, -1]
-        boundary, closing = boundary.to(device), closing.to(device)
+        boundary, closing = end[0].to(device), end[1].to(device)
         closes = torch.isin(top, closing)
         others = remaining.clone()
         others[:, MASS] = False
         finding_of = self.tokens.finding_of.to(device)
-        term_ids = self.tokens.line_terms.to(device) if lead is None else (finding_of >= 0).nonzero().squeeze(1)
+        term_ids = terms.to(device)
         wanted = others[:, finding_of[term_ids]]  # [B, K]
         if lead is None:
             opens_term = others.any(1) & torch.isin(last, boundary) & closes
@@ -247,7 +254,6 @@ class StatedFindings(LogitsProcessor):
             best = scores[rows][:, term_ids].masked_fill(~wanted[rows], float("-inf")).argmax(1)
             promote(scores, rows, term_ids[best], choice[rows])
         mass = remaining[:, MASS] & ~others.any(1)
-        opener = self.tokens.mass_opener if lead is not None else self.tokens.mass_line_opener
         for k in range(min(len(opener), input_ids.shape[1])):  # "There is a", token by token
             tail = input_ids[:, input_ids.shape[1] - k :]
             matched = torch.isin(input_ids[:, -k - 1], boundary)
@@ -315,12 +321,7 @@ class StatedFindings(LogitsProcessor):
     ) -> None:
         """In place: after finding terms in the current sentence, no side word of a breast stage 1
         did not decide all of them for (when it decided them for the other)."""
-        finding_of = self.tokens.finding_of.to(scores.device)
-        found = finding_of[input_ids]  # [B, T]
-        pos = torch.arange(1, input_ids.shape[1] + 1, device=scores.device)
-        in_sentence = (found >= 0) & (pos[None] > stop[:, None]) & ~negated[:, None]
-        written = torch.nn.functional.one_hot(found.clamp(min=0), len(FINDINGS)).bool() & in_sentence[..., None]
-        written = written.any(1)  # [B, 7]
+        written = self.named_since(input_ids, stop) & ~negated[:, None]  # [B, 7] in this sentence
         fits = (decided | ~written[:, None]).all(2) & written.any(1)[:, None]  # [B, 2]: side has them all
         for side, other in ((0, 1), (1, 0)):
             block = fits[:, other] & ~fits[:, side]
