@@ -32,6 +32,21 @@ def management_inconsistent(stated: StructuredReport, text: str) -> bool:
     return exam not in max(found)[1]
 
 
+HEADINGS = re.compile(
+    r"^\s*(left breast|right breast|breast composition|findings|impression|opinion|overall)\s*:", re.I | re.M
+)
+SENTENCE_BREAK = re.compile(r"(?<=\.)\s+")  # after joining lines: reports wrap mid-sentence
+
+
+def repetitive(text: str) -> bool:
+    """Whether the report repeats itself: a heading line written twice ("Left Breast:",
+    "IMPRESSION:") or the same sentence twice (more than 15 characters). No reference report of
+    the data sets here does either; a decoder that loops does both."""
+    headings = [m.group(1).lower() for m in HEADINGS.finditer(text)]
+    sentences = [s.lower() for s in SENTENCE_BREAK.split(" ".join(text.split())) if len(s) > 15]
+    return len(set(headings)) < len(headings) or len(set(sentences)) < len(sentences)
+
+
 def exam_checks(pred: StructuredReport, ref: StructuredReport, pred_text: str, ref_text: str) -> dict[str, int]:
     """Counts of problems in one generated report."""
     wrong_side = invented = 0
@@ -54,6 +69,7 @@ def exam_checks(pred: StructuredReport, ref: StructuredReport, pred_text: str, r
         "invented_prior": int(mentions_prior(pred_text) and not mentions_prior(ref_text)),
         "birads_inconsistent": int(inconsistent),
         "management_inconsistent": int(management_inconsistent(pred, pred_text)),
+        "repetitive": int(repetitive(pred_text)),
     }
 
 
@@ -66,7 +82,14 @@ def hallucination_summary(
     """Rates over exams: share of reports with each problem, and totals."""
     rows = [exam_checks(p, r, pt, rt) for p, r, pt, rt in zip(preds, refs, pred_texts, ref_texts)]
     n = max(len(rows), 1)
-    keys = ("wrong_side", "invented_finding", "invented_prior", "birads_inconsistent", "management_inconsistent")
+    keys = (
+        "wrong_side",
+        "invented_finding",
+        "invented_prior",
+        "birads_inconsistent",
+        "management_inconsistent",
+        "repetitive",
+    )
     return {
         **{f"{k}_rate": sum(bool(r[k]) for r in rows) / n for k in keys},
         **{f"{k}_total": sum(r[k] for r in rows) for k in keys},

@@ -74,7 +74,15 @@ def test_hallucination_checks():
         "invented_prior": 1,
         "birads_inconsistent": 1,
         "management_inconsistent": 0,
+        "repetitive": 0,
     }
+    looped = "Left Breast: A mass is seen.\nLeft Breast: A mass is seen in the breast.\nOPINION: BI-RADS 4A."
+    assert exam_checks(pred, ref, looped, "Mass.")["repetitive"] == 1
+    again = "FINDINGS:\nA mass.\nCalcifications are seen in the breast. Calcifications are seen in the breast."
+    assert exam_checks(pred, ref, again, "Mass.")["repetitive"] == 1
+    assert exam_checks(pred, ref, "Right Breast: No mass.\nLeft Breast: No mass.", "Mass.")["repetitive"] == 0
+    wrapped = "An oval mass suggests a benign\nlesion (BIRADS 3). Another one suggests a benign\nlesion (BIRADS 3)."
+    assert exam_checks(pred, ref, wrapped, "Mass.")["repetitive"] == 0  # a real report (DMID) wraps its lines
 
 
 def test_paired_bootstrap_detects_a_better_system():
