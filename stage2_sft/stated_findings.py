@@ -48,6 +48,11 @@ def _first_pieces(tok: PreTrainedTokenizerBase, headings: tuple[str, ...]) -> to
     return torch.tensor(sorted(i for i in firsts if len(str(tok.decode([i])).strip()) >= 4), dtype=torch.long)
 
 
+def _mark_ids(tok: PreTrainedTokenizerBase, mark: str) -> torch.Tensor:
+    """Tokens that spell the punctuation ``mark`` alone (with or without a word boundary)."""
+    return ids_where(tok, lambda text: text.strip(" ") == mark, lambda raw: len(raw) <= 4)
+
+
 @dataclass(frozen=True)
 class FindingTokens:
     """Token ids the findings constraint needs."""
@@ -86,7 +91,7 @@ class FindingTokens:
                     finding_of[vocab[spelling]] = index
         negations = ids_where(tok, lambda text: text.strip().lower() in NEGATIONS, lambda raw: len(raw) <= 10)
         sides = (side_word_ids(tok, "left"), side_word_ids(tok, "right"))
-        colons = ids_where(tok, lambda text: text.strip(" ") == ":", lambda raw: len(raw) <= 4)
+        colons = _mark_ids(tok, ":")
         spaces = ids_where(tok, lambda text: text == " ", lambda raw: len(raw) <= 4)
         categories = ids_where(tok, lambda text: text.strip().startswith("BI-RADS "), lambda raw: "BI-RADS" in raw)
         return cls(
@@ -98,7 +103,7 @@ class FindingTokens:
             colons,
             spaces,
             categories,
-            ids_where(tok, lambda text: text.strip(" ") == ".", lambda raw: len(raw) <= 4),
+            _mark_ids(tok, "."),
             tuple(tok(" There is a", add_special_tokens=False)["input_ids"]),
             tuple(tok("There is a", add_special_tokens=False)["input_ids"]),
             torch.tensor(sorted(vocab[term] for term, _ in terms)),
@@ -115,6 +120,8 @@ class StatedFindings(LogitsProcessor):
         """``continued``: a breast's line names every finding stage 1 decided for it
         (``complete``)."""
         self.tokens, self.decided, self.continued = tokens, decided.bool(), continued
+        # what may open the line of a breast stage 1 decided nothing for (``open_empty_lines``)
+        self.line_openers = torch.cat([tokens.negations, tokens.categories, tokens.spaces])
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         device = scores.device
@@ -144,7 +151,8 @@ class StatedFindings(LogitsProcessor):
                 named[0][:, None], decided[:, 0], torch.where(named[1][:, None], decided[:, 1], decided.any(1))
             )
             allowed = allowed | negated[:, None]
-            self.hold_sides(input_ids, scores, decided, latest["stop"], negated)
+            mentions = self.mentions(input_ids)  # read once per step by the rules below
+            self.hold_sides(mentions, scores, decided, latest["stop"], negated)
         blocked = ~allowed[:, finding_of[term_ids]]  # [B, K]
         choice, top = scores.max(1)
         scores[:, term_ids] = scores[:, term_ids].masked_fill(blocked, float("-inf"))
@@ -155,16 +163,20 @@ class StatedFindings(LogitsProcessor):
             self.one_line_per_breast(input_ids, scores)
             if self.continued:
                 side = torch.where(named[0], 0, torch.where(named[1], 1, -1))
-                self.complete(input_ids, scores, decided, side, latest["line"], top, choice)
+                self.complete(input_ids, mentions, scores, decided, side, latest["line"], top, choice)
         return scores
 
-    def named_since(self, input_ids: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
-        """``[B, 7]`` the findings named after position ``start`` (``[B]``, 1-based), outside
-        negated sentences."""
+    def mentions(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """``[B, T, 7]`` the finding each position names (one-hot), outside negated sentences."""
         found = self.tokens.finding_of.to(input_ids.device)[input_ids]  # [B, T]
-        pos = torch.arange(1, input_ids.shape[1] + 1, device=input_ids.device)
-        after = (found >= 0) & (pos[None] > start[:, None]) & ~self.negated_at(input_ids)
-        return (torch.nn.functional.one_hot(found.clamp(min=0), len(FINDINGS)).bool() & after[..., None]).any(1)
+        named = (found >= 0) & ~self.negated_at(input_ids)
+        return torch.nn.functional.one_hot(found.clamp(min=0), len(FINDINGS)).bool() & named[..., None]
+
+    @staticmethod
+    def named_since(mentions: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+        """``[B, 7]`` the findings ``mentions`` names after position ``start`` (``[B]``, 1-based)."""
+        pos = torch.arange(1, mentions.shape[1] + 1, device=mentions.device)
+        return (mentions & (pos[None] > start[:, None])[..., None]).any(1)
 
     def negated_at(self, input_ids: torch.Tensor) -> torch.Tensor:
         """``[B, T]`` whether each position lies in a sentence with a negation before it."""
@@ -176,6 +188,7 @@ class StatedFindings(LogitsProcessor):
     def complete(
         self,
         input_ids: torch.Tensor,
+        mentions: torch.Tensor,
         scores: torch.Tensor,
         decided: torch.Tensor,
         side: torch.Tensor,
@@ -194,7 +207,7 @@ class StatedFindings(LogitsProcessor):
           finding is unnamed (the next line names it), and does not open by denying every
           finding ("There is no mass ... in either breast.") when stage 1 decided one."""
         device = scores.device
-        named = self.named_since(input_ids, line)
+        named = self.named_since(mentions, line)
         mine = decided[torch.arange(len(side), device=device), side.clamp(min=0)]
         remaining = mine & ~named & (side >= 0)[:, None] & named.any(1)[:, None]
         tokens = self.tokens
@@ -208,7 +221,7 @@ class StatedFindings(LogitsProcessor):
         negations = tokens.negations.to(device)  # denies nothing stage 1 decided
         deny = first & decided.flatten(1).any(1)
         scores[:, negations] = scores[:, negations].masked_fill(deny[:, None], float("-inf"))
-        remaining = decided.any(1) & ~self.named_since(input_ids, section) & open_section[:, None]
+        remaining = decided.any(1) & ~self.named_since(mentions, section) & open_section[:, None]
         section_end = (tokens.line_breaks, tokens.impression_headings)  # a line ends; the decoder would close
         self.open_next(
             input_ids, scores, remaining, section_end, None, tokens.line_terms, tokens.mass_line_opener, top, choice
@@ -294,8 +307,7 @@ class StatedFindings(LogitsProcessor):
         if input_ids.shape[1] > 1:  # or after the heading's colon and a lone word boundary
             spaced = torch.isin(last, self.tokens.spaces.to(device))
             colon = colon | (spaced & torch.isin(input_ids[:, -2], self.tokens.colons.to(device)))
-        fine = torch.cat([self.tokens.negations, self.tokens.categories, self.tokens.spaces]).to(device)
-        rows = (colon & empty & ~torch.isin(top, fine)).nonzero().squeeze(1)
+        rows = (colon & empty & ~torch.isin(top, self.line_openers.to(device))).nonzero().squeeze(1)
         if len(rows):
             negations = self.tokens.negations.to(device)
             promote(scores, rows, negations[scores[rows][:, negations].argmax(1)], choice[rows])
@@ -313,7 +325,7 @@ class StatedFindings(LogitsProcessor):
 
     def hold_sides(
         self,
-        input_ids: torch.Tensor,
+        mentions: torch.Tensor,
         scores: torch.Tensor,
         decided: torch.Tensor,
         stop: torch.Tensor,
@@ -321,7 +333,7 @@ class StatedFindings(LogitsProcessor):
     ) -> None:
         """In place: after finding terms in the current sentence, no side word of a breast stage 1
         did not decide all of them for (when it decided them for the other)."""
-        written = self.named_since(input_ids, stop) & ~negated[:, None]  # [B, 7] in this sentence
+        written = self.named_since(mentions, stop) & ~negated[:, None]  # [B, 7] in this sentence
         fits = (decided | ~written[:, None]).all(2) & written.any(1)[:, None]  # [B, 2]: side has them all
         for side, other in ((0, 1), (1, 0)):
             block = fits[:, other] & ~fits[:, side]

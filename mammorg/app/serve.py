@@ -132,7 +132,8 @@ class Batcher:
         self.reporter, self.max_batch, self.linger = reporter, max_batch, linger
         self.queue: asyncio.Queue = asyncio.Queue(limit)
         self.worker: asyncio.Task | None = None
-        self.expected, self.finished = 1, float("-inf")  # exams in the service at the last batch's end; when
+        self.expected = 1  # exams in the service when the last batch ended (its own and those queued)
+        self.finished = float("-inf")  # when it ended (event-loop time)
 
     async def report(self, views: Any) -> ExamReport:
         if self.queue.full():
