@@ -26,6 +26,7 @@ decoder then wrote broken sentences and put findings on the wrong breast (docs/b
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
@@ -62,6 +63,8 @@ class FindingTokens:
     stops: torch.Tensor  # sentence ends (".", ":", line breaks)
     line_breaks: torch.Tensor
     sides: tuple[torch.Tensor, torch.Tensor]  # left, right
+    breast: torch.Tensor  # "breast" ("in the breast": no side)
+    the: torch.Tensor
     colons: torch.Tensor  # ":" (line headings: "Right Breast:")
     spaces: torch.Tensor  # a lone word boundary (before an atomic term: "Right Breast:", " ", "BI-RADS 1")
     categories: torch.Tensor  # the BI-RADS category terms ("Right breast: BI-RADS 4A")
@@ -85,10 +88,14 @@ class FindingTokens:
                 f"generate.findings=stage1 needs finding terms as atomic terms (terminology.atomic_terms: true); "
                 f"missing: {', '.join(missing[:3])}"
             )
-        for term, index in terms:
-            for spelling in (term, " " + term):
-                if spelling in vocab:
-                    finding_of[vocab[spelling]] = index
+        # every entry that spells a term whole: the atomic term and the tokenizer's own pieces
+        # ("mass" is Gemma's "▁mass", which the decoder writes rather than the bare term)
+        named = {term.lower(): index for term, index in terms}
+        last_word = re.compile("|".join(sorted({re.escape(term.split()[-1]) for term in named})), re.IGNORECASE)
+        for raw, i in vocab.items():
+            spelt = tok.convert_tokens_to_string([raw]).strip().lower() if last_word.search(raw) else None
+            if spelt in named:
+                finding_of[i] = named[spelt]
         negations = ids_where(tok, lambda text: text.strip().lower() in NEGATIONS, lambda raw: len(raw) <= 10)
         sides = (side_word_ids(tok, "left"), side_word_ids(tok, "right"))
         colons = _mark_ids(tok, ":")
@@ -100,6 +107,8 @@ class FindingTokens:
             sentence_end_ids(tok),
             sentence_end_ids(tok, ()),
             sides,
+            side_word_ids(tok, "breast"),
+            side_word_ids(tok, "the"),
             colons,
             spaces,
             categories,
@@ -152,7 +161,11 @@ class StatedFindings(LogitsProcessor):
             )
             allowed = allowed | negated[:, None]
             mentions = self.mentions(input_ids)  # read once per step by the rules below
-            self.hold_sides(mentions, scores, decided, latest["stop"], negated)
+            section, open_section = self.findings_section(input_ids)
+            unnamed = decided & ~self.named_by_side(input_ids, mentions, section, latest["stop"])
+            unnamed = torch.where(open_section[:, None, None], unnamed, decided)  # list sections only
+            sided = named[0] | named[1]
+            self.hold_sides(input_ids, mentions, scores, decided, unnamed, latest["stop"], negated, sided)
         blocked = ~allowed[:, finding_of[term_ids]]  # [B, K]
         choice, top = scores.max(1)
         scores[:, term_ids] = scores[:, term_ids].masked_fill(blocked, float("-inf"))
@@ -163,7 +176,8 @@ class StatedFindings(LogitsProcessor):
             self.one_line_per_breast(input_ids, scores)
             if self.continued:
                 side = torch.where(named[0], 0, torch.where(named[1], 1, -1))
-                self.complete(input_ids, mentions, scores, decided, side, latest["line"], top, choice)
+                at = (latest["line"], (section, open_section))
+                self.complete(input_ids, mentions, scores, decided, unnamed, side, *at, top, choice)
         return scores
 
     def mentions(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -178,6 +192,36 @@ class StatedFindings(LogitsProcessor):
         pos = torch.arange(1, mentions.shape[1] + 1, device=mentions.device)
         return (mentions & (pos[None] > start[:, None])[..., None]).any(1)
 
+    def named_by_side(
+        self, input_ids: torch.Tensor, mentions: torch.Tensor, start: torch.Tensor, end: torch.Tensor
+    ) -> torch.Tensor:
+        """``[B, 2, 7]`` the findings named for each breast (L, R) by the sentences between
+        positions ``start`` and ``end`` (``[B]``, 1-based; ``end`` inclusive) that name one
+        breast, as in a findings section of one line per finding ("A focal asymmetry is seen
+        ... of the right breast ..."); a sentence that names no breast names its findings for
+        neither (the parser leaves them unsided)."""
+        device = input_ids.device
+        stops = torch.isin(input_ids, self.tokens.stops.to(device))
+        sentence = torch.cumsum(stops, 1) - stops.long()  # a stop belongs to the sentence it ends
+        pos = torch.arange(1, input_ids.shape[1] + 1, device=device)[None]
+        inside = ((pos > start[:, None]) & (pos <= end[:, None]))[..., None]
+        sides = torch.stack([torch.isin(input_ids, ids.to(device)) for ids in self.tokens.sides], -1)
+
+        def per_sentence(hits: torch.Tensor) -> torch.Tensor:  # [B, T, K] -> [B, S, K]
+            index = sentence[..., None].expand(-1, -1, hits.shape[-1])
+            out = torch.zeros(hits.shape[0], int(sentence.max()) + 1, hits.shape[-1], device=device)
+            return out.scatter_add_(1, index, (hits & inside).float()) > 0
+
+        found, named = per_sentence(mentions), per_sentence(sides)
+        one_side = named & (named.sum(-1, keepdim=True) == 1)  # [B, S, 2]
+        return (one_side[..., None] & found[:, :, None, :]).any(1)
+
+    def findings_section(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[B]`` the position of the findings heading ("FINDINGS:", a section of one line per
+        finding; 0: none) and whether that section is still open (no impression heading since)."""
+        section = latest_hit(input_ids, self.tokens.findings_heading)
+        return section, (section > 0) & (latest_hit(input_ids, self.tokens.impression_headings) < section)
+
     def negated_at(self, input_ids: torch.Tensor) -> torch.Tensor:
         """``[B, T]`` whether each position lies in a sentence with a negation before it."""
         pos = torch.arange(1, input_ids.shape[1] + 1, device=input_ids.device)[None]
@@ -191,8 +235,10 @@ class StatedFindings(LogitsProcessor):
         mentions: torch.Tensor,
         scores: torch.Tensor,
         decided: torch.Tensor,
+        unnamed: torch.Tensor,
         side: torch.Tensor,
         line: torch.Tensor,
+        section: tuple[torch.Tensor, torch.Tensor],
         top: torch.Tensor,
         choice: torch.Tensor,
     ) -> None:
@@ -203,9 +249,11 @@ class StatedFindings(LogitsProcessor):
         - a breast's line that has named one of its breast's findings goes on, sentence by
           sentence, until it has named the others ("... middle depth. architectural distortion
           is seen in ...");
-        - a findings section ("FINDINGS:", one line per finding) does not end while a decided
-          finding is unnamed (the next line names it), and does not open by denying every
-          finding ("There is no mass ... in either breast.") when stage 1 decided one."""
+        - a findings section ("FINDINGS:", one line per finding; ``section``: its heading's
+          position and whether it is open) does not end while a decided finding is unnamed for
+          its breast (the next line names it; the side words follow ``hold_sides``), and does
+          not open by denying every finding ("There is no mass ... in either breast.") when
+          stage 1 decided one."""
         device = scores.device
         named = self.named_since(mentions, line)
         mine = decided[torch.arange(len(side), device=device), side.clamp(min=0)]
@@ -215,13 +263,18 @@ class StatedFindings(LogitsProcessor):
         all_terms = (tokens.finding_of >= 0).nonzero().squeeze(1)
         line_end = (tokens.periods, tokens.line_breaks)  # a sentence ends; the decoder would end the line
         self.open_next(input_ids, scores, remaining, line_end, lead, all_terms, tokens.mass_opener, top, choice)
-        section = latest_hit(input_ids, tokens.findings_heading)
-        open_section = (section > 0) & (latest_hit(input_ids, tokens.impression_headings) < section)
-        first = open_section & (latest_hit(input_ids, tokens.periods) < section)  # its first sentence
+        start, open_section = section
+        first = open_section & (latest_hit(input_ids, tokens.periods) < start)  # its first sentence
         negations = tokens.negations.to(device)  # denies nothing stage 1 decided
         deny = first & decided.flatten(1).any(1)
         scores[:, negations] = scores[:, negations].masked_fill(deny[:, None], float("-inf"))
-        remaining = decided.any(1) & ~self.named_since(mentions, section) & open_section[:, None]
+        # a finding left for a breast (``unnamed``: not named in a sentence naming that breast
+        # alone) while the section has named it fewer times than the breasts it was decided for
+        # (a finding named without its breast is not named again: the tiny decoder then wrote
+        # the same sideless sentence again)
+        pos = torch.arange(1, mentions.shape[1] + 1, device=device)
+        tries = (mentions & (pos[None] > start[:, None])[..., None]).sum(1)  # [B, 7] mentions in the section
+        remaining = unnamed.any(1) & (tries < decided.sum(1)) & open_section[:, None]
         section_end = (tokens.line_breaks, tokens.impression_headings)  # a line ends; the decoder would close
         self.open_next(
             input_ids, scores, remaining, section_end, None, tokens.line_terms, tokens.mass_line_opener, top, choice
@@ -325,20 +378,36 @@ class StatedFindings(LogitsProcessor):
 
     def hold_sides(
         self,
+        input_ids: torch.Tensor,
         mentions: torch.Tensor,
         scores: torch.Tensor,
         decided: torch.Tensor,
+        unnamed: torch.Tensor,
         stop: torch.Tensor,
         negated: torch.Tensor,
+        sided: torch.Tensor,
     ) -> None:
         """In place: after finding terms in the current sentence, no side word of a breast stage 1
-        did not decide all of them for (when it decided them for the other)."""
+        did not decide all of them for (when it decided them for the other); of two breasts that
+        fit, the one whose findings are still ``unnamed`` (``[B, 2, 7]``) when the other's were
+        named ("There is a ... mass ... of the left breast" after the right one's); and a line
+        that has named no breast yet (``sided``: ``[B]``) does not place them in "the breast"
+        (the parser leaves such findings without a side, and no breast has them)."""
         written = self.named_since(mentions, stop) & ~negated[:, None]  # [B, 7] in this sentence
-        fits = (decided | ~written[:, None]).all(2) & written.any(1)[:, None]  # [B, 2]: side has them all
+
+        def fitting(have: torch.Tensor) -> torch.Tensor:  # [B, 2]: the side has them all
+            return (have | ~written[:, None]).all(2) & written.any(1)[:, None]
+
+        fits, open_fits = fitting(decided), fitting(unnamed & decided)
+        fits = torch.where(open_fits.any(1, keepdim=True), open_fits, fits)
         for side, other in ((0, 1), (1, 0)):
             block = fits[:, other] & ~fits[:, side]
             ids = self.tokens.sides[side].to(scores.device)
             scores[:, ids] = scores[:, ids].masked_fill(block[:, None], float("-inf"))
+        device = scores.device
+        unsided = written.any(1) & ~sided & torch.isin(input_ids[:, -1], self.tokens.the.to(device))
+        breast = self.tokens.breast.to(device)
+        scores[:, breast] = scores[:, breast].masked_fill(unsided[:, None], float("-inf"))
 
 
 class PlannedFindings(LogitsProcessor):
