@@ -1,12 +1,13 @@
 """Load test of the reporting service on the loopback address.
 
 Starts ``mammorg serve`` on a bundle (default: the demo's, ``demo_out/bundle``) in a subprocess,
-measures one request alone (the reference), then sends N requests from C concurrent clients with
+measures one request alone (the reference: the median of 10 after 5 warm-up requests; again
+after the load, to show the spread between runs of this machine), then sends N requests from C concurrent clients with
 the views of one exam, and reports p50/p95 latency, throughput, errors and the service's resident
 memory after the first 20 requests and at the end. Prints one JSON object.
 
 Usage: python benchmarks/service_load.py [--bundle demo_out/bundle] [--exam FOLDER] [--requests 200] [--clients 4]
-       [--batch-wait S]
+       [--batch-wait S] [--workers N]
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -36,10 +38,15 @@ def _free_port() -> int:
 
 
 def _rss_mib(pid: int) -> float:
+    """Resident memory of a process and its children (the model workers)."""
+    total = 0.0
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+            total += int(line.split()[1]) / 1024
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            total += _rss_mib(int(child))
+    return total
 
 
 def _exam(bundle: Path, exam: str | None) -> Path:
@@ -58,6 +65,7 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=200)
     ap.add_argument("--clients", type=int, default=4)
     ap.add_argument("--batch-wait", type=float, default=None, help="the service's --batch-wait (default: its own)")
+    ap.add_argument("--workers", type=int, default=1, help="the service's --workers (model worker processes)")
     args = ap.parse_args()
     bundle = Path(args.bundle)
     if not (bundle / "metadata.json").exists():
@@ -69,7 +77,8 @@ def main() -> None:
     log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 (the service's log: read once it stops, then closed)
     server = subprocess.Popen(
         [sys.executable, "-m", "mammorg", "serve", "--bundle", str(bundle), "--port", str(port)]
-        + ([] if args.batch_wait is None else ["--batch-wait", str(args.batch_wait)]),
+        + ([] if args.batch_wait is None else ["--batch-wait", str(args.batch_wait)])
+        + ["--workers", str(args.workers)],
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
         stderr=log,
@@ -85,16 +94,21 @@ def main() -> None:
         else:
             raise SystemExit("the service did not start")
 
+        local = threading.local()  # one connection per client, kept alive (as a workstation keeps it)
+
         def one(_: int) -> tuple[float, int]:
+            if not hasattr(local, "client"):
+                local.client = httpx.Client(timeout=120)
             t0 = time.perf_counter()
             try:
-                status = httpx.post(f"{url}/report", files=files, timeout=120).status_code
+                status = local.client.post(f"{url}/report", files=files).status_code
             except httpx.HTTPError:
                 status = -1
             return time.perf_counter() - t0, status
 
-        one(0)  # warm-up
-        single = float(np.median([one(0)[0] for _ in range(5)]))
+        for _ in range(5):  # warm-up (the first requests run slower while the model settles)
+            one(0)
+        single = float(np.median([one(0)[0] for _ in range(10)]))
         memory_start = None
         latencies, statuses = [], []
         t0 = time.perf_counter()
@@ -106,6 +120,7 @@ def main() -> None:
                     memory_start = _rss_mib(server.pid)
         wall = time.perf_counter() - t0
         memory_end = _rss_mib(server.pid)
+        single_after = float(np.median([one(0)[0] for _ in range(10)]))  # alone again, after the load
     finally:
         server.terminate()
         server.wait(timeout=30)
@@ -119,8 +134,10 @@ def main() -> None:
                 "benchmark": "service_load",
                 "requests": args.requests,
                 "clients": args.clients,
+                "workers": args.workers,
                 "errors": sum(s != 200 for s in statuses),
                 "single_request_s": round(single, 3),
+                "single_request_after_s": round(single_after, 3),
                 "p50_s": round(p50, 3),
                 "p95_s": round(p95, 3),
                 "ratio_p95_vs_single": round(p95 / single, 2),

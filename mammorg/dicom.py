@@ -176,6 +176,14 @@ def read_dicom(path: str | Path, *, allow_for_processing: bool = False, require_
         ds = pydicom.dcmread(str(path))
     except (InvalidDicomError, EOFError, OSError, ValueError) as exc:
         raise MammorgError(f"{path}: not a readable DICOM file ({exc})") from None
+    return decode_dataset(ds, path, allow_for_processing=allow_for_processing, require_view=require_view)
+
+
+def decode_dataset(
+    ds: pydicom.Dataset, path: str | Path, *, allow_for_processing: bool = False, require_view: bool = True
+) -> MammoImage:
+    """``read_dicom`` on a dataset already read (an upload held in memory); ``path`` names it in
+    errors."""
     if "PixelData" not in ds:
         raise MammorgError(f"{path}: no pixel data")
     check_mammogram(ds, path)

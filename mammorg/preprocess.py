@@ -11,11 +11,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from mammorg.dicom import read_dicom
+from mammorg.dicom import MammoImage, decode_dataset, read_dicom
 from mammorg.geometry import GEOMETRY_KEYS
 from mammorg.io import MammorgError, atomic_path, sha256_file, write_json_atomic, write_jsonl_atomic
 from mammorg.labels import VIEWS
@@ -101,6 +102,17 @@ def preprocess_file(path: str | Path, spec: PreprocessSpec, require_view: bool =
         image = read_raster(path, require_view)
     else:
         image = read_dicom(path, require_view=require_view)
+    return preprocess_image(image, spec)
+
+
+def preprocess_dataset(
+    ds: pydicom.Dataset, name: str, spec: PreprocessSpec, require_view: bool = False
+) -> tuple[np.ndarray, str, dict]:
+    """``preprocess_file`` on a DICOM dataset in memory (``name`` names it in errors)."""
+    return preprocess_image(decode_dataset(ds, name, require_view=require_view), spec)
+
+
+def preprocess_image(image: MammoImage, spec: PreprocessSpec) -> tuple[np.ndarray, str, dict]:
     out, geometry = normalise_geometry(image.pixels, spec)
     return out, image.view, {**image.meta, **geometry}
 

@@ -213,9 +213,53 @@ def test_service_refuses_bad_uploads_in_one_line_and_keeps_serving(service, new_
         assert response.status_code == code, (code, response.text)
         assert "\n" not in response.json()["detail"]
     duplicate = client.post("/report", files=files[:1] + files[:1], headers=AUTH)  # the same view twice
-    assert duplicate.status_code == 422 and "a second" in duplicate.json()["detail"]
+    assert duplicate.status_code == 422 and duplicate.json()["detail"].startswith("file 2: a second")
     assert "/tmp" not in duplicate.json()["detail"]  # no server paths
     assert client.post("/report", files=files, headers=AUTH).status_code == 200  # still serving
+
+
+def test_service_with_model_workers_reports_like_the_service_alone(service, demo, new_exam):
+    """``--workers 2``: two processes with the bundle; concurrent requests get the reports the
+    in-process service writes, and the workers stop with the app."""
+    import multiprocessing
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fastapi.testclient import TestClient
+
+    from mammorg.app.serve import create_app
+
+    alone, reporter = service
+    expected = alone.post("/report", files=_files(new_exam), headers=AUTH).json()["text"]
+    with TestClient(create_app(reporter, token="s3cret", workers=2)) as client, ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda _: client.post("/report", files=_files(new_exam), headers=AUTH), range(4)))
+    assert [a.status_code for a in answers] == [200] * 4
+    assert all(a.json()["text"] == expected for a in answers)
+    for _ in range(100):  # the workers stop with the app
+        if not multiprocessing.active_children():
+            break
+        time.sleep(0.1)
+    assert not multiprocessing.active_children()
+
+
+def test_uploads_decode_in_memory_like_files(service, new_exam):
+    """The service decodes uploads where they are (no temporary files): the same pixels and
+    geometry as the files read from disk, headers without pixel data, the uploads untouched."""
+    import numpy as np
+    import pydicom
+
+    _, reporter = service
+    files = sorted(new_exam.iterdir())
+    datasets = [pydicom.dcmread(f) for f in files]
+    from_files, in_memory = reporter.load_views(files), reporter.load_datasets(datasets)
+    assert sorted(in_memory.images) == sorted(from_files.images) and len(in_memory.images) == 4
+    for view in from_files.images:
+        assert np.array_equal(in_memory.images[view], from_files.images[view])
+        assert in_memory.geometry[view] == from_files.geometry[view]
+        assert "PixelData" not in in_memory.sources[view]
+        assert in_memory.sources[view].SOPInstanceUID == from_files.sources[view].SOPInstanceUID
+    assert all("PixelData" in ds for ds in datasets)
+    assert sorted(in_memory.names.values()) == ["file 1", "file 2", "file 3", "file 4"]
 
 
 def test_sr_of_held_out_exams_validates_and_round_trips(demo, tmp_path):
@@ -275,7 +319,7 @@ def test_batcher_gathers_the_clients_it_just_answered():
         def __init__(self):
             self.sizes: list[int] = []
 
-        def report_many(self, exams):
+        async def report_many(self, exams):
             self.sizes.append(len(exams))
             clock.sleep(0.05)
             return list(exams)
@@ -287,7 +331,7 @@ def test_batcher_gathers_the_clients_it_just_answered():
 
     async def run() -> tuple[list[int], float]:
         reporter = SlowReporter()
-        batcher = Batcher(reporter, linger=0.2)  # type: ignore[arg-type]
+        batcher = Batcher(reporter.report_many, linger=0.2)  # type: ignore[arg-type]
         t0 = clock.perf_counter()
         await batcher.report("exam")  # idle: no wait
         alone = clock.perf_counter() - t0

@@ -80,7 +80,7 @@ def _cmd_serve(args: argparse.Namespace) -> None:
     from mammorg.app.serve import serve
 
     token = args.token or os.environ.get("MAMMORG_TOKEN")
-    serve(args.bundle, args.host, args.port, token, args.max_upload_mb, args.batch_wait)
+    serve(args.bundle, args.host, args.port, token, args.max_upload_mb, args.batch_wait, args.workers)
 
 
 def _cmd_audit(args: argparse.Namespace) -> None:
@@ -371,6 +371,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=0.25,
         help="seconds the model may wait, under load, for the exams of clients it just answered (0: never)",
+    )
+    s.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="model worker processes, each with the bundle and cores/N torch threads (default 1: in-process; "
+        "2 on a 2-core CPU: faster under load, slower for a lone exam)",
     )
     s.set_defaults(func=_cmd_serve)
     s = sub.add_parser("demo", help="the whole pipeline on synthetic exams")

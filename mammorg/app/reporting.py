@@ -13,7 +13,6 @@ report. A missing view is recorded in ``missing_views`` and ``flags``.
 from __future__ import annotations
 
 import json
-import tempfile
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -28,7 +27,7 @@ from mammorg.app.bundle import Bundle, load_bundle, rehash
 from mammorg.geometry import GEOMETRY_KEYS
 from mammorg.io import MammorgError, write_text_atomic
 from mammorg.labels import SIDES, VIEWS
-from mammorg.preprocess import from_uint16, preprocess_file, to_uint16
+from mammorg.preprocess import from_uint16, preprocess_dataset, preprocess_file, to_uint16
 from mammorg.raster import RASTER_SUFFIXES
 from mammorg.schema import Stage1Prediction, StructuredReport
 from stage1_classification.inference import exam_record
@@ -36,6 +35,7 @@ from stage1_classification.localisation import grounded_findings
 from stage2_sft.knowledge import KnowledgeState
 
 IMAGE_SUFFIXES = (".dcm", ".dicom", *RASTER_SUFFIXES)
+PIXEL_DATA = 0x7FE00010
 
 
 @dataclass
@@ -46,6 +46,27 @@ class ExamViews:
     images: dict[str, np.ndarray]
     geometry: dict[str, dict] = field(default_factory=dict)
     sources: dict[str, Any] = field(default_factory=dict)  # DICOM headers (no pixels) per view
+    names: dict[str, str] = field(default_factory=dict)  # the file (or upload) each view came from
+
+    def add(self, view: str, img: np.ndarray, meta: dict, name: str, header: pydicom.Dataset | None) -> None:
+        """One preprocessed view (quantised like the training cache); a second one of a view is refused."""
+        if view in self.images:
+            raise MammorgError(f"{name}: a second {view} view (first: {self.names[view]})")
+        self.images[view], self.names[view] = from_uint16(to_uint16(img)), name
+        self.geometry[view] = {k: meta[k] for k in GEOMETRY_KEYS}
+        if header is not None:
+            self.sources[view] = header
+
+
+def _header(ds: pydicom.Dataset) -> pydicom.Dataset:
+    """A dataset's elements without its pixel data (the dataset itself is left as it is)."""
+    header = pydicom.Dataset()
+    for element in ds:
+        if element.tag != PIXEL_DATA:
+            header.add(element)
+    if hasattr(ds, "file_meta"):
+        header.file_meta = ds.file_meta
+    return header
 
 
 @dataclass
@@ -126,15 +147,11 @@ class ExamReporter:
         if len(files) > len(VIEWS):
             raise MammorgError(f"{files[0].parent}: {len(files)} images; an exam has at most four views")
         views = ExamViews({})
-        sources: dict[str, Path] = {}
         for path in files:
             img, view, meta = preprocess_file(path, self.bundle.spec, require_view=True)
-            if view in views.images:
-                raise MammorgError(f"{path}: a second {view} view (first: {sources[view]})")
-            views.images[view], sources[view] = from_uint16(to_uint16(img)), path
-            views.geometry[view] = {k: meta[k] for k in GEOMETRY_KEYS}
-            if path.suffix.lower() not in RASTER_SUFFIXES:
-                views.sources[view] = pydicom.dcmread(str(path), stop_before_pixels=True)
+            raster = path.suffix.lower() in RASTER_SUFFIXES
+            header = None if raster else pydicom.dcmread(str(path), stop_before_pixels=True)
+            views.add(view, img, meta, str(path), header)
         return views
 
     @torch.no_grad()
@@ -213,14 +230,16 @@ class ExamReporter:
         return self.report_views(self.load_views(exam_files(inputs)))
 
     def load_datasets(self, datasets: Sequence[Any]) -> ExamViews:
-        """Preprocess an exam given as in-memory DICOM datasets (``pydicom.Dataset``)."""
-        with tempfile.TemporaryDirectory(prefix="mammorg-exam-") as tmp:
-            files = []
-            for i, ds in enumerate(datasets):
-                path = Path(tmp) / f"view{i}.dcm"
-                ds.save_as(path, enforce_file_format=True)
-                files.append(path)
-            return self.load_views(files)
+        """Preprocess an exam given as in-memory DICOM datasets (``pydicom.Dataset``), decoded
+        where they are (errors name them "file 1", "file 2", ... in the order given)."""
+        if len(datasets) > len(VIEWS):
+            raise MammorgError(f"{len(datasets)} images; an exam has at most four views")
+        views = ExamViews({})
+        for i, ds in enumerate(datasets):
+            name = f"file {i + 1}"
+            img, view, meta = preprocess_dataset(ds, name, self.bundle.spec, require_view=True)
+            views.add(view, img, meta, name, _header(ds))
+        return views
 
     def report_datasets(self, datasets: Sequence[Any]) -> ExamReport:
         """The report of one exam given as in-memory DICOM datasets (``pydicom.Dataset``)."""

@@ -12,7 +12,8 @@ A FastAPI app (run by uvicorn) that loads a bundle once and reports on exams:
 
 Each request's views are decoded and preprocessed beside the others; the exams then wait in a
 bounded queue and the model takes every waiting exam in one batch (stage 1 and decoding
-batched), so concurrent clients share the model's work; a full queue answers 503. Uploads are limited
+batched), so concurrent clients share the model's work; a full queue answers 503. With
+``--workers N`` the model runs in N worker processes, N batches at a time (``mammorg.app.workers``). Uploads are limited
 in size and number of views; a bad upload (not DICOM, no usable view, too large, too many files)
 gets a 4xx with a one-line reason and the service keeps serving. Logs hold a request number, the
 number of views, the status and the time: nothing of the patient. It binds to the loopback
@@ -22,6 +23,7 @@ address unless told otherwise; with a token, ``POST /report`` needs ``Authorizat
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import html
@@ -29,8 +31,8 @@ import io
 import itertools
 import json
 import logging
-import re
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
@@ -42,6 +44,7 @@ from starlette.concurrency import run_in_threadpool
 
 from mammorg.app.reporting import ExamReport, ExamReporter
 from mammorg.app.results import STYLE, stage1_summary, views_png
+from mammorg.app.workers import ModelWorkers
 from mammorg.io import MammorgError
 from mammorg.labels import VIEWS
 
@@ -120,7 +123,9 @@ document.getElementById('f').addEventListener('submit', async (e) => {{
 class Batcher:
     """Exams wait in a bounded queue; the model takes every exam waiting (up to ``max_batch``) in
     one batch, so concurrent clients share stage-1 passes and decoding steps. A batch that fails
-    is retried exam by exam, so one bad exam fails only its own request.
+    is retried exam by exam, so one bad exam fails only its own request. ``run`` reports on a
+    batch (in the service's process, or in a model worker: ``mammorg.app.workers``); up to
+    ``slots`` batches run at once (one per worker).
 
     Under load the model also waits (at most ``linger`` seconds) for as many exams as were in the
     service when the last batch ended (that batch's plus those queued): the clients just answered
@@ -128,10 +133,18 @@ class Batcher:
     a lone exam and the rest (traced with 4 clients: batches of 1 and 3, alternating, never 4). An
     idle service (its last batch ended longer than ``linger`` ago) starts at once."""
 
-    def __init__(self, reporter: ExamReporter, max_batch: int = 8, limit: int = 32, linger: float = 0.25):
-        self.reporter, self.max_batch, self.linger = reporter, max_batch, linger
+    def __init__(
+        self,
+        run: Callable[[list[Any]], Awaitable[list[ExamReport]]],
+        max_batch: int = 8,
+        limit: int = 32,
+        linger: float = 0.25,
+        slots: int = 1,
+    ):
+        self.run, self.max_batch, self.linger, self.slots = run, max_batch, linger, slots
         self.queue: asyncio.Queue = asyncio.Queue(limit)
         self.worker: asyncio.Task | None = None
+        self.running: set[asyncio.Task] = set()  # the batches being reported on
         self.expected = 1  # exams in the service when the last batch ended (its own and those queued)
         self.finished = float("-inf")  # when it ended (event-loop time)
 
@@ -165,22 +178,29 @@ class Batcher:
         return batch
 
     async def _run(self) -> None:
+        free = asyncio.Semaphore(self.slots)
         while True:
-            batch = await self.collect()
-            try:
-                t0 = time.perf_counter()
-                reports = await run_in_threadpool(self.reporter.report_many, [views for views, _ in batch])
-                LOG.info("batch of %d exam(s): %.2f s", len(batch), time.perf_counter() - t0)
-                for (_, future), report in zip(batch, reports):
-                    future.set_result(report)
-            except Exception:
-                for views, future in batch:  # one by one: the failing exam fails alone
-                    try:
-                        future.set_result(await run_in_threadpool(self.reporter.report_views, views))
-                    except Exception as exc:
-                        future.set_exception(exc)
-            self.expected = len(batch) + self.queue.qsize()
-            self.finished = asyncio.get_running_loop().time()
+            await free.acquire()
+            task = asyncio.create_task(self._answer(await self.collect()))
+            self.running.add(task)
+            task.add_done_callback(self.running.discard)
+            task.add_done_callback(lambda _: free.release())
+
+    async def _answer(self, batch: list[tuple[Any, asyncio.Future]]) -> None:
+        try:
+            t0 = time.perf_counter()
+            reports = await self.run([views for views, _ in batch])
+            LOG.info("batch of %d exam(s): %.2f s", len(batch), time.perf_counter() - t0)
+            for (_, future), report in zip(batch, reports):
+                future.set_result(report)
+        except Exception:
+            for views, future in batch:  # one by one: the failing exam fails alone
+                try:
+                    future.set_result((await self.run([views]))[0])
+                except Exception as exc:
+                    future.set_exception(exc)
+        self.expected = len(batch) + self.queue.qsize()
+        self.finished = asyncio.get_running_loop().time()
 
 
 async def read_uploads(files: list[UploadFile], max_bytes: int, max_views: int) -> list[pydicom.Dataset]:
@@ -213,10 +233,25 @@ def create_app(
     max_views: int = len(VIEWS),
     max_waiting: int = 32,
     batch_wait: float = 0.25,
+    workers: int = 1,
 ) -> FastAPI:
-    """The service around a loaded bundle (see the module docstring)."""
-    app = FastAPI(title="mammorg reporting", docs_url=None, redoc_url=None, openapi_url=None)
-    batcher = Batcher(reporter, limit=max_waiting, linger=batch_wait)
+    """The service around a loaded bundle (see the module docstring); ``workers`` > 1: the model
+    runs in that many worker processes (``mammorg.app.workers``), started before this returns."""
+    pool = ModelWorkers(reporter.bundle.folder, workers) if workers > 1 else None
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        yield
+        if pool is not None:
+            pool.close()
+
+    app = FastAPI(title="mammorg reporting", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+
+    async def in_process(exams: list[Any]) -> list[ExamReport]:
+        return await run_in_threadpool(reporter.report_many, exams)
+
+    run = in_process if pool is None else pool.report_many
+    batcher = Batcher(run, limit=max_waiting, linger=batch_wait, slots=workers)
     health = health_record(reporter)
     counter = itertools.count(1)
     max_bytes = int(max_upload_mb * (1 << 20))
@@ -258,7 +293,7 @@ def create_app(
                 views = await run_in_threadpool(reporter.load_datasets, datasets)
                 report: ExamReport = await batcher.report(views)
             except MammorgError as exc:
-                raise HTTPException(422, _anonymous(str(exc))) from None
+                raise HTTPException(422, str(exc).splitlines()[0]) from None
             status = 200
             if format == "sr":
                 buf = io.BytesIO()
@@ -279,12 +314,6 @@ def create_app(
     return app
 
 
-def _anonymous(message: str) -> str:
-    """A reporter error naming the upload by its number, not by the temporary file it was in."""
-    first = message.splitlines()[0]
-    return re.sub(r"\S*mammorg-exam-\w+/view(\d+)\.dcm", lambda m: f"file {int(m.group(1)) + 1}", first)
-
-
 def serve(
     bundle: str,
     host: str = "127.0.0.1",
@@ -292,12 +321,13 @@ def serve(
     token: str | None = None,
     max_upload_mb: float = 64.0,
     batch_wait: float = 0.25,
+    workers: int = 1,
 ) -> None:
-    """Load the bundle once and serve it with uvicorn."""
+    """Load the bundle once (and once per model worker) and serve it with uvicorn."""
     import uvicorn
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if host not in ("127.0.0.1", "localhost", "::1") and token is None:
         LOG.warning("serving on %s without a token: anyone who can reach it can send exams", host)
-    app = create_app(ExamReporter.load(bundle), token, max_upload_mb, batch_wait=batch_wait)
+    app = create_app(ExamReporter.load(bundle), token, max_upload_mb, batch_wait=batch_wait, workers=workers)
     uvicorn.run(app, host=host, port=port, log_level="info", access_log=False)
