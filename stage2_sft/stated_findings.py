@@ -161,9 +161,11 @@ class StatedFindings(LogitsProcessor):
             )
             allowed = allowed | negated[:, None]
             mentions = self.mentions(input_ids)  # read once per step by the rules below
-            section, open_section = self.findings_section(input_ids)
-            unnamed = decided & ~self.named_by_side(input_ids, mentions, section, latest["stop"])
-            unnamed = torch.where(open_section[:, None, None], unnamed, decided)  # list sections only
+            findings = section, open_section = self.findings_section(input_ids)
+            unnamed = decided  # what each breast has still to name, followed in findings sections only
+            if open_section.any():
+                named_for = self.named_by_side(input_ids, mentions, section, latest["stop"])
+                unnamed = torch.where(open_section[:, None, None], decided & ~named_for, decided)
             sided = named[0] | named[1]
             self.hold_sides(input_ids, mentions, scores, decided, unnamed, latest["stop"], negated, sided)
         blocked = ~allowed[:, finding_of[term_ids]]  # [B, K]
@@ -176,8 +178,8 @@ class StatedFindings(LogitsProcessor):
             self.one_line_per_breast(input_ids, scores)
             if self.continued:
                 side = torch.where(named[0], 0, torch.where(named[1], 1, -1))
-                at = (latest["line"], (section, open_section))
-                self.complete(input_ids, mentions, scores, decided, unnamed, side, *at, top, choice)
+                line = latest["line"]
+                self.complete(input_ids, mentions, scores, decided, unnamed, side, line, findings, top, choice)
         return scores
 
     def mentions(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -398,7 +400,7 @@ class StatedFindings(LogitsProcessor):
         def fitting(have: torch.Tensor) -> torch.Tensor:  # [B, 2]: the side has them all
             return (have | ~written[:, None]).all(2) & written.any(1)[:, None]
 
-        fits, open_fits = fitting(decided), fitting(unnamed & decided)
+        fits, open_fits = fitting(decided), fitting(unnamed)
         fits = torch.where(open_fits.any(1, keepdim=True), open_fits, fits)
         for side, other in ((0, 1), (1, 0)):
             block = fits[:, other] & ~fits[:, side]
