@@ -28,6 +28,7 @@ import torch
 from mammorg.app.reporting import ExamReport, ExamReporter, ExamViews
 from mammorg.io import MammorgError
 
+STARTUP_S = 300.0  # the longest a worker may take to load the bundle
 _REPORTER: ExamReporter | None = None  # this worker process's bundle (set once by ``_start``)
 _STARTED: Any = None  # a barrier shared by the workers as they start
 
@@ -47,9 +48,6 @@ def _report_many(exams: list[ExamViews]) -> list[ExamReport]:
     if _REPORTER is None:
         raise MammorgError("a model worker without its bundle")
     return _REPORTER.report_many(exams)
-
-
-STARTUP_S = 300.0  # the longest a worker may take to load the bundle
 
 
 def threads_per_worker(workers: int) -> int:
