@@ -158,7 +158,9 @@ def birads_macro_f1_codes(ref: np.ndarray, pred: np.ndarray) -> float:
 def paired_bootstrap(
     a: dict[str, np.ndarray], b: dict[str, np.ndarray], n: int = 2000, seed: int = 0
 ) -> dict[str, dict]:
-    """Paired bootstrap of system A − system B on the same references (two-sided p-values)."""
+    """Paired bootstrap of system A − system B on the same references (two-sided p-values): the
+    clinical scores of ``per_exam_scores``, and ROUGE-L and CIDEr where both hold per-report
+    scores (``evaluation.nlg.nlg_per_exam``)."""
     with_codes = "birads_ref" in a and "birads_ref" in b
     if with_codes and not np.array_equal(a["birads_ref"], b["birads_ref"]):
         raise ValueError("paired bootstrap: the two systems are scored against different references")
@@ -171,6 +173,9 @@ def paired_bootstrap(
     }
     if with_codes:
         stats["birads_f1"] = lambda s, i: birads_macro_f1_codes(s["birads_ref"][i], s["birads_pred"][i])
+    for key in ("rouge_l", "cider"):  # per-report scores (``nlg_per_exam``), where both systems have them
+        if key in a and key in b:
+            stats[key] = lambda s, i, key=key: s[key][i].mean()
     out = {}
     for key, stat in stats.items():
         full = np.arange(m)

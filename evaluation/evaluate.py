@@ -10,7 +10,7 @@ import numpy as np
 
 from evaluation.clinical import bootstrap_ci, paired_bootstrap, per_exam_scores, point_metrics
 from evaluation.hallucination import hallucination_summary
-from evaluation.nlg import nlg_metrics
+from evaluation.nlg import nlg_metrics, nlg_per_exam
 from evaluation.parser import parse_report
 from evaluation.plots import confusion_png
 from mammorg.io import MammorgError, read_jsonl, write_json_atomic, write_text_atomic
@@ -123,8 +123,10 @@ def evaluate_files(pred_path, ref_path, out_dir, pred_b_path=None, bootstrap: in
     if pred_b_path:
         pred_b = load_texts(pred_b_path, allow_empty=True)
         aligned(pred_b, ref, pred_b_path, ref_path)
-        preds_b = [parse_report(pred_b[i]) for i in ids]
-        metrics["paired_vs_b"] = paired_bootstrap(per_exam_scores(preds, refs), per_exam_scores(preds_b, refs))
+        texts_b = [pred_b[i] for i in ids]
+        a = {**per_exam_scores(preds, refs), **nlg_per_exam(pred_texts, ref_texts)}
+        b = {**per_exam_scores([parse_report(t) for t in texts_b], refs), **nlg_per_exam(texts_b, ref_texts)}
+        metrics["paired_vs_b"] = paired_bootstrap(a, b)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     confusion_png(

@@ -7,6 +7,7 @@ import shutil
 import warnings
 from collections.abc import Sequence
 
+import numpy as np
 from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider import Cider
 from pycocoevalcap.rouge.rouge import Rouge
@@ -37,10 +38,24 @@ def _meteor(gts: dict, res: dict) -> float | None:
         return None
 
 
-def nlg_metrics(preds: Sequence[str], refs: Sequence[str], meteor: bool = True) -> dict[str, float | None]:
-    """BLEU-1..4, METEOR (null without Java), ROUGE-L and CIDEr over aligned pairs."""
+def _pairs(preds: Sequence[str], refs: Sequence[str]) -> tuple[dict, dict]:
     gts = {i: [tokenize(r) or "."] for i, r in enumerate(refs)}
     res = {i: [tokenize(p) or "."] for i, p in enumerate(preds)}
+    return gts, res
+
+
+def nlg_per_exam(preds: Sequence[str], refs: Sequence[str]) -> dict[str, np.ndarray]:
+    """Per-report ROUGE-L and CIDEr (their means are the corpus scores; CIDEr's document
+    frequencies come from all ``refs``) for paired tests. BLEU is a corpus statistic, not a mean."""
+    gts, res = _pairs(preds, refs)
+    _, rouge = Rouge().compute_score(gts, res)
+    _, cider = Cider().compute_score(gts, res)
+    return {"rouge_l": np.asarray(rouge, dtype=float), "cider": np.asarray(cider, dtype=float)}
+
+
+def nlg_metrics(preds: Sequence[str], refs: Sequence[str], meteor: bool = True) -> dict[str, float | None]:
+    """BLEU-1..4, METEOR (null without Java), ROUGE-L and CIDEr over aligned pairs."""
+    gts, res = _pairs(preds, refs)
     bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
     rouge, _ = Rouge().compute_score(gts, res)
     cider, _ = Cider().compute_score(gts, res)

@@ -138,6 +138,7 @@ class StatedFindings(LogitsProcessor):
         decided = per_row(self.decided.to(device), rows)  # [B, 2, 7]
         finding_of = self.tokens.finding_of.to(device)
         term_ids = (finding_of >= 0).nonzero().squeeze(1)
+        choice, top = scores.max(1)  # the decoder's own choice, before any rule
         if not input_ids.shape[1]:
             allowed = decided.any(1)
         else:
@@ -156,20 +157,20 @@ class StatedFindings(LogitsProcessor):
                 (latest[s] > latest["line"]) & (latest[s] > latest[o])
                 for s, o in (("left", "right"), ("right", "left"))
             ]
+            mentions = self.mentions(input_ids)  # read once per step by the rules below
+            written = self.named_since(mentions, latest["stop"]) & ~negated[:, None]  # in this sentence
             allowed = torch.where(
                 named[0][:, None], decided[:, 0], torch.where(named[1][:, None], decided[:, 1], decided.any(1))
             )
             allowed = allowed | negated[:, None]
-            mentions = self.mentions(input_ids)  # read once per step by the rules below
             findings = section, open_section = self.findings_section(input_ids)
             unnamed = decided  # what each breast has still to name, followed in findings sections only
             if open_section.any():
                 named_for = self.named_by_side(input_ids, mentions, section, latest["stop"])
                 unnamed = torch.where(open_section[:, None, None], decided & ~named_for, decided)
             sided = named[0] | named[1]
-            self.hold_sides(input_ids, mentions, scores, decided, unnamed, latest["stop"], negated, sided)
+            self.hold_sides(input_ids, scores, decided, unnamed, written, sided, top, choice)
         blocked = ~allowed[:, finding_of[term_ids]]  # [B, K]
-        choice, top = scores.max(1)
         scores[:, term_ids] = scores[:, term_ids].masked_fill(blocked, float("-inf"))
         self.steer(scores, top, choice, term_ids)
         if input_ids.shape[1]:
@@ -248,27 +249,32 @@ class StatedFindings(LogitsProcessor):
         finding per line (traced on the knowledge benchmark: breasts with two or more decided
         findings, 116 of their 300 findings named), so
 
-        - a breast's line that has named one of its breast's findings goes on, sentence by
-          sentence, until it has named the others ("... middle depth. architectural distortion
-          is seen in ...");
+        - a breast's line that has named one of its breast's findings, or its heading line
+          ("Left Breast: ..."; the category lines of an impression name a breast and no
+          finding), goes on, sentence by sentence, until it has named the others ("... middle
+          depth. architectural distortion is seen in ...");
         - a findings section ("FINDINGS:", one line per finding; ``section``: its heading's
           position and whether it is open) does not end while a decided finding is unnamed for
-          its breast (the next line names it; the side words follow ``hold_sides``), and does
-          not open by denying every finding ("There is no mass ... in either breast.") when
-          stage 1 decided one."""
+          its breast (the next line names it; the side words follow ``hold_sides``);
+        - neither a findings section nor the heading line of a breast opens by denying every
+          finding ("There is no mass ... in either breast.", "Right Breast: No mass ...") when
+          stage 1 decided one for them."""
         device = scores.device
+        tokens = self.tokens
         named = self.named_since(mentions, line)
         mine = decided[torch.arange(len(side), device=device), side.clamp(min=0)]
-        remaining = mine & ~named & (side >= 0)[:, None] & named.any(1)[:, None]
-        tokens = self.tokens
+        # a breast's heading line ("Left Breast: ..."), not a line of categories ("Left breast: BI-RADS 2")
+        heading = (latest_hit(input_ids, tokens.colons) > line) & (latest_hit(input_ids, tokens.categories) <= line)
+        remaining = mine & ~named & (side >= 0)[:, None] & (named.any(1) | heading)[:, None]
         lead = tokens.spaces[0] if len(tokens.spaces) else None  # a tokenizer without a lone boundary: the term
         all_terms = (tokens.finding_of >= 0).nonzero().squeeze(1)
         line_end = (tokens.periods, tokens.line_breaks)  # a sentence ends; the decoder would end the line
         self.open_next(input_ids, scores, remaining, line_end, lead, all_terms, tokens.mass_opener, top, choice)
         start, open_section = section
-        first = open_section & (latest_hit(input_ids, tokens.periods) < start)  # its first sentence
+        sentence = latest_hit(input_ids, tokens.periods)
+        first = open_section & (sentence < start)  # its first sentence
         negations = tokens.negations.to(device)  # denies nothing stage 1 decided
-        deny = first & decided.flatten(1).any(1)
+        deny = (first & decided.flatten(1).any(1)) | (heading & (side >= 0) & mine.any(1) & (sentence <= line))
         scores[:, negations] = scores[:, negations].masked_fill(deny[:, None], float("-inf"))
         # a finding left for a breast (``unnamed``: not named in a sentence naming that breast
         # alone) while the section has named it fewer times than the breasts it was decided for
@@ -381,35 +387,46 @@ class StatedFindings(LogitsProcessor):
     def hold_sides(
         self,
         input_ids: torch.Tensor,
-        mentions: torch.Tensor,
         scores: torch.Tensor,
         decided: torch.Tensor,
         unnamed: torch.Tensor,
-        stop: torch.Tensor,
-        negated: torch.Tensor,
+        written: torch.Tensor,
         sided: torch.Tensor,
+        top: torch.Tensor,
+        choice: torch.Tensor,
     ) -> None:
-        """In place: after finding terms in the current sentence, no side word of a breast stage 1
-        did not decide all of them for (when it decided them for the other); of two breasts that
-        fit, the one whose findings are still ``unnamed`` (``[B, 2, 7]``) when the other's were
-        named ("There is a ... mass ... of the left breast" after the right one's); and a line
-        that has named no breast yet (``sided``: ``[B]``) does not place them in "the breast"
-        (the parser leaves such findings without a side, and no breast has them)."""
-        written = self.named_since(mentions, stop) & ~negated[:, None]  # [B, 7] in this sentence
+        """In place: after finding terms in the current sentence (``written``: ``[B, 7]``), no side
+        word of a breast stage 1 did not decide all of them for (when it decided them for the
+        other); of two breasts that fit, the one whose findings are still ``unnamed``
+        (``[B, 2, 7]``) when the other's were named ("There is a ... mass ... of the left breast"
+        after the right one's); and a line that has named no breast yet (``sided``: ``[B]``) does
+        not place them in "the breast" (the parser leaves such findings without a side, and no
+        breast has them). Where the decoder headed (``top``) for a side word or "breast" that is
+        blocked, it writes the side word of a breast that fits ("of the right breast", not "of
+        the o'clock" or "in the either breast")."""
 
         def fitting(have: torch.Tensor) -> torch.Tensor:  # [B, 2]: the side has them all
             return (have | ~written[:, None]).all(2) & written.any(1)[:, None]
 
         fits, open_fits = fitting(decided), fitting(unnamed)
         fits = torch.where(open_fits.any(1, keepdim=True), open_fits, fits)
+        device = scores.device
+        sides = [ids.to(device) for ids in self.tokens.sides]
         for side, other in ((0, 1), (1, 0)):
             block = fits[:, other] & ~fits[:, side]
-            ids = self.tokens.sides[side].to(scores.device)
-            scores[:, ids] = scores[:, ids].masked_fill(block[:, None], float("-inf"))
-        device = scores.device
+            scores[:, sides[side]] = scores[:, sides[side]].masked_fill(block[:, None], float("-inf"))
         unsided = written.any(1) & ~sided & torch.isin(input_ids[:, -1], self.tokens.the.to(device))
         breast = self.tokens.breast.to(device)
         scores[:, breast] = scores[:, breast].masked_fill(unsided[:, None], float("-inf"))
+        words = torch.cat([*sides, breast])
+        headed = torch.isin(top, words) & torch.isneginf(scores.gather(1, top[:, None]).squeeze(1))
+        best = torch.stack([scores[:, ids].max(1).values for ids in sides], 1)  # [B, 2]
+        pick = best.argmax(1)
+        rows = (headed & fits.any(1) & ~torch.isneginf(best.max(1).values)).nonzero().squeeze(1)
+        for side, ids in enumerate(sides):
+            mine = rows[pick[rows] == side]
+            if len(mine):
+                promote(scores, mine, ids[scores[mine][:, ids].argmax(1)], choice[mine])
 
 
 class PlannedFindings(LogitsProcessor):

@@ -93,6 +93,25 @@ def test_paired_bootstrap_detects_a_better_system():
     assert out["birads_acc"]["delta"] == pytest.approx(2 / 3) and out["birads_acc"]["p_value"] < 0.01
 
 
+def test_paired_bootstrap_tests_rouge_and_cider_per_report():
+    from evaluation.nlg import nlg_metrics, nlg_per_exam
+    from evaluation.parser import parse_report
+
+    refs = [f"There is a {10 + i} mm oval mass in the right breast. BI-RADS {1 + i % 4}." for i in range(40)]
+    close = [r.replace("oval", "round") for r in refs]
+    far = ["The breasts are fatty. No mass." for _ in refs]
+    a, b = nlg_per_exam(close, refs), nlg_per_exam(far, refs)
+    corpus = nlg_metrics(close, refs, meteor=False)
+    assert a["rouge_l"].mean() == pytest.approx(corpus["rouge_l"]) and a["cider"].mean() == pytest.approx(
+        corpus["cider"]
+    )
+    parsed = {name: [parse_report(t) for t in texts] for name, texts in (("ref", refs), ("a", close), ("b", far))}
+    clinical = {name: per_exam_scores(parsed[name], parsed["ref"]) for name in ("a", "b")}
+    out = paired_bootstrap({**clinical["a"], **a}, {**clinical["b"], **b}, n=200)
+    assert out["rouge_l"]["delta"] > 0.3 and out["rouge_l"]["p_value"] < 0.01
+    assert out["cider"]["delta"] > 0 and out["cider"]["p_value"] < 0.01
+
+
 def _jsonl(path, rows):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path

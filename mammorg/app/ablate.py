@@ -18,10 +18,11 @@ import pandas as pd
 from scipy import stats
 
 from evaluation.clinical import paired_bootstrap, per_exam_scores
+from evaluation.nlg import nlg_per_exam
 from mammorg.app.config import AblationConfig, PipelineConfig
 from mammorg.app.pipeline import Pipeline, parsed_references, stage1_as_report_metrics, stage1_reports
 from mammorg.config import load_config, resolve_config, save_config
-from mammorg.io import atomic_path, write_text_atomic
+from mammorg.io import atomic_path, read_jsonl, write_text_atomic
 from mammorg.plotting import pyplot, save_figure
 from mammorg.schema import StructuredReport
 from stage2_sft.reporter import GeneratedReport
@@ -63,11 +64,15 @@ def _mean_ci(values: list[float]) -> tuple[float, float]:
     return float(v.mean()), float(half)
 
 
-def _pooled_scores(out: Path, name: str, seeds: list[int], refs: dict[str, StructuredReport]) -> dict[str, np.ndarray]:
+def _pooled_scores(
+    out: Path, name: str, seeds: list[int], refs: dict[str, StructuredReport], ref_texts: dict[str, str]
+) -> dict[str, np.ndarray]:
+    """A row's per-exam scores (clinical, ROUGE-L, CIDEr), its seeds one after another."""
     pooled: dict[str, list] = {}
     for seed in seeds:
         gen = GeneratedReport.read(out / f"runs/{name}/seed{seed}/generated.jsonl")
         scores = per_exam_scores([g.structured for g in gen], [refs[g.exam_id] for g in gen])
+        scores.update(nlg_per_exam([g.text for g in gen], [ref_texts[g.exam_id] for g in gen]))
         for k, v in scores.items():
             pooled.setdefault(k, []).append(v)
     return {k: np.concatenate(v) for k, v in pooled.items()}
@@ -81,7 +86,8 @@ def cfg_pipeline_stage1(out: Path) -> list[str]:
 def write_table(cfg: AblationConfig, out: Path) -> Path:
     seeds = list(cfg.seeds)
     refs = parsed_references(out)
-    pooled = {name: _pooled_scores(out, name, seeds, refs) for name in cfg.grid}
+    ref_texts = {r["id"]: r["text"] for r in read_jsonl(out / "references.jsonl")}
+    pooled = {name: _pooled_scores(out, name, seeds, refs, ref_texts) for name in cfg.grid}
     rows = []
     for name, spec in cfg.grid.items():
         per_seed = [json.loads((out / f"runs/{name}/seed{s}/evaluation/metrics.json").read_text()) for s in seeds]
@@ -107,7 +113,7 @@ def write_table(cfg: AblationConfig, out: Path) -> Path:
 
 def markdown(table: pd.DataFrame) -> str:
     """The table's main columns; p: paired bootstrap of exam BI-RADS macro-F1 against ``versus``."""
-    keys = ("birads_f1", "density_f1", "finding_f1", "bleu_4", "rouge_l")
+    keys = ("birads_f1", "density_f1", "finding_f1", "bleu_4", "rouge_l", "cider")
     head = "| row | " + " | ".join(keys) + " | p (BI-RADS F1) vs | stage-1 labels: birads_f1 |\n"
     head += "|---" * (len(keys) + 3) + "|\n"
     fmt = lambda m, h: f"{m:.3f}" + ("" if np.isnan(h) else f" ± {h:.3f}")
