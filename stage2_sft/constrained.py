@@ -31,11 +31,26 @@ from stage2_sft.knowledge import KnowledgeVocabulary
 from terminology.lexicon import Lexicon
 
 
-def ids_where(tok: PreTrainedTokenizerBase, keep: Callable[[str], bool], hint: Callable[[str], bool]) -> torch.Tensor:
-    """Ids of the vocabulary entries whose text (as decoded, whatever the tokenizer's word-boundary
-    marker) satisfies ``keep``; ``hint`` pre-filters the raw entries cheaply."""
-    ids = [i for t, i in tok.get_vocab().items() if hint(t) and keep(tok.convert_tokens_to_string([t]))]
-    return torch.tensor(sorted(ids), dtype=torch.long)
+class Vocabulary:
+    """A tokenizer's entries, read once, and their text as decoded (whatever the tokenizer's
+    word-boundary marker), decoded once each: the rules below look up a dozen token sets in it
+    (read afresh for each set, Gemma's 262k entries took 9 s)."""
+
+    def __init__(self, tok: PreTrainedTokenizerBase):
+        self.tok = tok
+        self.ids: dict[str, int] = tok.get_vocab()
+        self._texts: dict[str, str] = {}
+
+    def text(self, raw: str) -> str:
+        if raw not in self._texts:
+            self._texts[raw] = self.tok.convert_tokens_to_string([raw])
+        return self._texts[raw]
+
+    def where(self, keep: Callable[[str], bool], hint: Callable[[str], bool]) -> torch.Tensor:
+        """Ids of the entries whose decoded text satisfies ``keep``; ``hint`` pre-filters the raw
+        entries cheaply."""
+        ids = [i for raw, i in self.ids.items() if hint(raw) and keep(self.text(raw))]
+        return torch.tensor(sorted(ids), dtype=torch.long)
 
 
 STEER_MARGIN = 1e-4  # a steered token's score above the row's best remaining one, at least
@@ -61,16 +76,15 @@ def latest_hit(input_ids: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return (hits * torch.arange(1, input_ids.shape[1] + 1, device=input_ids.device)).max(1).values
 
 
-def side_word_ids(tok: PreTrainedTokenizerBase, word: str) -> torch.Tensor:
+def side_word_ids(vocab: Vocabulary, word: str) -> torch.Tensor:
     """Tokens that spell ``word`` (any case, with or without a leading word boundary)."""
-    return ids_where(tok, lambda text: text.strip().lower() == word, lambda raw: word in raw.lower())
+    return vocab.where(lambda text: text.strip().lower() == word, lambda raw: word in raw.lower())
 
 
-def sentence_end_ids(tok: PreTrainedTokenizerBase, marks: tuple[str, ...] = (".", ":")) -> torch.Tensor:
+def sentence_end_ids(vocab: Vocabulary, marks: tuple[str, ...] = (".", ":")) -> torch.Tensor:
     """Tokens that end a sentence or a heading: ``marks`` or line breaks (``marks=()``: line
     breaks alone)."""
-    return ids_where(
-        tok,
+    return vocab.where(
         lambda text: text.strip(" ") in marks or (text.strip(" ") != "" and not text.strip("\n ")),
         lambda raw: len(raw) <= 4,
     )
@@ -125,7 +139,8 @@ class AssessmentTokens:
 
     @classmethod
     def of(cls, tok: PreTrainedTokenizerBase, lexicon: Lexicon | None = None) -> AssessmentTokens:
-        vocab = tok.get_vocab()
+        words = Vocabulary(tok)
+        vocab = words.ids
         if any(f"BI-RADS {c}" not in vocab for c in BIRADS_CLASSES):
             raise MammorgError(
                 "generate.assessment needs BI-RADS categories as atomic terms (terminology.atomic_terms: true)"
@@ -134,8 +149,8 @@ class AssessmentTokens:
         densities = _spellings(vocab, density_terms) if density_terms else None
         return cls(
             _spellings(vocab, [f"BI-RADS {c}" for c in BIRADS_CLASSES]),
-            (side_word_ids(tok, "left"), side_word_ids(tok, "right")),
-            sentence_end_ids(tok),
+            (side_word_ids(words, "left"), side_word_ids(words, "right")),
+            sentence_end_ids(words),
             _plan_ids(vocab),
             _bracket_ids(vocab),
             densities if densities is not None and len(densities) else None,
@@ -398,9 +413,9 @@ class SentenceStarts:
     spaces: frozenset[int]
 
     @classmethod
-    def of(cls, tok: PreTrainedTokenizerBase) -> SentenceStarts:
-        spaces = ids_where(tok, lambda text: text != "" and not text.strip(" "), lambda raw: len(raw) <= 2)
-        return cls(frozenset(sentence_end_ids(tok).tolist()), frozenset(spaces.tolist()))
+    def of(cls, vocab: Vocabulary) -> SentenceStarts:
+        spaces = vocab.where(lambda text: text != "" and not text.strip(" "), lambda raw: len(raw) <= 2)
+        return cls(frozenset(sentence_end_ids(vocab).tolist()), frozenset(spaces.tolist()))
 
     def __call__(self, written: list[int]) -> bool:
         for token in reversed(written):
@@ -447,9 +462,8 @@ def piece_rules(tok: PreTrainedTokenizerBase, normalized: bool = True) -> list[P
     return list(rules.values())
 
 
-def _ids_of(tok: PreTrainedTokenizerBase, words: str) -> list[int]:
+def _ids_of(vocab: dict[str, int], words: str) -> list[int]:
     """The atomic token ids of a term: as written at a line start and mid-sentence."""
-    vocab = tok.get_vocab()
     return [vocab[t] for t in (words, " " + words) if t in vocab]
 
 
@@ -461,7 +475,8 @@ class ConsistentManagement(LogitsProcessor):
     def __init__(self, tok: PreTrainedTokenizerBase, normalized: bool = True):
         """``normalized``: the decoder learnt report text normalised to lexicon terms
         (``terminology.normalize``), which words recommendations differently."""
-        vocab = tok.get_vocab()
+        words = Vocabulary(tok)
+        vocab = words.ids
         found = [
             (vocab[t], c)
             for c in BIRADS_CLASSES
@@ -473,7 +488,7 @@ class ConsistentManagement(LogitsProcessor):
         plan_ids = {vocab[t] for row in KnowledgeVocabulary.plan_categories() for t in row if t in vocab}
         self.in_report = torch.tensor([i not in plan_ids for i, _ in found], dtype=torch.bool)
         self.severity = torch.tensor([float(birads_severity(c)) for c in self.classes])
-        self.terms = {term: torch.tensor(_ids_of(tok, term), dtype=torch.long) for term in MANAGEMENT}
+        self.terms = {term: torch.tensor(_ids_of(vocab, term), dtype=torch.long) for term in MANAGEMENT}
         self.rules = piece_rules(tok, normalized)
         self.spellings = {
             t: [s for s in spelts if s] for t, spelts in recommendation_spellings(tok, normalized).items()
@@ -481,12 +496,12 @@ class ConsistentManagement(LogitsProcessor):
         self.active = bool(found) and all(ids.numel() for ids in self.terms.values())
         self.tok = tok
         self.phrases = [(phrase, set(MANAGEMENT[term])) for phrase, term in MANAGEMENT_PHRASES]
-        self.full_stops = sentence_end_ids(tok, (".",))  # they end a category's name; ":" does not
-        self.opens_sentence = SentenceStarts.of(tok)
+        self.full_stops = sentence_end_ids(words, (".",))  # they end a category's name; ":" does not
+        self.opens_sentence = SentenceStarts.of(words)
         # tokens whose letters lie inside a management phrase: only these can write one
         inside = _inside_phrase([phrase for phrase, _ in MANAGEMENT_PHRASES])
         self.phrase_pieces = frozenset(
-            ids_where(tok, inside, lambda raw: inside(raw.replace("Ġ", " ").replace("▁", " "))).tolist()
+            words.where(inside, lambda raw: inside(raw.replace("Ġ", " ").replace("▁", " "))).tolist()
         )
 
     def stated(self, input_ids: torch.Tensor) -> tuple[list[set[str]], list[bool]]:

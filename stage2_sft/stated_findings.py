@@ -34,7 +34,7 @@ from transformers import LogitsProcessor, PreTrainedTokenizerBase
 
 from mammorg.io import MammorgError
 from mammorg.labels import FINDINGS
-from stage2_sft.constrained import ids_where, latest_hit, per_row, promote, sentence_end_ids, side_word_ids
+from stage2_sft.constrained import Vocabulary, latest_hit, per_row, promote, sentence_end_ids, side_word_ids
 from terminology.lexicon import Lexicon
 
 MASS = FINDINGS.index("mass")
@@ -49,9 +49,9 @@ def _first_pieces(tok: PreTrainedTokenizerBase, headings: tuple[str, ...]) -> to
     return torch.tensor(sorted(i for i in firsts if len(str(tok.decode([i])).strip()) >= 4), dtype=torch.long)
 
 
-def _mark_ids(tok: PreTrainedTokenizerBase, mark: str) -> torch.Tensor:
+def _mark_ids(vocab: Vocabulary, mark: str) -> torch.Tensor:
     """Tokens that spell the punctuation ``mark`` alone (with or without a word boundary)."""
-    return ids_where(tok, lambda text: text.strip(" ") == mark, lambda raw: len(raw) <= 4)
+    return vocab.where(lambda text: text.strip(" ") == mark, lambda raw: len(raw) <= 4)
 
 
 @dataclass(frozen=True)
@@ -77,7 +77,8 @@ class FindingTokens:
 
     @classmethod
     def of(cls, tok: PreTrainedTokenizerBase, lexicon: Lexicon) -> FindingTokens:
-        vocab = tok.get_vocab()
+        words = Vocabulary(tok)
+        vocab = words.ids
         finding_of = torch.full((max(len(tok), max(vocab.values()) + 1),), -1, dtype=torch.long)
         terms = [
             (t.term, FINDINGS.index(t.label["finding"])) for t in lexicon.terms if t.label.get("finding") in FINDINGS
@@ -93,26 +94,26 @@ class FindingTokens:
         named = {term.lower(): index for term, index in terms}
         last_word = re.compile("|".join(sorted({re.escape(term.split()[-1]) for term in named})), re.IGNORECASE)
         for raw, i in vocab.items():
-            spelt = tok.convert_tokens_to_string([raw]).strip().lower() if last_word.search(raw) else None
+            spelt = words.text(raw).strip().lower() if last_word.search(raw) else None
             if spelt in named:
                 finding_of[i] = named[spelt]
-        negations = ids_where(tok, lambda text: text.strip().lower() in NEGATIONS, lambda raw: len(raw) <= 10)
-        sides = (side_word_ids(tok, "left"), side_word_ids(tok, "right"))
-        colons = _mark_ids(tok, ":")
-        spaces = ids_where(tok, lambda text: text == " ", lambda raw: len(raw) <= 4)
-        categories = ids_where(tok, lambda text: text.strip().startswith("BI-RADS "), lambda raw: "BI-RADS" in raw)
+        negations = words.where(lambda text: text.strip().lower() in NEGATIONS, lambda raw: len(raw) <= 10)
+        sides = (side_word_ids(words, "left"), side_word_ids(words, "right"))
+        colons = _mark_ids(words, ":")
+        spaces = words.where(lambda text: text == " ", lambda raw: len(raw) <= 4)
+        categories = words.where(lambda text: text.strip().startswith("BI-RADS "), lambda raw: "BI-RADS" in raw)
         return cls(
             finding_of,
             negations,
-            sentence_end_ids(tok),
-            sentence_end_ids(tok, ()),
+            sentence_end_ids(words),
+            sentence_end_ids(words, ()),
             sides,
-            side_word_ids(tok, "breast"),
-            side_word_ids(tok, "the"),
+            side_word_ids(words, "breast"),
+            side_word_ids(words, "the"),
             colons,
             spaces,
             categories,
-            _mark_ids(tok, "."),
+            _mark_ids(words, "."),
             tuple(tok(" There is a", add_special_tokens=False)["input_ids"]),
             tuple(tok("There is a", add_special_tokens=False)["input_ids"]),
             torch.tensor(sorted(vocab[term] for term, _ in terms)),
