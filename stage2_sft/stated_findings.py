@@ -54,6 +54,13 @@ def _mark_ids(vocab: Vocabulary, mark: str) -> torch.Tensor:
     return vocab.where(lambda text: text.strip(" ") == mark, lambda raw: len(raw) <= 4)
 
 
+def _word_ends(vocab: Vocabulary, size: int) -> torch.Tensor:
+    """``[size]`` whether each token's text ends in a letter or a digit."""
+    ends = torch.zeros(size, dtype=torch.bool)
+    ends[vocab.where(lambda text: text[-1:].isalnum(), lambda raw: raw[-1:].isalnum())] = True
+    return ends
+
+
 @dataclass(frozen=True)
 class FindingTokens:
     """Token ids the findings constraint needs."""
@@ -74,6 +81,7 @@ class FindingTokens:
     line_terms: torch.Tensor  # the finding terms' spellings without a leading word boundary
     findings_heading: torch.Tensor  # "FINDINGS" (a section of one line per finding), its first piece
     impression_headings: torch.Tensor  # "IMPRESSION", "OPINION", their first pieces
+    word_ends: torch.Tensor  # [V] whether each token ends in a letter or digit (mid-word: no heading after it)
 
     @classmethod
     def of(cls, tok: PreTrainedTokenizerBase, lexicon: Lexicon) -> FindingTokens:
@@ -119,6 +127,7 @@ class FindingTokens:
             torch.tensor(sorted(vocab[term] for term, _ in terms)),
             _first_pieces(tok, ("FINDINGS",)),
             _first_pieces(tok, ("IMPRESSION", "OPINION")),
+            _word_ends(words, len(finding_of)),
         )
 
 
@@ -178,6 +187,7 @@ class StatedFindings(LogitsProcessor):
             empty = torch.where(named[0], ~decided[:, 0].any(1), named[1] & ~decided[:, 1].any(1))
             self.open_empty_lines(input_ids, scores, empty, top, choice)
             self.one_line_per_breast(input_ids, scores)
+            self.headings_open_lines(input_ids, scores)
             if self.continued:
                 side = torch.where(named[0], 0, torch.where(named[1], 1, -1))
                 line = latest["line"]
@@ -350,6 +360,16 @@ class StatedFindings(LogitsProcessor):
             ids = ids.to(device)
             opened = (torch.isin(input_ids, ids) & line_start).any(1) & at_start
             scores[:, ids] = scores[:, ids].masked_fill(opened[:, None], float("-inf"))
+
+    def headings_open_lines(self, input_ids: torch.Tensor, scores: torch.Tensor) -> None:
+        """In place: a section heading ("FINDINGS", "IMPRESSION", "OPINION") does not follow a
+        word (traced on the demo: "Left Breast: calcifications or diffuse in aIMPRESSION: Right
+        breast BI-RADS 1."); after a line break, a sentence's end or a plan it may."""
+        device = scores.device
+        mid_word = self.tokens.word_ends.to(device)[input_ids[:, -1]]
+        for ids in (self.tokens.findings_heading, self.tokens.impression_headings):
+            ids = ids.to(device)
+            scores[:, ids] = scores[:, ids].masked_fill(mid_word[:, None], float("-inf"))
 
     def open_empty_lines(
         self,

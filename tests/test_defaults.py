@@ -472,6 +472,8 @@ def test_a_findings_section_names_each_breast_and_its_own_spellings(local_decode
     out = scored(section + "There is a 9 mm round mass in the", int(right[0]))
     assert torch.isneginf(out[right]).all() and int(out.argmax()) in left.tolist()  # the breast whose mass is unnamed
     assert scored(section + "There is a 9 mm round mass in the Left breast.\n", impression).argmax() == impression
+    # a heading opens a line (traced on the demo: "... diffuse in aIMPRESSION: ...")
+    assert torch.isneginf(scored(section + "There is a 9 mm round mass in a", impression)[impression])
     out = scored("FINDINGS:\nThere is a 12 mm oval mass in the", breast[0])
     sides = left.tolist() + right.tolist()
     assert torch.isneginf(out[breast[0]]) and int(out.argmax()) in sides  # a breast, not "the breast"
