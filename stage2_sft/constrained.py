@@ -430,7 +430,8 @@ def _written_prefix(written: list[int], spelt: tuple[int, ...]) -> int:
     return next(fits, 0)
 
 
-def _spelt(tok: PreTrainedTokenizerBase, words: str) -> tuple[int, ...]:
+def spell(tok: PreTrainedTokenizerBase, words: str) -> tuple[int, ...]:
+    """The token ids of ``words`` as the tokenizer spells them (no special tokens)."""
     return tuple(tok(words, add_special_tokens=False)["input_ids"])
 
 
@@ -438,7 +439,7 @@ def recommendation_spellings(tok: PreTrainedTokenizerBase, normalized: bool = Tr
     """Each term's recommendation opening (normalised or raw wording) as the tokenizer spells it,
     at a line start and after a space."""
     wording = 0 if normalized else 1
-    return {term: [_spelt(tok, lead + w[wording]) for lead in ("", " ")] for term, w in RECOMMENDATIONS.items()}
+    return {term: [spell(tok, lead + w[wording]) for lead in ("", " ")] for term, w in RECOMMENDATIONS.items()}
 
 
 def piece_rules(tok: PreTrainedTokenizerBase, normalized: bool = True) -> list[PieceRule]:
@@ -446,7 +447,7 @@ def piece_rules(tok: PreTrainedTokenizerBase, normalized: bool = True) -> list[P
     the rest is written (anywhere), and each piece of a recommendation's opening written from a
     sentence start; each with the other terms whose openings share the pieces so far."""
     spellings = recommendation_spellings(tok, normalized)
-    openings = [(term, _spelt(tok, word), True) for term, word in OPENERS]
+    openings = [(term, spell(tok, word), True) for term, word in OPENERS]
     openings += [(term, spelt, False) for term, spelts in spellings.items() for spelt in spelts if len(spelt) > 1]
     rules: dict[tuple[str, tuple[int, ...], int], PieceRule] = {}
     for term, spelt, opener in openings:

@@ -474,6 +474,14 @@ def test_a_findings_section_names_each_breast_and_its_own_spellings(local_decode
     assert scored(section + "There is a 9 mm round mass in the Left breast.\n", impression).argmax() == impression
     # a heading opens a line (traced on the demo: "... diffuse in aIMPRESSION: ...")
     assert torch.isneginf(scored(section + "There is a 9 mm round mass in a", impression)[impression])
+    # a line naming no breast does not end a sentence that named a finding before it names its
+    # breast ("7.1" has a decimal point, not a sentence end): "in the left" (right) is written
+    period = vocab["."]
+    sideless = "OPINION: round mass in the lower outer quadrant at 8 o'clock, 7.1 cm from the nipple"
+    phrase = tokens.side_phrases[0]  # the fixture spells " of the Left" with the side word whole
+    assert phrase and int(scored(sideless, period).argmax()) == phrase[0]
+    assert int(scored(sideless + tok.decode(list(phrase[:-1])), period).argmax()) in left.tolist()
+    assert scored(sideless.replace("quadrant", "quadrant of the Left breast"), period).argmax() == period
     out = scored("FINDINGS:\nThere is a 12 mm oval mass in the", breast[0])
     sides = left.tolist() + right.tolist()
     assert torch.isneginf(out[breast[0]]) and int(out.argmax()) in sides  # a breast, not "the breast"
