@@ -52,6 +52,12 @@ class Vocabulary:
         ids = [i for raw, i in self.ids.items() if hint(raw) and keep(self.text(raw))]
         return torch.tensor(sorted(ids), dtype=torch.long)
 
+    def flags(self, keep: Callable[[str], bool], hint: Callable[[str], bool], size: int) -> torch.Tensor:
+        """``[size]`` whether each id is one of ``where(keep, hint)``."""
+        out = torch.zeros(size, dtype=torch.bool)
+        out[self.where(keep, hint)] = True
+        return out
+
 
 STEER_MARGIN = 1e-4  # a steered token's score above the row's best remaining one, at least
 

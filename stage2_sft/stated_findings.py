@@ -43,10 +43,16 @@ NEGATIONS = ("no", "not", "without", "negative", "obscure")
 
 def _first_pieces(tok: PreTrainedTokenizerBase, headings: tuple[str, ...]) -> torch.Tensor:
     """The first token of each heading as it opens a line (the whole heading where the
-    tokenizer learnt it from reports); none where that piece is too short to tell the heading
-    from other words (the rules that need it then stay off)."""
+    tokenizer learnt it from reports; Gemma's "IM" of "IM PRESS ION", an upper-case piece of two
+    letters or more); none where that piece is too short to tell the heading from other words
+    (the rules that need it then stay off)."""
+
+    def telling(i: int) -> bool:
+        text = str(tok.decode([i])).strip()
+        return len(text) >= 4 or (len(text) >= 2 and text.isalpha() and text.isupper())
+
     firsts = {tok(h, add_special_tokens=False)["input_ids"][0] for h in headings}
-    return torch.tensor(sorted(i for i in firsts if len(str(tok.decode([i])).strip()) >= 4), dtype=torch.long)
+    return torch.tensor(sorted(i for i in firsts if telling(i)), dtype=torch.long)
 
 
 def _side_phrase(tok: PreTrainedTokenizerBase, side_ids: torch.Tensor, side: str) -> tuple[int, ...]:
@@ -62,22 +68,6 @@ def _side_phrase(tok: PreTrainedTokenizerBase, side_ids: torch.Tensor, side: str
 def _mark_ids(vocab: Vocabulary, mark: str) -> torch.Tensor:
     """Tokens that spell the punctuation ``mark`` alone (with or without a word boundary)."""
     return vocab.where(lambda text: text.strip(" ") == mark, lambda raw: len(raw) <= 4)
-
-
-def _ends_in(vocab: Vocabulary, size: int, kind: str) -> torch.Tensor:
-    """``[size]`` whether each token's text ends in a letter or digit (``kind``: ``alnum``) or in a
-    digit (``digit``)."""
-    test = str.isalnum if kind == "alnum" else str.isdigit
-    ends = torch.zeros(size, dtype=torch.bool)
-    ends[vocab.where(lambda text: test(text[-1:]), lambda raw: test(raw[-1:]))] = True
-    return ends
-
-
-def _digit_starts(vocab: Vocabulary, size: int) -> torch.Tensor:
-    """``[size]`` whether each token's text starts with a digit (no word boundary before it)."""
-    starts = torch.zeros(size, dtype=torch.bool)
-    starts[vocab.where(lambda text: text[:1].isdigit(), lambda raw: raw[:1].isdigit())] = True
-    return starts
 
 
 @dataclass(frozen=True)
@@ -109,7 +99,8 @@ class FindingTokens:
     def of(cls, tok: PreTrainedTokenizerBase, lexicon: Lexicon) -> FindingTokens:
         words = Vocabulary(tok)
         vocab = words.ids
-        finding_of = torch.full((max(len(tok), max(vocab.values()) + 1),), -1, dtype=torch.long)
+        size = max(len(tok), max(vocab.values()) + 1)
+        finding_of = torch.full((size,), -1, dtype=torch.long)
         terms = [
             (t.term, FINDINGS.index(t.label["finding"])) for t in lexicon.terms if t.label.get("finding") in FINDINGS
         ]
@@ -150,9 +141,9 @@ class FindingTokens:
             torch.tensor(sorted(vocab[term] for term, _ in terms)),
             _first_pieces(tok, ("FINDINGS",)),
             _first_pieces(tok, ("IMPRESSION", "OPINION")),
-            _ends_in(words, len(finding_of), "alnum"),
-            _ends_in(words, len(finding_of), "digit"),
-            _digit_starts(words, len(finding_of)),
+            words.flags(lambda text: text[-1:].isalnum(), lambda raw: raw[-1:].isalnum(), size),
+            words.flags(lambda text: text[-1:].isdigit(), lambda raw: raw[-1:].isdigit(), size),
+            words.flags(lambda text: text[:1].isdigit(), lambda raw: raw[:1].isdigit(), size),
         )
 
 
@@ -481,13 +472,11 @@ class StatedFindings(LogitsProcessor):
         unsided = written.any(1) & ~sided & torch.isin(input_ids[:, -1], self.tokens.the.to(device))
         breast = self.tokens.breast.to(device)
         scores[:, breast] = scores[:, breast].masked_fill(unsided[:, None], float("-inf"))
-        best = torch.stack([scores[:, ids].max(1).values for ids in sides], 1)  # [B, 2]
-        pick = torch.where(fits.all(1), best.argmax(1), fits[:, 1].long())
-        self.place(input_ids, scores, torch.where(written.any(1) & ~sided & fits.any(1), pick, -1), top, choice)
+        best = torch.stack([scores[:, ids].max(1).values for ids in sides], 1)  # [B, 2] after the blocks
+        pick = torch.where(fits.all(1), best.argmax(1), fits[:, 1].long())  # the fitting breast (of two, the likelier)
+        self.place(input_ids, scores, torch.where(fits.any(1) & ~sided, pick, -1), top, choice)
         words = torch.cat([*sides, breast])
         headed = torch.isin(top, words) & torch.isneginf(scores.gather(1, top[:, None]).squeeze(1))
-        best = torch.stack([scores[:, ids].max(1).values for ids in sides], 1)
-        pick = best.argmax(1)
         rows = (headed & fits.any(1) & ~torch.isneginf(best.max(1).values)).nonzero().squeeze(1)
         for side, ids in enumerate(sides):
             mine = rows[pick[rows] == side]

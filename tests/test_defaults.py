@@ -493,3 +493,23 @@ def test_stated_findings_needs_knowledge_and_atomic_terms():
         load_config("stage2/tiny", Stage2Config, ["knowledge.mode=none", "generate.assessment=plan"])
     with pytest.raises(MammorgError, match="generate.findings=stage1 needs finding terms as atomic"):
         load_config("stage2/tiny", Stage2Config, ["terminology.atomic_terms=false"])
+
+
+def test_section_headings_split_into_pieces_are_still_found():
+    """Gemma spells "IMPRESSION" as "IM PRESS ION": its first piece, upper case, still marks the
+    heading (the section rules were silently off for Gemma); a piece of one letter, or not upper
+    case, cannot tell a heading from other words."""
+    from stage2_sft.stated_findings import _first_pieces
+
+    spelling = {"IMPRESSION": [10, 11, 12], "OPINION": [20, 21], "FINDINGS": [30, 31]}
+    texts = {10: "IM", 20: "Op", 30: "F"}
+
+    class Pieces:
+        def __call__(self, text: str, add_special_tokens: bool = False) -> dict:
+            return {"input_ids": spelling[text]}
+
+        def decode(self, ids: list[int]) -> str:
+            return texts[ids[0]]
+
+    assert _first_pieces(Pieces(), ("IMPRESSION", "OPINION")).tolist() == [10]
+    assert _first_pieces(Pieces(), ("FINDINGS",)).tolist() == []
