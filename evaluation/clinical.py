@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -155,6 +156,10 @@ def birads_macro_f1_codes(ref: np.ndarray, pred: np.ndarray) -> float:
     return float(np.mean(2 * tp[present] / (support[present] + predicted[present])))
 
 
+def _mean_of(key: str, scores: dict[str, np.ndarray], index: np.ndarray) -> float:
+    return float(scores[key][index].mean())
+
+
 def paired_bootstrap(
     a: dict[str, np.ndarray], b: dict[str, np.ndarray], n: int = 2000, seed: int = 0
 ) -> dict[str, dict]:
@@ -175,7 +180,7 @@ def paired_bootstrap(
         stats["birads_f1"] = lambda s, i: birads_macro_f1_codes(s["birads_ref"][i], s["birads_pred"][i])
     for key in ("rouge_l", "cider"):  # per-report scores (``nlg_per_exam``), where both systems have them
         if key in a and key in b:
-            stats[key] = lambda s, i, key=key: s[key][i].mean()
+            stats[key] = functools.partial(_mean_of, key)
     out = {}
     for key, stat in stats.items():
         full = np.arange(m)
