@@ -142,7 +142,8 @@ class Batcher:
         linger: float = 0.25,
         slots: int = 1,
     ):
-        self.run, self.max_batch, self.linger, self.slots = run, max_batch, linger, slots
+        self.run, self.max_batch, self.linger, self.slots, self.limit = run, max_batch, linger, slots, limit
+        self.loop: asyncio.AbstractEventLoop | None = None  # the event loop the queue and worker belong to
         self.queue: asyncio.Queue = asyncio.Queue(limit)
         self.worker: asyncio.Task | None = None
         self.running: set[asyncio.Task] = set()  # the batches being reported on
@@ -150,9 +151,12 @@ class Batcher:
         self.finished = float("-inf")  # when it ended (event-loop time)
 
     async def report(self, views: Any) -> ExamReport:
+        loop = asyncio.get_running_loop()
+        if loop is not self.loop:  # a new event loop (a restarted server, a test client): start afresh
+            self.loop, self.queue, self.worker = loop, asyncio.Queue(self.limit), None
         if self.queue.full():
             raise HTTPException(503, f"the service is busy ({self.queue.qsize()} exams waiting); try again shortly")
-        future = asyncio.get_running_loop().create_future()
+        future = loop.create_future()
         await self.queue.put((views, future))
         if self.worker is None or self.worker.done():
             self.worker = asyncio.create_task(self._run())
