@@ -114,6 +114,13 @@ def _md_table_html(m: dict) -> str:
     return "<table>" + "".join(f"<tr><td>{k}</td><td>{_fmt(m.get(k))}</td></tr>" for k in keys) + "</table>"
 
 
+def paired_scores(
+    texts: list[str], structured: list[StructuredReport], ref_texts: list[str], refs: list[StructuredReport]
+) -> dict[str, np.ndarray]:
+    """Per-exam scores for ``paired_bootstrap``: the clinical ones and ROUGE-L and CIDEr."""
+    return {**per_exam_scores(structured, refs), **nlg_per_exam(texts, ref_texts)}
+
+
 def evaluate_files(pred_path, ref_path, out_dir, pred_b_path=None, bootstrap: int = 1000, meteor: bool = True) -> dict:
     """Evaluate aligned JSONL files and write metrics.json, metrics.md, PNGs and index.html."""
     pred, ref = load_texts(pred_path, allow_empty=True), load_texts(ref_path)
@@ -124,8 +131,8 @@ def evaluate_files(pred_path, ref_path, out_dir, pred_b_path=None, bootstrap: in
         pred_b = load_texts(pred_b_path, allow_empty=True)
         aligned(pred_b, ref, pred_b_path, ref_path)
         texts_b = [pred_b[i] for i in ids]
-        a = {**per_exam_scores(preds, refs), **nlg_per_exam(pred_texts, ref_texts)}
-        b = {**per_exam_scores([parse_report(t) for t in texts_b], refs), **nlg_per_exam(texts_b, ref_texts)}
+        a = paired_scores(pred_texts, preds, ref_texts, refs)
+        b = paired_scores(texts_b, [parse_report(t) for t in texts_b], ref_texts, refs)
         metrics["paired_vs_b"] = paired_bootstrap(a, b)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

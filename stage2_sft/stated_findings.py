@@ -147,6 +147,32 @@ class FindingTokens:
         )
 
 
+def write_phrase(
+    input_ids: torch.Tensor,
+    scores: torch.Tensor,
+    rows: torch.Tensor,
+    phrase: tuple[int, ...],
+    start: torch.Tensor,
+    top: torch.Tensor,
+    choice: torch.Tensor,
+    after: torch.Tensor | None = None,
+) -> None:
+    """In place: ``rows`` (``[B]``) write ``phrase`` token by token: its first token where
+    ``start`` (``[B]``), each next one where the text ends with the phrase's beginning (which
+    follows one of ``after``, if given) and the decoder would write something else."""
+    device = scores.device
+    length = input_ids.shape[1]
+    for k in range(min(len(phrase), length if after is not None else length + 1)):
+        tail = input_ids[:, length - k :]
+        go = rows & (start if k == 0 else top != phrase[k])
+        go &= (tail == torch.tensor(phrase[:k], dtype=torch.long, device=device)).all(1)
+        if after is not None:
+            go &= torch.isin(input_ids[:, -k - 1], after.to(device))
+        hit = go.nonzero().squeeze(1)
+        if len(hit):
+            promote(scores, hit, phrase[k], choice[hit])
+
+
 class StatedFindings(LogitsProcessor):
     """Findings and their sides held to stage 1's decisions (``decided``: ``[N, 2, 7]``, L and R)
     outside negated sentences."""
@@ -372,13 +398,7 @@ class StatedFindings(LogitsProcessor):
             best = scores[rows][:, term_ids].masked_fill(~wanted[rows], float("-inf")).argmax(1)
             promote(scores, rows, term_ids[best], choice[rows])
         mass = remaining[:, MASS] & ~others.any(1)
-        for k in range(min(len(opener), input_ids.shape[1])):  # "There is a", token by token
-            tail = input_ids[:, input_ids.shape[1] - k :]
-            matched = torch.isin(input_ids[:, -k - 1], boundary)
-            matched &= (tail == torch.tensor(opener[:k], dtype=torch.long, device=device)).all(1)
-            rows = (mass & matched & (closes if k == 0 else top != opener[k])).nonzero().squeeze(1)
-            if len(rows):
-                promote(scores, rows, opener[k], choice[rows])
+        write_phrase(input_ids, scores, mass, opener, closes, top, choice, boundary)  # "There is a"
 
     def one_line_per_breast(self, input_ids: torch.Tensor, scores: torch.Tensor) -> None:
         """In place: a side word cannot open a second line ("Left Breast: ..." twice; no reference
@@ -500,18 +520,8 @@ class StatedFindings(LogitsProcessor):
         ends = torch.cat([self.tokens.periods, self.tokens.line_breaks]).to(device)
         ending = torch.isin(top, ends) & ~self.tokens.digit_ends.to(device)[input_ids[:, -1]]  # not "7.1"
         for s, phrase in enumerate(self.tokens.side_phrases):
-            mine = side == s
-            if not phrase:  # the tokenizer splits the side word: the rule is off for this side
-                continue
-            rows = (mine & ending).nonzero().squeeze(1)
-            if len(rows):
-                promote(scores, rows, phrase[0], choice[rows])
-            for k in range(1, min(len(phrase), input_ids.shape[1] + 1)):
-                tail = input_ids[:, input_ids.shape[1] - k :]
-                matched = (tail == torch.tensor(phrase[:k], dtype=torch.long, device=device)).all(1)
-                rows = (mine & matched & (top != phrase[k])).nonzero().squeeze(1)
-                if len(rows):
-                    promote(scores, rows, phrase[k], choice[rows])
+            if phrase:  # empty: the tokenizer splits the side word, the rule is off for this side
+                write_phrase(input_ids, scores, side == s, phrase, ending, top, choice)
 
 
 class PlannedFindings(LogitsProcessor):

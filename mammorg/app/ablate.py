@@ -17,8 +17,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from evaluation.clinical import paired_bootstrap, per_exam_scores
-from evaluation.nlg import nlg_per_exam
+from evaluation.clinical import paired_bootstrap
+from evaluation.evaluate import paired_scores
 from mammorg.app.config import AblationConfig, PipelineConfig
 from mammorg.app.pipeline import Pipeline, parsed_references, stage1_as_report_metrics, stage1_reports
 from mammorg.config import load_config, resolve_config, save_config
@@ -71,8 +71,12 @@ def _pooled_scores(
     pooled: dict[str, list] = {}
     for seed in seeds:
         gen = GeneratedReport.read(out / f"runs/{name}/seed{seed}/generated.jsonl")
-        scores = per_exam_scores([g.structured for g in gen], [refs[g.exam_id] for g in gen])
-        scores.update(nlg_per_exam([g.text for g in gen], [ref_texts[g.exam_id] for g in gen]))
+        scores = paired_scores(
+            [g.text for g in gen],
+            [g.structured for g in gen],
+            [ref_texts[g.exam_id] for g in gen],
+            [refs[g.exam_id] for g in gen],
+        )
         for k, v in scores.items():
             pooled.setdefault(k, []).append(v)
     return {k: np.concatenate(v) for k, v in pooled.items()}
