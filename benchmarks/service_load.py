@@ -28,6 +28,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+from mammorg.app.workers import default_workers
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -65,7 +67,7 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=200)
     ap.add_argument("--clients", type=int, default=4)
     ap.add_argument("--batch-wait", type=float, default=None, help="the service's --batch-wait (default: its own)")
-    ap.add_argument("--workers", type=int, default=1, help="the service's --workers (model worker processes)")
+    ap.add_argument("--workers", type=int, default=None, help="the service's --workers (default: its own)")
     args = ap.parse_args()
     bundle = Path(args.bundle)
     if not (bundle / "metadata.json").exists():
@@ -78,7 +80,7 @@ def main() -> None:
     server = subprocess.Popen(
         [sys.executable, "-m", "mammorg", "serve", "--bundle", str(bundle), "--port", str(port)]
         + ([] if args.batch_wait is None else ["--batch-wait", str(args.batch_wait)])
-        + ["--workers", str(args.workers)],
+        + ([] if args.workers is None else ["--workers", str(args.workers)]),
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
         stderr=log,
@@ -134,7 +136,7 @@ def main() -> None:
                 "benchmark": "service_load",
                 "requests": args.requests,
                 "clients": args.clients,
-                "workers": args.workers,
+                "workers": default_workers() if args.workers is None else args.workers,
                 "errors": sum(s != 200 for s in statuses),
                 "single_request_s": round(single, 3),
                 "single_request_after_s": round(single_after, 3),

@@ -228,10 +228,14 @@ def test_service_with_model_workers_reports_like_the_service_alone(service, demo
     from fastapi.testclient import TestClient
 
     from mammorg.app.serve import create_app
+    from mammorg.app.workers import ModelWorkers
 
     alone, reporter = service
     expected = alone.post("/report", files=_files(new_exam), headers=AUTH).json()["text"]
-    with TestClient(create_app(reporter, token="s3cret", workers=2)) as client, ThreadPoolExecutor(4) as pool:
+    with (
+        TestClient(create_app(ModelWorkers(reporter.bundle.folder, 2), token="s3cret")) as client,
+        ThreadPoolExecutor(4) as pool,
+    ):
         answers = list(pool.map(lambda _: client.post("/report", files=_files(new_exam), headers=AUTH), range(4)))
     assert [a.status_code for a in answers] == [200] * 4
     assert all(a.json()["text"] == expected for a in answers)
@@ -342,3 +346,30 @@ def test_batcher_gathers_the_clients_it_just_answered():
     sizes, alone = asyncio.run(run())
     assert alone < 0.15
     assert sizes[-5:] == [4] * 5, sizes
+
+
+def test_batcher_shares_the_clients_among_its_slots():
+    """Two model workers (slots) and four clients in a closed loop: each batch takes its share
+    of the four (2); before, one slot waited for all four and the other stayed idle."""
+    import asyncio
+
+    from mammorg.app.serve import Batcher
+
+    sizes: list[int] = []
+
+    async def report_many(exams):
+        sizes.append(len(exams))
+        await asyncio.sleep(0.05)  # a worker process: the slots run at once
+        return list(exams)
+
+    async def client(batcher: Batcher, n: int, upload: float) -> None:
+        for _ in range(n):
+            await batcher.report("exam")
+            await asyncio.sleep(upload)
+
+    async def run() -> None:
+        batcher = Batcher(report_many, linger=0.2, slots=2)  # type: ignore[arg-type]
+        await asyncio.gather(*(client(batcher, 12, 0.01 + 0.002 * i) for i in range(4)))
+
+    asyncio.run(run())
+    assert sizes[-6:] == [2] * 6, sizes

@@ -225,6 +225,17 @@ class Bundle:
     metadata: dict[str, Any]
 
 
+def load_spec(folder: str | Path) -> PreprocessSpec:
+    """A verified bundle's preprocessing spec alone (what a service front needs, no model)."""
+    folder = Path(folder)
+    verify(folder)
+    return _spec(folder)
+
+
+def _spec(folder: Path) -> PreprocessSpec:
+    return PreprocessSpec(**json.loads((folder / "preprocess.json").read_text()))
+
+
 def load_bundle(folder: str | Path, trust_pickle: bool = False, device: str = "cpu") -> Bundle:
     """Verify and load a bundle: stage-1 model, generator, tokenizer, preprocessing spec."""
     folder = Path(folder)
@@ -234,7 +245,7 @@ def load_bundle(folder: str | Path, trust_pickle: bool = False, device: str = "c
     stage1.load_state_dict(load_tensors(folder / "stage1" / WEIGHTS))
     s2_cfg = load_config(folder / "stage2_config.yaml", Stage2Config)
     generator, tok = ReportGenerator.from_pretrained(folder)
-    spec = PreprocessSpec(**json.loads((folder / "preprocess.json").read_text()))
+    spec = _spec(folder)
     reporter = Reporter.from_config(s2_cfg, generator, tok, torch.device(device))
     return Bundle(
         folder,

@@ -375,9 +375,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--workers",
         type=int,
-        default=1,
-        help="model worker processes, each with the bundle and cores/N torch threads (default 1: in-process; "
-        "2 on a 2-core CPU: faster under load, slower for a lone exam)",
+        default=None,
+        help="model worker processes, each with the bundle and cores/N torch threads (1: the model in the "
+        "service's process; default: 2 with two cores or more, faster under load, slower for a lone exam)",
     )
     s.set_defaults(func=_cmd_serve)
     s = sub.add_parser("demo", help="the whole pipeline on synthetic exams")

@@ -27,7 +27,7 @@ from mammorg.app.bundle import Bundle, load_bundle, rehash
 from mammorg.geometry import GEOMETRY_KEYS
 from mammorg.io import MammorgError, write_text_atomic
 from mammorg.labels import SIDES, VIEWS
-from mammorg.preprocess import from_uint16, preprocess_dataset, preprocess_file, to_uint16
+from mammorg.preprocess import PreprocessSpec, from_uint16, preprocess_dataset, preprocess_file, to_uint16
 from mammorg.raster import RASTER_SUFFIXES
 from mammorg.schema import Stage1Prediction, StructuredReport
 from stage1_classification.inference import exam_record
@@ -131,15 +131,13 @@ def exam_files(inputs: Sequence[str | Path]) -> list[Path]:
     return paths
 
 
-class ExamReporter:
-    """A loaded bundle that reports on exams (see the module docstring)."""
+class ViewLoader:
+    """Reads an exam's views (files, or in-memory DICOM datasets) and preprocesses them like the
+    training cache (the bundle's spec, the same uint16 quantisation). Needs no model: the
+    service's front uses it alone when the model runs in worker processes."""
 
-    def __init__(self, bundle: Bundle):
-        self.bundle = bundle
-
-    @classmethod
-    def load(cls, folder: str | Path, trust_pickle: bool = False, device: str = "cpu") -> ExamReporter:
-        return cls(load_bundle(folder, trust_pickle, device))
+    def __init__(self, spec: PreprocessSpec):
+        self.spec = spec
 
     def load_views(self, files: Iterable[Path]) -> ExamViews:
         """Preprocess each file like the training cache (same spec, same uint16 quantisation)."""
@@ -148,11 +146,39 @@ class ExamReporter:
             raise MammorgError(f"{files[0].parent}: {len(files)} images; an exam has at most four views")
         views = ExamViews({})
         for path in files:
-            img, view, meta = preprocess_file(path, self.bundle.spec, require_view=True)
+            img, view, meta = preprocess_file(path, self.spec, require_view=True)
             raster = path.suffix.lower() in RASTER_SUFFIXES
             header = None if raster else pydicom.dcmread(str(path), stop_before_pixels=True)
             views.add(view, img, meta, str(path), header)
         return views
+
+    def load_datasets(self, datasets: Sequence[Any]) -> ExamViews:
+        """Preprocess an exam given as in-memory DICOM datasets (``pydicom.Dataset``), decoded
+        where they are (errors name them "file 1", "file 2", ... in the order given)."""
+        if len(datasets) > len(VIEWS):
+            raise MammorgError(f"{len(datasets)} images; an exam has at most four views")
+        views = ExamViews({})
+        for i, ds in enumerate(datasets):
+            name = f"file {i + 1}"
+            img, view, meta = preprocess_dataset(ds, name, self.spec, require_view=True)
+            views.add(view, img, meta, name, _header(ds))
+        return views
+
+
+class ExamReporter:
+    """A loaded bundle that reports on exams (see the module docstring)."""
+
+    def __init__(self, bundle: Bundle):
+        self.bundle = bundle
+        self.views = ViewLoader(bundle.spec)
+
+    @classmethod
+    def load(cls, folder: str | Path, trust_pickle: bool = False, device: str = "cpu") -> ExamReporter:
+        return cls(load_bundle(folder, trust_pickle, device))
+
+    def load_views(self, files: Iterable[Path]) -> ExamViews:
+        """Preprocess each file like the training cache (``ViewLoader.load_views``)."""
+        return self.views.load_views(files)
 
     @torch.no_grad()
     def stage1(self, exams: Sequence[ExamViews]) -> list[Stage1Result]:
@@ -230,16 +256,8 @@ class ExamReporter:
         return self.report_views(self.load_views(exam_files(inputs)))
 
     def load_datasets(self, datasets: Sequence[Any]) -> ExamViews:
-        """Preprocess an exam given as in-memory DICOM datasets (``pydicom.Dataset``), decoded
-        where they are (errors name them "file 1", "file 2", ... in the order given)."""
-        if len(datasets) > len(VIEWS):
-            raise MammorgError(f"{len(datasets)} images; an exam has at most four views")
-        views = ExamViews({})
-        for i, ds in enumerate(datasets):
-            name = f"file {i + 1}"
-            img, view, meta = preprocess_dataset(ds, name, self.bundle.spec, require_view=True)
-            views.add(view, img, meta, name, _header(ds))
-        return views
+        """Preprocess in-memory DICOM datasets (``ViewLoader.load_datasets``)."""
+        return self.views.load_datasets(datasets)
 
     def report_datasets(self, datasets: Sequence[Any]) -> ExamReport:
         """The report of one exam given as in-memory DICOM datasets (``pydicom.Dataset``)."""

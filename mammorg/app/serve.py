@@ -33,8 +33,9 @@ import itertools
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 from typing import Any
 
 import pydicom
@@ -43,9 +44,9 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydicom.errors import InvalidDicomError
 from starlette.concurrency import run_in_threadpool
 
-from mammorg.app.reporting import ExamReport, ExamReporter
+from mammorg.app.reporting import ExamReport, ExamReporter, ExamViews
 from mammorg.app.results import STYLE, stage1_summary, views_png
-from mammorg.app.workers import ModelWorkers
+from mammorg.app.workers import ModelWorkers, default_workers
 from mammorg.io import MammorgError
 from mammorg.labels import VIEWS
 
@@ -60,8 +61,7 @@ def _version(package: str) -> str | None:
         return None
 
 
-def health_record(reporter: ExamReporter) -> dict[str, Any]:
-    folder = reporter.bundle.folder
+def health_record(folder: Path) -> dict[str, Any]:
     meta = folder / "metadata.json"
     return {
         "status": "ok",
@@ -128,11 +128,13 @@ class Batcher:
     batch (in the service's process, or in a model worker: ``mammorg.app.workers``); up to
     ``slots`` batches run at once (one per worker).
 
-    Under load the model also waits (at most ``linger`` seconds) for as many exams as were in the
-    service when the last batch ended (that batch's plus those queued): the clients just answered
-    send their next exams while the queued ones run, and without the wait the batches settle into
-    a lone exam and the rest (traced with 4 clients: batches of 1 and 3, alternating, never 4). An
-    idle service (its last batch ended longer than ``linger`` ago) starts at once."""
+    Under load the model also waits (at most ``linger`` seconds) for its share of the exams that
+    were in the service when the last batch ended (that batch's, those queued and those in other
+    running batches, shared among the ``slots``): the clients just answered send their next exams
+    while the others run, and without the wait the batches settle into a lone exam and the rest
+    (traced with 4 clients: batches of 1 and 3, alternating, never 4; with two slots and no
+    sharing, one slot waited for all four and the other stayed idle). An idle service (its last
+    batch ended longer than ``linger`` ago) starts at once."""
 
     def __init__(
         self,
@@ -146,8 +148,8 @@ class Batcher:
         self.loop: asyncio.AbstractEventLoop | None = None  # the event loop the queue and worker belong to
         self.queue: asyncio.Queue = asyncio.Queue(limit)
         self.worker: asyncio.Task | None = None
-        self.running: set[asyncio.Task] = set()  # the batches being reported on
-        self.expected = 1  # exams in the service when the last batch ended (its own and those queued)
+        self.running: dict[asyncio.Task, int] = {}  # the batches being reported on, with their sizes
+        self.expected = 1  # exams in the service when the last batch ended (its own, queued, running)
         self.finished = float("-inf")  # when it ended (event-loop time)
 
     async def report(self, views: Any) -> ExamReport:
@@ -168,7 +170,7 @@ class Batcher:
         batch = [await self.queue.get()]
         start = loop.time()
         busy = start - self.finished < self.linger
-        target = min(self.max_batch, self.expected if busy else 1)
+        target = min(self.max_batch, -(-self.expected // self.slots) if busy else 1)
         while len(batch) < self.max_batch:
             if not self.queue.empty():
                 batch.append(self.queue.get_nowait())
@@ -186,10 +188,14 @@ class Batcher:
         free = asyncio.Semaphore(self.slots)
         while True:
             await free.acquire()
-            task = asyncio.create_task(self._answer(await self.collect()))
-            self.running.add(task)
-            task.add_done_callback(self.running.discard)
+            batch = await self.collect()
+            task = asyncio.create_task(self._answer(batch))
+            self.running[task] = len(batch)
+            task.add_done_callback(self._done)
             task.add_done_callback(lambda _: free.release())
+
+    def _done(self, task: asyncio.Task) -> None:
+        self.running.pop(task, None)
 
     async def _answer(self, batch: list[tuple[Any, asyncio.Future]]) -> None:
         try:
@@ -204,7 +210,8 @@ class Batcher:
                     future.set_result((await self.run([views]))[0])
                 except Exception as exc:
                     future.set_exception(exc)
-        self.expected = len(batch) + self.queue.qsize()
+        others = sum(self.running.values()) - len(batch)  # exams in the batches still running
+        self.expected = len(batch) + self.queue.qsize() + others
         self.finished = asyncio.get_running_loop().time()
 
 
@@ -232,32 +239,35 @@ async def read_uploads(files: list[UploadFile], max_bytes: int, max_views: int) 
 
 
 def create_app(
-    reporter: ExamReporter,
+    model: ExamReporter | ModelWorkers,
     token: str | None = None,
     max_upload_mb: float = 64.0,
     max_views: int = len(VIEWS),
     max_waiting: int = 32,
     batch_wait: float = 0.25,
-    workers: int = 1,
 ) -> FastAPI:
-    """The service around a loaded bundle (see the module docstring); ``workers`` > 1: the model
-    runs in that many worker processes (``mammorg.app.workers``), started before this returns."""
-    pool = ModelWorkers(reporter.bundle.folder, workers) if workers > 1 else None
+    """The service (see the module docstring) around a bundle loaded in this process
+    (``ExamReporter``) or in model worker processes (``ModelWorkers``, closed with the app)."""
+    if isinstance(model, ModelWorkers):
+        pool = model
+        run, slots, views, folder = pool.report_many, pool.workers, pool.views, pool.folder
+    else:
+        reporter = model
+
+        async def in_process(exams: Sequence[ExamViews]) -> list[ExamReport]:
+            return await run_in_threadpool(reporter.report_many, exams)
+
+        run, slots, views, folder = in_process, 1, reporter.views, reporter.bundle.folder
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         yield
-        if pool is not None:
-            pool.close()
+        if isinstance(model, ModelWorkers):
+            model.close()
 
     app = FastAPI(title="mammorg reporting", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
-
-    async def in_process(exams: list[Any]) -> list[ExamReport]:
-        return await run_in_threadpool(reporter.report_many, exams)
-
-    run = in_process if pool is None else pool.report_many
-    batcher = Batcher(run, limit=max_waiting, linger=batch_wait, slots=workers)
-    health = health_record(reporter)
+    batcher = Batcher(run, limit=max_waiting, linger=batch_wait, slots=slots)
+    health = health_record(folder)
     counter = itertools.count(1)
     max_bytes = int(max_upload_mb * (1 << 20))
 
@@ -295,8 +305,8 @@ def create_app(
                 raise HTTPException(413, f"upload larger than {max_upload_mb:g} MiB")
             datasets = await read_uploads(files, max_bytes, max_views)
             try:  # preprocessing runs beside other requests; the model takes exams in batches
-                views = await run_in_threadpool(reporter.load_datasets, datasets)
-                report: ExamReport = await batcher.report(views)
+                exam = await run_in_threadpool(views.load_datasets, datasets)
+                report: ExamReport = await batcher.report(exam)
             except MammorgError as exc:
                 raise HTTPException(422, str(exc).splitlines()[0]) from None
             status = 200
@@ -326,13 +336,18 @@ def serve(
     token: str | None = None,
     max_upload_mb: float = 64.0,
     batch_wait: float = 0.25,
-    workers: int = 1,
+    workers: int | None = None,
 ) -> None:
-    """Load the bundle once (and once per model worker) and serve it with uvicorn."""
+    """Load the bundle once (in this process, or once per model worker with ``workers`` > 1: this
+    process then holds only its preprocessing) and serve it with uvicorn. ``workers`` None: the
+    default for this machine (``default_workers``)."""
     import uvicorn
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if host not in ("127.0.0.1", "localhost", "::1") and token is None:
         LOG.warning("serving on %s without a token: anyone who can reach it can send exams", host)
-    app = create_app(ExamReporter.load(bundle), token, max_upload_mb, batch_wait=batch_wait, workers=workers)
+    workers = default_workers() if workers is None else workers
+    LOG.info("loading %s in %s", Path(bundle).name, f"{workers} model workers" if workers > 1 else "this process")
+    model = ModelWorkers(bundle, workers) if workers > 1 else ExamReporter.load(bundle)
+    app = create_app(model, token, max_upload_mb, batch_wait=batch_wait)
     uvicorn.run(app, host=host, port=port, log_level="info", access_log=False)
