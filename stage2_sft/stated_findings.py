@@ -55,11 +55,12 @@ def _first_pieces(tok: PreTrainedTokenizerBase, headings: tuple[str, ...]) -> to
     return torch.tensor(sorted(i for i in firsts if telling(i)), dtype=torch.long)
 
 
-def _side_phrase(tok: PreTrainedTokenizerBase, side_ids: torch.Tensor, side: str) -> tuple[int, ...]:
+def _side_phrase(tok: PreTrainedTokenizerBase, side_ids: torch.Tensor, side: str, lead: str = " ") -> tuple[int, ...]:
     """ " of the left" (or " of the Left") as the tokenizer spells it with the side word whole
-    (the rules see a breast named only in whole side words); none if it spells neither so."""
+    (the rules see a breast named only in whole side words); none if it spells neither so.
+    ``lead=""``: spelled without its leading word boundary (to follow a lone boundary token)."""
     for word in (side, side.capitalize()):
-        phrase = spell(tok, f" of the {word}")
+        phrase = spell(tok, f"{lead}of the {word}")
         if phrase and phrase[-1] in side_ids.tolist():
             return phrase
     return ()
@@ -88,6 +89,7 @@ class FindingTokens:
     mass_opener: tuple[int, ...]  # " There is a"
     mass_line_opener: tuple[int, ...]  # "There is a" (at a line start)
     side_phrases: tuple[tuple[int, ...], tuple[int, ...]]  # " of the left", " of the right" (empty: not whole)
+    bare_side_phrases: tuple[tuple[int, ...], tuple[int, ...]]  # "of the left", ... (after a lone boundary)
     line_terms: torch.Tensor  # the finding terms' spellings without a leading word boundary
     findings_heading: torch.Tensor  # "FINDINGS" (a section of one line per finding), its first piece
     impression_headings: torch.Tensor  # "IMPRESSION", "OPINION", their first pieces
@@ -138,6 +140,7 @@ class FindingTokens:
             spell(tok, " There is a"),
             spell(tok, "There is a"),
             (_side_phrase(tok, sides[0], "left"), _side_phrase(tok, sides[1], "right")),
+            (_side_phrase(tok, sides[0], "left", ""), _side_phrase(tok, sides[1], "right", "")),
             torch.tensor(sorted(vocab[term] for term, _ in terms)),
             _first_pieces(tok, ("FINDINGS",)),
             _first_pieces(tok, ("IMPRESSION", "OPINION")),
@@ -214,6 +217,8 @@ class StatedFindings(LogitsProcessor):
             allowed = torch.where(
                 named[0][:, None], decided[:, 0], torch.where(named[1][:, None], decided[:, 1], decided.any(1))
             )
+            unsided = ~(named[0] | named[1])
+            allowed, home = self.home_breast(allowed, decided, written, unsided)
             allowed = allowed | negated[:, None]
             findings = section, open_section = self.findings_section(input_ids)
             unnamed = decided  # what each breast has still to name, followed in findings sections only
@@ -226,6 +231,7 @@ class StatedFindings(LogitsProcessor):
         scores[:, term_ids] = scores[:, term_ids].masked_fill(blocked, float("-inf"))
         self.steer(scores, top, choice, term_ids)
         if input_ids.shape[1]:
+            self.leave_for_home(input_ids, scores, home, finding_of[top], top, choice)
             empty = torch.where(named[0], ~decided[:, 0].any(1), named[1] & ~decided[:, 1].any(1))
             self.open_empty_lines(input_ids, scores, empty, top, choice)
             self.one_line_per_breast(input_ids, scores)
@@ -235,6 +241,51 @@ class StatedFindings(LogitsProcessor):
                 line = latest["line"]
                 self.complete(input_ids, mentions, scores, decided, unnamed, side, line, findings, top, choice)
         return scores
+
+    @staticmethod
+    def home_breast(
+        allowed: torch.Tensor, decided: torch.Tensor, written: torch.Tensor, unsided: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """In a line that names no breast yet (``unsided``: ``[B]``), a sentence whose findings
+        (``written``: ``[B, 7]``) stage 1 decided for one breast only (its home) names no finding
+        that breast lacks: that sentence will be placed on its home (``place``), and a finding of
+        the other breast would land there too. Traced on the knowledge benchmark: "calcifications
+        in a 27 mm round equal density focal asymmetry ... of the left breast", the asymmetry
+        decided for the right breast alone. Returns the findings ``allowed`` (``[B, 7]``) and each
+        row's home (0 / 1; -1: none, or both breasts fit)."""
+        fits = (decided | ~written[:, None]).all(2) & written.any(1)[:, None]  # [B, 2]
+        one = unsided & (fits.sum(1) == 1)
+        home = torch.where(one, fits[:, 1].long(), -1)
+        mine = decided[torch.arange(len(home), device=home.device), home.clamp(min=0)]
+        return torch.where(one[:, None], allowed & mine, allowed), home
+
+    def leave_for_home(
+        self,
+        input_ids: torch.Tensor,
+        scores: torch.Tensor,
+        home: torch.Tensor,
+        headed: torch.Tensor,
+        top: torch.Tensor,
+        choice: torch.Tensor,
+    ) -> None:
+        """In place: where the decoder headed for a finding (``headed``: the finding of its choice,
+        -1: no finding term) that the sentence's home breast (``home_breast``) lacks, the
+        sentence names its breast instead (" of the left", then ``place`` goes on): blocking the
+        term alone left "calcifications, 4." (tried), the finding's side lost. After a lone word
+        boundary (the decoder's way to a term) the phrase comes without its own ("density of
+        the left", not "density  of the left")."""
+        device = scores.device
+        rows = (home >= 0) & (headed >= 0)
+        if rows.any():
+            decided = per_row(self.decided.to(device), len(home))
+            rows &= ~decided[torch.arange(len(home), device=device), home.clamp(min=0), headed.clamp(min=0)]
+        spaces = self.tokens.spaces.to(device)
+        spaced = torch.isin(input_ids[:, -1], spaces)
+        for s, (phrase, bare) in enumerate(zip(self.tokens.side_phrases, self.tokens.bare_side_phrases)):
+            if bare:  # token by token, each step while the sentence has this home
+                write_phrase(input_ids, scores, home == s, bare, rows & spaced, top, choice, after=spaces)
+            if phrase:  # its first token (``place`` writes the rest)
+                write_phrase(input_ids, scores, rows & (home == s) & ~(spaced & bool(bare)), phrase, rows, top, choice)
 
     def mentions(self, input_ids: torch.Tensor) -> torch.Tensor:
         """``[B, T, 7]`` the finding each position names (one-hot), outside negated sentences."""

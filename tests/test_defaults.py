@@ -488,6 +488,39 @@ def test_a_findings_section_names_each_breast_and_its_own_spellings(local_decode
     assert scored("Right Breast: There is a mass in the", breast[0]).argmax() == breast[0]
 
 
+def test_a_sentence_names_no_finding_its_breast_lacks(local_decoder, tmp_path):
+    """In a line that names no breast yet, a sentence that named a finding stage 1 decided for
+    one breast only names no finding of the other: where the decoder heads for one, the sentence
+    names its breast instead. Traced on the knowledge benchmark: "calcifications in a 27 mm
+    round equal density focal asymmetry ... of the left breast", the asymmetry decided for the
+    right breast alone (a false positive on the left)."""
+    from mammorg.labels import FINDINGS
+    from stage2_sft.assembly import lexicon_of
+    from stage2_sft.config import TerminologySettings
+    from stage2_sft.stated_findings import FindingTokens, StatedFindings
+
+    tok = _tokenizer(local_decoder, tmp_path)
+    tokens = FindingTokens.of(tok, lexicon_of(TerminologySettings()))
+    calcification, asymmetry = FINDINGS.index("calcification"), FINDINGS.index("asymmetry")
+    term = next(i for i in range(len(tok)) if int(tokens.finding_of[i]) == asymmetry)
+
+    def scored(text: str, decided: torch.Tensor) -> torch.Tensor:
+        scores = torch.zeros(1, len(tok))
+        scores[0, term] = 5.0
+        ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
+        return StatedFindings(tokens, decided)(ids, scores)[0]
+
+    decided = torch.zeros(1, 2, 7, dtype=torch.bool)
+    decided[0, 0, calcification] = decided[0, 1, asymmetry] = True  # L: calcifications, R: an asymmetry
+    text = "OPINION: calcifications in a 27 mm round equal density"
+    out = scored(text, decided)
+    assert torch.isneginf(out[term])
+    assert int(out.argmax()) == tokens.side_phrases[0][0]  # " of the Left": its breast
+    assert not torch.isneginf(scored("OPINION: A focal asymmetry and", decided)[term])  # the right one's
+    decided[0, 0, asymmetry] = True  # the left breast has one too
+    assert int(scored(text, decided).argmax()) == term
+
+
 def test_stated_findings_needs_knowledge_and_atomic_terms():
     with pytest.raises(MammorgError, match="generate.findings=stage1 states stage 1's decisions"):
         load_config("stage2/tiny", Stage2Config, ["knowledge.mode=none", "generate.assessment=plan"])
