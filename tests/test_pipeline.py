@@ -246,6 +246,44 @@ def test_service_with_model_workers_reports_like_the_service_alone(service, demo
     assert not multiprocessing.active_children()
 
 
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process states from /proc")
+def test_model_workers_exit_when_their_service_is_killed(demo):
+    """A service killed outright (SIGKILL: no shutdown) leaves no orphan workers holding the
+    model's memory: each exits within a second or two of losing its parent."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    code = (
+        "import sys, time\n"
+        "from mammorg.app.workers import ModelWorkers\n"
+        f"w = ModelWorkers({str(demo / 'bundle')!r}, 2)\n"
+        "print(*w.pids, flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    service = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert service.stdout is not None
+    pids = [int(p) for p in service.stdout.readline().split()]
+    assert len(pids) == 2
+
+    def alive(pid: int) -> bool:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().split(") ")[-1][0] != "Z"  # a zombie has exited
+        except FileNotFoundError:
+            return False
+
+    assert all(alive(p) for p in pids)
+    os.kill(service.pid, signal.SIGKILL)
+    service.wait()
+    deadline = time.monotonic() + 10
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(alive(p) for p in pids)
+
+
 def test_uploads_decode_in_memory_like_files(service, new_exam):
     """The service decodes uploads where they are (no temporary files): the same pixels and
     geometry as the files read from disk, headers without pixel data, the uploads untouched."""

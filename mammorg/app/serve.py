@@ -13,8 +13,8 @@ A FastAPI app (run by uvicorn) that loads a bundle once and reports on exams:
 Each request's views are decoded and preprocessed beside the others; the exams then wait in a
 bounded queue and the model takes every waiting exam in one batch (stage 1 and decoding
 batched), so concurrent clients share the model's work; a full queue answers 503. With
-``--workers N`` the model runs in N worker processes, N batches at a time
-(``mammorg.app.workers``). Uploads are limited in size and number of views; a bad upload (not
+``--workers N`` (default 2 on two cores or more) the model runs in N worker processes, N batches at a
+time (``mammorg.app.workers``). Uploads are limited in size and number of views; a bad upload (not
 DICOM, no usable view, too large, too many files) gets a 4xx with a one-line reason and the
 service keeps serving. Logs hold a request number, the
 number of views, the status and the time: nothing of the patient. It binds to the loopback

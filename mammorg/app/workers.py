@@ -4,7 +4,10 @@ Decoding a report is mostly Python work between small matrix products, so one pr
 core busy and the others nearly idle (traced with py-spy on 2 cores). With ``N`` workers, each a
 process that loads the bundle once and runs with ``cores // N`` torch threads, the service decodes
 ``N`` batches at a time. A lone exam then runs on fewer threads (slower alone, faster under load:
-docs/benchmarks.md); one worker (the default) keeps the model in the service's own process.
+docs/benchmarks.md). Two workers are the default on two cores or more (``default_workers``);
+one keeps the model in the service's own process. With workers, the service's process holds
+only the bundle's preprocessing. The workers stop with the service, and exit on their own
+within a second if it is killed.
 
 Batches go to the workers as lists of ``ExamViews`` and come back as ``ExamReport`` objects
 (pickled between the service and its own child processes only; nothing from a client is
@@ -104,6 +107,7 @@ class ModelWorkers:
             raise MammorgError(f"{folder}: the model workers did not start ({type(exc).__name__})") from None
         if len(pids) != workers:
             raise MammorgError(f"{folder}: {len(pids)} of {workers} model workers started")
+        self.pids = sorted(pids)
 
     async def report_many(self, exams: Sequence[ExamViews]) -> list[ExamReport]:
         return await asyncio.get_running_loop().run_in_executor(self.executor, _report_many, list(exams))
