@@ -6,7 +6,7 @@ import re
 from collections.abc import Sequence
 
 from evaluation.parser import mentions_prior
-from mammorg.labels import FINDINGS, birads_agrees_with_findings
+from mammorg.labels import BIRADS_NAMES, FINDINGS, birads_agrees_with_findings
 from mammorg.schema import StructuredReport
 
 # management phrases and the categories that call for them (BI-RADS 5th edition)
@@ -30,6 +30,21 @@ def management_inconsistent(stated: StructuredReport, text: str) -> bool:
     if any(not categories & set(cats) for _, cats in found):
         return True
     return exam not in max(found)[1]
+
+
+NAMED_CATEGORY = re.compile(r"BI-?RADS(?:\s+category)?:?\s*(0|1|2|3|4[ABC]?|5|6)\s*(?:-|:|\()\s*", re.I)
+NAMES_LONGEST_FIRST = sorted(BIRADS_NAMES.items(), key=lambda item: -len(item[1]))
+
+
+def category_names_inconsistent(text: str) -> int:
+    """How many categories the report names with another category's name ("BI-RADS 4C - Low
+    suspicion for malignancy": 4A's name). A category followed by no known name is not counted."""
+    wrong = 0
+    for m in NAMED_CATEGORY.finditer(text):
+        after = " ".join(text[m.end() : m.end() + 60].split()).lower()
+        named = next((c for c, name in NAMES_LONGEST_FIRST if after.startswith(name.lower())), None)
+        wrong += named is not None and named != m.group(1).upper()
+    return wrong
 
 
 HEADINGS = re.compile(
@@ -69,6 +84,7 @@ def exam_checks(pred: StructuredReport, ref: StructuredReport, pred_text: str, r
         "invented_prior": int(mentions_prior(pred_text) and not mentions_prior(ref_text)),
         "birads_inconsistent": int(inconsistent),
         "management_inconsistent": int(management_inconsistent(pred, pred_text)),
+        "category_name_inconsistent": category_names_inconsistent(pred_text),
         "repetitive": int(repetitive(pred_text)),
     }
 
@@ -88,6 +104,7 @@ def hallucination_summary(
         "invented_prior",
         "birads_inconsistent",
         "management_inconsistent",
+        "category_name_inconsistent",
         "repetitive",
     )
     return {

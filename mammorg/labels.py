@@ -12,6 +12,19 @@ DENSITIES: tuple[str, ...] = ("a", "b", "c", "d")
 BIRADS_VALUES: tuple[str, ...] = ("0", "1", "2", "3", "4", "4A", "4B", "4C", "5", "6")
 # Classes of the stage-1 BI-RADS head; a bare "4" is a partial label over 4A/4B/4C.
 BIRADS_CLASSES: tuple[str, ...] = ("0", "1", "2", "3", "4A", "4B", "4C", "5", "6")
+# The ACR BI-RADS assessment category names (5th edition), as reports write them after the category
+BIRADS_NAMES: dict[str, str] = {
+    "0": "Incomplete - need additional imaging evaluation",
+    "1": "Negative",
+    "2": "Benign",
+    "3": "Probably benign",
+    "4": "Suspicious",
+    "4A": "Low suspicion for malignancy",
+    "4B": "Moderate suspicion for malignancy",
+    "4C": "High suspicion for malignancy",
+    "5": "Highly suggestive of malignancy",
+    "6": "Known biopsy-proven malignancy",
+}
 FINDINGS: tuple[str, ...] = (
     "mass",
     "calcification",

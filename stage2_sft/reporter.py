@@ -26,6 +26,7 @@ from stage2_sft.assembly import lexicon_of, make_builder
 from stage2_sft.config import GenerateSettings, Stage2Config
 from stage2_sft.constrained import (
     AssessmentTokens,
+    CategoryNames,
     ConsistentManagement,
     assessment_processor,
     assessment_tokens,
@@ -111,6 +112,7 @@ class Reporter:
         self._tokens: dict[str, AssessmentTokens | None] = {}
         consistent = settings.management == "consistent"
         self._management = ConsistentManagement(tokenizer, normalized) if consistent else None
+        self._names = CategoryNames(tokenizer) if consistent else None  # a category's name is its own
         self.lexicon = lexicon
         self._findings = None
         if settings.findings == "stage1":
@@ -181,6 +183,8 @@ class Reporter:
             processor = assessment_processor(assessment, tokens, batch.knowledge.birads_label, batch.knowledge.density)
             if processor is not None:
                 processors.append(processor)
+            if self._names is not None:
+                processors.append(self._names)
             if self._findings is not None:
                 processors.append(StatedFindings(self._findings, batch.knowledge.finding_on))  # [N, 2, 7]
                 planned = self.planned_findings(tokens, batch.knowledge.finding_on)

@@ -72,6 +72,42 @@ def test_management_check_of_evaluation():
     assert not management_inconsistent(parse_report(zero), zero)
 
 
+def test_a_category_is_named_by_its_own_name(local_decoder, tmp_path):
+    """Traced on the knowledge benchmark: a category held to stage 1's decision kept the name the
+    decoder had begun for its own ("BI-RADS 4C - Low suspicion for malignancy"); after the
+    category and its separator the category's ACR name is written, and evaluation counts the
+    wrong names."""
+    from evaluation.hallucination import category_names_inconsistent
+    from stage2_sft.constrained import CategoryNames
+
+    tok = _tokenizer(local_decoder, tmp_path)
+    processor = CategoryNames(tok)
+    vocab = tok.get_vocab()
+    name = processor.names["4C"]  # " High suspicion for malignancy"
+    stop = tok(".", add_special_tokens=False)["input_ids"]
+    other = stop[0]  # the decoder's own choice, in no name
+
+    def chosen(text_ids: list[int]) -> int:
+        scores = torch.zeros(1, len(tok))
+        scores[0, other] = 5.0
+        return int(processor(torch.tensor([text_ids]), scores)[0].argmax())
+
+    dash = tok(" -", add_special_tokens=False)["input_ids"]
+    category = tok("Overall: ", add_special_tokens=False)["input_ids"] + [vocab["BI-RADS 4C"]] + dash
+    assert chosen(category) == name[0]
+    assert chosen(category + list(name[:2])) == name[2]  # token by token
+    assert chosen(category + list(name)) == other  # the name written: free again
+    assert chosen([vocab["BI-RADS 4C"], *stop]) == other  # no separator: no name follows
+    paren = processor.bare_names["2"]
+    bracket = tok(" (", add_special_tokens=False)["input_ids"]
+    assert chosen([vocab["BI-RADS 2"], *bracket]) == paren[0]  # "BI-RADS 2 (Benign)"
+
+    assert category_names_inconsistent("Overall: BI-RADS 4C - Low suspicion for malignancy.") == 1
+    assert category_names_inconsistent("BI-RADS 5 - Highly suggestive of malignancy. BI-RADS 2 (Benign).") == 0
+    assert category_names_inconsistent("BIRADS: 3 (probably benign). BI-RADS Category 2: Negative.") == 1
+    assert category_names_inconsistent("BI-RADS 2. Routine screening mammography is recommended.") == 0
+
+
 def test_visual_drop_out_only_in_training_and_reproducible(stage1_outputs):
     from stage2_sft.assembly import make_builder
     from stage2_sft.data import ReportDataset

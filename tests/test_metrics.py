@@ -74,6 +74,7 @@ def test_hallucination_checks():
         "invented_prior": 1,
         "birads_inconsistent": 1,
         "management_inconsistent": 0,
+        "category_name_inconsistent": 0,
         "repetitive": 0,
     }
     looped = "Left Breast: A mass is seen.\nLeft Breast: A mass is seen in the breast.\nOPINION: BI-RADS 4A."

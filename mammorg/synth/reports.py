@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from mammorg.labels import SIDE_WORDS, SIDES
+from mammorg.labels import BIRADS_NAMES, SIDE_WORDS, SIDES
 from mammorg.schema import Labels
 
 REPORT_STYLES = ("us_screening", "per_breast", "single_image", "free_text")
@@ -24,18 +24,19 @@ COMPOSITION = {
         "extremely dense breasts",
     ),
 }
-ASSESSMENT = {
-    "0": ("Incomplete - need additional imaging evaluation", "Recall for additional imaging is recommended."),
-    "1": ("Negative", "Routine screening mammography is recommended."),
-    "2": ("Benign", "Routine screening mammography is recommended."),
-    "3": ("Probably benign", "Short-interval follow-up mammography in 6 months is recommended."),
-    "4": ("Suspicious", "Tissue diagnosis is recommended."),
-    "4A": ("Low suspicion for malignancy", "Tissue diagnosis is recommended."),
-    "4B": ("Moderate suspicion for malignancy", "Tissue diagnosis is recommended."),
-    "4C": ("High suspicion for malignancy", "Tissue diagnosis is recommended."),
-    "5": ("Highly suggestive of malignancy", "Tissue diagnosis is recommended."),
-    "6": ("Known biopsy-proven malignancy", "Surgical excision is recommended when appropriate."),
+MANAGEMENT_TEXT = {
+    "0": "Recall for additional imaging is recommended.",
+    "1": "Routine screening mammography is recommended.",
+    "2": "Routine screening mammography is recommended.",
+    "3": "Short-interval follow-up mammography in 6 months is recommended.",
+    "4": "Tissue diagnosis is recommended.",
+    "4A": "Tissue diagnosis is recommended.",
+    "4B": "Tissue diagnosis is recommended.",
+    "4C": "Tissue diagnosis is recommended.",
+    "5": "Tissue diagnosis is recommended.",
+    "6": "Surgical excision is recommended when appropriate.",
 }
+ASSESSMENT = {c: (BIRADS_NAMES[c], management) for c, management in MANAGEMENT_TEXT.items()}
 # The negatives a normal breast is described with; each becomes a "neg" label.
 NEGATIVE_SET = ("mass", "calcification", "architectural_distortion")
 
