@@ -75,32 +75,33 @@ def test_management_check_of_evaluation():
 def test_a_category_is_named_by_its_own_name(local_decoder, tmp_path):
     """Traced on the knowledge benchmark: a category held to stage 1's decision kept the name the
     decoder had begun for its own ("BI-RADS 4C - Low suspicion for malignancy"); after the
-    category and its separator the category's ACR name is written, and evaluation counts the
-    wrong names."""
+    category and its separator the category's ACR name is written, in the spelling the decoder
+    prefers, and evaluation counts the wrong names."""
     from evaluation.hallucination import category_names_inconsistent
-    from stage2_sft.constrained import CategoryNames
+    from stage2_sft.constrained import CategoryNames, spell
 
     tok = _tokenizer(local_decoder, tmp_path)
     processor = CategoryNames(tok)
     vocab = tok.get_vocab()
-    name = processor.names["4C"]  # " High suspicion for malignancy"
     stop = tok(".", add_special_tokens=False)["input_ids"]
-    other = stop[0]  # the decoder's own choice, in no name
 
-    def chosen(text_ids: list[int]) -> int:
+    def chosen(text_ids: list[int], favourite: int = stop[0]) -> int:
         scores = torch.zeros(1, len(tok))
-        scores[0, other] = 5.0
+        scores[0, favourite] = 5.0
         return int(processor(torch.tensor([text_ids]), scores)[0].argmax())
 
     dash = tok(" -", add_special_tokens=False)["input_ids"]
     category = tok("Overall: ", add_special_tokens=False)["input_ids"] + [vocab["BI-RADS 4C"]] + dash
-    assert chosen(category) == name[0]
-    assert chosen(category + list(name[:2])) == name[2]  # token by token
-    assert chosen(category + list(name)) == other  # the name written: free again
-    assert chosen([vocab["BI-RADS 4C"], *stop]) == other  # no separator: no name follows
-    paren = processor.bare_names["2"]
+    high = processor.spellings["4C"]
+    assert chosen(category) in {sp[0] for sp in high}  # not the decoder's "."
+    name = spell(tok, " High suspicion for malignancy")
+    assert name in high and chosen(category + list(name[:2])) == name[2]  # token by token
+    assert chosen(category + list(name)) == stop[0]  # the name written: free again
+    assert chosen([vocab["BI-RADS 4C"], *stop]) == stop[0]  # no separator: no name follows
     bracket = tok(" (", add_special_tokens=False)["input_ids"]
-    assert chosen([vocab["BI-RADS 2"], *bracket]) == paren[0]  # "BI-RADS 2 (Benign)"
+    assert chosen([vocab["BI-RADS 2"], *bracket]) in {sp[0] for sp in processor.spellings["2"]}
+    lower = spell(tok, "probably benign")  # the lexicon's spelling: the decoder's choice is kept
+    assert chosen([vocab["BI-RADS 3"], *bracket], lower[0]) == lower[0]
 
     assert category_names_inconsistent("Overall: BI-RADS 4C - Low suspicion for malignancy.") == 1
     assert category_names_inconsistent("BI-RADS 5 - Highly suggestive of malignancy. BI-RADS 2 (Benign).") == 0
