@@ -480,7 +480,9 @@ class CategoryNames(LogitsProcessor):
     the category's ACR name ("BI-RADS 4C - High suspicion for malignancy"), in whichever of its
     spellings the decoder prefers (as written, lower case as the lexicon normalises "probably
     benign", with or without a leading word boundary); where the decoder heads elsewhere, the
-    likeliest spelling's next token is written. Traced on the knowledge benchmark: the categories
+    likeliest spelling's next token is written; after " (" the name is closed with ")" (traced:
+    "BI-RADS 0 (Incomplete - need additional imaging evaluation." written three times over, the
+    bracket left open). Traced on the knowledge benchmark: the categories
     held to stage 1's decisions kept the names the decoder had begun for its own ("BI-RADS 4C -
     Low suspicion for malignancy"), 186 wrong names in 1,155 default reports (5 seeds); forcing
     one spelling ("Probably benign" where the decoder knew "probably benign") derailed it."""
@@ -498,6 +500,8 @@ class CategoryNames(LogitsProcessor):
             words.where(lambda text: text.strip() in ("-", ":", "("), lambda raw: len(raw) <= 3).tolist()
         )
         self.spaces = frozenset(words.where(lambda text: text == " ", lambda raw: len(raw) <= 2).tolist())
+        self.brackets = frozenset(words.where(lambda text: text.endswith("("), lambda raw: len(raw) <= 3).tolist())
+        self.closing = words.where(lambda text: text.startswith(")"), lambda raw: len(raw) <= 3)  # ")", ").", ...
         self.longest = max(len(sp) for spellings in self.spellings.values() for sp in spellings)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
@@ -516,8 +520,11 @@ class CategoryNames(LogitsProcessor):
                 continue
             name, k = after[1:], len(after) - 1  # what follows the separator so far
             spellings = self.spellings[self.category_of[int(input_ids[row, at - 1])]]
-            if any(list(sp) == name for sp in spellings):
-                continue  # the name is written
+            if any(list(sp) == name for sp in spellings):  # the name is written; a bracket closes
+                closing = self.closing.to(scores.device)
+                if after[0] in self.brackets and len(closing) and not bool(torch.isin(top[row], closing)):
+                    promote(scores, row, closing[scores[row, closing].argmax()], choice[row])
+                continue
             going = [sp[k] for sp in spellings if len(sp) > k and list(sp[:k]) == name]
             if going and int(top[row]) not in going:
                 best = max(going, key=lambda i: float(scores[row, i]))

@@ -486,13 +486,22 @@ class StatedFindings(LogitsProcessor):
         """In place: the line of a breast stage 1 decided no finding for ("Right Breast: ...",
         ``empty``) opens with a negation ("No suspicious mass ...") or a category term, not with
         the description of a lesion: its finding term would be blocked at the end of the
-        description and leave a broken sentence ("There is a 21 mm round high density  in ...")."""
+        description and leave a broken sentence ("There is a 21 mm round high density  in ...").
+        A colon after a category term names the category ("BI-RADS 2: Benign"), not a line
+        (traced: "Right breast: BI-RADS 2: Negative", the negation written over the name)."""
         device = scores.device
-        last = input_ids[:, -1]
-        colon = torch.isin(last, self.tokens.colons.to(device))
+        colons, categories = self.tokens.colons.to(device), self.tokens.categories.to(device)
+
+        def heading_colon(at: int) -> torch.Tensor:  # [B] a colon at ``at`` (negative) not after a category
+            colon = torch.isin(input_ids[:, at], colons)
+            if input_ids.shape[1] > -at:
+                colon &= ~torch.isin(input_ids[:, at - 1], categories)
+            return colon
+
+        colon = heading_colon(-1)
         if input_ids.shape[1] > 1:  # or after the heading's colon and a lone word boundary
-            spaced = torch.isin(last, self.tokens.spaces.to(device))
-            colon = colon | (spaced & torch.isin(input_ids[:, -2], self.tokens.colons.to(device)))
+            spaced = torch.isin(input_ids[:, -1], self.tokens.spaces.to(device))
+            colon = colon | (spaced & heading_colon(-2))
         rows = (colon & empty & ~torch.isin(top, self.line_openers.to(device))).nonzero().squeeze(1)
         if len(rows):
             negations = self.tokens.negations.to(device)
