@@ -406,6 +406,11 @@ def test_stated_findings_blocks_undecided_findings_and_sides_outside_negations(l
     assert opening("Left Breast:", there, space=True) == ["No", "No"]  # after the lone word boundary
     assert opening("Left breast:", category, space=True) == ["BI-RADS 1"] * 2  # an impression line
     assert opening("There is no mass in the left breast.", there) == [the, the]  # no heading
+    # a colon after a category names the category (traced: "Right breast: BI-RADS 2: Negative")
+    benign = tok("Benign", add_special_tokens=False)["input_ids"][0]
+    named = [tok.decode([benign]).strip()] * 2
+    assert opening("Left breast: BI-RADS 1:", benign) == named
+    assert opening("Left breast: BI-RADS 1:", benign, space=True) == named
 
 
 def test_a_breast_line_goes_on_until_it_names_stage1_findings(local_decoder, tmp_path):
