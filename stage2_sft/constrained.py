@@ -82,6 +82,11 @@ def latest_hit(input_ids: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return (hits * torch.arange(1, input_ids.shape[1] + 1, device=input_ids.device)).max(1).values
 
 
+def boundary_ids(vocab: Vocabulary) -> torch.Tensor:
+    """Tokens that are a lone word boundary (the tokenizer's way to an atomic term: " ", "BI-RADS 1")."""
+    return vocab.where(lambda text: text == " ", lambda raw: len(raw) <= 4)
+
+
 def side_word_ids(vocab: Vocabulary, word: str) -> torch.Tensor:
     """Tokens that spell ``word`` (any case, with or without a leading word boundary)."""
     return vocab.where(lambda text: text.strip().lower() == word, lambda raw: word in raw.lower())
@@ -499,7 +504,7 @@ class CategoryNames(LogitsProcessor):
         self.separators = frozenset(
             words.where(lambda text: text.strip() in ("-", ":", "("), lambda raw: len(raw) <= 3).tolist()
         )
-        self.spaces = frozenset(words.where(lambda text: text == " ", lambda raw: len(raw) <= 2).tolist())
+        self.spaces = frozenset(boundary_ids(words).tolist())
         self.brackets = frozenset(words.where(lambda text: text.endswith("("), lambda raw: len(raw) <= 3).tolist())
         self.closing = words.where(lambda text: text.startswith(")"), lambda raw: len(raw) <= 3)  # ")", ").", ...
         self.longest = max(len(sp) for spellings in self.spellings.values() for sp in spellings)
@@ -511,6 +516,7 @@ class CategoryNames(LogitsProcessor):
         last = latest_hit(input_ids, self.category_ids)  # 1-based position of the latest category term
         near = (last > 0) & (length - last <= self.longest + 2)
         choice, top = scores.max(1)
+        closing = self.closing.to(scores.device)
         for row in near.nonzero().squeeze(1).tolist():
             at = int(last[row])  # the token after the category term (0-based)
             after = input_ids[row, at:].tolist()
@@ -521,7 +527,6 @@ class CategoryNames(LogitsProcessor):
             name, k = after[1:], len(after) - 1  # what follows the separator so far
             spellings = self.spellings[self.category_of[int(input_ids[row, at - 1])]]
             if any(list(sp) == name for sp in spellings):  # the name is written; a bracket closes
-                closing = self.closing.to(scores.device)
                 if after[0] in self.brackets and len(closing) and not bool(torch.isin(top[row], closing)):
                     promote(scores, row, closing[scores[row, closing].argmax()], choice[row])
                 continue

@@ -34,7 +34,16 @@ from transformers import LogitsProcessor, PreTrainedTokenizerBase
 
 from mammorg.io import MammorgError
 from mammorg.labels import FINDINGS
-from stage2_sft.constrained import Vocabulary, latest_hit, per_row, promote, sentence_end_ids, side_word_ids, spell
+from stage2_sft.constrained import (
+    Vocabulary,
+    boundary_ids,
+    latest_hit,
+    per_row,
+    promote,
+    sentence_end_ids,
+    side_word_ids,
+    spell,
+)
 from terminology.lexicon import Lexicon
 
 MASS = FINDINGS.index("mass")
@@ -123,7 +132,7 @@ class FindingTokens:
         negations = words.where(lambda text: text.strip().lower() in NEGATIONS, lambda raw: len(raw) <= 10)
         sides = (side_word_ids(words, "left"), side_word_ids(words, "right"))
         colons = _mark_ids(words, ":")
-        spaces = words.where(lambda text: text == " ", lambda raw: len(raw) <= 4)
+        spaces = boundary_ids(words)
         categories = words.where(lambda text: text.strip().startswith("BI-RADS "), lambda raw: "BI-RADS" in raw)
         return cls(
             finding_of,

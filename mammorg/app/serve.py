@@ -248,6 +248,7 @@ def create_app(
 ) -> FastAPI:
     """The service (see the module docstring) around a bundle loaded in this process
     (``ExamReporter``) or in model worker processes (``ModelWorkers``, closed with the app)."""
+    pool: ModelWorkers | None = None
     if isinstance(model, ModelWorkers):
         pool = model
         run, slots, views, folder = pool.report_many, pool.workers, pool.views, pool.folder
@@ -262,8 +263,8 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         yield
-        if isinstance(model, ModelWorkers):
-            model.close()
+        if pool is not None:
+            pool.close()
 
     app = FastAPI(title="mammorg reporting", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     batcher = Batcher(run, limit=max_waiting, linger=batch_wait, slots=slots)
