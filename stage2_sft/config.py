@@ -142,12 +142,14 @@ class GenerateSettings:
     assessment: str = "free"  # stated BI-RADS categories: stage1 = stage 1's decisions; plan = the plan's
     management: str = "consistent"  # consistent: management terms agree with the stated category | free
     findings: str = "free"  # stage1: the report states stage 1's decided findings and no other | free
+    locations: str = "free"  # stage1 (with findings: stage1): each finding where stage 1 located it | free
 
     def __post_init__(self) -> None:
         _choice("generate.cache", self.cache, CACHES)
         _choice("generate.assessment", self.assessment, ASSESSMENTS)
         _choice("generate.management", self.management, ("consistent", "free"))
         _choice("generate.findings", self.findings, ("stage1", "free"))
+        _choice("generate.locations", self.locations, ("stage1", "free"))
 
 
 @dataclass

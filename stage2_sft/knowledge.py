@@ -25,6 +25,7 @@ from mammorg.schema import Labels, Stage1Prediction
 
 CONFIDENCE = (("low", 0.5), ("mid", 0.8), ("high", 1.01))  # bucket: upper bound of max prob
 QUADRANTS = ("upper outer", "upper inner", "lower outer", "lower inner")  # location tokens
+DEPTHS = ("anterior", "middle", "posterior")
 DESCRIPTOR_NAMES = tuple(DESCRIPTORS)  # mass_shape, mass_margin, calc_morphology, calc_distribution
 DESCRIBES = {
     "mass_shape": "mass",
@@ -37,7 +38,7 @@ PLAN_SIDES = (*SIDES, "exam")
 HEAD_FIELDS = {
     "density": ("density",),
     "birads": ("birads", "birads_label"),
-    "findings": ("findings", "finding_on", "location", "descriptor"),
+    "findings": ("findings", "finding_on", "location", "clock", "depth", "descriptor"),
 }  # the state fields of each stage-1 head
 
 
@@ -150,7 +151,8 @@ class KnowledgeState:
     """Stage 1's view of one exam as tensors (a batch adds a leading dimension): probabilities
     ``density [4]``, ``birads [2, 9]``, ``findings [2, 7]``; ``sides [2]`` (breast imaged);
     decisions ``birads_label [2]`` (class index, -1: none) and ``finding_on [2, 7]`` (0/1);
-    ``location [2, 7]``: the quadrant index (``QUADRANTS``) where a finding is, -1 unknown;
+    ``location [2, 7]``: the quadrant index (``QUADRANTS``) where a finding is, ``clock [2, 7]``
+    its clock position (1 to 12) and ``depth [2, 7]`` its depth (``DEPTHS`` index), -1 unknown;
     ``descriptor [2, 4]``: the value index of each descriptor (``DESCRIPTOR_NAMES``), -1 none."""
 
     density: torch.Tensor
@@ -160,6 +162,8 @@ class KnowledgeState:
     birads_label: torch.Tensor
     finding_on: torch.Tensor
     location: torch.Tensor
+    clock: torch.Tensor
+    depth: torch.Tensor
     descriptor: torch.Tensor
 
     @classmethod
@@ -180,9 +184,9 @@ class KnowledgeState:
             sides[i] = 1.0
             label[i] = BIRADS_CLASSES.index(str(pred.birads[side]))
             finding_on[i] = torch.tensor([float(pred.findings[side].get(f) == "pos") for f in FINDINGS])
-        location = _locations([(g.side, g.finding, g.location.get("quadrant")) for g in record.grounded])
+        where = _locations([(g.side, g.finding, g.location) for g in record.grounded])
         density = torch.tensor([probs.density[d] for d in DENSITIES])
-        return cls(density, birads, findings, sides, label, finding_on, location, _descriptors(pred.descriptors))
+        return cls(density, birads, findings, sides, label, finding_on, *where, _descriptors(pred.descriptors))
 
     @classmethod
     def from_labels(
@@ -204,9 +208,9 @@ class KnowledgeState:
             states = labels.findings.get(side) or {}
             findings[i] = torch.tensor([{"pos": 1.0, "unc": 0.5}.get(states.get(f, ""), 0.0) for f in FINDINGS])
         label = torch.where(birads.sum(1) > 0, birads.argmax(1), -1)
-        location = _locations([(x.get("side"), x.get("finding"), x.get("quadrant")) for x in locations or []])
+        where = _locations([(x.get("side"), x.get("finding"), x) for x in locations or []])
         descriptor = _descriptors(labels.descriptors)
-        return cls(density, birads, findings, sides, label, (findings >= 0.5).float(), location, descriptor)
+        return cls(density, birads, findings, sides, label, (findings >= 0.5).float(), *where, descriptor)
 
     def with_heads_from(self, gold: KnowledgeState, heads: tuple[str, ...]) -> KnowledgeState:
         """This state with the fields of ``heads`` (density, birads, findings) taken from ``gold``."""
@@ -266,8 +270,11 @@ class KnowledgeState:
 
     @classmethod
     def from_json(cls, raw: dict[str, Any]) -> KnowledgeState:
-        dtypes = {"birads_label": torch.long, "location": torch.long, "descriptor": torch.long}
-        defaults = {"location": [[-1] * len(FINDINGS)] * 2, "descriptor": [[-1] * len(DESCRIPTOR_NAMES)] * 2}
+        indices = ("birads_label", "location", "clock", "depth", "descriptor")
+        dtypes = dict.fromkeys(indices, torch.long)
+        unknown = [[-1] * len(FINDINGS)] * 2
+        defaults = {"location": unknown, "clock": unknown, "depth": unknown}
+        defaults["descriptor"] = [[-1] * len(DESCRIPTOR_NAMES)] * 2
         raw = {**defaults, **raw}  # states saved before locations and descriptors
         return cls(**{f.name: torch.tensor(raw[f.name], dtype=dtypes.get(f.name, torch.float)) for f in fields(cls)})
 
@@ -283,18 +290,24 @@ def _descriptors(values: dict[str, dict[str, str]] | None) -> torch.Tensor:
     return out
 
 
-def _locations(items: list[tuple[Any, Any, Any]]) -> torch.Tensor:
-    """``[2, F]`` quadrant indices from (side, finding, quadrant) triples; the first stated wins.
+def _locations(items: list[tuple[Any, Any, dict[str, Any]]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``[2, F]`` quadrant indices, clock positions and depth indices from (side, finding,
+    location) triples, -1 where unknown; the first location stated for a finding wins.
     Quadrants are named as stage 1 names them ("upper outer") or as the parser reads them from a
     report ("upper outer quadrant"): both are the same location token."""
-    out = torch.full((2, len(FINDINGS)), -1, dtype=torch.long)
+    quadrants, clocks, depths = (torch.full((2, len(FINDINGS)), -1, dtype=torch.long) for _ in range(3))
     for side, finding, where in items:
-        quadrant = str(where or "").strip().lower().removesuffix(" quadrant")
-        if side in SIDES and finding in FINDINGS and quadrant in QUADRANTS:
-            i, j = SIDES.index(side), FINDINGS.index(finding)
-            if out[i, j] < 0:
-                out[i, j] = QUADRANTS.index(quadrant)
-    return out
+        if side not in SIDES or finding not in FINDINGS:
+            continue
+        i, j = SIDES.index(side), FINDINGS.index(finding)
+        if quadrants[i, j] >= 0 or clocks[i, j] >= 0 or depths[i, j] >= 0:
+            continue
+        quadrant = str(where.get("quadrant") or "").strip().lower().removesuffix(" quadrant")
+        clock, depth = where.get("clock"), str(where.get("depth") or "").strip().lower()
+        quadrants[i, j] = QUADRANTS.index(quadrant) if quadrant in QUADRANTS else -1
+        clocks[i, j] = int(clock) if isinstance(clock, int) and 1 <= clock <= 12 else -1
+        depths[i, j] = DEPTHS.index(depth) if depth in DEPTHS else -1
+    return quadrants, clocks, depths
 
 
 class SoftKnowledge(nn.Module):

@@ -186,7 +186,10 @@ class Reporter:
             if self._names is not None:
                 processors.append(self._names)
             if self._findings is not None:
-                processors.append(StatedFindings(self._findings, batch.knowledge.finding_on))  # [N, 2, 7]
+                known = batch.knowledge
+                where = torch.stack([known.location, known.clock, known.depth], -1)  # [N, 2, 7, 3]
+                located = where if self.settings.locations == "stage1" else None
+                processors.append(StatedFindings(self._findings, known.finding_on, where=located))
                 planned = self.planned_findings(tokens, batch.knowledge.finding_on)
                 if planned is not None:
                     processors.append(planned)

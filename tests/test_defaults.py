@@ -563,6 +563,57 @@ def test_a_sentence_names_no_finding_its_breast_lacks(local_decoder, tmp_path):
     assert int(scored(text, decided).argmax()) == term
 
 
+def test_a_finding_sentence_states_where_stage1_located_it(local_decoder, tmp_path):
+    """With ``where`` (generate.locations: stage1) the quadrant, the clock position after "at" and
+    the depth of a finding's sentence are stage 1's; unknown locations, negated sentences and
+    numbers elsewhere ("a 21 mm mass") stay the decoder's. Traced on the knowledge benchmark: the
+    decoder wrote "upper outer quadrant at 12 o'clock, ..., middle depth" for most findings."""
+    from mammorg.labels import FINDINGS
+    from stage2_sft.assembly import lexicon_of
+    from stage2_sft.config import TerminologySettings
+    from stage2_sft.stated_findings import FindingTokens, StatedFindings
+
+    tok = _tokenizer(local_decoder, tmp_path)
+    tok.add_tokens(["anterior", "middle", "posterior"])  # one token each, as in the benchmark's and Gemma's
+    tokens = FindingTokens.of(tok, lexicon_of(TerminologySettings()))
+    vocab = tok.get_vocab()
+    mass = FINDINGS.index("mass")
+    decided = torch.zeros(2, 2, 7, dtype=torch.bool)
+    decided[:, 1, mass] = True  # both exams: a mass in the right breast
+    where = torch.full((2, 2, 7, 3), -1)
+    where[0, 1, mass] = torch.tensor([3, 4, 2])  # exam 0: lower inner quadrant, 4 o'clock, posterior
+    processor = StatedFindings(tokens, decided, where=where)
+
+    def written(text: str, favourite: str, space: bool = False) -> list[str]:
+        ids = tok(text, add_special_tokens=False)["input_ids"] + ([vocab["Ġ"]] if space else [])
+        scores = torch.zeros(2, len(tok))
+        (piece,) = [i for i in tok(favourite, add_special_tokens=False)["input_ids"] if i != vocab["Ġ"]]
+        scores[:, piece] = 5.0
+        return [tok.decode([int(i)]).strip() for i in processor(torch.tensor([ids] * 2), scores).argmax(1)]
+
+    line = "Right Breast: There is a 21 mm round high density mass with circumscribed margins in the"
+    # exam 0: stage 1's location; exam 1: stage 1 gave none, the decoder's stays
+    assert written(line, "upper outer quadrant", space=True) == ["lower inner quadrant", "upper outer quadrant"]
+    line += " lower inner quadrant at"
+    assert written(line, " 2") == ["4", "2"]
+    line += " 4"
+    ids = tok(line, add_special_tokens=False)["input_ids"]
+    out = processor(torch.tensor([ids] * 2), torch.zeros(2, len(tok)))
+    assert torch.isneginf(out[0, tokens.digit_starts]).all()  # "4", not run on into "40"
+    assert not torch.isneginf(out[1, tokens.digit_starts]).any()
+    line += " o'clock, 8.5 cm from the nipple,"
+    assert written(line, "middle", space=True) == ["posterior", "middle"]
+    assert written("Right Breast: There is a", " 2") == ["2", "2"]  # a size, not a clock position
+    negated = "Right Breast: No mass in the"
+    assert written(negated, "upper outer quadrant", space=True) == ["upper outer quadrant"] * 2
+    # without ``where`` the decoder's own location
+    free = StatedFindings(tokens, decided)
+    ids = tok("Right Breast: A mass in the", add_special_tokens=False)["input_ids"] + [vocab["Ġ"]]
+    scores = torch.zeros(2, len(tok))
+    scores[:, vocab["upper outer quadrant"]] = 5.0
+    assert (free(torch.tensor([ids] * 2), scores).argmax(1) == vocab["upper outer quadrant"]).all()
+
+
 def test_stated_findings_needs_knowledge_and_atomic_terms():
     with pytest.raises(MammorgError, match="generate.findings=stage1 states stage 1's decisions"):
         load_config("stage2/tiny", Stage2Config, ["knowledge.mode=none", "generate.assessment=plan"])

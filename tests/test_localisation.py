@@ -199,7 +199,8 @@ def test_location_knowledge_tokens_and_location_f1():
         {"L": dict.fromkeys(FINDINGS, 0.1) | {"mass": 0.9}, "R": None},
     )
     pred = Labels.make("b", {"L": "4B", "R": None}, {"L": {"mass": "pos"}, "R": {}})
-    grounded = [GroundedFinding("L", "mass", 0.9, "L_CC", Box(1, 2, 3, 4), {"side": "L", "quadrant": "upper outer"})]
+    where = {"side": "L", "quadrant": "upper outer", "clock": 2, "depth": "middle"}
+    grounded = [GroundedFinding("L", "mass", 0.9, "L_CC", Box(1, 2, 3, 4), where)]
     state = KnowledgeState.from_prediction(Stage1Prediction("e", ["L_CC", "L_MLO"], probs, pred, grounded=grounded))
     tokens = state.tokens(confidence=False)
     assert tokens[tokens.index("<L:mass>") + 1] == KnowledgeVocabulary.location("upper outer") == "<loc:upper_outer>"
@@ -215,6 +216,13 @@ def test_location_knowledge_tokens_and_location_f1():
     from_report = KnowledgeState.from_labels(pred, {"L_CC": "x"}, parsed.locations).tokens(confidence=False)
     assert from_report[from_report.index("<L:mass>") + 1] == "<loc:lower_inner>"
     assert KnowledgeState.from_json(state.to_json()).tokens() == state.tokens()
+    # the clock position and depth (generate.locations: stage1 writes them), -1 where unknown
+    mass = FINDINGS.index("mass")
+    assert (int(state.clock[0, mass]), int(state.depth[0, mass])) == (2, 1) and int(state.clock[1, mass]) == -1
+    gold = KnowledgeState.from_labels(pred, {"L_CC": "x"}, parsed.locations)
+    assert (int(gold.location[0, mass]), int(gold.clock[0, mass]), int(gold.depth[0, mass])) == (3, 7, -1)
+    old = {k: v for k, v in state.to_json().items() if k not in ("clock", "depth")}  # saved before them
+    assert int(KnowledgeState.from_json(old).clock[0, mass]) == -1
 
     ref = StructuredReport.from_json(
         {
