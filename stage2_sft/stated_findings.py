@@ -48,6 +48,7 @@ from stage2_sft.knowledge import DEPTHS, QUADRANTS
 from terminology.lexicon import Lexicon
 
 MASS = FINDINGS.index("mass")
+ASSOCIATED = [FINDINGS.index("skin_thickening"), FINDINGS.index("nipple_retraction")]  # "There is associated ..."
 NEGATIONS = ("no", "not", "without", "negative", "obscure")
 
 
@@ -98,16 +99,20 @@ class FindingTokens:
     periods: torch.Tensor
     mass_opener: tuple[int, ...]  # " There is a"
     mass_line_opener: tuple[int, ...]  # "There is a" (at a line start)
+    associated_opener: tuple[int, ...]  # " There is associated"
+    associated_line_opener: tuple[int, ...]  # "There is associated" (at a line start)
     side_phrases: tuple[tuple[int, ...], tuple[int, ...]]  # " of the left", " of the right" (empty: not whole)
     bare_side_phrases: tuple[tuple[int, ...], tuple[int, ...]]  # "of the left", ... (after a lone boundary)
     line_terms: torch.Tensor  # the finding terms' spellings without a leading word boundary
     findings_heading: torch.Tensor  # "FINDINGS" (a section of one line per finding), its first piece
     impression_headings: torch.Tensor  # "IMPRESSION", "OPINION", their first pieces
+    line_heads: torch.Tensor  # the first pieces of "FINDINGS", "IMPRESSION", "OPINION", "Overall" (once each)
     word_ends: torch.Tensor  # [V] whether each token ends in a letter or digit (mid-word: no heading after it)
     digit_ends: torch.Tensor  # [V] whether each token ends in a digit ("7" of "7.1")
     digit_starts: torch.Tensor  # [V] whether each token starts with a digit ("1" of "7.1")
     place_of: tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # [V] quadrant, clock, depth each token names (-1: none)
     at: torch.Tensor  # "at" (before a clock position: "at 12 o'clock")
+    oclock: tuple[int, ...]  # " o'clock"
 
     @classmethod
     def of(cls, tok: PreTrainedTokenizerBase, lexicon: Lexicon) -> FindingTokens:
@@ -151,16 +156,20 @@ class FindingTokens:
             _mark_ids(words, "."),
             spell(tok, " There is a"),
             spell(tok, "There is a"),
+            spell(tok, " There is associated"),
+            spell(tok, "There is associated"),
             (_side_phrase(tok, sides[0], "left"), _side_phrase(tok, sides[1], "right")),
             (_side_phrase(tok, sides[0], "left", ""), _side_phrase(tok, sides[1], "right", "")),
             torch.tensor(sorted(vocab[term] for term, _ in terms)),
             _first_pieces(tok, ("FINDINGS",)),
             _first_pieces(tok, ("IMPRESSION", "OPINION")),
+            _first_pieces(tok, ("FINDINGS", "IMPRESSION", "OPINION", "Overall")),
             words.flags(lambda text: text[-1:].isalnum(), lambda raw: raw[-1:].isalnum(), size),
             words.flags(lambda text: text[-1:].isdigit(), lambda raw: raw[-1:].isdigit(), size),
             words.flags(lambda text: text[:1].isdigit(), lambda raw: raw[:1].isdigit(), size),
             _place_of(words, size),
             side_word_ids(words, "at"),
+            spell(tok, " o'clock"),
         )
 
 
@@ -257,7 +266,7 @@ class StatedFindings(LogitsProcessor):
             )
             unsided = ~(named[0] | named[1])
             allowed, home = self.home_breast(allowed, decided, written, unsided)
-            allowed = allowed | negated[:, None]
+            allowed = (allowed & ~written) | negated[:, None]  # each finding once a sentence
             findings = section, open_section = self.findings_section(input_ids)
             unnamed = decided  # what each breast has still to name, followed in findings sections only
             if open_section.any():
@@ -268,6 +277,7 @@ class StatedFindings(LogitsProcessor):
             side = torch.where(named[0], 0, torch.where(named[1], 1, -1))
             if self.where is not None:
                 self.hold_locations(input_ids, scores, mentions, latest, side, home, decided, self.where, top, choice)
+                self.finish_clock(input_ids, scores, top, choice)
         blocked = ~allowed[:, finding_of[term_ids]]  # [B, K]
         scores[:, term_ids] = scores[:, term_ids].masked_fill(blocked, float("-inf"))
         self.steer(scores, top, choice, term_ids)
@@ -275,7 +285,8 @@ class StatedFindings(LogitsProcessor):
             self.leave_for_home(input_ids, scores, home, finding_of[top], top, choice)
             empty = torch.where(named[0], ~decided[:, 0].any(1), named[1] & ~decided[:, 1].any(1))
             self.open_empty_lines(input_ids, scores, empty, top, choice)
-            self.one_line_per_breast(input_ids, scores)
+            self.one_line_each(input_ids, scores)
+            self.open_missing_lines(input_ids, scores, decided, top, choice)
             self.headings_open_lines(input_ids, scores)
             if self.continued:
                 line = latest["line"]
@@ -338,6 +349,26 @@ class StatedFindings(LogitsProcessor):
             best = scores[hit][:, named].masked_fill(~want, float("-inf")).argmax(1)
             ok = want.any(1)  # a value the tokenizer has no single token for stays the decoder's
             promote(scores, hit[ok], named[best[ok]], choice[hit[ok]])
+
+    def finish_clock(
+        self, input_ids: torch.Tensor, scores: torch.Tensor, top: torch.Tensor, choice: torch.Tensor
+    ) -> None:
+        """In place: "at" and a clock position go on with " o'clock" (traced: stage 1's "10" written
+        where the decoder had headed for "5", the decoder went on as after a size: "at 10 mm
+        o'clock")."""
+        phrase = self.tokens.oclock
+        device = scores.device
+        clock_of = self.tokens.place_of[1].to(device)
+        at = self.tokens.at.to(device)
+        length = input_ids.shape[1]
+        for k in range(min(len(phrase), length - 1)):
+            tail = input_ids[:, length - k :]
+            go = top != phrase[k]
+            go &= (tail == torch.tensor(phrase[:k], dtype=torch.long, device=device)).all(1)
+            go &= (clock_of[input_ids[:, -k - 1]] >= 0) & torch.isin(input_ids[:, -k - 2], at)
+            hit = go.nonzero().squeeze(1)
+            if len(hit):
+                promote(scores, hit, phrase[k], choice[hit])
 
     def written_clock(self, input_ids: torch.Tensor, clock_of: torch.Tensor) -> torch.Tensor:
         """``[B]`` the clock position just written ("at" and a number as the last two tokens), -1: none."""
@@ -494,7 +525,8 @@ class StatedFindings(LogitsProcessor):
         lead = tokens.spaces[0] if len(tokens.spaces) else None  # a tokenizer without a lone boundary: the term
         all_terms = (tokens.finding_of >= 0).nonzero().squeeze(1)
         line_end = (tokens.periods, tokens.line_breaks)  # a sentence ends; the decoder would end the line
-        self.open_next(input_ids, scores, remaining, line_end, lead, all_terms, tokens.mass_opener, top, choice)
+        openers = (tokens.mass_opener, tokens.associated_opener)
+        self.open_next(input_ids, scores, remaining, line_end, lead, all_terms, openers, top, choice)
         start, open_section = section
         sentence = self.latest_end(input_ids, tokens.periods)
         first = open_section & (sentence < start)  # its first sentence
@@ -510,7 +542,15 @@ class StatedFindings(LogitsProcessor):
         remaining = unnamed.any(1) & (tries < decided.sum(1)) & open_section[:, None]
         section_end = (tokens.line_breaks, tokens.impression_headings)  # a line ends; the decoder would close
         self.open_next(
-            input_ids, scores, remaining, section_end, None, tokens.line_terms, tokens.mass_line_opener, top, choice
+            input_ids,
+            scores,
+            remaining,
+            section_end,
+            None,
+            tokens.line_terms,
+            (tokens.mass_line_opener, tokens.associated_line_opener),
+            top,
+            choice,
         )
 
     def open_next(
@@ -521,22 +561,25 @@ class StatedFindings(LogitsProcessor):
         end: tuple[torch.Tensor, torch.Tensor],
         lead: torch.Tensor | None,
         terms: torch.Tensor,
-        opener: tuple[int, ...],
+        openers: tuple[tuple[int, ...], tuple[int, ...]],
         top: torch.Tensor,
         choice: torch.Tensor,
     ) -> None:
         """In place: where the decoder would close (its choice among ``end[1]``) right after one
         of ``end[0]`` while findings remain (``remaining``: ``[B, 7]``), the next sentence opens
-        with the likeliest remaining finding other than a mass (one of ``terms``, after ``lead``,
-        a lone word boundary, if given); a mass, left last, with ``opener`` ("There is a"), and
-        the decoder describes it (a sentence opened with the bare term ran into "mass,
-        suspicious mass, or mass")."""
+        with the likeliest remaining finding other than a mass or an associated feature (one of
+        ``terms``, after ``lead``, a lone word boundary, if given); a mass with ``openers[0]``
+        ("There is a"), and the decoder describes it (a sentence opened with the bare term ran
+        into "mass, suspicious mass, or mass"); skin thickening and nipple retraction, left
+        last, with ``openers[1]`` ("There is associated") and their term (opened with the bare
+        term, the decoder ended the sentence there: "skin thickening." 40 times in the default
+        reports of the knowledge benchmark's 5 seeds, never so in the references)."""
         device = scores.device
         last = input_ids[:, -1]
         boundary, closing = end[0].to(device), end[1].to(device)
         closes = torch.isin(top, closing)
         others = remaining.clone()
-        others[:, MASS] = False
+        others[:, [MASS, *ASSOCIATED]] = False
         finding_of = self.tokens.finding_of.to(device)
         term_ids = terms.to(device)
         wanted = others[:, finding_of[term_ids]]  # [B, K]
@@ -553,21 +596,92 @@ class StatedFindings(LogitsProcessor):
             best = scores[rows][:, term_ids].masked_fill(~wanted[rows], float("-inf")).argmax(1)
             promote(scores, rows, term_ids[best], choice[rows])
         mass = remaining[:, MASS] & ~others.any(1)
-        write_phrase(input_ids, scores, mass, opener, closes, top, choice, boundary)  # "There is a"
+        write_phrase(input_ids, scores, mass, openers[0], closes, top, choice, boundary)  # "There is a"
+        associated = remaining[:, ASSOCIATED].any(1) & ~others.any(1) & ~mass
+        write_phrase(input_ids, scores, associated, openers[1], closes, top, choice, boundary)
+        self.name_associated(input_ids, scores, remaining & associated[:, None], openers[1], top, choice)
 
-    def one_line_per_breast(self, input_ids: torch.Tensor, scores: torch.Tensor) -> None:
-        """In place: a side word cannot open a second line ("Left Breast: ..." twice; no reference
-        report opens two lines with the same breast). Traced on the demo: a line completed with
-        its breast's findings was followed by the same breast's line again, which looped to the
-        token limit."""
+    def name_associated(
+        self,
+        input_ids: torch.Tensor,
+        scores: torch.Tensor,
+        remaining: torch.Tensor,
+        opener: tuple[int, ...],
+        top: torch.Tensor,
+        choice: torch.Tensor,
+    ) -> None:
+        """In place: after ``opener`` ("There is associated", and a lone word boundary if the
+        decoder writes one) the term of a remaining associated feature follows (``remaining``:
+        ``[B, 7]``), not the one already named again."""
+        device = scores.device
+        k = len(opener)
+        if not k or input_ids.shape[1] < k:
+            return
+        spaces = self.tokens.spaces.to(device)
+        after = (input_ids[:, -k:] == torch.tensor(opener, device=device)).all(1)
+        spaced = torch.isin(input_ids[:, -1], spaces)
+        if input_ids.shape[1] > k:
+            spaced &= (input_ids[:, -k - 1 : -1] == torch.tensor(opener, device=device)).all(1)
+        else:
+            spaced &= False
+        finding_of = self.tokens.finding_of.to(device)
+        term_ids = (finding_of >= 0).nonzero().squeeze(1)
+        wanted = remaining[:, finding_of[term_ids]]  # [B, K]
+        heads_right = (wanted & (term_ids[None] == top[:, None])).any(1) | (after & torch.isin(top, spaces))
+        rows = ((after | spaced) & wanted.any(1) & ~heads_right).nonzero().squeeze(1)
+        if len(rows):
+            best = scores[rows][:, term_ids].masked_fill(~wanted[rows], float("-inf")).argmax(1)
+            promote(scores, rows, term_ids[best], choice[rows])
+
+    def one_line_each(self, input_ids: torch.Tensor, scores: torch.Tensor) -> None:
+        """In place: a side word or a heading ("FINDINGS", "IMPRESSION", "OPINION", "Overall")
+        cannot open a second line (no reference report opens two lines with the same breast or
+        heading). Traced on the demo: a line completed with its breast's findings was followed by
+        the same breast's line again, which looped to the token limit; on the knowledge benchmark
+        "Overall: BI-RADS 0 (...)." five times over (the decoder headed for its own category, 4B,
+        each time) and "FINDINGS:" twice."""
         device = scores.device
         breaks = torch.isin(input_ids, self.tokens.line_breaks.to(device))
         line_start = torch.cat([torch.ones_like(breaks[:, :1]), breaks[:, :-1]], 1)  # after a line break
         at_start = breaks[:, -1]
+        if not at_start.any():
+            return
         for ids in self.tokens.sides:
             ids = ids.to(device)
             opened = (torch.isin(input_ids, ids) & line_start).any(1) & at_start
             scores[:, ids] = scores[:, ids].masked_fill(opened[:, None], float("-inf"))
+        heads = self.tokens.line_heads.to(device)  # each on its own
+        opened = ((input_ids[..., None] == heads) & line_start[..., None]).any(1) & at_start[:, None]  # [B, H]
+        scores[:, heads] = scores[:, heads].masked_fill(opened, float("-inf"))
+
+    def open_missing_lines(
+        self,
+        input_ids: torch.Tensor,
+        scores: torch.Tensor,
+        decided: torch.Tensor,
+        top: torch.Tensor,
+        choice: torch.Tensor,
+    ) -> None:
+        """In place: a report of one line per breast ("Right Breast: ...") does not open its
+        impression ("OPINION", "IMPRESSION") before the line of each breast stage 1 decided a
+        finding for: where the decoder heads for the heading, that breast's line opens (its side
+        word, in the decoder's likeliest spelling). Traced on the knowledge benchmark: a right
+        breast's line, its terms steered off, went on to "OPINION: ..." without the left breast's
+        line and its asymmetry."""
+        device = scores.device
+        breaks = torch.isin(input_ids, self.tokens.line_breaks.to(device))
+        heading = breaks[:, -1] & torch.isin(top, self.tokens.impression_headings.to(device))
+        if not heading.any():
+            return  # most steps
+        line_start = torch.cat([torch.ones_like(breaks[:, :1]), breaks[:, :-1]], 1)
+        sides = [ids.to(device) for ids in self.tokens.sides]
+        opened = torch.stack([(torch.isin(input_ids, ids) & line_start).any(1) for ids in sides], 1)  # [B, 2]
+        missing = decided.any(2) & ~opened
+        go = heading & opened.any(1) & missing.any(1)
+        for side, ids in enumerate(sides):
+            rows = (go & missing[:, side] & ~(missing[:, 1] & (side == 0))).nonzero().squeeze(1)  # right first
+            if len(rows):
+                promote(scores, rows, ids[scores[rows][:, ids].argmax(1)], choice[rows])
 
     def headings_open_lines(self, input_ids: torch.Tensor, scores: torch.Tensor) -> None:
         """In place: a section heading ("FINDINGS", "IMPRESSION", "OPINION") does not follow a

@@ -459,6 +459,22 @@ def test_a_breast_line_goes_on_until_it_names_stage1_findings(local_decoder, tmp
     right = tok("Right", add_special_tokens=False)["input_ids"][0]
     assert next_token("Right Breast: No mass.\nLeft Breast: No mass.\n", right) != right
     assert next_token("Breast composition: The breasts are fatty.\n", right) == right
+    # so is a heading (traced: "Overall: BI-RADS 0 (...)." five times over, "FINDINGS:" twice)
+    findings = vocab["FINDINGS"]
+    assert next_token("FINDINGS:\nNo mass in either breast.\n", findings) != findings
+    assert next_token("Breast composition: The breasts are fatty.\n", findings) == findings
+
+    # skin thickening, left last, opens with "There is associated" and its term (traced: the bare
+    # term ended its sentence, "skin thickening.", 40 times in 5 seeds' default reports)
+    decided[0, 1, FINDINGS.index("skin_thickening")] = True
+    named_all = named + " There is a 12 mm oval mass."
+    associated = tokens.associated_opener
+    assert next_token(named_all, newline) == associated[0]
+    assert next_token(named_all, newline, associated[:2]) == associated[2]
+    skin = next_token(named_all, newline, [*associated, vocab["Ġ"]])
+    assert int(tokens.finding_of[skin]) == FINDINGS.index("skin_thickening")
+    assert next_token(named_all + " There is associated skin thickening.", newline) == newline
+    decided[0, 1, FINDINGS.index("skin_thickening")] = False
 
     # a findings section (one line per finding) names the other breast's findings before its end,
     # and does not open by denying every finding
@@ -467,6 +483,12 @@ def test_a_breast_line_goes_on_until_it_names_stage1_findings(local_decoder, tmp
     section = "FINDINGS:\nThere is a 12 mm oval mass in the right breast.\n"
     assert int(tokens.finding_of[next_token(section, impression)]) in left_over
     assert next_token("FINDINGS:\n", no) != no
+    # a report of one line per breast opens no impression before the line of each breast with a
+    # decided finding (traced: "OPINION: ..." right after the right breast's line, the left one's
+    # asymmetry never named)
+    left = next_token("Right Breast: There is a 12 mm oval mass.\n", impression)
+    assert tok.decode([left]).strip().lower() == "left"
+    assert next_token("Right Breast: No mass.\nLeft Breast: No mass.\n", impression) == impression
     assert next_token("FINDINGS:\nThere is a mass in the right breast.\n", no) == no  # later: free
     assert (
         StatedFindings(tokens, decided, continued=False)(
@@ -558,7 +580,12 @@ def test_a_sentence_names_no_finding_its_breast_lacks(local_decoder, tmp_path):
     out = scored(text, decided)
     assert torch.isneginf(out[term])
     assert int(out.argmax()) == tokens.side_phrases[0][0]  # " of the Left": its breast
-    assert not torch.isneginf(scored("OPINION: A focal asymmetry and", decided)[term])  # the right one's
+    node = FINDINGS.index("lymph_node")
+    decided[0, 1, node] = True  # R: a lymph node as well
+    node_term = next(i for i in range(len(tok)) if int(tokens.finding_of[i]) == node)
+    after = scored("OPINION: A focal asymmetry and", decided)
+    assert not torch.isneginf(after[node_term])  # the right breast's other finding
+    assert torch.isneginf(after[term])  # each finding once a sentence (traced: "calcifications or calcifications")
     decided[0, 0, asymmetry] = True  # the left breast has one too
     assert int(scored(text, decided).argmax()) == term
 
@@ -601,6 +628,9 @@ def test_a_finding_sentence_states_where_stage1_located_it(local_decoder, tmp_pa
     out = processor(torch.tensor([ids] * 2), torch.zeros(2, len(tok)))
     assert torch.isneginf(out[0, tokens.digit_starts]).all()  # "4", not run on into "40"
     assert not torch.isneginf(out[1, tokens.digit_starts]).any()
+    # and goes on with " o'clock" (traced: "at 10 mm o'clock", the decoder going on as after a size)
+    oclock = [tok.decode([i]).strip() for i in tokens.oclock]
+    assert written(line, " cm") == [oclock[0]] * 2
     line += " o'clock, 8.5 cm from the nipple,"
     assert written(line, "middle", space=True) == ["posterior", "middle"]
     assert written("Right Breast: There is a", " 2") == ["2", "2"]  # a size, not a clock position
