@@ -629,12 +629,11 @@ class StatedFindings(LogitsProcessor):
         if not k or input_ids.shape[1] < k:
             return
         spaces = self.tokens.spaces.to(device)
-        after = (input_ids[:, -k:] == torch.tensor(opener, device=device)).all(1)
-        spaced = torch.isin(input_ids[:, -1], spaces)
+        spelt = torch.tensor(opener, device=device)
+        after = (input_ids[:, -k:] == spelt).all(1)
+        spaced = torch.zeros_like(after)  # the opener and a lone word boundary
         if input_ids.shape[1] > k:
-            spaced &= (input_ids[:, -k - 1 : -1] == torch.tensor(opener, device=device)).all(1)
-        else:
-            spaced &= False
+            spaced = torch.isin(input_ids[:, -1], spaces) & (input_ids[:, -k - 1 : -1] == spelt).all(1)
         finding_of = self.tokens.finding_of.to(device)
         term_ids = (finding_of >= 0).nonzero().squeeze(1)
         wanted = remaining[:, finding_of[term_ids]]  # [B, K]
@@ -644,6 +643,12 @@ class StatedFindings(LogitsProcessor):
             best = scores[rows][:, term_ids].masked_fill(~wanted[rows], float("-inf")).argmax(1)
             promote(scores, rows, term_ids[best], choice[rows])
 
+    def line_starts(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[B]`` whether the next token opens a line, and ``[B, T]`` whether each position
+        opened one (the first, or after a line break)."""
+        breaks = torch.isin(input_ids, self.tokens.line_breaks.to(input_ids.device))
+        return breaks[:, -1], torch.cat([torch.ones_like(breaks[:, :1]), breaks[:, :-1]], 1)
+
     def one_line_each(self, input_ids: torch.Tensor, scores: torch.Tensor) -> None:
         """In place: a side word or a heading ("FINDINGS", "IMPRESSION", "OPINION", "Overall")
         cannot open a second line (no reference report opens two lines with the same breast or
@@ -652,9 +657,7 @@ class StatedFindings(LogitsProcessor):
         "Overall: BI-RADS 0 (...)." five times over (the decoder headed for its own category, 4B,
         each time) and "FINDINGS:" twice."""
         device = scores.device
-        breaks = torch.isin(input_ids, self.tokens.line_breaks.to(device))
-        line_start = torch.cat([torch.ones_like(breaks[:, :1]), breaks[:, :-1]], 1)  # after a line break
-        at_start = breaks[:, -1]
+        at_start, line_start = self.line_starts(input_ids)
         if not at_start.any():
             return
         for ids in self.tokens.sides:
@@ -680,17 +683,17 @@ class StatedFindings(LogitsProcessor):
         breast's line, its terms steered off, went on to "OPINION: ..." without the left breast's
         line and its asymmetry."""
         device = scores.device
-        breaks = torch.isin(input_ids, self.tokens.line_breaks.to(device))
-        heading = breaks[:, -1] & torch.isin(top, self.tokens.impression_headings.to(device))
+        at_start, line_start = self.line_starts(input_ids)
+        heading = at_start & torch.isin(top, self.tokens.impression_headings.to(device))
         if not heading.any():
             return  # most steps
-        line_start = torch.cat([torch.ones_like(breaks[:, :1]), breaks[:, :-1]], 1)
         sides = [ids.to(device) for ids in self.tokens.sides]
         opened = torch.stack([(torch.isin(input_ids, ids) & line_start).any(1) for ids in sides], 1)  # [B, 2]
         missing = decided.any(2) & ~opened
         go = heading & opened.any(1) & missing.any(1)
+        first = missing[:, 1].long()  # the right breast's line first, as the reports write them
         for side, ids in enumerate(sides):
-            rows = (go & missing[:, side] & ~(missing[:, 1] & (side == 0))).nonzero().squeeze(1)  # right first
+            rows = (go & (first == side)).nonzero().squeeze(1)
             if len(rows):
                 promote(scores, rows, ids[scores[rows][:, ids].argmax(1)], choice[rows])
 
