@@ -326,7 +326,7 @@ class StatedFindings(LogitsProcessor):
         device = scores.device
         place_of = [ids.to(device) for ids in self.tokens.place_of]
         value = torch.stack([ids[top] for ids in place_of], 1)  # [B, 3] what the decoder's choice names
-        value[:, 1] = torch.where(torch.isin(input_ids[:, -1], self.tokens.at.to(device)), value[:, 1], -1)
+        value[:, 1] = torch.where(self.follows_at(input_ids, -1), value[:, 1], -1)
         written_clock = self.written_clock(input_ids, place_of[1])
         if (value < 0).all() and (written_clock < 0).all():
             return  # most steps
@@ -367,24 +367,35 @@ class StatedFindings(LogitsProcessor):
         device = scores.device
         at = self.tokens.at.to(device)
         length = input_ids.shape[1]
-        if not bool(torch.isin(input_ids[:, -len(phrase) - 2 :], at).any()):
+        if not bool(torch.isin(input_ids[:, -len(phrase) - 3 :], at).any()):
             return  # most steps: no "at" among the latest tokens
         clock_of = self.tokens.place_of[1].to(device)
         for k in range(min(len(phrase), length - 1)):
             tail = input_ids[:, length - k :]
             go = top != phrase[k]
             go &= (tail == torch.tensor(phrase[:k], dtype=torch.long, device=device)).all(1)
-            go &= (clock_of[input_ids[:, -k - 1]] >= 0) & torch.isin(input_ids[:, -k - 2], at)
+            go &= (clock_of[input_ids[:, -k - 1]] >= 0) & self.follows_at(input_ids, -k - 2)
             hit = go.nonzero().squeeze(1)
             if len(hit):
                 promote(scores, hit, phrase[k], choice[hit])
 
     def written_clock(self, input_ids: torch.Tensor, clock_of: torch.Tensor) -> torch.Tensor:
-        """``[B]`` the clock position just written ("at" and a number as the last two tokens), -1: none."""
+        """``[B]`` the clock position just written ("at" and a number as the latest tokens), -1: none."""
         if input_ids.shape[1] < 2:
             return torch.full((input_ids.shape[0],), -1, device=input_ids.device)
-        after_at = torch.isin(input_ids[:, -2], self.tokens.at.to(input_ids.device))
-        return torch.where(after_at, clock_of[input_ids[:, -1]], -1)
+        return torch.where(self.follows_at(input_ids, -2), clock_of[input_ids[:, -1]], -1)
+
+    def follows_at(self, input_ids: torch.Tensor, at: int) -> torch.Tensor:
+        """``[B]`` whether the token at position ``at`` (negative) is "at", or a lone word boundary
+        after "at" (Gemma's " at", " ", "5", " o'clock")."""
+        if input_ids.shape[1] < -at:
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        words = self.tokens.at.to(input_ids.device)
+        hit = torch.isin(input_ids[:, at], words)
+        if input_ids.shape[1] > -at:
+            spaced = torch.isin(input_ids[:, at], self.tokens.spaces.to(input_ids.device))
+            hit |= spaced & torch.isin(input_ids[:, at - 1], words)
+        return hit
 
     @staticmethod
     def home_breast(

@@ -623,6 +623,7 @@ def test_a_finding_sentence_states_where_stage1_located_it(local_decoder, tmp_pa
     assert written(line, "upper outer quadrant", space=True) == ["lower inner quadrant", "upper outer quadrant"]
     line += " lower inner quadrant at"
     assert written(line, " 2") == ["4", "2"]
+    assert written(line, "2", space=True) == ["4", "2"]  # after a lone boundary (Gemma: " at", " ", "5")
     line += " 4"
     ids = tok(line, add_special_tokens=False)["input_ids"]
     out = processor(torch.tensor([ids] * 2), torch.zeros(2, len(tok)))
