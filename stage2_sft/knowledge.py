@@ -292,7 +292,7 @@ def _descriptors(values: dict[str, dict[str, str]] | None) -> torch.Tensor:
 
 def _locations(items: list[tuple[Any, Any, dict[str, Any]]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``[2, F]`` quadrant indices, clock positions and depth indices from (side, finding,
-    location) triples, -1 where unknown; the first location stated for a finding wins.
+    location) triples, -1 where unknown; for each field the first location that states it wins.
     Quadrants are named as stage 1 names them ("upper outer") or as the parser reads them from a
     report ("upper outer quadrant"): both are the same location token."""
     quadrants, clocks, depths = (torch.full((2, len(FINDINGS)), -1, dtype=torch.long) for _ in range(3))
@@ -300,13 +300,14 @@ def _locations(items: list[tuple[Any, Any, dict[str, Any]]]) -> tuple[torch.Tens
         if side not in SIDES or finding not in FINDINGS:
             continue
         i, j = SIDES.index(side), FINDINGS.index(finding)
-        if quadrants[i, j] >= 0 or clocks[i, j] >= 0 or depths[i, j] >= 0:
-            continue
         quadrant = str(where.get("quadrant") or "").strip().lower().removesuffix(" quadrant")
         clock, depth = where.get("clock"), str(where.get("depth") or "").strip().lower()
-        quadrants[i, j] = QUADRANTS.index(quadrant) if quadrant in QUADRANTS else -1
-        clocks[i, j] = int(clock) if isinstance(clock, int) and 1 <= clock <= 12 else -1
-        depths[i, j] = DEPTHS.index(depth) if depth in DEPTHS else -1
+        if quadrants[i, j] < 0 and quadrant in QUADRANTS:
+            quadrants[i, j] = QUADRANTS.index(quadrant)
+        if clocks[i, j] < 0 and isinstance(clock, int) and 1 <= clock <= 12:
+            clocks[i, j] = clock
+        if depths[i, j] < 0 and depth in DEPTHS:
+            depths[i, j] = DEPTHS.index(depth)
     return quadrants, clocks, depths
 
 

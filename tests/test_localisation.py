@@ -221,6 +221,12 @@ def test_location_knowledge_tokens_and_location_f1():
     assert (int(state.clock[0, mass]), int(state.depth[0, mass])) == (2, 1) and int(state.clock[1, mass]) == -1
     gold = KnowledgeState.from_labels(pred, {"L_CC": "x"}, parsed.locations)
     assert (int(gold.location[0, mass]), int(gold.clock[0, mass]), int(gold.depth[0, mass])) == (3, 7, -1)
+    two = [
+        {"side": "L", "finding": "mass", "depth": "posterior"},
+        {"side": "L", "finding": "mass", "quadrant": "upper inner"},
+    ]
+    both = KnowledgeState.from_labels(pred, {"L_CC": "x"}, two)  # each field from the first that states it
+    assert (int(both.location[0, mass]), int(both.depth[0, mass])) == (1, 2)
     old = {k: v for k, v in state.to_json().items() if k not in ("clock", "depth")}  # saved before them
     assert int(KnowledgeState.from_json(old).clock[0, mass]) == -1
 
