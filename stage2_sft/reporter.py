@@ -194,8 +194,11 @@ class Reporter:
                 planned = self.planned_findings(tokens, batch.knowledge.finding_on)
                 if planned is not None:
                     processors.append(planned)
-            rules = LogitsProcessorList([GenerationRules(processors)])
-            step = {**kwargs, "logits_processor": rules} if processors else kwargs
+            step = (
+                {**kwargs, "logits_processor": LogitsProcessorList([GenerationRules(processors)])}
+                if processors
+                else kwargs
+            )
             ids = self.generator.generate(batch.input_ids, batch.attention_mask, batch.visual, batch.knowledge, **step)
             for exam_id, row in zip(batch.exam_ids, ids):
                 text = str(self.tokenizer.decode(row, skip_special_tokens=True)).strip()

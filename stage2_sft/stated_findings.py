@@ -370,10 +370,9 @@ class StatedFindings(LogitsProcessor):
         if not bool(torch.isin(input_ids[:, -len(phrase) - 3 :], at).any()):
             return  # most steps: no "at" among the latest tokens
         clock_of = self.tokens.place_of[1].to(device)
+        spelt = torch.tensor(phrase, dtype=torch.long, device=device)
         for k in range(min(len(phrase), length - 1)):
-            tail = input_ids[:, length - k :]
-            go = top != phrase[k]
-            go &= (tail == torch.tensor(phrase[:k], dtype=torch.long, device=device)).all(1)
+            go = (top != phrase[k]) & (input_ids[:, length - k :] == spelt[:k]).all(1)
             go &= (clock_of[input_ids[:, -k - 1]] >= 0) & self.follows_at(input_ids, -k - 2)
             hit = go.nonzero().squeeze(1)
             if len(hit):
