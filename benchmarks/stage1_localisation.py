@@ -6,7 +6,8 @@ The set is ``pipeline/benchmark``'s: 900 exams (seed 0, 256x128 DICOMs, 25% test
 a stage-1 config with overrides, a preprocessing size and a number of training exams (nested
 subsets of one training split; validation exams pick the best epoch). Test metrics: finding AUROC
 per breast (mean and per finding), exam and per-breast BI-RADS macro-F1 and density macro-F1 of
-the decisions at the run's operating points, pointing-game hit rate and FROC sensitivity at one
+the decisions at the run's operating points, descriptor accuracy on the breasts whose labels
+name one (the most suspicious lesion's), pointing-game hit rate and FROC sensitivity at one
 false positive per image (localising rows). The reference is the first row (today's model),
 trained and scored in the same run: ``ratio_birads_f1_vs_reference``.
 
@@ -51,6 +52,8 @@ ROWS: dict[str, tuple[list[str], tuple[int, int], int | None]] = {
     "localise_topk": (["model.mil_pooling=topk"], SIZE_HIGH, None),
     "localise_attention": (["model.mil_pooling=attention"], SIZE_HIGH, None),
     "localise_no_box_loss": (["train.localisation_weight=0"], SIZE_HIGH, None),
+    "localise_pooled": (["model.lesion_features=false"], SIZE_HIGH, None),
+    "localise_lesion": (["model.lesion_features=true"], SIZE_HIGH, None),
     "curve_150": ([], SIZE_HIGH, 150),
     "curve_360": ([], SIZE_HIGH, 360),
     "curve_700": ([], SIZE_HIGH, 700),
@@ -97,6 +100,7 @@ def test_metrics(run_dir: Path, manifest: Path, workers: int) -> dict:
     by_id = {e.exam_id: e for e in ds.exams}
     probs, truth = {f: [] for f in FINDINGS}, {f: [] for f in FINDINGS}
     exam_t, exam_p, side_t, side_p, dens_t, dens_p = [], [], [], [], [], []
+    desc_hits: dict[str, list[bool]] = {}
     for rec in records:
         labels = by_id[rec.exam_id].labels
         for side in SIDES:
@@ -106,6 +110,10 @@ def test_metrics(run_dir: Path, manifest: Path, workers: int) -> dict:
                 if side_probs and state in ("pos", "neg"):
                     probs[f].append(side_probs[f])
                     truth[f].append(state == "pos")
+            for name, value in (labels.descriptors.get(side) or {}).items():
+                guess = (rec.pred.descriptors.get(side) or {}).get(name)
+                if guess is not None:
+                    desc_hits.setdefault(name, []).append(guess == value)
             if labels.birads.get(side) in BIRADS_CLASSES and rec.pred.birads.get(side):
                 side_t.append(labels.birads[side])
                 side_p.append(rec.pred.birads[side])
@@ -124,6 +132,7 @@ def test_metrics(run_dir: Path, manifest: Path, workers: int) -> dict:
         "birads_exam_macro_f1": round(_macro_f1(exam_t, exam_p), 4),
         "birads_breast_macro_f1": round(_macro_f1(side_t, side_p), 4),
         "density_macro_f1": round(_macro_f1(dens_t, dens_p), 4),
+        "descriptor_accuracy": {k: round(float(np.mean(v)), 4) for k, v in sorted(desc_hits.items())},
     }
     if cfg.model.localise:
         outputs, batches = validation_pass(model, loader(ds, cfg, False), device)

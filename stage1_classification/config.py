@@ -36,12 +36,15 @@ class Stage1Model:
     descriptor_heads: bool = False  # mass shape/margin, calcification morphology/distribution
     localise: bool = False  # per-location finding heatmaps pooled by multiple-instance pooling
     mil_pooling: str = "lse"  # lse | topk | attention
+    lesion_features: bool = False  # descriptor and BI-RADS heads read each finding where its heatmap points
 
     def __post_init__(self) -> None:
         if len(self.tokens) != 2 or min(self.tokens) < 1:
             raise ValueError(f"model.tokens={list(self.tokens)}: expected [rows, cols] >= 1")
         if self.mil_pooling not in ("lse", "topk", "attention"):
             raise ValueError(f"model.mil_pooling={self.mil_pooling!r}: expected lse, topk or attention")
+        if self.lesion_features and not self.localise:
+            raise ValueError("model.lesion_features=true reads the finding heatmaps: it needs model.localise=true")
         if self.dim % self.heads:
             raise ValueError(f"model.dim={self.dim} is not divisible by model.heads={self.heads}")
 

@@ -16,6 +16,13 @@ from stage1_classification.config import Stage1Model
 from stage1_classification.localisation import box_targets
 
 MIL_POOLINGS = ("lse", "topk", "attention")
+# the finding whose lesion each descriptor describes (``lesion_features``: read at its heatmap)
+DESCRIBED_FINDING = {
+    "mass_shape": "mass",
+    "mass_margin": "mass",
+    "calc_morphology": "calcification",
+    "calc_distribution": "calcification",
+}
 
 
 class MilPooling(nn.Module):
@@ -57,7 +64,13 @@ class MultiViewClassifier(nn.Module):
 
     With ``localise`` a 1x1 convolution turns each view's feature map into per-location finding
     logits (``heatmaps [B, 4, F, h, w]``), pooled per breast over both views' cells (multiple
-    instances) into the finding logits; the BI-RADS head also sees these finding probabilities."""
+    instances) into the finding logits; the BI-RADS head also sees these finding probabilities.
+
+    With ``lesion_features`` (needs ``localise``) each breast also gets one feature per finding,
+    read where its heatmap points (the cells' features weighted by the softmax of the heatmap over
+    both views, and that point's position): the descriptor heads read the mass's and the
+    calcification's, and the BI-RADS head (two layers) all of them, so that the category can
+    follow the most suspicious lesion's look instead of the whole breast's average."""
 
     def __init__(
         self,
@@ -71,8 +84,11 @@ class MultiViewClassifier(nn.Module):
         descriptor_heads: bool = False,
         localise: bool = False,
         mil_pooling: str = "lse",
+        lesion_features: bool = False,
     ):
         super().__init__()
+        if lesion_features and not localise:
+            raise ValueError("lesion features are read at the finding heatmaps: they need localise")
         self.backbone: Any = timm.create_model(
             backbone, pretrained=False, in_chans=1, num_classes=0, global_pool="", **(backbone_kwargs or {})
         )
@@ -91,10 +107,18 @@ class MultiViewClassifier(nn.Module):
             self.heat_head = nn.Conv2d(features, len(FINDINGS), kernel_size=1)
             self.cell_proj = nn.Linear(features, dim) if mil_pooling == "attention" else None
             self.mil = MilPooling(mil_pooling, dim, len(FINDINGS))
+        self.birads_head: nn.Module
+        if localise and lesion_features:
+            lesions = len(FINDINGS) * (dim + 2)  # each finding's feature and position
+            self.birads_head = nn.Sequential(
+                nn.Linear(dim + len(FINDINGS) + lesions, dim), nn.GELU(), nn.Linear(dim, len(BIRADS_CLASSES))
+            )
+        elif localise:
             self.birads_head = nn.Linear(dim + len(FINDINGS), len(BIRADS_CLASSES))
         else:
             self.finding_head = nn.Linear(dim, len(FINDINGS))
             self.birads_head = nn.Linear(dim, len(BIRADS_CLASSES))
+        self.lesion_proj = nn.Linear(features, dim) if lesion_features else None
         self.descriptor_heads = nn.ModuleDict(
             {name: nn.Linear(dim, len(classes)) for name, classes in DESCRIPTORS.items()} if descriptor_heads else {}
         )
@@ -117,8 +141,11 @@ class MultiViewClassifier(nn.Module):
         """Feature tokens ``[B, 4, N, D]`` for present views (missing views stay zero)."""
         return self._tokens(*self._feature_maps(images, view_mask))
 
-    def _localised(self, maps: torch.Tensor, present: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Heatmaps ``[B, 4, F, h, w]`` (missing views: zeros) and MIL finding logits ``[B, 2, F]``."""
+    def _localised(
+        self, maps: torch.Tensor, present: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Heatmaps ``[B, 4, F, h, w]`` (missing views: zeros), MIL finding logits ``[B, 2, F]``
+        and, with ``lesion_features``, each finding's lesion feature ``[B, 2, F, D + 2]``."""
         b, (_c, h, w) = present.shape[0], maps.shape[1:]
         heat = maps.new_zeros(b, 4, len(FINDINGS), h, w)
         heat[present] = self.heat_head(maps).to(heat.dtype)
@@ -129,7 +156,27 @@ class MultiViewClassifier(nn.Module):
             cells = cells.reshape(b, 2, 2 * h * w, self.dim)
         per_breast = heat.flatten(3).reshape(b, 2, 2, len(FINDINGS), h * w).permute(0, 1, 3, 2, 4)
         valid = present.reshape(b, 2, 2, 1).expand(b, 2, 2, h * w).reshape(b, 2, 2 * h * w)
-        return heat, self.mil(per_breast.reshape(b, 2, len(FINDINGS), 2 * h * w), cells, valid)
+        per_breast = per_breast.reshape(b, 2, len(FINDINGS), 2 * h * w)
+        lesions = self._lesions(maps, present, per_breast, valid) if self.lesion_proj is not None else None
+        return heat, self.mil(per_breast, cells, valid), lesions
+
+    def _lesions(
+        self, maps: torch.Tensor, present: torch.Tensor, heat: torch.Tensor, valid: torch.Tensor
+    ) -> torch.Tensor:
+        """Each finding's feature where its heatmap points: ``heat [B, 2, F, N]`` logits over a
+        breast's cells, ``valid [B, 2, N]`` -> ``[B, 2, F, D + 2]`` (weighted features, then the
+        point's row and column in [0, 1]). The weights do not train the heatmaps (detached)."""
+        assert self.lesion_proj is not None
+        b, (_c, h, w) = present.shape[0], maps.shape[1:]
+        cells = maps.new_zeros(b, 4, h * w, self.dim)
+        cells[present] = self.lesion_proj(maps.flatten(2).transpose(1, 2)).to(cells.dtype)
+        cells = cells.reshape(b, 2, 2 * h * w, self.dim)
+        rows = torch.linspace(0, 1, h, device=maps.device).repeat_interleave(w)
+        cols = torch.linspace(0, 1, w, device=maps.device).repeat(h)
+        where = torch.stack([rows, cols], -1).repeat(2, 1).to(cells.dtype)  # [N, 2] (CC cells, MLO cells)
+        weights = heat.detach().masked_fill(~valid.unsqueeze(2), -1e4).softmax(-1)
+        weights = weights * valid.any(-1, keepdim=True).unsqueeze(-1)  # a breast with no view: zeros
+        return torch.cat([weights @ cells, weights @ where], -1)
 
     def forward(self, images: torch.Tensor, view_mask: torch.Tensor) -> dict[str, torch.Tensor]:
         maps, present = self._feature_maps(images, view_mask)
@@ -148,12 +195,18 @@ class MultiViewClassifier(nn.Module):
             breasts.append((fused * keep).sum(1) / keep.sum(1).clamp_min(1.0))
         breast = torch.stack(breasts, 1)  # [B, 2, D]  (L, R)
         out = {"density": self.density_head(breast.flatten(1)), "tokens": tokens}
+        lesions = None
         if self.localise:
-            out["heatmaps"], out["findings"] = self._localised(maps, present)
-            out["birads"] = self.birads_head(torch.cat([breast, torch.sigmoid(out["findings"])], -1))
+            out["heatmaps"], out["findings"], lesions = self._localised(maps, present)
+            seen = [breast, torch.sigmoid(out["findings"])]
+            if lesions is not None:
+                seen.append(lesions.flatten(2))
+            out["birads"] = self.birads_head(torch.cat(seen, -1))
         else:
             out["birads"], out["findings"] = self.birads_head(breast), self.finding_head(breast)
-        out.update({f"desc_{name}": head(breast) for name, head in self.descriptor_heads.items()})
+        for name, head in self.descriptor_heads.items():
+            source = breast if lesions is None else lesions[:, :, FINDINGS.index(DESCRIBED_FINDING[name]), : self.dim]
+            out[f"desc_{name}"] = head(source)
         return out
 
 
@@ -170,6 +223,7 @@ def create_model(cfg: Stage1Model) -> MultiViewClassifier:
         descriptor_heads=cfg.descriptor_heads,
         localise=cfg.localise,
         mil_pooling=cfg.mil_pooling,
+        lesion_features=cfg.lesion_features,
     )
 
 

@@ -68,6 +68,8 @@ def test_wrong_types_and_values_are_one_line_errors(tmp_path):
         load_config("stage2/tiny", Stage2Config, ["knowledge.mode=verbose"])
     with pytest.raises(MammorgError, match="model.dim=100 is not divisible by model.heads=3"):
         load_config("stage1/tiny", Stage1Config, ["model.dim=100", "model.heads=3"])
+    with pytest.raises(MammorgError, match="model.lesion_features=true reads the finding heatmaps"):
+        load_config("stage1/tiny", Stage1Config, ["model.lesion_features=true"])
 
 
 def test_migrate_renames_and_drops_keys_of_older_runs(tmp_path):

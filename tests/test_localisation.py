@@ -59,7 +59,7 @@ def test_synthetic_boxes_reach_the_manifest(synth_dir, tmp_path):
     for exam in rows:
         for side in ("L", "R"):
             drawn = {f for f, v in exam.labels.findings[side].items() if v == "pos"}
-            drawn -= {"skin_thickening", "nipple_retraction"}
+            drawn -= {"skin_thickening"}  # the skin line has no box
             on_side = {x.finding for x in exam.lesions if x.side == side and x.box is not None}
             assert drawn == on_side, (exam.exam_id, side)
         for lesion in exam.lesions:
@@ -67,6 +67,23 @@ def test_synthetic_boxes_reach_the_manifest(synth_dir, tmp_path):
             assert b is not None and 0 <= b.xmin < b.xmax <= 64 and 0 <= b.ymin < b.ymax <= 128
             boxed += 1
     assert boxed > 0
+
+
+def test_a_retracted_nipple_is_boxed_where_it_is_drawn():
+    from mammorg.synth.phantom import render_view_with_boxes
+
+    mass = {"type": "mass", "shape": "irregular", "margin": "spiculated", "density": "high", "size_mm": 20}
+    mass.update(quadrant="upper outer", clock=1, depth="middle", nipple_distance_cm=5.0)
+    truth = {"true_density": "a", "breasts": {"L": {"lesions": [mass, {"type": "nipple_retraction"}]}}}
+    plain = {"true_density": "a", "breasts": {"L": {"lesions": [mass]}}}
+    img, boxes = render_view_with_boxes(truth, "L_CC", 256, 128, np.random.default_rng(0))
+    ref, ref_boxes = render_view_with_boxes(plain, "L_CC", 256, 128, np.random.default_rng(0))
+    assert [i for i, _ in boxes] == [0, 1] and [i for i, _ in ref_boxes] == [0]
+    x0, y0, x1, y1 = (round(v) for v in boxes[1][1])
+    changed = np.argwhere(np.abs(img - ref) > 0.05)  # the same draws but the nipple: it changed
+    assert len(changed) and (changed[:, 0] >= y0 - 1).all() and (changed[:, 0] <= y1).all()
+    assert (changed[:, 1] >= x0 - 1).all() and (changed[:, 1] <= x1).all()
+    assert 0 < x1 - x0 < 20 and 0 < y1 - y0 < 20 and x0 > 64  # a small box at the nipple, far from the chest wall
 
 
 def _known(view: int, finding: str) -> torch.Tensor:
@@ -139,6 +156,31 @@ def test_mil_poolings_ignore_missing_views(pooling):
     a = model(images, mask)["findings"]
     images[0, 2:] = torch.rand(2, 1, 64, 32)  # the missing right views change nothing
     assert torch.allclose(a, model(images, mask)["findings"])
+
+
+def test_lesion_features_read_where_the_heatmap_points():
+    model = MultiViewClassifier("resnet10t", 16, (2, 2), 2, 0.0, localise=True, lesion_features=True).eval()
+    h, w = 4, 2
+    maps = torch.randn(3, 512, h, w)  # the feature maps of three present views (L_CC, L_MLO, R_CC)
+    present = torch.tensor([[True, True, True, False]])
+    heat = torch.full((1, 2, len(FINDINGS), 2 * h * w), -20.0)
+    heat[0, 0, FINDINGS.index("mass"), h * w + 5] = 20.0  # the left mass: cell 5 of the MLO view
+    valid = torch.tensor([[True] * (2 * h * w), [True] * (h * w) + [False] * (h * w)]).unsqueeze(0)
+    heat[0, 1, FINDINGS.index("mass"), h * w + 1] = 20.0  # a peak on the missing R_MLO counts for nothing
+    lesions = model._lesions(maps, present, heat, valid)
+    assert lesions.shape == (1, 2, len(FINDINGS), 16 + 2)
+    cell = maps[1].flatten(1)[:, 5]  # row 2, column 1 of the MLO view
+    assert torch.allclose(lesions[0, 0, FINDINGS.index("mass"), :16], model.lesion_proj(cell), atol=1e-4)
+    assert lesions[0, 0, FINDINGS.index("mass"), 16:].tolist() == pytest.approx([2 / 3, 1.0])
+    right_cells = model.lesion_proj(maps[2].flatten(1).T).mean(0)  # flat logits on R_CC: its mean cell
+    assert torch.allclose(lesions[0, 1, FINDINGS.index("mass"), :16], right_cells, atol=1e-4)
+    images = torch.rand(1, 4, 1, 64, 32)
+    out = MultiViewClassifier(
+        "resnet10t", 16, (2, 2), 2, 0.0, descriptor_heads=True, localise=True, lesion_features=True
+    )(images, torch.tensor([[True, True, False, False]]))
+    assert out["birads"].shape == (1, 2, 9) and out["desc_mass_margin"].shape == (1, 2, 5)
+    with pytest.raises(ValueError, match="need localise"):
+        MultiViewClassifier("resnet10t", 16, (2, 2), 2, lesion_features=True)
 
 
 def test_augmentation_moves_boxes_with_the_image():

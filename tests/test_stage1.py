@@ -168,7 +168,14 @@ def test_two_ranks_on_cpu(cache_manifest, tmp_path, deepspeed):
     assert (tmp_path / "run" / "checkpoints" / "best" / "model.safetensors").exists()
 
 
-def test_descriptor_heads_learn_from_synthetic_descriptors(cache_manifest, tmp_path):
+@pytest.mark.parametrize(
+    "model",
+    [
+        ["model.descriptor_heads=true"],
+        ["model.descriptor_heads=true", "model.localise=true", "model.lesion_features=true"],
+    ],
+)
+def test_descriptor_heads_learn_from_synthetic_descriptors(cache_manifest, tmp_path, model):
     from mammorg.app.cli import main as cli
     from mammorg.io import read_jsonl
 
@@ -176,10 +183,7 @@ def test_descriptor_heads_learn_from_synthetic_descriptors(cache_manifest, tmp_p
     described = [e for e in exams if any((e["labels"].get("descriptors") or {}).values())]
     assert described, "the synthetic VinDr layout carries descriptors through ingest"
     run_dir = tmp_path / "desc"
-    assert (
-        train_stage1(cache_manifest, run_dir, "data.val_split=train", "train.epochs=1", "model.descriptor_heads=true")
-        == 0
-    )
+    assert train_stage1(cache_manifest, run_dir, "data.val_split=train", "train.epochs=1", *model) == 0
     val = [json.loads(x)["val"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()][-1]
     assert any(k.startswith("desc_") and k.endswith("_acc") for k in val)
     out = tmp_path / "pred.jsonl"

@@ -82,7 +82,9 @@ def _pectoral(c: Canvas) -> None:
     c.image[muscle] = 0.72 + 0.04 * lowpass_noise(c.rng, (c.h, c.w), 4.0)[muscle]
 
 
-def _skin_and_nipple(c: Canvas, thick_skin: bool, retracted: bool) -> None:
+def _skin_and_nipple(c: Canvas, thick_skin: bool, retracted: bool) -> tuple[float, float, float, float] | None:
+    """Draw the skin line and the nipple; the box (x0, y0, x1, y1) of a retracted nipple (the
+    drawn-in nipple and where it would stand out), else None. The skin has no box."""
     band = 0.955 if thick_skin else 0.985
     skin = (c.radius > band) & (c.radius <= 1.0)
     c.image[skin] = np.maximum(c.image[skin], 0.5 if thick_skin else 0.42)
@@ -91,8 +93,10 @@ def _skin_and_nipple(c: Canvas, thick_skin: bool, retracted: bool) -> None:
     bump = (dx / (1.3 * r)) ** 2 + (dy / r) ** 2 <= 1.0
     if retracted:
         c.image[ys, xs][bump & (dx < 0)] *= 0.55
-    else:
-        c.image[ys, xs][bump & (dx >= 0)] = 0.45
+        x0, y0 = max(c.a - 1.3 * r, 0.0), max(c.cy - r, 0.0)
+        return float(x0), float(y0), float(min(c.a + 1.3 * r + 1.0, c.w)), float(min(c.cy + r + 1.0, c.h))
+    c.image[ys, xs][bump & (dx >= 0)] = 0.45
+    return None
 
 
 def _insert_dense(c: Canvas, ys: slice, xs: slice, profile: np.ndarray, contrast: float) -> None:
@@ -232,7 +236,8 @@ def render_view_with_boxes(
 ) -> tuple[np.ndarray, list[tuple[int, tuple[float, float, float, float]]]]:
     """Render one view of an exam truth (see ``sample_exam``): float32 image in [0, 1] and the
     box of each lesion drawn on it, ``(index in the breast's lesions, (x0, y0, x1, y1))`` in
-    pixels. Skin thickening and nipple retraction have no box; axillary nodes show on the MLO only."""
+    pixels. Skin thickening has no box (it runs along the whole skin line); a retracted nipple is
+    boxed; axillary nodes show on the MLO only."""
     side, projection = view.split("_")
     c = Canvas(rng, height, width, projection)
     _background(c, exam["true_density"])
@@ -264,7 +269,9 @@ def render_view_with_boxes(
         box = _changed_box(before, c.image)
         if box is not None:
             boxes.append((index, box))
-    _skin_and_nipple(c, "skin_thickening" in kinds, "nipple_retraction" in kinds)
+    nipple = _skin_and_nipple(c, "skin_thickening" in kinds, "nipple_retraction" in kinds)
+    if nipple is not None:
+        boxes.append((next(i for i, x in enumerate(lesions) if x["type"] == "nipple_retraction"), nipple))
     img = c.image + rng.normal(0, 0.012, c.image.shape).astype(np.float32) * (c.image > 0)
     return np.clip(img, 0.0, 1.0).astype(np.float32), boxes
 

@@ -210,7 +210,9 @@ def _breast_rows(exam: dict, settings: SynthSettings) -> tuple[list[list], list[
             finding_rows.append(
                 [*base, birads, density, str([vindr_categories(lesion)]), category, x0, y0, x1, y1, exam["split"]]
             )
-        unboxed = [x for x in lesions if x["type"] in ("skin_thickening", "nipple_retraction")]
+        unboxed = [
+            x for i, x in enumerate(lesions) if x["type"] in ("skin_thickening", "nipple_retraction") and i not in boxed
+        ]
         if unboxed or not boxed:
             cats = sorted({vindr_categories(x) for x in unboxed}) or ["No Finding"]
             finding_rows.append(
