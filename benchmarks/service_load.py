@@ -3,8 +3,10 @@
 Starts ``mammorg serve`` on a bundle (default: the demo's, ``demo_out/bundle``) in a subprocess,
 measures one request alone (the reference: the median of 10 after 5 warm-up requests; again
 after the load, to show the spread between runs of this machine), then sends N requests from C concurrent clients with
-the views of one exam, and reports p50/p95 latency, throughput, errors and the service's resident
-memory after the first 20 requests and at the end. Prints one JSON object.
+the views of one exam, and reports p50/p95 latency, throughput, errors, the service's resident
+memory after the first 20 requests and at the end, and where the time went (the service's
+``Server-Timing``: upload, preprocessing, queue, model), for all requests and the slowest 5%.
+Prints one JSON object.
 
 Usage: python benchmarks/service_load.py [--bundle demo_out/bundle] [--exam FOLDER] [--requests 200] [--clients 4]
        [--batch-wait S] [--workers N]
@@ -60,6 +62,44 @@ def _exam(bundle: Path, exam: str | None) -> Path:
     return sorted(images.iterdir())[-1]
 
 
+def _timing(header: str) -> dict[str, float]:
+    """``Server-Timing`` (``read;dur=1.2, ..., batch;desc="2"``) as seconds and the batch size."""
+    out = {}
+    for part in header.split(","):
+        name, _, value = part.strip().partition(";")
+        if value.startswith("dur="):
+            out[name] = float(value[4:]) / 1000
+        elif value.startswith("desc="):
+            out[name] = float(value[5:].strip('"'))
+    return out
+
+
+def _breakdown(latencies: list[float], timings: list[dict[str, float]], p95: float) -> dict:
+    """Mean seconds of each part (the service's ``Server-Timing``; ``outside``: the client, the
+    connection and the answer's encoding) for all requests and for those at or above the p95,
+    with the batch sizes those slowest requests ran in."""
+    parts = ("read", "prepare", "queue", "model")
+    timed = [(lat, t) for lat, t in zip(latencies, timings) if t]  # answered requests
+    rows = [
+        {
+            **{k: t.get(k, 0.0) for k in parts},
+            "outside": lat - sum(t.get(k, 0.0) for k in parts),
+            "batch": t.get("batch"),
+        }
+        for lat, t in timed
+    ]
+    slow = [r for r, (lat, _) in zip(rows, timed) if lat >= p95]
+
+    def means(group: list[dict]) -> dict[str, float]:
+        return {k: round(float(np.mean([r[k] for r in group])), 3) for k in (*parts, "outside")} if group else {}
+
+    return {
+        "all": means(rows),
+        "slowest_5pct": means(slow),
+        "slowest_batches": dict(Counter(str(int(r["batch"])) for r in slow if r["batch"] is not None)),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--bundle", default="demo_out/bundle")
@@ -98,26 +138,28 @@ def main() -> None:
 
         local = threading.local()  # one connection per client, kept alive (as a workstation keeps it)
 
-        def one(_: int) -> tuple[float, int]:
+        def one(_: int) -> tuple[float, int, dict[str, float]]:
             if not hasattr(local, "client"):
                 local.client = httpx.Client(timeout=120)
             t0 = time.perf_counter()
             try:
-                status = local.client.post(f"{url}/report", files=files).status_code
+                answer = local.client.post(f"{url}/report", files=files)
+                status, timing = answer.status_code, _timing(answer.headers.get("server-timing", ""))
             except httpx.HTTPError:
-                status = -1
-            return time.perf_counter() - t0, status
+                status, timing = -1, {}
+            return time.perf_counter() - t0, status, timing
 
         for _ in range(5):  # warm-up (the first requests run slower while the model settles)
             one(0)
         single = float(np.median([one(0)[0] for _ in range(10)]))
         memory_start = None
-        latencies, statuses = [], []
+        latencies, statuses, timings = [], [], []
         t0 = time.perf_counter()
         with ThreadPoolExecutor(args.clients) as pool:
-            for i, (latency, status) in enumerate(pool.map(one, range(args.requests))):
+            for i, (latency, status, timing) in enumerate(pool.map(one, range(args.requests))):
                 latencies.append(latency)
                 statuses.append(status)
+                timings.append(timing)
                 if i + 1 == 20:
                     memory_start = _rss_mib(server.pid)
         wall = time.perf_counter() - t0
@@ -148,6 +190,7 @@ def main() -> None:
                 "rss_mib_end": round(memory_end, 1),
                 "batch_sizes": {str(k): sizes[k] for k in sorted(sizes)},
                 "rss_growth": None if memory_start is None else round(memory_end / memory_start - 1, 3),
+                "where_the_time_went": _breakdown(latencies, timings, p95),
             }
         )
     )

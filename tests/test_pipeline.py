@@ -172,6 +172,9 @@ def test_service_reports_json_sr_and_page(service, new_exam):
     assert report.status_code == 200, report.text
     body = report.json()
     assert "text" in body and set(body["stage1"]) >= {"probs", "pred", "grounded"} and len(body["views"]) == 4
+    timing = dict(part.strip().split(";", 1) for part in report.headers["server-timing"].split(","))
+    assert set(timing) == {"read", "prepare", "queue", "model", "batch"} and timing["batch"] == 'desc="1"'
+    assert float(timing["model"].removeprefix("dur=")) > 0 and float(timing["queue"].removeprefix("dur=")) >= 0
     sr = client.post("/report?format=sr", files=_files(new_exam), headers=AUTH)
     assert sr.status_code == 200 and sr.headers["content-type"] == "application/dicom"
     text, regions = read_back(sr.content)
@@ -410,6 +413,37 @@ def test_batcher_shares_the_clients_among_its_slots():
         await asyncio.gather(*(client(batcher, 12, 0.01 + 0.002 * i) for i in range(4)))
 
     asyncio.run(run())
-    # after the first batch no slot takes more than its share; the clients drift apart (their
-    # uploads differ) and finish one by one, so some batches hold one exam
-    assert max(sizes[1:]) == 2 and sizes.count(2) >= len(sizes) / 3, sizes
+    # no slot takes more than its share, from the first batch on (before: 4, then pairs broken
+    # into lone exams as the clients' uploads drifted apart)
+    assert max(sizes) == 2 and sizes.count(2) >= len(sizes) - 2, sizes
+
+
+def test_batcher_keeps_pairs_when_batches_and_uploads_vary():
+    """Batch times (±10%) and uploads (3-20 ms) that vary: counting only the exams in the service
+    when a batch ended missed the clients answered a moment before, and the slots ran lone exams
+    again and again; the peak while the batch ran keeps the pairs."""
+    import asyncio
+    import random
+
+    from mammorg.app.serve import Batcher
+
+    rng = random.Random(0)
+    sizes: list[int] = []
+
+    async def report_many(exams):
+        sizes.append(len(exams))
+        await asyncio.sleep(0.04 * (1 + 0.2 * (len(exams) - 1)) * rng.uniform(0.9, 1.1))
+        return list(exams)
+
+    async def client(batcher: Batcher) -> None:
+        for _ in range(30):
+            await batcher.report("exam")
+            await asyncio.sleep(rng.uniform(0.003, 0.02))
+
+    async def run() -> None:
+        batcher = Batcher(report_many, linger=0.2, slots=2)  # type: ignore[arg-type]
+        await asyncio.gather(*(client(batcher) for _ in range(4)))
+
+    asyncio.run(run())
+    # before: 8 to 22 lone exams in about 64 batches (4 seeds); now 1 to 3 in about 59
+    assert sizes.count(1) <= 4 and sizes.count(2) >= 0.8 * len(sizes), sizes
