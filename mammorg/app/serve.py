@@ -148,9 +148,9 @@ class Batcher:
     sharing, one slot waited for all four and the other stayed idle). The peak, not the count when
     the batch ended: clients answered a moment before are between requests then, and counting
     only those in the service split 4 clients on 2 slots into batches of 1 again and again (a
-    simulation, 4 seeds: 8 to 22 lone batches in about 64, against 1 to 3 in 59). While another slot is free a batch
-    takes only its share of the waiting exams and leaves it the rest. An idle service (its last
-    batch ended longer than ``linger`` ago) starts at once."""
+    simulation, 4 seeds: 8 to 22 lone batches in about 64, against 1 to 3 in 59). While another
+    slot is free a batch takes only its share of the waiting exams and leaves it the rest. An
+    idle service (its last batch ended longer than ``linger`` ago) starts at once."""
 
     def __init__(
         self,
@@ -165,7 +165,7 @@ class Batcher:
         self.queue: asyncio.Queue = asyncio.Queue(limit)
         self.worker: asyncio.Task | None = None
         self.inflight = 0  # exams in the service: queued, being gathered or reported on
-        self.running: dict[asyncio.Task, int] = {}  # the batches being reported on: the peak of inflight while each ran
+        self.running: dict[asyncio.Task, int] = {}  # batches being reported on: peak inflight while each ran
         self.expected = 1  # the peak of inflight while the last batch ran
         self.finished = float("-inf")  # when it ended (event-loop time)
 
