@@ -2,7 +2,7 @@
 # Every GPU check of this wave in one run (about 8 minutes on one H200), one JSON file per check
 # under $OUT (default /tmp/gpu_checks) and a merged gpu_checks.json:
 #   1. stage-1 localisation benchmark (issue #19): today's classifier beside the localising one,
-#      MIL pooling ablation and the learning curve, rows trained side by side on the one GPU;
+#      MIL pooling ablation, lesion features and the learning curve, rows trained side by side;
 #   2. stage-1 throughput at 1024x512 (convnext_small) against bare timm, data loading included;
 #   3. stage-2 throughput (issue #17): Gemma 3 270M and 1B shapes and the Llama 3.2 1B shape,
 #      LoRA and full fine-tuning against a bare transformers+peft loop.
@@ -27,7 +27,7 @@ want() { case " $CHECKS " in *" $1 "*) return 0;; *) return 1;; esac; }
 if want loc; then
 stamp "stage-1 localisation: data"
 python3 benchmarks/stage1_localisation.py --out "$WORK/loc" --exams "${EXAMS:-900}" --prepare-only --prep-workers 14 > "$WORK/prep.log" 2>&1 || tail -5 "$WORK/prep.log"
-ROWS=${ROWS:-today localise localise_topk localise_attention localise_no_box_loss curve_150 curve_360 curve_700}
+ROWS=${ROWS:-today localise localise_lesion localise_topk localise_attention localise_no_box_loss curve_150 curve_360 curve_700}
 # each row is bounded (LOC_LIMIT seconds) so that the throughput checks and the merge still run
 for row in $ROWS; do
   timeout "${LOC_LIMIT:-280}" python3 benchmarks/stage1_localisation.py --out "$WORK/loc" --exams "${EXAMS:-900}" --epochs "${EPOCHS:-16}" --rows "$row" --workers 1 --prep-workers 1 \
