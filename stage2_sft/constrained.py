@@ -147,6 +147,7 @@ class AssessmentTokens:
     brackets: tuple[int, int] | None = None  # <plan>, </plan>
     densities: torch.Tensor | None = None  # [S, 4]: each spelling of the composition terms
     plan_findings: list[int] | None = None  # the plan's finding tokens in their order (L, then R)
+    end: int | None = None  # the end-of-report token
 
     @classmethod
     def of(cls, tok: PreTrainedTokenizerBase, lexicon: Lexicon | None = None) -> AssessmentTokens:
@@ -166,6 +167,7 @@ class AssessmentTokens:
             _bracket_ids(vocab),
             densities if densities is not None and len(densities) else None,
             _plan_finding_ids(vocab),
+            None if tok.eos_token_id is None else int(tok.eos_token_id),
         )
 
 
@@ -252,7 +254,22 @@ class StatedAssessment(CategoryChoice):
         if self.density is not None and self.tokens.densities is not None:
             target = per_row(self.density, scores.shape[0]).to(scores.device)
             _force(scores, self.tokens.densities.to(scores.device), target)
+        self.state_before_end(input_ids, scores)
         return scores
+
+    def state_before_end(self, input_ids: torch.Tensor, scores: torch.Tensor) -> None:
+        """In place: a report cannot end before it has stated stage 1's exam category (any
+        spelling; every beam alike). Traced on a demo: "OPINION: probably benign." and the
+        management, with no category written (2 of 44 reports)."""
+        end = self.tokens.end
+        if end is None:
+            return
+        exam = per_row(self.fixed[:, 2], scores.shape[0]).to(scores.device)
+        spelt = self.tokens.categories.to(scores.device)[:, exam.clamp(min=0)].T  # [B, S]
+        stated = (input_ids[:, :, None] == spelt[:, None, :]).any(2).any(1)
+        rows = ((exam >= 0) & ~stated).nonzero().squeeze(1)
+        if len(rows):
+            scores[rows, end] = float("-inf")
 
     def hold_plan(self, scores: torch.Tensor, targets: torch.Tensor) -> None:
         if self.tokens.plan is not None:

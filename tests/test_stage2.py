@@ -306,6 +306,13 @@ def test_stated_assessment_puts_stage1_categories_in_the_report(stage1_outputs, 
     assert out[0, cat["5"]] == 5.0 and torch.isinf(out[0, cat["3"]]) and torch.isinf(out[0, cat["1"]])
     ended = torch.tensor([tok("Right breast mass.", add_special_tokens=False)["input_ids"]])
     assert proc(ended, scores.clone())[0, cat["5"]] == 5.0  # no side named: the exam's (most severe)
+    # a report cannot end before it states the exam's category (5); once stated, it can
+    closing = torch.zeros(1, len(tok))
+    closing[0, tok.eos_token_id] = 9.0
+    assert torch.isinf(proc(ended, closing.clone())[0, tok.eos_token_id])
+    stated = torch.cat([ended, torch.tensor([[cat["5"]]])], 1)
+    assert proc(stated, closing.clone())[0, tok.eos_token_id] == 9.0
+    assert proc(torch.cat([ended, torch.tensor([[cat["1"]]])], 1), closing.clone())[0, tok.eos_token_id] < 0
     # with the lexicon, the composition term is stage 1's density
     from stage2_sft.assembly import lexicon_of
 
