@@ -149,16 +149,21 @@ class MultiViewClassifier(nn.Module):
         b, (_c, h, w) = present.shape[0], maps.shape[1:]
         heat = maps.new_zeros(b, 4, len(FINDINGS), h, w)
         heat[present] = self.heat_head(maps).to(heat.dtype)
-        cells = None
-        if self.cell_proj is not None:  # attention pooling reads the cells' features
-            cells = maps.new_zeros(b, 4, h * w, self.dim)
-            cells[present] = self.cell_proj(maps.flatten(2).transpose(1, 2)).to(cells.dtype)
-            cells = cells.reshape(b, 2, 2 * h * w, self.dim)
+        # attention pooling reads the cells' features
+        cells = None if self.cell_proj is None else self._cells(self.cell_proj, maps, present)
         per_breast = heat.flatten(3).reshape(b, 2, 2, len(FINDINGS), h * w).permute(0, 1, 3, 2, 4)
         valid = present.reshape(b, 2, 2, 1).expand(b, 2, 2, h * w).reshape(b, 2, 2 * h * w)
         per_breast = per_breast.reshape(b, 2, len(FINDINGS), 2 * h * w)
         lesions = self._lesions(maps, present, per_breast, valid) if self.lesion_proj is not None else None
         return heat, self.mil(per_breast, cells, valid), lesions
+
+    def _cells(self, proj: nn.Module, maps: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+        """``proj`` of each cell's feature, per breast ``[B, 2, N, D]`` (CC cells, then MLO
+        cells; missing views: zeros)."""
+        b, (_c, h, w) = present.shape[0], maps.shape[1:]
+        cells = maps.new_zeros(b, 4, h * w, self.dim)
+        cells[present] = proj(maps.flatten(2).transpose(1, 2)).to(cells.dtype)
+        return cells.reshape(b, 2, 2 * h * w, self.dim)
 
     def _lesions(
         self, maps: torch.Tensor, present: torch.Tensor, heat: torch.Tensor, valid: torch.Tensor
@@ -167,10 +172,8 @@ class MultiViewClassifier(nn.Module):
         breast's cells, ``valid [B, 2, N]`` -> ``[B, 2, F, D + 2]`` (weighted features, then the
         point's row and column in [0, 1]). The weights do not train the heatmaps (detached)."""
         assert self.lesion_proj is not None
-        b, (_c, h, w) = present.shape[0], maps.shape[1:]
-        cells = maps.new_zeros(b, 4, h * w, self.dim)
-        cells[present] = self.lesion_proj(maps.flatten(2).transpose(1, 2)).to(cells.dtype)
-        cells = cells.reshape(b, 2, 2 * h * w, self.dim)
+        h, w = maps.shape[2:]
+        cells = self._cells(self.lesion_proj, maps, present)
         rows = torch.linspace(0, 1, h, device=maps.device).repeat_interleave(w)
         cols = torch.linspace(0, 1, w, device=maps.device).repeat(h)
         where = torch.stack([rows, cols], -1).repeat(2, 1).to(cells.dtype)  # [N, 2] (CC cells, MLO cells)
