@@ -144,11 +144,15 @@ def test_metrics(run_dir: Path, manifest: Path, workers: int) -> dict:
     return out
 
 
-def run_row(name: str, caches: dict, out: Path, epochs: int, workers: int, batch_size: int | None) -> dict:
+def run_row(
+    name: str, caches: dict, out: Path, epochs: int, workers: int, batch_size: int | None, seed: int = 0
+) -> dict:
     overrides, size, n_train = ROWS[name]
     manifest = subset(caches[size], n_train, caches[size].parent / f"subset-{name}.jsonl")
-    run_dir = out / f"run-{name}"
+    label = f"{name}_seed{seed}" if seed else name
+    run_dir = out / f"run-{label}"
     extra = [f"train.batch_size={batch_size}"] if batch_size else []
+    extra += [f"seed={seed}"] if seed else []
     cfg = load_config(
         "stage1/default",
         Stage1Config,
@@ -167,7 +171,8 @@ def run_row(name: str, caches: dict, out: Path, epochs: int, workers: int, batch
     seconds = time.perf_counter() - t0
     train_exams = sum(1 for r in read_jsonl(manifest) if r["split"] == "train")
     return {
-        "row": name,
+        "row": label,
+        "seed": seed,
         "overrides": overrides,
         "size": list(size),
         "train_exams": train_exams,
@@ -187,6 +192,7 @@ def main() -> None:
     ap.add_argument("--list", action="store_true")
     ap.add_argument("--prepare-only", action="store_true", help="write the data set and caches, train nothing")
     ap.add_argument("--prep-workers", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0, help="training seed (rows other than 0 are named ROW_seedN)")
     ap.add_argument("--result", default="result.json", help="file name of this invocation's JSON under --out")
     args = ap.parse_args()
     if args.list:
@@ -201,7 +207,7 @@ def main() -> None:
     if args.prepare_only:
         print(json.dumps({"prepared": {f"{h}x{w}": str(p) for (h, w), p in caches.items()}}))
         return
-    rows = [run_row(name, caches, out, args.epochs, args.workers, args.batch_size) for name in args.rows]
+    rows = [run_row(name, caches, out, args.epochs, args.workers, args.batch_size, args.seed) for name in args.rows]
     reference = rows[0]
     for row in rows:
         row["ratio_birads_f1_vs_reference"] = round(

@@ -7,7 +7,7 @@ Defaults: a Llama-3.2-1B-shaped decoder (random init, bf16 weights, sdpa) on a G
 default (configs/stage2/tiny.yaml) in fp32 on CPU. Both loops see the same token batches; the
 recipe's carry four views of visual tokens filled through the projector with masked_scatter.
 Reports training tokens/s for full fine-tuning and LoRA (rank 16 on all seven projections), their
-ratio to the bare loop, model FLOP utilisation on a GPU (6 x params x tokens), and generation
+ratio to the bare loop, model FLOP utilisation on a GPU (``flops_per_token``), and generation
 reports/s. The recipe's model computes logits only at report positions and, with --compile (the
 default on a GPU, as train.compile=true), compiles each decoder block and the report loss; its
 LoRA runs as ``apply_lora`` sets it up (under autocast on a GPU). The bare loops stay plain eager
@@ -105,10 +105,11 @@ def _sync(device):
 def decoder(shape: str, device, dtype, lora: bool):
     """The bare model: transformers (+ peft with its defaults: fp32 adapters, fp32 input casts)."""
     torch.manual_seed(0)
-    if shape.startswith("gemma"):
-        model: Any = Gemma3ForCausalLM(Gemma3TextConfig(**SHAPES[shape], attn_implementation="sdpa"))
-    else:
-        model = LlamaForCausalLM(LlamaConfig(**SHAPES[shape], attn_implementation="sdpa"))
+    with torch.device(device):  # initialised where it runs (a 1B model's CPU init takes longer than its steps)
+        if shape.startswith("gemma"):
+            model: Any = Gemma3ForCausalLM(Gemma3TextConfig(**SHAPES[shape], attn_implementation="sdpa"))
+        else:
+            model = LlamaForCausalLM(LlamaConfig(**SHAPES[shape], attn_implementation="sdpa"))
     model = model.to(device, dtype)
     if lora:
         model = get_peft_model(
@@ -217,6 +218,14 @@ def measure(shape, lora, data, device, dtype, amp, warmup, compiled: bool, vocab
     return ours, bare_tps, n_params
 
 
+def flops_per_token(shape: str, n_params: int, seq: int) -> float:
+    """Model FLOPs of one training token (PaLM's convention): 6 x parameters (tied embeddings
+    counted once, as the output head's matmul) + 12 x layers x attention width x sequence."""
+    cfg = SHAPES[shape]
+    head_dim = cfg.get("head_dim", cfg["hidden_size"] // cfg["num_attention_heads"])
+    return 6 * n_params + 12 * cfg["num_hidden_layers"] * cfg["num_attention_heads"] * head_dim * seq
+
+
 def report_vocab(n: int, vocab_size: int, data: list[dict]) -> torch.Tensor:
     """N ids that cover every target of the batches (as a report vocabulary covers the reports)."""
     ids = {int(i) for b in data for i in b["labels"][b["labels"] >= 0].unique().tolist()}
@@ -303,8 +312,10 @@ def main() -> None:
         out[f"{mode}_bare_tokens_s"] = round(bare, 1)
         out[f"{mode}_ratio"] = round(ours / bare, 3)
         if peak and mode == "full":
-            out["full_mfu"] = round(6 * n_params * ours / peak, 3)
-            out["full_bare_mfu"] = round(6 * n_params * bare / peak, 3)
+            # the recipe's head computes only its report-vocabulary rows: its FLOPs count those
+            unused_head = 0 if vocab is None else (vocab_size - int(vocab.numel())) * SHAPES[args.shape]["hidden_size"]
+            out["full_mfu"] = round(flops_per_token(args.shape, n_params - unused_head, args.seq) * ours / peak, 3)
+            out["full_bare_mfu"] = round(flops_per_token(args.shape, n_params, args.seq) * bare / peak, 3)
         if device.type == "cuda":
             torch.cuda.empty_cache()
     if not args.no_generate:
