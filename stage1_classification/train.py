@@ -126,24 +126,32 @@ class Stage1Recipe(EpochRecipe):
         assert isinstance(module, MultiViewClassifier)
         return module
 
+    def train_step(self, batch: dict, last_of_epoch: bool = False) -> torch.Tensor:
+        """One optimiser (micro-)step on a batch, moved to the device; the loss, detached."""
+        cfg, device = self.cfg, self.device
+        batch = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            out = self.backend.model(batch["images"], batch["view_mask"])
+        loss = stage1_loss(
+            {k: v.float() for k, v in out.items()},
+            batch,
+            cfg.train.focal_gamma,
+            self.birads_weights,
+            cfg.train.localisation_weight,
+        )
+        self.backend.backward(loss)
+        self.backend.step(last_of_epoch=last_of_epoch)
+        return loss.detach()
+
     def train_epoch(self, epoch: int) -> float:
-        cfg, device, losses = self.cfg, self.device, []
+        # the epoch's loss is summed where it is computed (float64, as Python floats would be):
+        # reading it every step would make the GPU wait for each step before the next is queued
+        total, steps = torch.zeros((), dtype=torch.float64, device=self.device), 0
         batches = epoch_batches(self.train_loader, epoch)
         for step, batch in enumerate(tqdm(batches, desc=f"stage1 epoch {epoch}", leave=False, disable=self.rank != 0)):
-            batch = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                out = self.backend.model(batch["images"], batch["view_mask"])
-            loss = stage1_loss(
-                {k: v.float() for k, v in out.items()},
-                batch,
-                cfg.train.focal_gamma,
-                self.birads_weights,
-                cfg.train.localisation_weight,
-            )
-            self.backend.backward(loss)
-            self.backend.step(last_of_epoch=step + 1 == len(batches))
-            losses.append(loss.item())
-        return mean_over_ranks(sum(losses) / max(len(losses), 1))
+            total += self.train_step(batch, last_of_epoch=step + 1 == len(batches))
+            steps += 1
+        return mean_over_ranks(total.item() / max(steps, 1))
 
     def validate(self, epoch: int, train_loss: float) -> tuple[float | None, dict[str, Any]]:
         """Rank 0 scores the validation split (mean of BI-RADS and density macro-F1)."""
