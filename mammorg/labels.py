@@ -91,6 +91,12 @@ DESCRIPTORS: dict[str, tuple[str, ...]] = {
     ),
     "calc_distribution": ("diffuse", "regional", "grouped", "linear", "segmental"),
 }
+DESCRIBED_FINDING = {  # the finding each descriptor describes
+    "mass_shape": "mass",
+    "mass_margin": "mass",
+    "calc_morphology": "calcification",
+    "calc_distribution": "calcification",
+}
 _DESCRIPTOR_ALIASES = {
     "scattered": "diffuse",
     "pleomorphic": "fine pleomorphic",

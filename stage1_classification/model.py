@@ -10,19 +10,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mammorg.labels import BIRADS_CLASSES, DENSITIES, DESCRIPTORS, FINDINGS
+from mammorg.labels import BIRADS_CLASSES, DENSITIES, DESCRIBED_FINDING, DESCRIPTORS, FINDINGS
 from mammorg.training.checkpoint import load_tensors
 from stage1_classification.config import Stage1Model
 from stage1_classification.localisation import box_targets
 
 MIL_POOLINGS = ("lse", "topk", "attention")
-# the finding whose lesion each descriptor describes (``lesion_features``: read at its heatmap)
-DESCRIBED_FINDING = {
-    "mass_shape": "mass",
-    "mass_margin": "mass",
-    "calc_morphology": "calcification",
-    "calc_distribution": "calcification",
-}
 
 
 class MilPooling(nn.Module):

@@ -148,6 +148,8 @@ class AssessmentTokens:
     densities: torch.Tensor | None = None  # [S, 4]: each spelling of the composition terms
     plan_findings: list[int] | None = None  # the plan's finding tokens in their order (L, then R)
     end: int | None = None  # the end-of-report token
+    line_breaks: torch.Tensor | None = None  # tokens that break a line (the category is written on a line of its own)
+    management: torch.Tensor | None = None  # the management terms ("routine screening": a report's last line)
 
     @classmethod
     def of(cls, tok: PreTrainedTokenizerBase, lexicon: Lexicon | None = None) -> AssessmentTokens:
@@ -168,6 +170,8 @@ class AssessmentTokens:
             densities if densities is not None and len(densities) else None,
             _plan_finding_ids(vocab),
             None if tok.eos_token_id is None else int(tok.eos_token_id),
+            sentence_end_ids(words, ()),
+            torch.tensor([i for term in MANAGEMENT for i in _ids_of(vocab, term)], dtype=torch.long),
         )
 
 
@@ -260,16 +264,40 @@ class StatedAssessment(CategoryChoice):
     def state_before_end(self, input_ids: torch.Tensor, scores: torch.Tensor) -> None:
         """In place: a report cannot end before it has stated stage 1's exam category (any
         spelling; every beam alike). Traced on a demo: "OPINION: probably benign." and the
-        management, with no category written (2 of 44 reports)."""
+        management, with no category written (2 of 44 reports). Where the decoder would end
+        there, it writes the category on a line of its own (a line break, then the category's
+        likeliest spelling; also on the line after a management line, where the decoder,
+        kept from ending, would write its management again) and goes on: barring the end
+        alone let a report repeat its management line to the token limit (demo)."""
         end = self.tokens.end
         if end is None:
             return
         exam = per_row(self.fixed[:, 2], scores.shape[0]).to(scores.device)
         spelt = self.tokens.categories.to(scores.device)[:, exam.clamp(min=0)].T  # [B, S]
         stated = (input_ids[:, :, None] == spelt[:, None, :]).any(2).any(1)
-        rows = ((exam >= 0) & ~stated).nonzero().squeeze(1)
+        unstated = (exam >= 0) & ~stated
+        choice, top = scores.max(1)
+        rows = unstated.nonzero().squeeze(1)
         if len(rows):
             scores[rows, end] = float("-inf")
+        headed = unstated & (top == end)
+        breaks, management = self.tokens.line_breaks, self.tokens.management
+        if breaks is not None and len(breaks) and input_ids.shape[1]:
+            breaks = breaks.to(scores.device)
+            line_start = torch.isin(input_ids[:, -1], breaks)
+            rows = (headed & ~line_start).nonzero().squeeze(1)
+            if len(rows):
+                promote(scores, rows, breaks[scores[rows][:, breaks].argmax(1)], choice[rows])
+            headed &= line_start
+            if (
+                management is not None and len(management) and input_ids.shape[1] > 1
+            ):  # the line just ended stated management
+                ended = latest_hit(input_ids, management.to(scores.device)) > latest_hit(input_ids[:, :-1], breaks)
+                headed |= unstated & line_start & ended
+        rows = headed.nonzero().squeeze(1)
+        if len(rows):
+            best = scores[rows.unsqueeze(1), spelt[rows]].argmax(1)
+            promote(scores, rows, spelt[rows, best], choice[rows])
 
     def hold_plan(self, scores: torch.Tensor, targets: torch.Tensor) -> None:
         if self.tokens.plan is not None:

@@ -33,7 +33,7 @@ import torch
 from transformers import LogitsProcessor, PreTrainedTokenizerBase
 
 from mammorg.io import MammorgError
-from mammorg.labels import FINDINGS
+from mammorg.labels import DESCRIBED_FINDING, DESCRIPTORS, FINDINGS
 from stage2_sft.constrained import (
     Vocabulary,
     boundary_ids,
@@ -48,8 +48,17 @@ from stage2_sft.knowledge import DEPTHS, QUADRANTS
 from terminology.lexicon import Lexicon
 
 MASS = FINDINGS.index("mass")
+CALCIFICATION = FINDINGS.index("calcification")
 ASSOCIATED = [FINDINGS.index("skin_thickening"), FINDINGS.index("nipple_retraction")]  # "There is associated ..."
 NEGATIONS = ("no", "not", "without", "negative", "obscure")
+DESCRIBING = {  # lexicon categories of descriptor terms, and the finding they describe
+    "mass_shape": "mass",
+    "mass_margin": "mass",
+    "mass_density": "mass",
+    "calc_benign": "calcification",
+    "calc_suspicious": "calcification",
+    "calc_distribution": "calcification",
+}
 
 
 def _first_pieces(tok: PreTrainedTokenizerBase, headings: tuple[str, ...]) -> torch.Tensor:
@@ -113,6 +122,8 @@ class FindingTokens:
     place_of: tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # [V] quadrant, clock, depth each token names (-1: none)
     at: torch.Tensor  # "at" (before a clock position: "at 12 o'clock")
     oclock: tuple[int, ...]  # " o'clock"
+    describes: torch.Tensor  # [V, 7] the findings a token describes ("oval": a mass; "associated": skin, nipple)
+    opener_of: torch.Tensor  # [V] the finding a sentence opened with the token names (-1: none; ``opening_ids``)
 
     @classmethod
     def of(cls, tok: PreTrainedTokenizerBase, lexicon: Lexicon) -> FindingTokens:
@@ -142,6 +153,10 @@ class FindingTokens:
         colons = _mark_ids(words, ":")
         spaces = boundary_ids(words)
         categories = words.where(lambda text: text.strip().startswith("BI-RADS "), lambda raw: "BI-RADS" in raw)
+        associated = spell(tok, " There is associated")[-1:]  # the word whole in one piece, or nothing
+        describes = _describes(
+            words, size, lexicon, [i for i in associated if str(tok.decode([i])).strip() == "associated"]
+        )
         return cls(
             finding_of,
             negations,
@@ -170,7 +185,54 @@ class FindingTokens:
             _place_of(words, size),
             side_word_ids(words, "at"),
             spell(tok, " o'clock"),
+            describes,
+            _opener_of(finding_of, vocab),
         )
+
+    def opening_ids(self, terms: torch.Tensor) -> torch.Tensor:
+        """The tokens a sentence that names a finding left over opens with: ``terms`` (finding
+        terms), calcifications' replaced by the calcification morphology terms (``opener_of``)."""
+        calcs = self.finding_of[terms] == CALCIFICATION
+        extra = (self.opener_of >= 0) & (self.finding_of < 0)
+        return torch.cat([terms[~calcs], extra.nonzero().squeeze(1)]) if extra.any() else terms
+
+
+def _describes(words: Vocabulary, size: int, lexicon: Lexicon, associated: list[int]) -> torch.Tensor:
+    """``[V, 7]`` the findings each token describes: the descriptor terms of the label space
+    (``DESCRIPTORS``: mass shapes and margins, calcification morphologies and distributions;
+    "round" describes both) and of the lexicon's descriptor categories (``DESCRIBING``: "equal
+    density" too), each spelt whole in one entry, and ``associated`` ("There is associated":
+    skin thickening, nipple retraction)."""
+    out = torch.zeros(size, len(FINDINGS), dtype=torch.bool)
+    described: dict[str, set[int]] = {}
+    for name, values in DESCRIPTORS.items():
+        for value in values:
+            described.setdefault(value, set()).add(FINDINGS.index(DESCRIBED_FINDING[name]))
+    for term in lexicon.terms:
+        if term.category in DESCRIBING:
+            described.setdefault(term.term.lower(), set()).add(FINDINGS.index(DESCRIBING[term.category]))
+    longest = max(len(v) for v in described) + 2
+    for raw, i in words.ids.items():
+        if len(raw) <= longest:
+            for f in described.get(words.text(raw).strip().lower(), ()):
+                out[i, f] = True
+    for i in associated:
+        out[i, ASSOCIATED] = True
+    return out
+
+
+def _opener_of(finding_of: torch.Tensor, vocab: dict[str, int]) -> torch.Tensor:
+    """``[V]`` the finding a sentence opened with each token names: a finding term names its
+    finding, except that calcifications open with their morphology ("Fine pleomorphic
+    calcifications ...", as reports write them: a sentence opened with the bare term ran into
+    "calcifications or mass, segmental ..." in the demo), where the tokenizer has the
+    morphology terms whole."""
+    out = finding_of.clone()
+    morphology = [vocab[m] for m in DESCRIPTORS["calc_morphology"] if m in vocab]
+    if morphology:
+        out[finding_of == CALCIFICATION] = -1
+        out[torch.tensor(morphology)] = CALCIFICATION
+    return out
 
 
 def _place_of(words: Vocabulary, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -249,7 +311,7 @@ class StatedFindings(LogitsProcessor):
         term_ids = (finding_of >= 0).nonzero().squeeze(1)
         choice, top = scores.max(1)  # the decoder's own choice, before any rule
         if not input_ids.shape[1]:
-            allowed = decided.any(1)
+            allowed = described = decided.any(1)
         else:
             latest = {
                 name: latest_hit(input_ids, ids)
@@ -273,6 +335,7 @@ class StatedFindings(LogitsProcessor):
             )
             unsided = ~(named[0] | named[1])
             allowed, home = self.home_breast(allowed, decided, written, unsided)
+            described = allowed | written | negated[:, None]  # what the sentence's words may describe
             allowed = (allowed & ~written) | negated[:, None]  # each finding once a sentence
             findings = section, open_section = self.findings_section(input_ids)
             unnamed = decided  # what each breast has still to name, followed in findings sections only
@@ -287,6 +350,7 @@ class StatedFindings(LogitsProcessor):
                 self.finish_clock(input_ids, scores, top, choice)
         blocked = ~allowed[:, finding_of[term_ids]]  # [B, K]
         scores[:, term_ids] = scores[:, term_ids].masked_fill(blocked, float("-inf"))
+        self.block_descriptions(scores, described)
         self.steer(scores, top, choice, term_ids)
         if input_ids.shape[1]:
             self.leave_for_home(input_ids, scores, home, finding_of[top], top, choice)
@@ -542,7 +606,7 @@ class StatedFindings(LogitsProcessor):
         heading = (latest_hit(input_ids, tokens.colons) > line) & (latest_hit(input_ids, tokens.categories) <= line)
         remaining = mine & ~named & (side >= 0)[:, None] & (named.any(1) | heading)[:, None]
         lead = tokens.spaces[0] if len(tokens.spaces) else None  # a tokenizer without a lone boundary: the term
-        all_terms = (tokens.finding_of >= 0).nonzero().squeeze(1)
+        all_terms = tokens.opening_ids((tokens.finding_of >= 0).nonzero().squeeze(1))
         line_end = (tokens.periods, tokens.line_breaks)  # a sentence ends; the decoder would end the line
         openers = (tokens.mass_opener, tokens.associated_opener)
         self.open_next(input_ids, scores, remaining, line_end, lead, all_terms, openers, top, choice)
@@ -566,7 +630,7 @@ class StatedFindings(LogitsProcessor):
             remaining,
             section_end,
             None,
-            tokens.line_terms,
+            tokens.opening_ids(tokens.line_terms),
             (tokens.mass_line_opener, tokens.associated_line_opener),
             top,
             choice,
@@ -587,7 +651,8 @@ class StatedFindings(LogitsProcessor):
         """In place: where the decoder would close (its choice among ``end[1]``) right after one
         of ``end[0]`` while findings remain (``remaining``: ``[B, 7]``), the next sentence opens
         with the likeliest remaining finding other than a mass or an associated feature (one of
-        ``terms``, after ``lead``, a lone word boundary, if given); a mass with ``openers[0]``
+        ``terms``, after ``lead``, a lone word boundary, if given; calcifications with their
+        likeliest morphology term, ``FindingTokens.opening_ids``); a mass with ``openers[0]``
         ("There is a"), and the decoder describes it (a sentence opened with the bare term ran
         into "mass, suspicious mass, or mass"); skin thickening and nipple retraction, left
         last, with ``openers[1]`` ("There is associated") and their term (opened with the bare
@@ -601,9 +666,9 @@ class StatedFindings(LogitsProcessor):
         closes = torch.isin(top, closing)
         others = remaining.clone()
         others[:, [MASS, *ASSOCIATED]] = False
-        finding_of = self.tokens.finding_of.to(device)
+        opener_of = self.tokens.opener_of.to(device)
         term_ids = terms.to(device)
-        wanted = others[:, finding_of[term_ids]]  # [B, K]
+        wanted = others[:, opener_of[term_ids]]  # [B, K]
         if lead is None:
             opens_term = others.any(1) & torch.isin(last, boundary) & closes
         else:
@@ -748,6 +813,19 @@ class StatedFindings(LogitsProcessor):
         if len(rows):
             negations = self.tokens.negations.to(device)
             promote(scores, rows, negations[scores[rows][:, negations].argmax(1)], choice[rows])
+
+    def block_descriptions(self, scores: torch.Tensor, described: torch.Tensor) -> None:
+        """In place: a word that describes findings (``describes``: "oval", "circumscribed",
+        "fine pleomorphic", "associated") only where the sentence may name one of them
+        (``described``: ``[B, 7]``, its findings, those it may still name, or all in a negated
+        sentence). Blocking the finding term alone let the decoder describe a mass stage 1 did
+        not decide and then name the finding it had: "A 17 mm oval equal density calcifications
+        with circumscribed margins" (demo), "There is associated mass" (no associated feature)."""
+        describes = self.tokens.describes.to(scores.device)
+        ids = describes.any(1).nonzero().squeeze(1)
+        if len(ids):
+            fits = (describes[ids][None] & described[:, None, :]).any(2)  # [B, K]
+            scores[:, ids] = scores[:, ids].masked_fill(~fits, float("-inf"))
 
     @staticmethod
     def steer(scores: torch.Tensor, top: torch.Tensor, choice: torch.Tensor, term_ids: torch.Tensor) -> None:

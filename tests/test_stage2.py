@@ -313,6 +313,21 @@ def test_stated_assessment_puts_stage1_categories_in_the_report(stage1_outputs, 
     stated = torch.cat([ended, torch.tensor([[cat["5"]]])], 1)
     assert proc(stated, closing.clone())[0, tok.eos_token_id] == 9.0
     assert proc(torch.cat([ended, torch.tensor([[cat["1"]]])], 1), closing.clone())[0, tok.eos_token_id] < 0
+    # where it would end, it writes the category on a line of its own; so it does after its
+    # management line, where it would write the management again (traced on the demo: "routine
+    # screening is recommended." to the token limit)
+    newline = int(AssessmentTokens.of(tok).line_breaks[0])
+    assert int(proc(ended, closing.clone())[0].argmax()) in AssessmentTokens.of(tok).line_breaks.tolist()
+    broken = torch.cat([ended, torch.tensor([[newline]])], 1)
+    assert int(proc(broken, closing.clone())[0].argmax()) == cat["5"]
+    line = "Right breast mass.\ntissue diagnosis is recommended.\n"
+    managed = torch.tensor([tok(line, add_special_tokens=False)["input_ids"]])
+    biopsy = tok.convert_tokens_to_ids("tissue diagnosis")
+    assert biopsy in managed[0].tolist()
+    again = torch.zeros(1, len(tok))
+    again[0, biopsy] = 9.0  # the decoder would write its management again
+    assert int(proc(managed, again.clone())[0].argmax()) == cat["5"]
+    assert int(proc(broken, again.clone())[0].argmax()) == biopsy  # after no management line: free
     # with the lexicon, the composition term is stage 1's density
     from stage2_sft.assembly import lexicon_of
 
