@@ -212,8 +212,9 @@ def _describes(words: Vocabulary, size: int, lexicon: Lexicon, associated: list[
         if term.category in DESCRIBING:
             described.setdefault(term.term.lower(), set()).add(FINDINGS.index(DESCRIBING[term.category]))
     longest = max(len(v) for v in described) + 2
+    hint = re.compile("|".join(sorted({re.escape(v.split()[-1]) for v in described})), re.IGNORECASE)
     for raw, i in words.ids.items():
-        if len(raw) <= longest:
+        if len(raw) <= longest and hint.search(raw):  # decoding each of Gemma's 262k takes seconds
             for f in described.get(words.text(raw).strip().lower(), ()):
                 out[i, f] = True
     for i in associated:

@@ -60,6 +60,21 @@ def test_birads_prior_adjustment_beats_argmax_macro_f1():
     )
 
 
+def test_birads_prior_adjustment_does_not_lift_a_category_without_labels():
+    """A category the validation labels (almost) never name keeps no prior boost: its tiny mean
+    probability made it a frequent decision (traced: BI-RADS 6 from one noisy label)."""
+    probs, labels = _underconfident_minority()
+    probs = probs.copy()
+    probs[:, 8] = 1e-5  # "6": never the answer, its probability tiny
+    probs /= probs.sum(1, keepdims=True)
+    labels = labels.copy()
+    labels[0] = 8  # one noisy label
+    tau, log_prior = fit_birads(probs, labels)
+    assert tau > 0 and log_prior[8] == 0.0
+    decided = OperatingPoints(tau, log_prior).birads_labels(torch.from_numpy(probs)).numpy()
+    assert not (decided == 8).any()
+
+
 def test_threshold_separates_rare_positives_and_defaults_without_any():
     probs = np.array([0.05, 0.1, 0.12, 0.08, 0.3, 0.35])
     labels = np.array([0, 0, 0, 0, 1, 1])
