@@ -150,7 +150,6 @@ class AssessmentTokens:
     end: int | None = None  # the end-of-report token
     line_breaks: torch.Tensor | None = None  # tokens that break a line (the category is written on a line of its own)
     management: torch.Tensor | None = None  # the management terms ("routine screening": a report's last line)
-    pieces: tuple[int, int] | None = None  # the first piece of " BI-RADS" spelt in pieces, the lone boundary
 
     @classmethod
     def of(cls, tok: PreTrainedTokenizerBase, lexicon: Lexicon | None = None) -> AssessmentTokens:
@@ -173,16 +172,7 @@ class AssessmentTokens:
             None if tok.eos_token_id is None else int(tok.eos_token_id),
             sentence_end_ids(words, ()),
             torch.tensor([i for term in MANAGEMENT for i in _ids_of(vocab, term)], dtype=torch.long),
-            _category_pieces(tok, words),
         )
-
-
-def _category_pieces(tok: PreTrainedTokenizerBase, words: Vocabulary) -> tuple[int, int] | None:
-    """The first piece of " BI-RADS" where the tokenizer spells it in pieces (" BI", "-",
-    "RADS"), and the lone word boundary that leads to the atomic category terms; None where
-    either is missing."""
-    spelt, boundary = spell(tok, " BI-RADS"), boundary_ids(words)
-    return (spelt[0], int(boundary[0])) if len(spelt) > 1 and len(boundary) else None
 
 
 def assessment_tokens(
@@ -264,26 +254,12 @@ class StatedAssessment(CategoryChoice):
         return per_row(self.fixed, batch)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        self.categories_whole(scores)
         scores = super().__call__(input_ids, scores)
         if self.density is not None and self.tokens.densities is not None:
             target = per_row(self.density, scores.shape[0]).to(scores.device)
             _force(scores, self.tokens.densities.to(scores.device), target)
         self.state_before_end(input_ids, scores)
         return scores
-
-    def categories_whole(self, scores: torch.Tensor) -> None:
-        """In place: where the decoder heads for " BI-RADS" spelt in pieces, which the category
-        rules cannot hold, it writes the lone word boundary that leads to the atomic category
-        terms instead. Traced on the knowledge benchmark: " BI", "-", "RADS", " 6" wrote a
-        category stage 1 never decided ("Overall: BI-RADS 6 ..."; 7 of 231 reports of a seed)."""
-        if self.tokens.pieces is None:
-            return
-        first, boundary = self.tokens.pieces
-        choice, top = scores.max(1)
-        rows = (top == first).nonzero().squeeze(1)
-        if len(rows):
-            promote(scores, rows, boundary, choice[rows])
 
     def state_before_end(self, input_ids: torch.Tensor, scores: torch.Tensor) -> None:
         """In place: a report cannot end before it has stated stage 1's exam category (any
