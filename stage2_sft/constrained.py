@@ -261,40 +261,57 @@ class StatedAssessment(CategoryChoice):
         self.state_before_end(input_ids, scores)
         return scores
 
+    def unstated(self, input_ids: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[B]`` whether each row has yet to state stage 1's exam category, and ``[B, S]`` that
+        category's spellings."""
+        exam = per_row(self.fixed[:, 2], rows).to(input_ids.device)
+        spelt = self.tokens.categories.to(input_ids.device)[:, exam.clamp(min=0)].T  # [B, S]
+        stated = (input_ids[:, :, None] == spelt[:, None, :]).any(2).any(1)
+        return (exam >= 0) & ~stated, spelt
+
     def state_before_end(self, input_ids: torch.Tensor, scores: torch.Tensor) -> None:
         """In place: a report cannot end before it has stated stage 1's exam category (any
         spelling; every beam alike). Traced on a demo: "OPINION: probably benign." and the
         management, with no category written (2 of 44 reports). Where the decoder would end
-        there, it writes the category on a line of its own (a line break, then the category's
-        likeliest spelling; also on the line after a management line, where the decoder,
-        kept from ending, would write its management again) and goes on: barring the end
-        alone let a report repeat its management line to the token limit (demo)."""
+        there, it writes the category on a line of its own (``write_category``; also on the
+        line after a management line, where the decoder, kept from ending, would write its
+        management again) and goes on: barring the end alone let a report repeat its
+        management line to the token limit (demo)."""
         end = self.tokens.end
         if end is None:
             return
-        exam = per_row(self.fixed[:, 2], scores.shape[0]).to(scores.device)
-        spelt = self.tokens.categories.to(scores.device)[:, exam.clamp(min=0)].T  # [B, S]
-        stated = (input_ids[:, :, None] == spelt[:, None, :]).any(2).any(1)
-        unstated = (exam >= 0) & ~stated
+        unstated, spelt = self.unstated(input_ids, scores.shape[0])
         choice, top = scores.max(1)
         rows = unstated.nonzero().squeeze(1)
         if len(rows):
             scores[rows, end] = float("-inf")
-        headed = unstated & (top == end)
+        due = unstated & (top == end)
         breaks, management = self.tokens.line_breaks, self.tokens.management
+        if breaks is not None and management is not None and len(management) and input_ids.shape[1] > 1:
+            breaks = breaks.to(scores.device)  # the line just ended stated management
+            ended = latest_hit(input_ids, management.to(scores.device)) > latest_hit(input_ids[:, :-1], breaks)
+            due |= unstated & torch.isin(input_ids[:, -1], breaks) & ended
+        self.write_category(input_ids, scores, due, spelt, choice)
+
+    def write_category(
+        self,
+        input_ids: torch.Tensor,
+        scores: torch.Tensor,
+        due: torch.Tensor,
+        spelt: torch.Tensor,
+        choice: torch.Tensor,
+    ) -> None:
+        """In place: rows ``due`` (``[B]``) write the exam's category (``spelt``: ``[B, S]`` its
+        spellings) on a line of their own: a line break first, then its likeliest spelling."""
+        breaks = self.tokens.line_breaks
         if breaks is not None and len(breaks) and input_ids.shape[1]:
             breaks = breaks.to(scores.device)
             line_start = torch.isin(input_ids[:, -1], breaks)
-            rows = (headed & ~line_start).nonzero().squeeze(1)
+            rows = (due & ~line_start).nonzero().squeeze(1)
             if len(rows):
                 promote(scores, rows, breaks[scores[rows][:, breaks].argmax(1)], choice[rows])
-            headed &= line_start
-            if (
-                management is not None and len(management) and input_ids.shape[1] > 1
-            ):  # the line just ended stated management
-                ended = latest_hit(input_ids, management.to(scores.device)) > latest_hit(input_ids[:, :-1], breaks)
-                headed |= unstated & line_start & ended
-        rows = headed.nonzero().squeeze(1)
+            due = due & line_start
+        rows = due.nonzero().squeeze(1)
         if len(rows):
             best = scores[rows.unsqueeze(1), spelt[rows]].argmax(1)
             promote(scores, rows, spelt[rows, best], choice[rows])
@@ -303,6 +320,23 @@ class StatedAssessment(CategoryChoice):
         if self.tokens.plan is not None:
             for k in range(3):  # L, R, exam
                 _force(scores, self.tokens.plan[k].to(scores.device), targets[:, k])
+
+
+class CategoryByDeadline(LogitsProcessor):
+    """The last of the rules: a report that has not stated stage 1's exam category ``reserve``
+    tokens before the token limit writes it there, on a line of its own, whatever the other
+    rules chose. Traced on a demo: two findings sections that named their findings on the
+    wrong breast went on to the limit (200 tokens), and neither report stated a category."""
+
+    def __init__(self, assessment: StatedAssessment, max_new_tokens: int, reserve: int = 16):
+        self.assessment, self.last = assessment, max(0, max_new_tokens - reserve)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if input_ids.shape[1] < self.last:
+            return scores  # most steps
+        unstated, spelt = self.assessment.unstated(input_ids, scores.shape[0])
+        self.assessment.write_category(input_ids, scores, unstated, spelt, scores.max(1).values)
+        return scores
 
 
 def shape_plan(

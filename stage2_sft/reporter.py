@@ -26,9 +26,11 @@ from stage2_sft.assembly import lexicon_of, make_builder
 from stage2_sft.config import GenerateSettings, Stage2Config
 from stage2_sft.constrained import (
     AssessmentTokens,
+    CategoryByDeadline,
     CategoryNames,
     ConsistentManagement,
     GenerationRules,
+    StatedAssessment,
     assessment_processor,
     assessment_tokens,
 )
@@ -194,6 +196,8 @@ class Reporter:
                 planned = self.planned_findings(tokens, batch.knowledge.finding_on)
                 if planned is not None:
                     processors.append(planned)
+            if isinstance(processor, StatedAssessment):  # last: no other rule overrides it
+                processors.append(CategoryByDeadline(processor, kwargs["max_new_tokens"]))
             step = (
                 {**kwargs, "logits_processor": LogitsProcessorList([GenerationRules(processors)])}
                 if processors

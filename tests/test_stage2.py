@@ -328,6 +328,15 @@ def test_stated_assessment_puts_stage1_categories_in_the_report(stage1_outputs, 
     again[0, biopsy] = 9.0  # the decoder would write its management again
     assert int(proc(managed, again.clone())[0].argmax()) == cat["5"]
     assert int(proc(broken, again.clone())[0].argmax()) == biopsy  # after no management line: free
+    # the last rule: a report that has not stated it 16 tokens before the limit writes it there
+    from stage2_sft.constrained import CategoryByDeadline
+
+    late = CategoryByDeadline(proc, max_new_tokens=ended.shape[1] + 16)
+    assert int(late(ended, again.clone())[0].argmax()) in AssessmentTokens.of(tok).line_breaks.tolist()
+    assert int(late(broken, again.clone())[0].argmax()) == cat["5"]
+    assert int(late(stated, again.clone())[0].argmax()) == biopsy  # stated already: free
+    early = CategoryByDeadline(proc, max_new_tokens=ended.shape[1] + 17)
+    assert int(early(ended, again.clone())[0].argmax()) == biopsy  # before the deadline: free
     # with the lexicon, the composition term is stage 1's density
     from stage2_sft.assembly import lexicon_of
 
