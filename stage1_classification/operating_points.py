@@ -5,7 +5,8 @@ names the majority class, and a fixed 0.5 threshold on rare findings almost neve
 operating points turn probabilities into labels the way a reader would want them:
 
 - BI-RADS: ``argmax(log p - tau * log prior)``, the prior being the mean predicted distribution
-  on the validation breasts; ``tau`` (0 = plain argmax) maximises validation macro-F1.
+  on the validation breasts; ``tau`` (0 = plain argmax) maximises validation macro-F1; a
+  category with fewer than ``MIN_PRIOR_LABELS`` validation labels is not lifted.
 - Findings: one threshold per finding maximising validation F1 (0.5 where the validation split
   has no positive, or where no threshold clearly beats calling every breast positive), then
   adjusted together to maximise the pooled F1 over all findings, the measure reports are scored
