@@ -97,33 +97,6 @@ def save_features(
     save_tensors(tensors, path)
 
 
-def _outputs_to_host(out: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.cuda.Event | None]:
-    """A batch's probabilities (and tokens) copied towards the CPU: on a GPU the copies are
-    queued into pinned memory with an event, so the next batch's forward pass can be queued
-    before this batch is read (``_ready``)."""
-    host = {
-        "density": out["density"].float().softmax(-1),
-        "birads": out["birads"].float().softmax(-1),
-        "findings": out["findings"].float().sigmoid(),
-        "tokens": out["tokens"].float(),
-        **{k: v.float().softmax(-1) for k, v in out.items() if k.startswith("desc_")},
-    }
-    if "heatmaps" in out:
-        host["heatmaps"] = out["heatmaps"].float().sigmoid()
-    if out["density"].device.type != "cuda":
-        return host, None
-    host = {k: v.to("cpu", non_blocking=True) for k, v in host.items()}  # pinned destinations
-    event = torch.cuda.Event()
-    event.record()
-    return host, event
-
-
-def _ready(host: dict[str, torch.Tensor], event: torch.cuda.Event | None) -> dict[str, torch.Tensor]:
-    if event is not None:
-        event.synchronize()
-    return host
-
-
 @torch.no_grad()
 def predict_dataset(
     model: MultiViewClassifier,
@@ -135,43 +108,32 @@ def predict_dataset(
     num_workers: int = 0,
 ) -> list[Stage1Prediction]:
     """Records for every exam of ``ds``; writes feature files when ``features_dir`` is given.
-    On a GPU the views load in ``num_workers`` processes into pinned memory, the model runs
-    under bf16 autocast (as in training), and each batch's records are made on the CPU while
-    the next batch's forward pass runs."""
+    On a GPU the views load in ``num_workers`` processes into pinned memory and the model runs
+    under bf16 autocast (as in training)."""
     device = next(model.parameters()).device
     cuda = device.type == "cuda"
-    records: list[Stage1Prediction] = []
+    records = []
     geometries = {exam.exam_id: exam.geometry for exam in getattr(ds, "exams", [])}
     loader = DataLoader(
         ds, batch_size=batch_size, shuffle=False, collate_fn=collate, num_workers=num_workers, pin_memory=cuda
     )
-
-    def finish(batch: dict, host: dict[str, torch.Tensor]) -> None:
+    for batch in tqdm(loader, desc="stage1 predict", disable=not progress, leave=False):
         mask = batch["view_mask"]
-        desc = {k[5:]: v for k, v in host.items() if k.startswith("desc_")}
-        heat = host.get("heatmaps")
+        with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+            out = model(batch["images"].to(device, non_blocking=True), mask.to(device, non_blocking=True))
+        dens, bir = out["density"].float().softmax(-1).cpu(), out["birads"].float().softmax(-1).cpu()
+        find, tokens = out["findings"].float().sigmoid().cpu(), out["tokens"].float().cpu()
+        desc = {k[5:]: v.float().softmax(-1).cpu() for k, v in out.items() if k.startswith("desc_")}
+        heat = out["heatmaps"].float().sigmoid().cpu() if "heatmaps" in out else None
         for i, exam_id in enumerate(batch["exam_id"]):
-            d = {k: v[i] for k, v in desc.items()}
-            rec = exam_record(exam_id, host["density"][i], host["birads"][i], host["findings"][i], mask[i], d, points)
+            rec = exam_record(exam_id, dens[i], bir[i], find[i], mask[i], {k: v[i] for k, v in desc.items()}, points)
             if heat is not None:
                 positive = {s: [f for f, v in rec.pred.findings[s].items() if v == "pos"] for s in SIDES}
                 geometry = geometries.get(exam_id, {})
                 rec.grounded = grounded_findings(positive, heat[i], batch["images"][i], mask[i], geometry)
             if features_dir is not None:
                 name = feature_name(exam_id)
-                save_features(features_dir / name, host["tokens"][i], mask[i], None if heat is None else heat[i])
+                save_features(features_dir / name, tokens[i], mask[i], None if heat is None else heat[i])
                 rec.features = f"{features_dir.name}/{name}"
             records.append(rec)
-
-    pending = None
-    for batch in tqdm(loader, desc="stage1 predict", disable=not progress, leave=False):
-        mask = batch["view_mask"]
-        with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-            out = model(batch["images"].to(device, non_blocking=True), mask.to(device, non_blocking=True))
-            host, event = _outputs_to_host(out)
-        if pending is not None:  # the previous batch, while this one runs on the GPU
-            finish(pending[0], _ready(*pending[1]))
-        pending = (batch, (host, event))
-    if pending is not None:
-        finish(pending[0], _ready(*pending[1]))
     return records
