@@ -123,7 +123,9 @@ class FindingTokens:
     at: torch.Tensor  # "at" (before a clock position: "at 12 o'clock")
     oclock: tuple[int, ...]  # " o'clock"
     describes: torch.Tensor  # [V, 7] the findings a token describes ("oval": a mass; "associated": skin, nipple)
-    opener_of: torch.Tensor  # [V] the finding a sentence opened with the token names (-1: none; ``opening_ids``)
+    opener_of: torch.Tensor  # [V] the finding a sentence opened with the token names (-1: none)
+    openers: torch.Tensor  # what a sentence naming a finding left over opens with (``_opening_ids``)
+    line_openers: torch.Tensor  # the same at a line start
 
     @classmethod
     def of(cls, tok: PreTrainedTokenizerBase, lexicon: Lexicon) -> FindingTokens:
@@ -154,6 +156,8 @@ class FindingTokens:
         spaces = boundary_ids(words)
         categories = words.where(lambda text: text.strip().startswith("BI-RADS "), lambda raw: "BI-RADS" in raw)
         associated = spell(tok, " There is associated")[-1:]  # the word whole in one piece, or nothing
+        opener_of = _opener_of(finding_of, vocab)
+        line_terms = torch.tensor(sorted(vocab[term] for term, _ in terms))
         describes = _describes(
             words, size, lexicon, [i for i in associated if str(tok.decode([i])).strip() == "associated"]
         )
@@ -175,7 +179,7 @@ class FindingTokens:
             spell(tok, "There is associated"),
             (_side_phrase(tok, sides[0], "left"), _side_phrase(tok, sides[1], "right")),
             (_side_phrase(tok, sides[0], "left", ""), _side_phrase(tok, sides[1], "right", "")),
-            torch.tensor(sorted(vocab[term] for term, _ in terms)),
+            line_terms,
             _first_pieces(tok, ("FINDINGS",)),
             _first_pieces(tok, ("IMPRESSION", "OPINION")),
             _first_pieces(tok, ("FINDINGS", "IMPRESSION", "OPINION", "Overall")),
@@ -186,15 +190,18 @@ class FindingTokens:
             side_word_ids(words, "at"),
             spell(tok, " o'clock"),
             describes,
-            _opener_of(finding_of, vocab),
+            opener_of,
+            _opening_ids((finding_of >= 0).nonzero().squeeze(1), finding_of, opener_of),
+            _opening_ids(line_terms, finding_of, opener_of),
         )
 
-    def opening_ids(self, terms: torch.Tensor) -> torch.Tensor:
-        """The tokens a sentence that names a finding left over opens with: ``terms`` (finding
-        terms), calcifications' replaced by the calcification morphology terms (``opener_of``)."""
-        calcs = self.finding_of[terms] == CALCIFICATION
-        extra = (self.opener_of >= 0) & (self.finding_of < 0)
-        return torch.cat([terms[~calcs], extra.nonzero().squeeze(1)]) if extra.any() else terms
+
+def _opening_ids(terms: torch.Tensor, finding_of: torch.Tensor, opener_of: torch.Tensor) -> torch.Tensor:
+    """The tokens a sentence that names a finding left over opens with: ``terms`` (finding
+    terms), calcifications' replaced by the calcification morphology terms (``opener_of``)."""
+    calcs = finding_of[terms] == CALCIFICATION
+    extra = (opener_of >= 0) & (finding_of < 0)
+    return torch.cat([terms[~calcs], extra.nonzero().squeeze(1)]) if extra.any() else terms
 
 
 def _describes(words: Vocabulary, size: int, lexicon: Lexicon, associated: list[int]) -> torch.Tensor:
@@ -607,7 +614,7 @@ class StatedFindings(LogitsProcessor):
         heading = (latest_hit(input_ids, tokens.colons) > line) & (latest_hit(input_ids, tokens.categories) <= line)
         remaining = mine & ~named & (side >= 0)[:, None] & (named.any(1) | heading)[:, None]
         lead = tokens.spaces[0] if len(tokens.spaces) else None  # a tokenizer without a lone boundary: the term
-        all_terms = tokens.opening_ids((tokens.finding_of >= 0).nonzero().squeeze(1))
+        all_terms = tokens.openers
         line_end = (tokens.periods, tokens.line_breaks)  # a sentence ends; the decoder would end the line
         openers = (tokens.mass_opener, tokens.associated_opener)
         self.open_next(input_ids, scores, remaining, line_end, lead, all_terms, openers, top, choice)
@@ -631,7 +638,7 @@ class StatedFindings(LogitsProcessor):
             remaining,
             section_end,
             None,
-            tokens.opening_ids(tokens.line_terms),
+            tokens.line_openers,
             (tokens.mass_line_opener, tokens.associated_line_opener),
             top,
             choice,
@@ -653,7 +660,7 @@ class StatedFindings(LogitsProcessor):
         of ``end[0]`` while findings remain (``remaining``: ``[B, 7]``), the next sentence opens
         with the likeliest remaining finding other than a mass or an associated feature (one of
         ``terms``, after ``lead``, a lone word boundary, if given; calcifications with their
-        likeliest morphology term, ``FindingTokens.opening_ids``); a mass with ``openers[0]``
+        likeliest morphology term, ``FindingTokens.openers``); a mass with ``openers[0]``
         ("There is a"), and the decoder describes it (a sentence opened with the bare term ran
         into "mass, suspicious mass, or mass"); skin thickening and nipple retraction, left
         last, with ``openers[1]`` ("There is associated") and their term (opened with the bare
