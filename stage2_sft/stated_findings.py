@@ -18,10 +18,12 @@ A breast's line that stage 1 decided nothing for opens with a negation ("No susp
 stage 1 decided (``StatedFindings.complete``): a breast's line goes on, sentence by sentence,
 until it has named its breast's decided findings, and a findings section of one line per
 finding does not end before it has named them (nor open by denying them all). The decoder words
-each sentence: the opening of a finding left over is given (its term; "There is a" for a mass),
-the rest is the decoder's. Holding the report open without saying what comes next (blocking the
-impression heading until each finding was written) was tried first and left out: the tiny
-decoder then wrote broken sentences and put findings on the wrong breast (docs/benchmarks.md).
+each sentence: the opening of a finding left over is given as the reports open it (a
+calcification's morphology term, "There is a" or "A" and a size for a mass, "A focal asymmetry",
+"An intramammary lymph node"), the rest is the decoder's. Holding the report open without saying
+what comes next (blocking the impression heading until each finding was written) was tried
+first and left out: the tiny decoder then wrote broken sentences and put findings on the wrong
+breast (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -50,6 +52,8 @@ from terminology.lexicon import Lexicon
 MASS = FINDINGS.index("mass")
 CALCIFICATION = FINDINGS.index("calcification")
 ASSOCIATED = [FINDINGS.index("skin_thickening"), FINDINGS.index("nipple_retraction")]  # "There is associated ..."
+ARTICLES = ("A", "An")
+ARTICLE_OF = {"mass": "A", "asymmetry": "A", "lymph_node": "An"}  # "A 12 mm oval mass", "An intramammary lymph node"
 NEGATIONS = ("no", "not", "without", "negative", "obscure")
 DESCRIBING = {  # lexicon categories of descriptor terms, and the finding they describe
     "mass_shape": "mass",
@@ -126,6 +130,11 @@ class FindingTokens:
     opener_of: torch.Tensor  # [V] the finding a sentence opened with the token names (-1: none)
     openers: torch.Tensor  # what a sentence naming a finding left over opens with (``_opening_ids``)
     line_openers: torch.Tensor  # the same at a line start
+    articles: torch.Tensor  # [2, 2] "A", "An" (``ARTICLES``) after a boundary (" A"), on their own ("A"); -1: no token
+    article_of: torch.Tensor  # [7] the article a sentence naming each finding opens with (``ARTICLES`` index; -1: none)
+    numbers: tuple[torch.Tensor, torch.Tensor]  # numbers after a word boundary (" 12") and on their own ("12"): a size
+    inner_articles: torch.Tensor  # [2] " a", " an" inside a sentence ("There is a"); -1: not one token
+    spaced: torch.Tensor  # [V] whether an opener's spelling starts with a word boundary (" mass"; other ids: False)
 
     @classmethod
     def of(cls, tok: PreTrainedTokenizerBase, lexicon: Lexicon) -> FindingTokens:
@@ -193,7 +202,35 @@ class FindingTokens:
             opener_of,
             _opening_ids((finding_of >= 0).nonzero().squeeze(1), finding_of, opener_of),
             _opening_ids(line_terms, finding_of, opener_of),
+            torch.tensor([[_one_token(tok, lead + a) for lead in (" ", "")] for a in ARTICLES]),
+            torch.tensor([ARTICLES.index(ARTICLE_OF[f]) if f in ARTICLE_OF else -1 for f in FINDINGS]),
+            (
+                words.where(lambda text: text[:1] == " " and _size(text[1:]), lambda raw: len(raw) <= 4),
+                words.where(_size, lambda raw: len(raw) <= 3),
+            ),
+            torch.tensor([_one_token(tok, " " + a.lower()) for a in ARTICLES]),
+            _spaced(tok, size, finding_of, opener_of),
         )
+
+
+def _spaced(tok: PreTrainedTokenizerBase, size: int, finding_of: torch.Tensor, opener_of: torch.Tensor) -> torch.Tensor:
+    """``[V]`` whether each finding term or opener starts with a word boundary (" mass"; the
+    atomic terms do not: a lone boundary comes first); False for the other ids."""
+    out = torch.zeros(size, dtype=torch.bool)
+    for i in ((finding_of >= 0) | (opener_of >= 0)).nonzero().squeeze(1).tolist():
+        out[i] = str(tok.decode([i])).startswith(" ")
+    return out
+
+
+def _size(text: str) -> bool:
+    """Whether ``text`` is a number that can open a size ("12", not "0" or "07")."""
+    return text.isdigit() and text[0] != "0"
+
+
+def _one_token(tok: PreTrainedTokenizerBase, text: str) -> int:
+    """The id of ``text`` if the tokenizer spells it as one token, else -1."""
+    ids = spell(tok, text)
+    return ids[0] if len(ids) == 1 else -1
 
 
 def _opening_ids(terms: torch.Tensor, finding_of: torch.Tensor, opener_of: torch.Tensor) -> torch.Tensor:
@@ -343,6 +380,8 @@ class StatedFindings(LogitsProcessor):
             )
             unsided = ~(named[0] | named[1])
             allowed, home = self.home_breast(allowed, decided, written, unsided)
+            mass_only = self.opened_as_mass(input_ids, latest["stop"]) & ~negated & allowed[:, MASS]  # "A 12 mm ..."
+            allowed = allowed & ~(mass_only[:, None] & (torch.arange(len(FINDINGS), device=device) != MASS))
             described = allowed | written | negated[:, None]  # what the sentence's words may describe
             allowed = (allowed & ~written) | negated[:, None]  # each finding once a sentence
             findings = section, open_section = self.findings_section(input_ids)
@@ -359,8 +398,9 @@ class StatedFindings(LogitsProcessor):
         blocked = ~allowed[:, finding_of[term_ids]]  # [B, K]
         scores[:, term_ids] = scores[:, term_ids].masked_fill(blocked, float("-inf"))
         self.block_descriptions(scores, described)
-        self.steer(scores, top, choice, term_ids)
+        self.steer(input_ids, scores, top, choice, term_ids, allowed)
         if input_ids.shape[1]:
+            self.hold_articles(input_ids, scores)
             self.leave_for_home(input_ids, scores, home, finding_of[top], top, choice)
             empty = torch.where(named[0], ~decided[:, 0].any(1), named[1] & ~decided[:, 1].any(1))
             self.open_empty_lines(input_ids, scores, empty, top, choice)
@@ -624,6 +664,11 @@ class StatedFindings(LogitsProcessor):
         negations = tokens.negations.to(device)  # denies nothing stage 1 decided
         deny = (first & decided.flatten(1).any(1)) | (heading & (side >= 0) & mine.any(1) & (sentence <= line))
         scores[:, negations] = scores[:, negations].masked_fill(deny[:, None], float("-inf"))
+        denied = deny & torch.isin(top, negations)
+        if bool(denied.any()):
+            self.open_denied(
+                input_ids, scores, denied, torch.where(first[:, None], decided.any(1), mine & ~named), choice
+            )
         # a finding left for a breast (``unnamed``: not named in a sentence naming that breast
         # alone) while the section has named it fewer times than the breasts it was decided for
         # (a finding named without its breast is not named again: the tiny decoder then wrote
@@ -644,6 +689,42 @@ class StatedFindings(LogitsProcessor):
             choice,
         )
 
+    def open_denied(
+        self,
+        input_ids: torch.Tensor,
+        scores: torch.Tensor,
+        denied: torch.Tensor,
+        wanted: torch.Tensor,
+        choice: torch.Tensor,
+    ) -> None:
+        """In place: where the decoder headed for a negation ``complete`` denies (``denied``:
+        ``[B]``), the likeliest finding ``wanted`` (``[B, 7]``) opens there instead: at a
+        sentence's opening as ``open_with`` writes it, inside one ("There is") with " a" or " an"
+        or its term. Traced on the knowledge benchmark: "Right Breast: There is present in the
+        lower inner quadrant ...", " no" blocked and the decoder's next word taken."""
+        device = scores.device
+        tokens = self.tokens
+        openers = tokens.openers.to(device)
+        finding = tokens.opener_of.to(device)[openers]
+        candidates = scores[:, openers].masked_fill(~wanted[:, finding], float("-inf"))
+        denied = denied & ~torch.isneginf(candidates).all(1)
+        if not bool(denied.any()):
+            return
+        best = openers[candidates.argmax(1)]  # [B]
+        opens, _, bare = self.opening(input_ids)
+        rows = (denied & opens).nonzero().squeeze(1)
+        if len(rows):
+            self.open_with(scores, rows, best[rows], bare[rows], choice)
+        rows = (denied & ~opens).nonzero().squeeze(1)
+        if len(rows):
+            takes = tokens.article_of.to(device)[tokens.opener_of.to(device)[best[rows]]]
+            article = tokens.inner_articles.to(device)[takes.clamp(min=0)]
+            spaces = tokens.spaces.to(device)
+            term = best[rows]
+            if len(spaces):
+                term = torch.where(tokens.spaced.to(device)[term], term, spaces[0])
+            promote(scores, rows, torch.where((takes >= 0) & (article >= 0), article, term), choice[rows])
+
     def open_next(
         self,
         input_ids: torch.Tensor,
@@ -660,7 +741,9 @@ class StatedFindings(LogitsProcessor):
         of ``end[0]`` while findings remain (``remaining``: ``[B, 7]``), the next sentence opens
         with the likeliest remaining finding other than a mass or an associated feature (one of
         ``terms``, after ``lead``, a lone word boundary, if given; calcifications with their
-        likeliest morphology term, ``FindingTokens.openers``); a mass with ``openers[0]``
+        likeliest morphology term, ``FindingTokens.openers``; an asymmetry or a lymph node
+        after its article, ``open_with``: ". intramammary lymph node is seen" 51 times in the
+        knowledge benchmark's default reports of 3 seeds); a mass with ``openers[0]``
         ("There is a"), and the decoder describes it (a sentence opened with the bare term ran
         into "mass, suspicious mass, or mass"); skin thickening and nipple retraction, left
         last, with ``openers[1]`` ("There is associated") and their term (opened with the bare
@@ -677,18 +760,24 @@ class StatedFindings(LogitsProcessor):
         opener_of = self.tokens.opener_of.to(device)
         term_ids = terms.to(device)
         wanted = others[:, opener_of[term_ids]]  # [B, K]
+        best = term_ids[scores[:, term_ids].masked_fill(~wanted, float("-inf")).argmax(1)]  # [B]
+        takes = self.tokens.article_of.to(device)[opener_of[best]] >= 0
         if lead is None:
             opens_term = others.any(1) & torch.isin(last, boundary) & closes
         else:
-            rows = (others.any(1) & torch.isin(last, boundary) & closes).nonzero().squeeze(1)
+            first = others.any(1) & torch.isin(last, boundary) & closes
+            rows = (first & ~takes).nonzero().squeeze(1)
             if len(rows):
                 promote(scores, rows, int(lead), choice[rows])
+            rows = (first & takes).nonzero().squeeze(1)  # " A": its article after the sentence's end
+            if len(rows):
+                self.open_with(scores, rows, best[rows], torch.zeros_like(rows, dtype=torch.bool), choice)
             led = (last == lead) & torch.isin(input_ids[:, -2], boundary) if input_ids.shape[1] > 1 else last < 0
             opens_term = others.any(1) & led & ~(wanted & (term_ids[None] == top[:, None])).any(1)
         rows = opens_term.nonzero().squeeze(1)
         if len(rows):
-            best = scores[rows][:, term_ids].masked_fill(~wanted[rows], float("-inf")).argmax(1)
-            promote(scores, rows, term_ids[best], choice[rows])
+            bare = torch.ones_like(rows, dtype=torch.bool)  # at a line start, or after the lone boundary
+            self.open_with(scores, rows, best[rows], bare, choice)
         mass = remaining[:, MASS] & ~others.any(1)
         write_phrase(input_ids, scores, mass, openers[0], closes, top, choice, boundary)  # "There is a"
         associated = remaining[:, ASSOCIATED].any(1) & ~others.any(1) & ~mass
@@ -835,16 +924,128 @@ class StatedFindings(LogitsProcessor):
             fits = (describes[ids][None] & described[:, None, :]).any(2)  # [B, K]
             scores[:, ids] = scores[:, ids].masked_fill(~fits, float("-inf"))
 
-    @staticmethod
-    def steer(scores: torch.Tensor, top: torch.Tensor, choice: torch.Tensor, term_ids: torch.Tensor) -> None:
+    def steer(
+        self,
+        input_ids: torch.Tensor,
+        scores: torch.Tensor,
+        top: torch.Tensor,
+        choice: torch.Tensor,
+        term_ids: torch.Tensor,
+        allowed: torch.Tensor,
+    ) -> None:
         """In place: where the decoder headed for a finding term that is blocked, it names the
-        likeliest finding it may name there instead (if any), not whatever word came next."""
-        term_scores = scores[:, term_ids]
-        best, at = term_scores.max(1)
+        likeliest finding it may name there instead (``allowed``: ``[B, 7]``; if any), not
+        whatever word came next; at a sentence's opening in the way that finding's sentence
+        opens (``open_sentence``)."""
         headed = torch.isin(top, term_ids) & torch.isneginf(scores.gather(1, top[:, None]).squeeze(1))
+        if not bool(headed.any()):
+            return  # most steps
+        if input_ids.shape[1]:
+            headed &= ~self.open_sentence(input_ids, scores, headed, choice, allowed)
+        best, at = scores[:, term_ids].max(1)
         rows = (headed & ~torch.isneginf(best)).nonzero().squeeze(1)
         if len(rows):
             promote(scores, rows, term_ids[at[rows]], choice[rows])
+
+    def opening(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``[B]`` whether the next token opens a sentence (after a sentence's end, a heading's
+        colon or a line break, and a lone word boundary if one follows); ``[B]`` the article
+        (``ARTICLES`` index, -1: none) the text ends with, and a lone word boundary if one
+        follows; ``[B]`` whether a word comes next on its own (after a lone word boundary or a
+        line break; else after a space: " A")."""
+        device = input_ids.device
+        tokens = self.tokens
+        last = input_ids[:, -1]
+        before = input_ids[:, -2] if input_ids.shape[1] > 1 else torch.full_like(last, -1)
+        spaced = torch.isin(last, tokens.spaces.to(device))
+        opens = torch.isin(last, tokens.stops.to(device)) | (spaced & torch.isin(before, tokens.stops.to(device)))
+        articles = tokens.articles.to(device)
+        word = torch.where(spaced, before, last)
+        written = ((word[:, None, None] == articles[None]) & (articles[None] >= 0)).any(2)  # [B, 2]
+        article = torch.where(written.any(1), written.long().argmax(1), -1)
+        bare = spaced | torch.isin(last, tokens.line_breaks.to(device))
+        return opens, article, bare
+
+    def open_with(
+        self, scores: torch.Tensor, rows: torch.Tensor, ids: torch.Tensor, bare: torch.Tensor, choice: torch.Tensor
+    ) -> None:
+        """In place: ``rows`` write the openers ``ids`` (one each), or the article their finding's
+        sentence opens with ("A", "An"; on its own where ``bare``, else after a space)."""
+        device = scores.device
+        takes = self.tokens.article_of.to(device)[self.tokens.opener_of.to(device)[ids]]
+        article = self.tokens.articles.to(device)[takes.clamp(min=0), bare.long()]
+        spaces = self.tokens.spaces.to(device)
+        if len(spaces):  # after "." or ":" an atomic term follows a lone word boundary
+            ids = torch.where(bare | self.tokens.spaced.to(device)[ids], ids, spaces[0])
+        promote(scores, rows, torch.where((takes >= 0) & (article >= 0), article, ids), choice[rows])
+
+    def open_sentence(
+        self,
+        input_ids: torch.Tensor,
+        scores: torch.Tensor,
+        headed: torch.Tensor,
+        choice: torch.Tensor,
+        allowed: torch.Tensor,
+    ) -> torch.Tensor:
+        """In place, for the rows that ``headed`` for a blocked finding term: at a sentence's
+        opening the likeliest finding they may name opens its sentence as the reports do: a mass,
+        an asymmetry and a lymph node with their article (``open_with``), a calcification with its
+        morphology (``FindingTokens.openers``); after such an article a finding that takes it
+        follows, a mass with its size ("A 12 mm ..."). Traced on the knowledge benchmark: the bare
+        term ran into lists ("Right Breast: mass, suspicious calcifications or o'clock, or
+        o'clock, ..."), and "A" followed by "mass" into "A mass, suspicious , or ...". Returns
+        ``[B]``: the rows steered."""
+        device = scores.device
+        tokens = self.tokens
+        opens, article, bare = self.opening(input_ids)
+        openers = tokens.openers.to(device)
+        finding = tokens.opener_of.to(device)[openers]
+        takes = tokens.article_of.to(device)[finding]  # [K]
+        may = allowed[:, finding]  # [B, K] ("round" opens calcifications, and describes a mass too)
+        candidates = scores[:, openers].masked_fill(~may, float("-inf"))
+        may &= ~torch.isneginf(candidates)
+        steered = headed & opens & (article < 0) & may.any(1)
+        rows = steered.nonzero().squeeze(1)
+        if len(rows):
+            self.open_with(scores, rows, openers[candidates[rows].argmax(1)], bare[rows], choice)
+        fits = may & (takes[None] == article[:, None])
+        after = headed & (article >= 0) & fits.any(1) & ~steered
+        if not bool(after.any()):
+            return steered
+        best = openers[candidates.masked_fill(~fits, float("-inf")).argmax(1)]  # [B]
+        mass = tokens.opener_of.to(device)[best] == MASS
+        rows = (after & ~mass).nonzero().squeeze(1)
+        if len(rows):
+            promote(scores, rows, best[rows], choice[rows])
+        for on_its_own, numbers in zip((False, True), tokens.numbers):
+            rows = (after & mass & (bare == on_its_own)).nonzero().squeeze(1)
+            if len(rows) and len(numbers):
+                numbers = numbers.to(device)
+                promote(scores, rows, numbers[scores[rows][:, numbers].argmax(1)], choice[rows])
+        return steered | after
+
+    def opened_as_mass(self, input_ids: torch.Tensor, stop: torch.Tensor) -> torch.Tensor:
+        """``[B]`` whether the sentence after ``stop`` (its latest end, 1-based position) opened
+        with an article and a number ("A 12 mm ...", lone word boundaries aside), as a mass's
+        sentence does: it names a mass, and describes nothing else (traced: "A 7 mm diffuse in
+        the right axilla.", a calcification's distribution after a mass's opening)."""
+        device = input_ids.device
+        length = input_ids.shape[1]
+        at = stop[:, None] + torch.arange(5, device=device)  # the sentence's first tokens
+        first = input_ids.gather(1, at.clamp(max=length - 1)).masked_fill(at >= length, -1)
+        articles = self.tokens.articles.to(device).flatten()
+        words = ~torch.isin(first, self.tokens.spaces.to(device)) & (first >= 0)
+        rank = words.long().cumsum(1).masked_fill(~words, 0)  # 1: the first word, 2: the second
+        article = (torch.isin(first, articles[articles >= 0]) & (rank == 1)).any(1)
+        number = (torch.isin(first, torch.cat(self.tokens.numbers).to(device)) & (rank == 2)).any(1)
+        return article & number
+
+    def hold_articles(self, input_ids: torch.Tensor, scores: torch.Tensor) -> None:
+        """In place: a sentence does not end right after its article ("A." , "An\n")."""
+        device = scores.device
+        _, article, _ = self.opening(input_ids)
+        stops = self.tokens.stops.to(device)
+        scores[:, stops] = scores[:, stops].masked_fill((article >= 0)[:, None], float("-inf"))
 
     def hold_sides(
         self,

@@ -606,6 +606,51 @@ def test_a_sentence_names_no_finding_its_breast_lacks(local_decoder, tmp_path):
     assert int(scored(text, decided).argmax()) == term
 
 
+def test_a_sentence_opens_as_its_findings_sentences_do(local_decoder, tmp_path):
+    """Where the decoder heads for a blocked finding term at a sentence's opening, the finding
+    stage 1 decided opens its sentence as the reports write it: a mass with its article and
+    then its size ("A 7 mm ..."), a calcification with its morphology; a sentence opened as a
+    mass's describes nothing else, and no sentence ends on its article. Traced on the knowledge
+    benchmark: the bare term ran into lists ("Right Breast: mass, suspicious calcifications or
+    o'clock, or o'clock, ...") and "A 7 mm diffuse in the right axilla."."""
+    from mammorg.labels import FINDINGS
+    from stage2_sft.assembly import lexicon_of
+    from stage2_sft.config import TerminologySettings
+    from stage2_sft.stated_findings import FindingTokens, StatedFindings
+
+    tok = _tokenizer(local_decoder, tmp_path)
+    vocab = tok.get_vocab()
+    tokens = FindingTokens.of(tok, lexicon_of(TerminologySettings()))
+    a = int(tokens.articles[0, 1])  # "A" on its own (after a lone word boundary)
+    assert a == vocab["A"]
+    mass, calcification = FINDINGS.index("mass"), FINDINGS.index("calcification")
+    distortion = vocab["architectural distortion"]
+
+    def best(text: str, favourite: int, findings: tuple[int, ...]) -> torch.Tensor:
+        decided = torch.zeros(1, 2, 7, dtype=torch.bool)
+        decided[0, 1, list(findings)] = True  # the right breast's
+        ids = tok(text, add_special_tokens=False)["input_ids"] + [vocab["Ġ"]]
+        scores = torch.zeros(1, len(tok))
+        scores[0, favourite] = 5.0
+        return StatedFindings(tokens, decided)(torch.tensor([ids]), scores)[0]
+
+    assert int(best("Right Breast:", distortion, (mass,)).argmax()) == a
+    number = int(best("Right Breast: A", distortion, (mass,)).argmax())
+    assert number in tokens.numbers[1].tolist()  # its size, on its own after the boundary
+    calc = int(best("Right Breast:", distortion, (calcification,)).argmax())
+    assert int(tokens.opener_of[calc]) == calcification and int(tokens.finding_of[calc]) < 0  # a morphology term
+    diffuse = vocab["diffuse"]  # a calcification's distribution: not in a mass's sentence
+    assert torch.isneginf(best("Right Breast: A 7 mm", diffuse, (mass, calcification))[diffuse])
+    assert not torch.isneginf(best("Right Breast: There is a", diffuse, (mass, calcification))[diffuse])
+    period = vocab["."]
+    ids = tok("Right Breast: A", add_special_tokens=False)["input_ids"]
+    scores = torch.zeros(1, len(tok))
+    scores[0, period] = 5.0
+    decided = torch.zeros(1, 2, 7, dtype=torch.bool)
+    decided[0, 1, mass] = True
+    assert torch.isneginf(StatedFindings(tokens, decided)(torch.tensor([ids]), scores)[0, period])
+
+
 def test_a_finding_sentence_states_where_stage1_located_it(local_decoder, tmp_path):
     """With ``where`` (generate.locations: stage1) the quadrant, the clock position after "at" and
     the depth of a finding's sentence are stage 1's; unknown locations, negated sentences and
