@@ -54,6 +54,7 @@ ROWS: dict[str, tuple[list[str], tuple[int, int], int | None]] = {
     "localise_no_box_loss": (["train.localisation_weight=0"], SIZE_HIGH, None),
     "localise_pooled": (["model.lesion_features=false"], SIZE_HIGH, None),
     "localise_lesion": (["model.lesion_features=true"], SIZE_HIGH, None),
+    "localise_crops": (["model.lesion_crops=true"], SIZE_HIGH, None),
     "curve_150": ([], SIZE_HIGH, 150),
     "curve_360": ([], SIZE_HIGH, 360),
     "curve_700": ([], SIZE_HIGH, 700),

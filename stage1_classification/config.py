@@ -37,6 +37,9 @@ class Stage1Model:
     localise: bool = False  # per-location finding heatmaps pooled by multiple-instance pooling
     mil_pooling: str = "lse"  # lse | topk | attention
     lesion_features: bool = False  # descriptor and BI-RADS heads read each finding where its heatmap points
+    lesion_crops: bool = False  # ... or a crop of the input at full resolution around it (mass, calcification)
+    crop_size: int = 48  # the crops' side in pixels (resampled)
+    crop_fraction: float = 0.2  # the crops' side as a fraction of the image height (about 44 mm on a 22 cm field)
 
     def __post_init__(self) -> None:
         if len(self.tokens) != 2 or min(self.tokens) < 1:
@@ -45,6 +48,13 @@ class Stage1Model:
             raise ValueError(f"model.mil_pooling={self.mil_pooling!r}: expected lse, topk or attention")
         if self.lesion_features and not self.localise:
             raise ValueError("model.lesion_features=true reads the finding heatmaps: it needs model.localise=true")
+        if self.lesion_crops and not self.localise:
+            raise ValueError("model.lesion_crops=true crops where the finding heatmaps point: it needs model.localise=true")
+        if not 0.0 < self.crop_fraction <= 1.0 or self.crop_size < 8:
+            raise ValueError(
+                f"model.crop_fraction={self.crop_fraction}, model.crop_size={self.crop_size}: expected a fraction "
+                "in (0, 1] and at least 8 pixels"
+            )
         if self.dim % self.heads:
             raise ValueError(f"model.dim={self.dim} is not divisible by model.heads={self.heads}")
 

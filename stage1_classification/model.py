@@ -52,6 +52,68 @@ class MilPooling(nn.Module):
         return (weights * heat).sum(-1)
 
 
+CROPPED = (FINDINGS.index("mass"), FINDINGS.index("calcification"))  # the findings read from crops
+
+
+class LesionCrops(nn.Module):
+    """Each breast's mass and calcification read at the input's full resolution: a crop of each
+    view around where the finding's heatmap points (in training: the centre of the view's box of
+    that finding, where it has one), ``fraction`` of the image height square, resampled to
+    ``size`` pixels and encoded by a small CNN; a breast's CC and MLO crops are averaged. The
+    backbone's cells (32 pixels) are coarser than a mass's margin or a calcification's shape,
+    which decide the category (DOMAIN.md); a crop keeps them."""
+
+    def __init__(self, dim: int, size: int = 48, fraction: float = 0.2):
+        super().__init__()
+        self.size, self.fraction = size, fraction
+        widths = (1, 32, 64, 96)
+        layers: list[nn.Module] = []
+        for i, o in zip(widths, widths[1:]):
+            layers += [nn.Conv2d(i, o, 3, padding=1), nn.GELU(), nn.MaxPool2d(2)]
+        self.encoder = nn.Sequential(
+            *layers, nn.Conv2d(widths[-1], dim, 3, padding=1), nn.GELU(), nn.AdaptiveAvgPool2d(1), nn.Flatten()
+        )
+
+    def centres(self, heat: torch.Tensor, boxes: torch.Tensor | None, size: tuple[int, int]) -> torch.Tensor:
+        """``[B, 4, 2, 2]`` each view's crop centre (x, y in [0, 1]) for each cropped finding:
+        the heatmap's top cell, or the centre of the first box of that finding in ``boxes``
+        (``[B, 4, K, 5]`` in image pixels), where given."""
+        h, w = heat.shape[-2:]
+        top = heat[:, :, list(CROPPED)].flatten(3).argmax(-1)  # [B, 4, 2]
+        centre = torch.stack([((top % w).float() + 0.5) / w, ((top // w).float() + 0.5) / h], -1)
+        if boxes is None:
+            return centre
+        scale = torch.tensor([size[1], size[0]], dtype=centre.dtype, device=centre.device)
+        for k, finding in enumerate(CROPPED):
+            has = boxes[..., 0] == finding  # [B, 4, K]
+            first = has.float().argmax(-1, keepdim=True)[..., None].expand(-1, -1, 1, 5)
+            box = boxes.gather(2, first).squeeze(2)  # [B, 4, 5]
+            middle = torch.stack([box[..., 1] + box[..., 3], box[..., 2] + box[..., 4]], -1) / 2 / scale
+            centre[:, :, k] = torch.where(has.any(-1, keepdim=True), middle.to(centre.dtype), centre[:, :, k])
+        return centre
+
+    def forward(
+        self, images: torch.Tensor, present: torch.Tensor, heat: torch.Tensor, boxes: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``images [B, 4, 1, H, W]``, ``present [B, 4]``, ``heat [B, 4, F, h, w]`` ->
+        ``[B, 2, 2, D]`` (breast L/R, finding mass/calcification)."""
+        b, views, _, height, width = images.shape
+        centre = self.centres(heat.detach(), boxes, (height, width)) * 2 - 1  # grid coordinates
+        k = len(CROPPED)
+        theta = centre.new_zeros(b, views, k, 2, 3)
+        theta[..., 0, 0] = self.fraction * height / width
+        theta[..., 1, 1] = self.fraction
+        theta[..., :, 2] = centre
+        grid = F.affine_grid(theta.reshape(-1, 2, 3), [b * views * k, 1, self.size, self.size], align_corners=False)
+        # the findings' crops of a view side by side: one sampling pass over each view, no copies
+        grid = grid.reshape(b * views, k, self.size, self.size, 2).transpose(1, 2).reshape(b * views, self.size, -1, 2)
+        crops = F.grid_sample(images.reshape(b * views, 1, height, width), grid.to(images.dtype), align_corners=False)
+        crops = crops.reshape(b * views, 1, self.size, k, self.size).permute(0, 3, 1, 2, 4)
+        feats = self.encoder(crops.reshape(-1, 1, self.size, self.size)).reshape(b, 2, 2, k, -1)
+        weight = present.reshape(b, 2, 2, 1, 1).to(feats.dtype)  # [B, breast, view, 1, 1]
+        return (feats * weight).sum(2) / weight.sum(2).clamp_min(1)
+
+
 class MultiViewClassifier(nn.Module):
     """Input ``images [B, 4, 1, H, W]`` (views L_CC, L_MLO, R_CC, R_MLO) and ``view_mask [B, 4]``.
 
@@ -78,10 +140,13 @@ class MultiViewClassifier(nn.Module):
         localise: bool = False,
         mil_pooling: str = "lse",
         lesion_features: bool = False,
+        lesion_crops: bool = False,
+        crop_size: int = 48,
+        crop_fraction: float = 0.2,
     ):
         super().__init__()
-        if lesion_features and not localise:
-            raise ValueError("lesion features are read at the finding heatmaps: they need localise")
+        if (lesion_features or lesion_crops) and not localise:
+            raise ValueError("lesion features and crops are read at the finding heatmaps: they need localise")
         self.backbone: Any = timm.create_model(
             backbone, pretrained=False, in_chans=1, num_classes=0, global_pool="", **(backbone_kwargs or {})
         )
@@ -100,9 +165,11 @@ class MultiViewClassifier(nn.Module):
             self.heat_head = nn.Conv2d(features, len(FINDINGS), kernel_size=1)
             self.cell_proj = nn.Linear(features, dim) if mil_pooling == "attention" else None
             self.mil = MilPooling(mil_pooling, dim, len(FINDINGS))
+        self.crops = LesionCrops(dim, crop_size, crop_fraction) if lesion_crops else None
         self.birads_head: nn.Module
-        if localise and lesion_features:
-            lesions = len(FINDINGS) * (dim + 2)  # each finding's feature and position
+        if localise and (lesion_features or lesion_crops):
+            lesions = len(FINDINGS) * (dim + 2) if lesion_features else 0  # each finding's feature and position
+            lesions += len(CROPPED) * dim if lesion_crops else 0
             self.birads_head = nn.Sequential(
                 nn.Linear(dim + len(FINDINGS) + lesions, dim), nn.GELU(), nn.Linear(dim, len(BIRADS_CLASSES))
             )
@@ -174,7 +241,10 @@ class MultiViewClassifier(nn.Module):
         weights = weights * valid.any(-1, keepdim=True).unsqueeze(-1)  # a breast with no view: zeros
         return torch.cat([weights @ cells, weights @ where], -1)
 
-    def forward(self, images: torch.Tensor, view_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(
+        self, images: torch.Tensor, view_mask: torch.Tensor, boxes: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """``boxes [B, 4, K, 5]`` (training, optional): the lesion crops' centres where known."""
         maps, present = self._feature_maps(images, view_mask)
         tokens = self._tokens(maps, present)
         b, _, n, d = tokens.shape
@@ -191,17 +261,24 @@ class MultiViewClassifier(nn.Module):
             breasts.append((fused * keep).sum(1) / keep.sum(1).clamp_min(1.0))
         breast = torch.stack(breasts, 1)  # [B, 2, D]  (L, R)
         out = {"density": self.density_head(breast.flatten(1)), "tokens": tokens}
-        lesions = None
+        lesions = crops = None
         if self.localise:
             out["heatmaps"], out["findings"], lesions = self._localised(maps, present)
             seen = [breast, torch.sigmoid(out["findings"])]
             if lesions is not None:
                 seen.append(lesions.flatten(2))
+            if self.crops is not None:
+                crops = self.crops(images, view_mask.bool(), out["heatmaps"], boxes)  # [B, 2, 2, D]
+                seen.append(crops.flatten(2).to(breast.dtype))
             out["birads"] = self.birads_head(torch.cat(seen, -1))
         else:
             out["birads"], out["findings"] = self.birads_head(breast), self.finding_head(breast)
         for name, head in self.descriptor_heads.items():
-            source = breast if lesions is None else lesions[:, :, FINDINGS.index(DESCRIBED_FINDING[name]), : self.dim]
+            finding = FINDINGS.index(DESCRIBED_FINDING[name])
+            if crops is not None:
+                source = crops[:, :, CROPPED.index(finding)].to(breast.dtype)
+            else:
+                source = breast if lesions is None else lesions[:, :, finding, : self.dim]
             out[f"desc_{name}"] = head(source)
         return out
 
@@ -220,6 +297,9 @@ def create_model(cfg: Stage1Model) -> MultiViewClassifier:
         localise=cfg.localise,
         mil_pooling=cfg.mil_pooling,
         lesion_features=cfg.lesion_features,
+        lesion_crops=cfg.lesion_crops,
+        crop_size=cfg.crop_size,
+        crop_fraction=cfg.crop_fraction,
     )
 
 

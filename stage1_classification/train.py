@@ -131,7 +131,8 @@ class Stage1Recipe(EpochRecipe):
         cfg, device = self.cfg, self.device
         batch = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            out = self.backend.model(batch["images"], batch["view_mask"])
+            boxes = batch.get("boxes") if self.model.crops is not None else None  # crops at the lesions
+            out = self.backend.model(batch["images"], batch["view_mask"], boxes)
         loss = stage1_loss(
             {k: v.float() for k, v in out.items()},
             batch,

@@ -183,6 +183,42 @@ def test_lesion_features_read_where_the_heatmap_points():
         MultiViewClassifier("resnet10t", 16, (2, 2), 2, lesion_features=True)
 
 
+def test_lesion_crops_cut_the_view_where_the_lesion_is():
+    """The crops are cut around the box centre in training and the heatmap's top cell otherwise,
+    at the input's resolution; the descriptor heads read the crop of their finding."""
+    from stage1_classification.model import LesionCrops
+
+    crops = LesionCrops(8, size=16, fraction=0.25)
+    seen: list[torch.Tensor] = []
+
+    class Keep(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            seen.append(x)
+            return x.flatten(1)[:, :8]
+
+    crops.encoder = Keep()
+    images = torch.zeros(1, 4, 1, 64, 32)
+    images[0, 0, 0, 40:44, 8:12] = 1.0  # a bright lesion on L_CC centred at (x 10, y 42)
+    heat = torch.full((1, 4, len(FINDINGS), 8, 4), -5.0)
+    heat[0, 0, FINDINGS.index("calcification"), 1, 3] = 5.0  # the calcification's top cell: row 1, column 3
+    boxes = torch.full((1, 4, 8, 5), -1.0)
+    boxes[0, 0, 0] = torch.tensor([FINDINGS.index("mass"), 8.0, 40.0, 12.0, 44.0])
+    present = torch.tensor([[True, True, False, False]])
+    out = crops(images, present, heat, boxes)
+    assert out.shape == (1, 2, 2, 8)
+    mass_crop, calc_crop = seen[0][0, 0], seen[0][1, 0]  # L_CC's crops: mass, calcification
+    assert mass_crop[6:10, 6:10].mean() > 0.5  # at its centre, at the same scale (16 of 64 rows in 16 pixels)
+    assert float(mass_crop.sum()) == pytest.approx(float(images.sum()), rel=0.3)
+    assert float(calc_crop.sum()) == 0.0  # cut at row 1, column 3: far from the lesion
+    centre = crops.centres(heat, None, (64, 32))[0, 0, 1]
+    assert centre.tolist() == pytest.approx([3.5 / 4, 1.5 / 8])
+    model = MultiViewClassifier("resnet10t", 16, (2, 2), 2, 0.0, descriptor_heads=True, localise=True, lesion_crops=True)
+    out = model(torch.rand(2, 4, 1, 64, 32), torch.ones(2, 4, dtype=torch.bool), boxes.expand(2, -1, -1, -1))
+    assert out["birads"].shape == (2, 2, 9) and out["desc_calc_morphology"].shape == (2, 2, 9)
+    with pytest.raises(ValueError, match="need localise"):
+        MultiViewClassifier("resnet10t", 16, (2, 2), 2, lesion_crops=True)
+
+
 def test_augmentation_moves_boxes_with_the_image():
     exam_boxes = torch.full((4, 8, 5), -1.0)
     exam_boxes[0, 0] = torch.tensor([0.0, 10, 10, 20, 20])
