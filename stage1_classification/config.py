@@ -49,7 +49,7 @@ class Stage1Model:
         if self.lesion_features and not self.localise:
             raise ValueError("model.lesion_features=true reads the finding heatmaps: it needs model.localise=true")
         if self.lesion_crops and not self.localise:
-            raise ValueError("model.lesion_crops=true crops where the finding heatmaps point: it needs model.localise=true")
+            raise ValueError("model.lesion_crops=true crops where the heatmaps point: it needs model.localise=true")
         if not 0.0 < self.crop_fraction <= 1.0 or self.crop_size < 8:
             raise ValueError(
                 f"model.crop_fraction={self.crop_fraction}, model.crop_size={self.crop_size}: expected a fraction "

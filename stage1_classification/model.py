@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Any
 
@@ -68,7 +69,7 @@ class LesionCrops(nn.Module):
         self.size, self.fraction = size, fraction
         widths = (1, 32, 64, 96)
         layers: list[nn.Module] = []
-        for i, o in zip(widths, widths[1:]):
+        for i, o in itertools.pairwise(widths):
             layers += [nn.Conv2d(i, o, 3, padding=1), nn.GELU(), nn.MaxPool2d(2)]
         self.encoder = nn.Sequential(
             *layers, nn.Conv2d(widths[-1], dim, 3, padding=1), nn.GELU(), nn.AdaptiveAvgPool2d(1), nn.Flatten()

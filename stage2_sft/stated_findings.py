@@ -950,18 +950,26 @@ class StatedFindings(LogitsProcessor):
     def opening(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``[B]`` whether the next token opens a sentence (after a sentence's end, a heading's
         colon or a line break, and a lone word boundary if one follows); ``[B]`` the article
-        (``ARTICLES`` index, -1: none) the text ends with, and a lone word boundary if one
-        follows; ``[B]`` whether a word comes next on its own (after a lone word boundary or a
-        line break; else after a space: " A")."""
+        (``ARTICLES`` index, -1: none) that opened the sentence the text ends with, and a lone
+        word boundary if one follows ("Density: A" is a letter, not an article); ``[B]`` whether
+        a word comes next on its own (after a lone word boundary or a line break; else after a
+        space: " A")."""
         device = input_ids.device
         tokens = self.tokens
-        last = input_ids[:, -1]
-        before = input_ids[:, -2] if input_ids.shape[1] > 1 else torch.full_like(last, -1)
-        spaced = torch.isin(last, tokens.spaces.to(device))
-        opens = torch.isin(last, tokens.stops.to(device)) | (spaced & torch.isin(before, tokens.stops.to(device)))
+        stops, spaces = tokens.stops.to(device), tokens.spaces.to(device)
+        padded = torch.cat([input_ids.new_full((input_ids.shape[0], 4), -1), input_ids], 1)
+        last, before = padded[:, -1], padded[:, -2]
+        spaced = torch.isin(last, spaces)
+
+        def after_stop(at: int) -> torch.Tensor:  # the token at ``at`` (from the end) opens a sentence
+            previous = padded[:, at - 1]
+            return torch.isin(previous, stops) | (torch.isin(previous, spaces) & torch.isin(padded[:, at - 2], stops))
+
+        opens = torch.isin(last, stops) | (spaced & torch.isin(before, stops))
         articles = tokens.articles.to(device)
         word = torch.where(spaced, before, last)
         written = ((word[:, None, None] == articles[None]) & (articles[None] >= 0)).any(2)  # [B, 2]
+        written &= torch.where(spaced, after_stop(-2), after_stop(-1))[:, None]
         article = torch.where(written.any(1), written.long().argmax(1), -1)
         bare = spaced | torch.isin(last, tokens.line_breaks.to(device))
         return opens, article, bare

@@ -649,6 +649,13 @@ def test_a_sentence_opens_as_its_findings_sentences_do(local_decoder, tmp_path):
     decided = torch.zeros(1, 2, 7, dtype=torch.bool)
     decided[0, 1, mass] = True
     assert torch.isneginf(StatedFindings(tokens, decided)(torch.tensor([ids]), scores)[0, period])
+    ids = tok("Breast composition: ACR A", add_special_tokens=False)["input_ids"]  # a letter, not an article
+    nothing = torch.zeros(1, 2, 7, dtype=torch.bool)
+    scores = torch.zeros(1, len(tok))  # the rules write into the scores they are given
+    scores[0, period] = 5.0
+    assert not torch.isneginf(StatedFindings(tokens, nothing)(torch.tensor([ids]), scores.clone())[0, period])
+    ids = tok("Breast composition: A", add_special_tokens=False)["input_ids"]
+    assert torch.isneginf(StatedFindings(tokens, nothing)(torch.tensor([ids]), scores.clone())[0, period])
 
 
 def test_a_finding_sentence_states_where_stage1_located_it(local_decoder, tmp_path):

@@ -212,7 +212,9 @@ def test_lesion_crops_cut_the_view_where_the_lesion_is():
     assert float(calc_crop.sum()) == 0.0  # cut at row 1, column 3: far from the lesion
     centre = crops.centres(heat, None, (64, 32))[0, 0, 1]
     assert centre.tolist() == pytest.approx([3.5 / 4, 1.5 / 8])
-    model = MultiViewClassifier("resnet10t", 16, (2, 2), 2, 0.0, descriptor_heads=True, localise=True, lesion_crops=True)
+    model = MultiViewClassifier(
+        "resnet10t", 16, (2, 2), 2, 0.0, descriptor_heads=True, localise=True, lesion_crops=True
+    )
     out = model(torch.rand(2, 4, 1, 64, 32), torch.ones(2, 4, dtype=torch.bool), boxes.expand(2, -1, -1, -1))
     assert out["birads"].shape == (2, 2, 9) and out["desc_calc_morphology"].shape == (2, 2, 9)
     with pytest.raises(ValueError, match="need localise"):
