@@ -717,13 +717,7 @@ class StatedFindings(LogitsProcessor):
             self.open_with(scores, rows, best[rows], bare[rows], choice)
         rows = (denied & ~opens).nonzero().squeeze(1)
         if len(rows):
-            takes = tokens.article_of.to(device)[tokens.opener_of.to(device)[best[rows]]]
-            article = tokens.inner_articles.to(device)[takes.clamp(min=0)]
-            spaces = tokens.spaces.to(device)
-            term = best[rows]
-            if len(spaces):
-                term = torch.where(tokens.spaced.to(device)[term], term, spaces[0])
-            promote(scores, rows, torch.where((takes >= 0) & (article >= 0), article, term), choice[rows])
+            self.open_with(scores, rows, best[rows], torch.zeros_like(rows, dtype=torch.bool), choice, inside=True)
 
     def open_next(
         self,
@@ -975,13 +969,23 @@ class StatedFindings(LogitsProcessor):
         return opens, article, bare
 
     def open_with(
-        self, scores: torch.Tensor, rows: torch.Tensor, ids: torch.Tensor, bare: torch.Tensor, choice: torch.Tensor
+        self,
+        scores: torch.Tensor,
+        rows: torch.Tensor,
+        ids: torch.Tensor,
+        bare: torch.Tensor,
+        choice: torch.Tensor,
+        inside: bool = False,
     ) -> None:
         """In place: ``rows`` write the openers ``ids`` (one each), or the article their finding's
-        sentence opens with ("A", "An"; on its own where ``bare``, else after a space)."""
+        sentence opens with ("A", "An"; on its own where ``bare``, else after a space; ``inside``
+        a sentence: " a", " an")."""
         device = scores.device
         takes = self.tokens.article_of.to(device)[self.tokens.opener_of.to(device)[ids]]
-        article = self.tokens.articles.to(device)[takes.clamp(min=0), bare.long()]
+        if inside:
+            article = self.tokens.inner_articles.to(device)[takes.clamp(min=0)]
+        else:
+            article = self.tokens.articles.to(device)[takes.clamp(min=0), bare.long()]
         spaces = self.tokens.spaces.to(device)
         if len(spaces):  # after "." or ":" an atomic term follows a lone word boundary
             ids = torch.where(bare | self.tokens.spaced.to(device)[ids], ids, spaces[0])
