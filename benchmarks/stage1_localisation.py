@@ -55,6 +55,7 @@ ROWS: dict[str, tuple[list[str], tuple[int, int], int | None]] = {
     "localise_pooled": (["model.lesion_features=false"], SIZE_HIGH, None),
     "localise_lesion": (["model.lesion_features=true"], SIZE_HIGH, None),
     "localise_crops": (["model.lesion_crops=true"], SIZE_HIGH, None),
+    "localise_crop_reader": (["model.lesion_crops=true", "train.crop_epochs=100"], SIZE_HIGH, None),
     "curve_150": ([], SIZE_HIGH, 150),
     "curve_360": ([], SIZE_HIGH, 360),
     "curve_700": ([], SIZE_HIGH, 700),

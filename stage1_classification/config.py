@@ -65,6 +65,13 @@ class Stage1Train(TrainSettings):
     focal_gamma: float = 0.0
     class_weight_power: float = 0.5  # BI-RADS class weights (1/freq)^p; 0 = unweighted
     localisation_weight: float = 1.0  # heatmap loss where lesion boxes are known (model.localise)
+    crop_epochs: int = 0  # model.lesion_crops: the crop reader's own epochs on box crops first, then frozen
+    crop_lr: float = 2.0e-3
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.crop_epochs < 0:
+            raise ValueError(f"train.crop_epochs={self.crop_epochs}: expected >= 0")
 
 
 @dataclass
@@ -75,6 +82,13 @@ class Stage1Config:
     model: Stage1Model = field(default_factory=Stage1Model)
     train: Stage1Train = field(default_factory=Stage1Train)
     deepspeed: DeepSpeedSettings = field(default_factory=DeepSpeedSettings)
+
+    def __post_init__(self) -> None:
+        if self.train.crop_epochs and not (self.model.lesion_crops and self.model.descriptor_heads):
+            raise ValueError(
+                "train.crop_epochs trains the lesion crops' descriptor reader: it needs model.lesion_crops=true "
+                "and model.descriptor_heads=true"
+            )
 
     # migrations of configs saved by older versions (mammorg.config.migrate)
     RENAMED: ClassVar[dict[str, str]] = {}

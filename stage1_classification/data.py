@@ -49,10 +49,14 @@ MAX_BOXES = 8  # lesion boxes per view carried in a sample (more are rare; the f
 
 def box_tensors(exam: Exam) -> dict[str, torch.Tensor]:
     """Lesion boxes in cached-image pixels, ``boxes [4, MAX_BOXES, 5]`` rows (finding index, x0,
-    y0, x1, y1; finding -1 = padding), and ``box_known [4, F]``: whether a view's heatmap target
-    for a finding is known: the breast is negative for it (nothing anywhere), or the view has
-    its boxes (inside them only). A positive finding without a box on a view is not known there."""
+    y0, x1, y1; finding -1 = padding), the BI-RADS classes compatible with each box's own
+    category, ``box_birads [4, MAX_BOXES, C]`` (none: not given; VinDr-Mammo's ``finding_birads``,
+    whose "4" allows 4A, 4B and 4C), and ``box_known [4, F]``: whether a
+    view's heatmap target for a finding is known: the breast is negative for it (nothing
+    anywhere), or the view has its boxes (inside them only). A positive finding without a box on
+    a view is not known there."""
     boxes = torch.full((len(VIEWS), MAX_BOXES, 5), -1.0)
+    box_birads = torch.zeros(len(VIEWS), MAX_BOXES, len(BIRADS_CLASSES), dtype=torch.bool)
     known = torch.zeros(len(VIEWS), len(FINDINGS), dtype=torch.bool)
     counts = [0] * len(VIEWS)
     for lesion in exam.lesions:
@@ -67,13 +71,14 @@ def box_tensors(exam: Exam) -> dict[str, torch.Tensor]:
         if counts[v] < MAX_BOXES:
             b = box_to_cache(lesion.box, geometry)
             boxes[v, counts[v]] = torch.tensor([f, b.xmin, b.ymin, b.xmax, b.ymax])
+            box_birads[v, counts[v]] = torch.tensor(birads_class_mask(lesion.birads))
             counts[v] += 1
     for v, view in enumerate(VIEWS):
         states = exam.labels.findings.get(view.split("_")[0]) or {}
         for f, name in enumerate(FINDINGS):
             if states.get(name) == "neg" and (exam.cache or {}).get(view):
                 known[v, f] = True
-    return {"boxes": boxes, "box_known": known}
+    return {"boxes": boxes, "box_birads": box_birads, "box_known": known}
 
 
 def fold_of(exam_id: str, folds: int) -> int:
@@ -168,7 +173,7 @@ def augment(sample: dict, rng: np.random.Generator) -> dict:
     out = dict(sample)
     if rng.random() < 0.5:  # views are oriented alike, so swapping sides is label-consistent
         order = [2, 3, 0, 1]
-        for key in ("images", "view_mask", "boxes", "box_known"):
+        for key in ("images", "view_mask", "boxes", "box_birads", "box_known"):
             if key in sample:
                 out[key] = sample[key][order]
         for key in ("birads_mask", "findings", "finding_mask", *(k for k in sample if k.startswith("desc_"))):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 from pathlib import Path
 from typing import Any
 
@@ -60,20 +61,29 @@ class LesionCrops(nn.Module):
     """Each breast's mass and calcification read at the input's full resolution: a crop of each
     view around where the finding's heatmap points (in training: the centre of the view's box of
     that finding, where it has one), ``fraction`` of the image height square, resampled to
-    ``size`` pixels and encoded by a small CNN; a breast's CC and MLO crops are averaged. The
-    backbone's cells (32 pixels) are coarser than a mass's margin or a calcification's shape,
-    which decide the category (DOMAIN.md); a crop keeps them."""
+    ``size`` pixels and encoded by a small CNN; a breast's CC and MLO crops are averaged, and
+    ``category`` reads a lesion's own BI-RADS category from them. The backbone's cells (32
+    pixels) are coarser than a mass's margin or a calcification's shape, which decide the
+    category (DOMAIN.md); a crop keeps them. ``train.crop_epochs`` trains the reader first, on
+    its own (``crop_reader.py``)."""
 
     def __init__(self, dim: int, size: int = 48, fraction: float = 0.2):
         super().__init__()
         self.size, self.fraction = size, fraction
         widths = (1, 32, 64, 96)
         layers: list[nn.Module] = []
-        for i, o in itertools.pairwise(widths):
-            layers += [nn.Conv2d(i, o, 3, padding=1), nn.GELU(), nn.MaxPool2d(2)]
+        for i, o in itertools.pairwise(widths):  # group norm: trains fast, the same in training and inference
+            layers += [nn.Conv2d(i, o, 3, padding=1), nn.GroupNorm(8, o), nn.GELU(), nn.MaxPool2d(2)]
         self.encoder = nn.Sequential(
-            *layers, nn.Conv2d(widths[-1], dim, 3, padding=1), nn.GELU(), nn.AdaptiveAvgPool2d(1), nn.Flatten()
+            *layers,
+            nn.Conv2d(widths[-1], dim, 3, padding=1),
+            nn.GroupNorm(math.gcd(8, dim), dim),
+            nn.GELU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
         )
+        # each crop's own BI-RADS category (trained by the crop reader's phase on the boxes' categories)
+        self.category = nn.Linear(dim, len(BIRADS_CLASSES))
 
     def centres(self, heat: torch.Tensor, boxes: torch.Tensor | None, size: tuple[int, int]) -> torch.Tensor:
         """``[B, 4, 2, 2]`` each view's crop centre (x, y in [0, 1]) for each cropped finding:
@@ -93,26 +103,49 @@ class LesionCrops(nn.Module):
             centre[:, :, k] = torch.where(has.any(-1, keepdim=True), middle.to(centre.dtype), centre[:, :, k])
         return centre
 
+    def cut(self, images: torch.Tensor, centre: torch.Tensor) -> torch.Tensor:
+        """``images [B, 4, 1, H, W]``, ``centre [B, 4, k, 2]`` (x, y in [0, 1]) -> the crops
+        ``[B, 4, k, S, S]``."""
+        b, views, _, height, width = images.shape
+        k = centre.shape[2]
+        theta = centre.new_zeros(b, views, k, 2, 3)
+        theta[..., 0, 0] = self.fraction * height / width
+        theta[..., 1, 1] = self.fraction
+        theta[..., :, 2] = centre * 2 - 1  # grid coordinates
+        grid = F.affine_grid(theta.reshape(-1, 2, 3), [b * views * k, 1, self.size, self.size], align_corners=False)
+        # the findings' crops of a view side by side: one sampling pass over each view, no copies
+        grid = grid.reshape(b * views, k, self.size, self.size, 2).transpose(1, 2).reshape(b * views, self.size, -1, 2)
+        crops = F.grid_sample(images.reshape(b * views, 1, height, width), grid.to(images.dtype), align_corners=False)
+        return crops.reshape(b, views, self.size, k, self.size).transpose(2, 3)
+
+    def encode_views(self, crops: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """``crops [B, 4, k, S, S]``, ``weight [B, 4, k]`` -> each crop's feature ``[B, 4, k, D]``
+        (zeros where the weight is 0: those crops are not encoded)."""
+        used = weight.reshape(-1) > 0
+        encoded = self.encoder(crops.reshape(-1, 1, self.size, self.size)[used])
+        feats = encoded.new_zeros(used.numel(), encoded.shape[-1]).index_copy(0, used.nonzero().squeeze(1), encoded)
+        return feats.reshape(*crops.shape[:3], -1)
+
+    @staticmethod
+    def pool(views: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """Each breast's feature per finding ``[B, 2, k, D]`` from its views' ``[B, 4, k, D]``:
+        their mean by ``weight [B, 4, k]`` (a weight of 0: the view does not count)."""
+        b, n, k, d = views.shape
+        w = weight.reshape(b, 2, n // 2, k, 1).to(views.dtype)
+        return (views.reshape(b, 2, n // 2, k, d) * w).sum(2) / w.sum(2).clamp_min(1e-6)
+
+    def encode(self, crops: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """``crops [B, 4, k, S, S]``, ``weight [B, 4, k]`` -> each breast's feature per finding."""
+        return self.pool(self.encode_views(crops, weight), weight)
+
     def forward(
         self, images: torch.Tensor, present: torch.Tensor, heat: torch.Tensor, boxes: torch.Tensor | None = None
     ) -> torch.Tensor:
         """``images [B, 4, 1, H, W]``, ``present [B, 4]``, ``heat [B, 4, F, h, w]`` ->
         ``[B, 2, 2, D]`` (breast L/R, finding mass/calcification)."""
-        b, views, _, height, width = images.shape
-        centre = self.centres(heat.detach(), boxes, (height, width)) * 2 - 1  # grid coordinates
-        k = len(CROPPED)
-        theta = centre.new_zeros(b, views, k, 2, 3)
-        theta[..., 0, 0] = self.fraction * height / width
-        theta[..., 1, 1] = self.fraction
-        theta[..., :, 2] = centre
-        grid = F.affine_grid(theta.reshape(-1, 2, 3), [b * views * k, 1, self.size, self.size], align_corners=False)
-        # the findings' crops of a view side by side: one sampling pass over each view, no copies
-        grid = grid.reshape(b * views, k, self.size, self.size, 2).transpose(1, 2).reshape(b * views, self.size, -1, 2)
-        crops = F.grid_sample(images.reshape(b * views, 1, height, width), grid.to(images.dtype), align_corners=False)
-        crops = crops.reshape(b * views, 1, self.size, k, self.size).permute(0, 3, 1, 2, 4)
-        feats = self.encoder(crops.reshape(-1, 1, self.size, self.size)).reshape(b, 2, 2, k, -1)
-        weight = present.reshape(b, 2, 2, 1, 1).to(feats.dtype)  # [B, breast, view, 1, 1]
-        return (feats * weight).sum(2) / weight.sum(2).clamp_min(1)
+        centre = self.centres(heat.detach(), boxes, (images.shape[-2], images.shape[-1]))
+        weight = present.unsqueeze(-1).expand(-1, -1, len(CROPPED))
+        return self.encode(self.cut(images, centre), weight)
 
 
 class MultiViewClassifier(nn.Module):
@@ -170,7 +203,7 @@ class MultiViewClassifier(nn.Module):
         self.birads_head: nn.Module
         if localise and (lesion_features or lesion_crops):
             lesions = len(FINDINGS) * (dim + 2) if lesion_features else 0  # each finding's feature and position
-            lesions += len(CROPPED) * dim if lesion_crops else 0
+            lesions += len(CROPPED) * (dim + len(BIRADS_CLASSES)) if lesion_crops else 0  # features, categories
             self.birads_head = nn.Sequential(
                 nn.Linear(dim + len(FINDINGS) + lesions, dim), nn.GELU(), nn.Linear(dim, len(BIRADS_CLASSES))
             )
@@ -269,15 +302,15 @@ class MultiViewClassifier(nn.Module):
             if lesions is not None:
                 seen.append(lesions.flatten(2))
             if self.crops is not None:
-                crops = self.crops(images, view_mask.bool(), out["heatmaps"], boxes)  # [B, 2, 2, D]
-                seen.append(crops.flatten(2).to(breast.dtype))
+                crops = self.crops(images, view_mask.bool(), out["heatmaps"], boxes).to(breast.dtype)  # [B, 2, 2, D]
+                seen += [crops.flatten(2), self.crops.category(crops).softmax(-1).flatten(2)]
             out["birads"] = self.birads_head(torch.cat(seen, -1))
         else:
             out["birads"], out["findings"] = self.birads_head(breast), self.finding_head(breast)
         for name, head in self.descriptor_heads.items():
             finding = FINDINGS.index(DESCRIBED_FINDING[name])
             if crops is not None:
-                source = crops[:, :, CROPPED.index(finding)].to(breast.dtype)
+                source = crops[:, :, CROPPED.index(finding)]
             else:
                 source = breast if lesions is None else lesions[:, :, finding, : self.dim]
             out[f"desc_{name}"] = head(source)

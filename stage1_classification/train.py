@@ -20,12 +20,13 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from mammorg.config import save_config
-from mammorg.io import MammorgError
+from mammorg.io import MammorgError, write_json_atomic
 from mammorg.training.backends import init_distributed, make_backend, mean_over_ranks
 from mammorg.training.checkpoint import load_tensors, save_tensors
 from mammorg.training.optim import cosine_with_warmup
 from mammorg.training.recipe import EpochRecipe
 from stage1_classification.config import Stage1Config
+from stage1_classification.crop_reader import crop_set, freeze_crop_reader, train_crop_reader
 from stage1_classification.data import EpochSampler, ExamDataset, birads_class_weights, collate
 from stage1_classification.inference import WEIGHTS, predict_dataset
 from stage1_classification.metrics import stage1_metrics
@@ -33,6 +34,8 @@ from stage1_classification.model import MultiViewClassifier, create_model, stage
 from stage1_classification.operating_points import FILENAME as OPERATING_POINTS_FILE
 from stage1_classification.operating_points import OperatingPoints, fit_from_outputs
 from stage1_classification.plots import confusion_pngs, learning_curve_png
+
+CROP_READER_FILE = "crop_reader.json"  # the crop reader's phase: crops, loss, validation accuracy
 
 
 def loader(ds: ExamDataset, cfg: Stage1Config, shuffle: bool, rank: int = 0, world: int = 1) -> DataLoader:
@@ -101,7 +104,10 @@ class Stage1Recipe(EpochRecipe):
         model = create_model(cfg.model).to(self.device)
         if self.device.type == "cuda":
             model = model.to(memory_format=torch.channels_last)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        if cfg.train.crop_epochs:
+            self.read_crops_first(model)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(trainable, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
         per_rank = math.ceil(len(self.train_ds) / self.world)
         steps = cfg.train.epochs * math.ceil(per_rank / cfg.train.batch_size / cfg.train.grad_accum)
         self.backend = make_backend(
@@ -119,6 +125,22 @@ class Stage1Recipe(EpochRecipe):
             if cfg.train.class_weight_power
             else None
         )
+
+    def read_crops_first(self, model: MultiViewClassifier) -> None:
+        """The crop reader's own phase (``train.crop_epochs``), unless the run resumes from a
+        checkpoint that holds its weights; then it is frozen for the main epochs."""
+        cfg = self.cfg
+        if not (cfg.train.resume and self.checkpoints.resumable() is not None):
+            plain = ExamDataset(cfg.data.cache_manifest, cfg.data.train_split, folds=cfg.data.folds, fold=cfg.data.fold)
+            train = crop_set(model, plain, self.rank == 0)
+            val = crop_set(model, self.val_ds, self.rank == 0) if len(self.val_ds) else None
+            summary = train_crop_reader(
+                model, train, val, cfg.train.crop_epochs, cfg.train.crop_lr, cfg.seed, progress=self.rank == 0
+            )
+            if self.rank == 0:
+                write_json_atomic(self.run_dir / CROP_READER_FILE, summary)
+                print(f"crop reader: {summary}", file=sys.stderr)
+        freeze_crop_reader(model)
 
     @property
     def model(self) -> MultiViewClassifier:

@@ -195,3 +195,38 @@ def test_descriptor_heads_learn_from_synthetic_descriptors(cache_manifest, tmp_p
         "calc_morphology",
         "calc_distribution",
     }
+
+
+def test_crop_reader_trains_first_then_stays_frozen(cache_manifest, tmp_path):
+    """``train.crop_epochs``: the crop reader learns the descriptors from box crops before the
+    main epochs, which leave it as it was; a resumed run does not repeat the phase."""
+    from mammorg.io import MammorgError
+    from mammorg.training.checkpoint import load_tensors
+    from stage1_classification.inference import WEIGHTS
+    from stage1_classification.train import CROP_READER_FILE
+
+    base = [
+        "data.cache_manifest=" + str(cache_manifest),
+        "data.val_split=train",
+        "model.localise=true",
+        "model.descriptor_heads=true",
+        "model.lesion_crops=true",
+        "model.crop_size=16",
+        "train.crop_epochs=30",
+        f"run_dir={tmp_path / 'r'}",
+    ]
+    run(load_config("stage1/tiny", Stage1Config, [*base, "train.epochs=2", "train.stop_after_epochs=1"]))
+    summary = json.loads((tmp_path / "r" / CROP_READER_FILE).read_text())
+    assert summary["train_breasts"] > 0 and summary["epochs"] == 30
+    assert summary["train_loss"] < 0.7 * summary["train_loss_first_epoch"]
+    assert "lesion_birads" in summary["val_accuracy_at_boxes"]
+    first = load_tensors(tmp_path / "r" / "checkpoints" / "last" / WEIGHTS)
+    (tmp_path / "r" / CROP_READER_FILE).unlink()
+    run(load_config("stage1/tiny", Stage1Config, [*base, "train.epochs=2"]))  # resumes at epoch 1
+    assert not (tmp_path / "r" / CROP_READER_FILE).exists()
+    second = load_tensors(tmp_path / "r" / "checkpoints" / "last" / WEIGHTS)
+    frozen = [k for k in first if k.startswith(("crops.", "descriptor_heads."))]
+    assert frozen and all(torch.equal(first[k], second[k]) for k in frozen)
+    assert not torch.equal(first["birads_head.0.weight"], second["birads_head.0.weight"])
+    with pytest.raises(MammorgError, match="it needs model.lesion_crops=true"):
+        load_config("stage1/tiny", Stage1Config, ["train.crop_epochs=5"])
