@@ -6,7 +6,8 @@
 #        loop on the same batches; each mode in its own process, retried eagerly if the compiled
 #        run does not finish in time. The synthetic set of `loc` is written meanwhile (CPU only).
 #   loc  stage-1 localisation benchmark (issue #19): today's classifier beside the localising
-#        default, lesion crops and top-k pooling, with extra seeds, rows trained side by side;
+#        default, lesion crops with their reader's own phase (train.crop_epochs) and top-k
+#        pooling, with extra seeds, rows trained side by side;
 #   s1t  stage-1 throughput at 1024x512 (convnext_small) against bare timm, data loading included;
 #   g270 stage-2 throughput of the Gemma 3 270M shape (report-vocabulary head, eager).
 # Packages the image lacks travel as wheels in .whl/ (pydicom, omegaconf, and the versions of
@@ -65,7 +66,7 @@ if want loc; then
   wait "$prep" || { echo "data set failed:"; tail -5 "$WORK/prep.log"; }
   stamp "stage-1 localisation: data ready"
   # ROW or ROW:SEED; each row is bounded (LOC_LIMIT seconds) so that the merge still runs
-  ROWS=${ROWS:-today localise localise_crops localise_topk localise:1 localise_crops:1 localise:2 localise_crops:2}
+  ROWS=${ROWS:-today localise localise_crop_reader localise_topk localise:1 localise_crop_reader:1 localise:2 localise_crop_reader:2}
   for spec in $ROWS; do
     row=${spec%%:*}; seed=0; [ "$spec" != "$row" ] && seed=${spec##*:}
     timeout "${LOC_LIMIT:-150}" python3 benchmarks/stage1_localisation.py --out "$WORK/loc" --exams "$EXAMS" --epochs "${EPOCHS:-12}" \
