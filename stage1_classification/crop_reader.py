@@ -27,7 +27,7 @@ from stage1_classification.model import CROPPED, MultiViewClassifier
 class CropSet:
     """The crops of the breasts that have a described lesion with a box on at least one view."""
 
-    crops: torch.Tensor  # [N, 4, k, S, S] (views L_CC, L_MLO, R_CC, R_MLO; findings of CROPPED)
+    crops: torch.Tensor  # [N, 4, k, T, T] (views L_CC, L_MLO, R_CC, R_MLO; findings of CROPPED; T > S: shifts)
     weight: torch.Tensor  # [N, 4, k]: 1 where the view has a box of that finding
     birads: torch.Tensor  # [N, 4, k, C]: the BI-RADS classes compatible with the box's own category
     targets: dict[str, torch.Tensor]  # desc_<name> -> [N, 2] class index per breast (-1: none)
@@ -54,6 +54,17 @@ def _first_box_birads(sample: dict) -> torch.Tensor:
     return torch.stack(out, 1)
 
 
+SHIFT = 0.3  # of the crop's side: how far a training crop moves off the box's centre, each way
+
+
+def shift_pixels(model: MultiViewClassifier) -> int:
+    """The margin cut around each crop, in crop pixels: the heatmap's top cell is where the crop
+    is cut at inference, up to half a backbone cell (about 0.3 of the crop's side at 0.2 of the
+    image height) from the lesion's centre; the reader learns to read lesions that far off."""
+    assert model.crops is not None
+    return round(SHIFT * model.crops.size)
+
+
 @torch.no_grad()
 def crop_set(model: MultiViewClassifier, ds: ExamDataset, progress: bool = True) -> CropSet:
     """Crops around each view's first box of a mass and of a calcification, for the exams of
@@ -75,13 +86,13 @@ def crop_set(model: MultiViewClassifier, ds: ExamDataset, progress: bool = True)
         images = sample["images"].unsqueeze(0)
         heat = images.new_zeros(1, 4, len(FINDINGS), 1, 1)  # no heatmap: the boxes say where
         centre = model.crops.centres(heat, boxes, (images.shape[-2], images.shape[-1]))
-        crops.append(model.crops.cut(images, centre)[0].half())
+        crops.append(model.crops.cut(images, centre, shift_pixels(model))[0].half())
         weights.append(has)
         birads.append(categories)
         for n in names:
             targets[f"desc_{n}"].append(sample[f"desc_{n}"])
     if not crops:
-        size, k = model.crops.size, len(CROPPED)
+        size, k = model.crops.size + 2 * shift_pixels(model), len(CROPPED)
         return CropSet(
             torch.zeros(0, 4, k, size, size),
             torch.zeros(0, 4, k),
@@ -91,6 +102,22 @@ def crop_set(model: MultiViewClassifier, ds: ExamDataset, progress: bool = True)
     return CropSet(
         torch.stack(crops), torch.stack(weights), torch.stack(birads), {k: torch.stack(v) for k, v in targets.items()}
     )
+
+
+def _window(crops: torch.Tensor, size: int, generator: torch.Generator | None) -> torch.Tensor:
+    """``size``-pixel windows of ``crops [b, 4, k, T, T]``: a random one per crop (``generator``),
+    else the centre."""
+    extra = crops.shape[-1] - size
+    if generator is None:
+        start = extra // 2
+        return crops[..., start : start + size, start : start + size]
+    b, views, k = crops.shape[:3]
+    offset = torch.randint(0, extra + 1, (2, b, views, k, 1), generator=generator)
+    ramp = torch.arange(size)
+    rows = (offset[0] + ramp)[..., :, None]  # [b, 4, k, size, 1]
+    cols = (offset[1] + ramp)[..., None, :]  # [b, 4, k, 1, size]
+    index = [torch.arange(n).reshape(-1, *([1] * (4 - i))) for i, n in enumerate((b, views, k))]
+    return crops[index[0], index[1], index[2], rows.to(crops.device), cols.to(crops.device)]
 
 
 def _augment(crops: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -113,7 +140,7 @@ def crop_loss(
     (correct, counted). ``generator``: augment (training); ``None``: as cut (evaluation)."""
     assert model.crops is not None
     device = next(model.parameters()).device
-    crops = data.crops[index].to(device, torch.float32)
+    crops = _window(data.crops[index], model.crops.size, generator).to(device, torch.float32)
     if generator is not None:
         crops = _augment(crops, generator)
     weight = data.weight[index].to(device)

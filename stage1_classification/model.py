@@ -103,20 +103,21 @@ class LesionCrops(nn.Module):
             centre[:, :, k] = torch.where(has.any(-1, keepdim=True), middle.to(centre.dtype), centre[:, :, k])
         return centre
 
-    def cut(self, images: torch.Tensor, centre: torch.Tensor) -> torch.Tensor:
+    def cut(self, images: torch.Tensor, centre: torch.Tensor, margin: int = 0) -> torch.Tensor:
         """``images [B, 4, 1, H, W]``, ``centre [B, 4, k, 2]`` (x, y in [0, 1]) -> the crops
-        ``[B, 4, k, S, S]``."""
+        ``[B, 4, k, S + 2 margin, S + 2 margin]``: ``margin`` pixels more on each side, at the
+        same scale (room to shift the crop in training)."""
         b, views, _, height, width = images.shape
-        k = centre.shape[2]
+        k, side = centre.shape[2], self.size + 2 * margin
         theta = centre.new_zeros(b, views, k, 2, 3)
-        theta[..., 0, 0] = self.fraction * height / width
-        theta[..., 1, 1] = self.fraction
+        theta[..., 0, 0] = self.fraction * side / self.size * height / width
+        theta[..., 1, 1] = self.fraction * side / self.size
         theta[..., :, 2] = centre * 2 - 1  # grid coordinates
-        grid = F.affine_grid(theta.reshape(-1, 2, 3), [b * views * k, 1, self.size, self.size], align_corners=False)
+        grid = F.affine_grid(theta.reshape(-1, 2, 3), [b * views * k, 1, side, side], align_corners=False)
         # the findings' crops of a view side by side: one sampling pass over each view, no copies
-        grid = grid.reshape(b * views, k, self.size, self.size, 2).transpose(1, 2).reshape(b * views, self.size, -1, 2)
+        grid = grid.reshape(b * views, k, side, side, 2).transpose(1, 2).reshape(b * views, side, -1, 2)
         crops = F.grid_sample(images.reshape(b * views, 1, height, width), grid.to(images.dtype), align_corners=False)
-        return crops.reshape(b, views, self.size, k, self.size).transpose(2, 3)
+        return crops.reshape(b, views, side, k, side).transpose(2, 3)
 
     def encode_views(self, crops: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """``crops [B, 4, k, S, S]``, ``weight [B, 4, k]`` -> each crop's feature ``[B, 4, k, D]``

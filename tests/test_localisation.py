@@ -345,3 +345,19 @@ def test_predictions_carry_grounded_findings_in_original_pixels(stage1_outputs):
         assert g.location["side"] == g.side and "depth" in g.location
     feats = load_file(str(stage1_outputs / "s1" / records[0].features))
     assert feats["heatmaps"].shape[:2] == (4, len(FINDINGS))
+
+
+def test_crop_reader_windows_shift_within_a_wider_cut():
+    """The crop reader cuts a margin around each crop at the same scale; its centre window is the
+    plain crop, and a training window is a shifted one of the crop's size."""
+    from stage1_classification.crop_reader import _window
+    from stage1_classification.model import LesionCrops
+
+    crops = LesionCrops(8, size=16, fraction=0.25)
+    images = torch.rand(1, 4, 1, 64, 32)
+    centre = torch.rand(1, 4, 2, 2) * 0.5 + 0.25
+    plain, wide = crops.cut(images, centre), crops.cut(images, centre, margin=4)
+    assert wide.shape[-2:] == (24, 24)
+    assert torch.allclose(_window(wide, 16, None), plain, atol=1e-5)
+    shifted = _window(wide, 16, torch.Generator().manual_seed(0))
+    assert shifted.shape == plain.shape and not torch.allclose(shifted, plain)
