@@ -121,8 +121,8 @@ def _window(crops: torch.Tensor, size: int, generator: torch.Generator | None) -
 
 
 def _augment(crops: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Per crop: flips and quarter turns (a lesion's margin and morphology do not depend on its
-    orientation), a gamma and a contrast."""
+    """Per exam of the batch: flips and quarter turns (a lesion's margin and morphology do not
+    depend on its orientation), a gamma and a contrast."""
     shape = (crops.shape[0], 1, 1, 1, 1)
     for dim in (-1, -2):
         crops = torch.where(torch.rand(shape, generator=generator) < 0.5, crops.flip(dim), crops)
