@@ -9,6 +9,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from mammorg.io import MammorgError
 from mammorg.labels import BIRADS_CLASSES, DENSITIES, DESCRIPTORS, FINDINGS, SIDES, VIEWS, most_severe
 from mammorg.schema import HeadProbabilities, Labels, Stage1Prediction
 from mammorg.training.checkpoint import load_tensors, save_tensors
@@ -26,7 +27,13 @@ def load_run(run_dir: str | Path, which: str = "best") -> tuple[Stage1Config, Mu
     """The run's config and its trained model (``best``, else the newest intact checkpoint)."""
     cfg, folder = trained_run(run_dir, Stage1Config, "stage-1", which)
     model = create_model(cfg.model)
-    model.load_state_dict(load_tensors(folder / WEIGHTS))
+    missing, unexpected = model.load_state_dict(load_tensors(folder / WEIGHTS), strict=False)
+    if missing or unexpected:
+        names = ", ".join([*missing, *unexpected][:3])
+        raise MammorgError(
+            f"{folder / WEIGHTS}: the checkpoint does not match the model of its run's config.yaml ({names}); "
+            "it was written by another version or config"
+        )
     return cfg, model.eval()
 
 

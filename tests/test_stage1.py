@@ -202,7 +202,7 @@ def test_crop_reader_trains_first_then_stays_frozen(cache_manifest, tmp_path):
     main epochs, which leave it as it was; a resumed run does not repeat the phase."""
     from mammorg.io import MammorgError
     from mammorg.training.checkpoint import load_tensors
-    from stage1_classification.inference import WEIGHTS
+    from stage1_classification.inference import WEIGHTS, load_run
     from stage1_classification.train import CROP_READER_FILE
 
     base = [
@@ -230,3 +230,11 @@ def test_crop_reader_trains_first_then_stays_frozen(cache_manifest, tmp_path):
     assert not torch.equal(first["birads_head.0.weight"], second["birads_head.0.weight"])
     with pytest.raises(MammorgError, match="it needs model.lesion_crops=true"):
         load_config("stage1/tiny", Stage1Config, ["train.crop_epochs=5"])
+    config = tmp_path / "r" / "config.yaml"  # weights of another model: named in one line
+    config.write_text(
+        config.read_text()
+        .replace("lesion_crops: true", "lesion_crops: false")
+        .replace("crop_epochs: 30", "crop_epochs: 0")
+    )
+    with pytest.raises(MammorgError, match="does not match the model"):
+        load_run(tmp_path / "r")
