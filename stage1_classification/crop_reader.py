@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from mammorg.labels import BIRADS_CLASSES, DESCRIBED_FINDING, FINDINGS
 from stage1_classification.data import ExamDataset
-from stage1_classification.model import CROPPED, MultiViewClassifier
+from stage1_classification.model import CROPPED, MultiViewClassifier, first_boxes
 
 
 @dataclass
@@ -44,14 +44,9 @@ def _finding_slot(name: str) -> int:
 def _first_box_birads(sample: dict) -> torch.Tensor:
     """``[4, k, C]``: the category mask of each view's first box of each cropped finding (the
     box ``LesionCrops.centres`` cuts around)."""
-    finding = sample["boxes"][..., 0]  # [4, K]
-    out = []
-    for f in CROPPED:
-        has = finding == f
-        first = has.float().argmax(-1)  # [4]
-        mask = sample["box_birads"][torch.arange(finding.shape[0]), first]  # [4, C]
-        out.append(mask & has.any(-1, keepdim=True))
-    return torch.stack(out, 1)
+    first, has = first_boxes(sample["boxes"][..., 0])  # [4, k]
+    masks = sample["box_birads"]  # [4, K, C]
+    return masks.gather(1, first.unsqueeze(-1).expand(-1, -1, masks.shape[-1])) & has.unsqueeze(-1)
 
 
 SHIFT = 0.3  # of the crop's side: how far a training crop moves off the box's centre, each way
@@ -77,8 +72,7 @@ def crop_set(model: MultiViewClassifier, ds: ExamDataset, progress: bool = True)
     for i in tqdm(range(len(ds)), desc="lesion crops", leave=False, disable=not progress):
         sample = ds[i]
         boxes = sample["boxes"].unsqueeze(0)  # [1, 4, K, 5]
-        has = torch.stack([(boxes[0, ..., 0] == f).any(-1) for f in CROPPED], -1).float()  # [4, k]
-        has = has * sample["view_mask"].float().unsqueeze(-1)
+        has = first_boxes(sample["boxes"][..., 0])[1].float() * sample["view_mask"].float().unsqueeze(-1)  # [4, k]
         categories = _first_box_birads(sample)
         labelled = any((sample[f"desc_{n}"] >= 0).any() for n in names) or bool(categories.any())
         if not has.any() or not labelled:

@@ -57,6 +57,13 @@ class MilPooling(nn.Module):
 CROPPED = (FINDINGS.index("mass"), FINDINGS.index("calcification"))  # the findings read from crops
 
 
+def first_boxes(findings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``findings [..., K]`` (the boxes' finding column) -> for each cropped finding, the index
+    of its first box and whether there is one (``[..., k]`` each)."""
+    has = torch.stack([findings == f for f in CROPPED], -2)  # [..., k, K]
+    return has.float().argmax(-1), has.any(-1)
+
+
 class LesionCrops(nn.Module):
     """Each breast's mass and calcification read at the input's full resolution: a crop of each
     view around where the finding's heatmap points (in training: the centre of the view's box of
@@ -95,13 +102,10 @@ class LesionCrops(nn.Module):
         if boxes is None:
             return centre
         scale = torch.tensor([size[1], size[0]], dtype=centre.dtype, device=centre.device)
-        for k, finding in enumerate(CROPPED):
-            has = boxes[..., 0] == finding  # [B, 4, K]
-            first = has.float().argmax(-1, keepdim=True)[..., None].expand(-1, -1, 1, 5)
-            box = boxes.gather(2, first).squeeze(2)  # [B, 4, 5]
-            middle = torch.stack([box[..., 1] + box[..., 3], box[..., 2] + box[..., 4]], -1) / 2 / scale
-            centre[:, :, k] = torch.where(has.any(-1, keepdim=True), middle.to(centre.dtype), centre[:, :, k])
-        return centre
+        first, has = first_boxes(boxes[..., 0])  # [B, 4, k]
+        box = boxes.gather(2, first.unsqueeze(-1).expand(-1, -1, -1, 5))  # [B, 4, k, 5]
+        middle = torch.stack([box[..., 1] + box[..., 3], box[..., 2] + box[..., 4]], -1) / 2 / scale
+        return torch.where(has.unsqueeze(-1), middle.to(centre.dtype), centre)
 
     def cut(self, images: torch.Tensor, centre: torch.Tensor, margin: int = 0) -> torch.Tensor:
         """``images [B, 4, 1, H, W]``, ``centre [B, 4, k, 2]`` (x, y in [0, 1]) -> the crops
