@@ -57,5 +57,15 @@ def stage1_metrics(outputs: list[dict], batches: list[dict]) -> dict:
             out[f"{key}_acc"] = float((pred[y >= 0] == y[y >= 0]).float().mean())
     if "heatmaps" in outputs[0]:
         out["localisation"] = localisation_metrics(outputs, batches)
-    out["score"] = float(np.nanmean([out.get("birads_f1", np.nan), out.get("density_f1", np.nan)]))
+    out["score"] = selection_score(out)
     return out
+
+
+def selection_score(val: dict) -> float:
+    """The checkpoint-selection score: mean of BI-RADS macro-F1, density macro-F1 and mean finding AUROC.
+
+    BI-RADS macro-F1 alone is noisy on a small validation split (nine classes, a few exams each); the
+    finding AUROC keeps a checkpoint whose heatmaps have not trained from being chosen for it.
+    """
+    parts = [val.get("birads_f1", np.nan), val.get("density_f1", np.nan), val.get("finding_auroc_mean", np.nan)]
+    return float(np.nanmean(parts)) if np.isfinite(parts).any() else float("nan")

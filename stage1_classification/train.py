@@ -177,7 +177,7 @@ class Stage1Recipe(EpochRecipe):
         return mean_over_ranks(total.item() / max(steps, 1))
 
     def validate(self, epoch: int, train_loss: float) -> tuple[float | None, dict[str, Any]]:
-        """Rank 0 scores the validation split (mean of BI-RADS and density macro-F1)."""
+        """Rank 0 scores the validation split (metrics.selection_score)."""
         if self.rank != 0:
             return None, {}
         val = stage1_metrics(*validation_pass(self.model, self.val_loader, self.device)) if self.val_loader else {}

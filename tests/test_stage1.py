@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from mammorg.config import load_config
 from mammorg.labels import FINDINGS
 from mammorg.preprocess import PreprocessSpec, preprocess_manifest
 from stage1_classification.config import Stage1Config
+from stage1_classification.metrics import selection_score
 from stage1_classification.model import MultiViewClassifier
 from stage1_classification.operating_points import OperatingPoints
 from stage1_classification.predict import oof_folds
@@ -238,3 +240,13 @@ def test_crop_reader_trains_first_then_stays_frozen(cache_manifest, tmp_path):
     )
     with pytest.raises(MammorgError, match="does not match the model"):
         load_run(tmp_path / "r")
+
+
+def test_selection_score_weighs_finding_auroc():
+    """Validation scores of two epochs of the crop-reader benchmark row (2026-12-01): epoch 1's
+    lucky BI-RADS F1 with untrained heatmaps must not beat epoch 9."""
+    early = {"birads_f1": 0.406, "density_f1": 1.0, "finding_auroc_mean": 0.716}
+    late = {"birads_f1": 0.380, "density_f1": 1.0, "finding_auroc_mean": 0.938}
+    assert selection_score(late) > selection_score(early)
+    assert selection_score({"birads_f1": 0.5}) == pytest.approx(0.5)
+    assert math.isnan(selection_score({}))
