@@ -15,7 +15,7 @@ from torch import nn
 from mammorg.labels import BIRADS_CLASSES, DENSITIES, DESCRIBED_FINDING, DESCRIPTORS, FINDINGS
 from mammorg.training.checkpoint import load_tensors
 from stage1_classification.config import Stage1Model
-from stage1_classification.localisation import box_targets
+from stage1_classification.localisation import box_targets, peak_centres
 
 MIL_POOLINGS = ("lse", "topk", "attention")
 
@@ -94,11 +94,9 @@ class LesionCrops(nn.Module):
 
     def centres(self, heat: torch.Tensor, boxes: torch.Tensor | None, size: tuple[int, int]) -> torch.Tensor:
         """``[B, 4, 2, 2]`` each view's crop centre (x, y in [0, 1]) for each cropped finding:
-        the heatmap's top cell, or the centre of the first box of that finding in ``boxes``
-        (``[B, 4, K, 5]`` in image pixels), where given."""
-        h, w = heat.shape[-2:]
-        top = heat[:, :, list(CROPPED)].flatten(3).argmax(-1)  # [B, 4, 2]
-        centre = torch.stack([((top % w).float() + 0.5) / w, ((top // w).float() + 0.5) / h], -1)
+        the heatmap's peak (``peak_centres``: within a cell), or the centre of the first box of
+        that finding in ``boxes`` (``[B, 4, K, 5]`` in image pixels), where given."""
+        centre = peak_centres(heat[:, :, list(CROPPED)])
         if boxes is None:
             return centre
         scale = torch.tensor([size[1], size[0]], dtype=centre.dtype, device=centre.device)

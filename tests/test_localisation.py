@@ -20,6 +20,7 @@ from stage1_classification.localisation import (
     localisation_metrics,
     location_from_views,
     peak_box,
+    peak_centres,
 )
 from stage1_classification.model import MultiViewClassifier, stage1_loss
 
@@ -361,3 +362,14 @@ def test_crop_reader_windows_shift_within_a_wider_cut():
     assert torch.allclose(_window(wide, 16, None), plain, atol=1e-5)
     shifted = _window(wide, 16, torch.Generator().manual_seed(0))
     assert shifted.shape == plain.shape and not torch.allclose(shifted, plain)
+
+
+def test_peak_centres_move_within_the_hottest_cell():
+    heat = torch.full((2, 4, 4), -10.0)
+    heat[0, 1, 2] = 5.0  # one hot cell, cold neighbours: its centre
+    heat[1, 0, 0] = heat[1, 0, 1] = 5.0  # two equal cells in a row, at the map's corner
+    centre = peak_centres(heat)
+    assert torch.allclose(centre[0], torch.tensor([2.5 / 4, 1.5 / 4]), atol=1e-4)
+    # halfway between the two cells; the padding outside the map does not pull the point
+    assert torch.allclose(centre[1], torch.tensor([1.0 / 4, 0.5 / 4]), atol=1e-4)
+    assert peak_centres(torch.randn(3, 2, 5, 8, 4)).shape == (3, 2, 5, 2)
