@@ -10,6 +10,7 @@ from the best checkpoint) -> cleanup.
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 from pathlib import Path
@@ -36,6 +37,7 @@ from stage1_classification.operating_points import OperatingPoints, fit_from_out
 from stage1_classification.plots import confusion_pngs, learning_curve_png
 
 CROP_READER_FILE = "crop_reader.json"  # the crop reader's phase: crops, loss, validation accuracy
+NO_CROPS = "no box of a mass or a calcification in the training split: the crop reader trains with the main epochs"
 
 
 def loader(ds: ExamDataset, cfg: Stage1Config, shuffle: bool, rank: int = 0, world: int = 1) -> DataLoader:
@@ -128,19 +130,39 @@ class Stage1Recipe(EpochRecipe):
 
     def read_crops_first(self, model: MultiViewClassifier) -> None:
         """The crop reader's own phase (``train.crop_epochs``), unless the run resumes from a
-        checkpoint that holds its weights; then it is frozen for the main epochs."""
+        checkpoint that holds its weights; then it is frozen for the main epochs. A training split
+        without a box of a mass or a calcification has nothing to read: the phase is skipped and
+        the reader trains with the main epochs instead of staying frozen at its random weights."""
         cfg = self.cfg
-        if not (cfg.train.resume and self.checkpoints.resumable() is not None):
+        if cfg.train.resume and self.checkpoints.resumable() is not None:
+            trained = self.crop_reader_trained()
+        else:
             plain = ExamDataset(cfg.data.cache_manifest, cfg.data.train_split, folds=cfg.data.folds, fold=cfg.data.fold)
             train = crop_set(model, plain, self.rank == 0)
-            val = crop_set(model, self.val_ds, self.rank == 0) if len(self.val_ds) else None
-            summary = train_crop_reader(
-                model, train, val, cfg.train.crop_epochs, cfg.train.crop_lr, cfg.seed, progress=self.rank == 0
-            )
+            trained = len(train) > 0
+            if trained:
+                val = crop_set(model, self.val_ds, self.rank == 0) if len(self.val_ds) else None
+                summary = train_crop_reader(
+                    model, train, val, cfg.train.crop_epochs, cfg.train.crop_lr, cfg.seed, progress=self.rank == 0
+                )
+            else:
+                summary = {"train_breasts": 0, "epochs": 0, "skipped": NO_CROPS}
             if self.rank == 0:
                 write_json_atomic(self.run_dir / CROP_READER_FILE, summary)
                 print(f"crop reader: {summary}", file=sys.stderr)
-        freeze_crop_reader(model)
+        if trained:
+            freeze_crop_reader(model)
+
+    def crop_reader_trained(self) -> bool:
+        """Whether the run's crop-reader phase ran (a run from before ``crop_reader.json`` said
+        so when it was skipped: it ran)."""
+        path = self.run_dir / CROP_READER_FILE
+        if not path.exists():
+            return True
+        try:
+            return int(json.loads(path.read_text(encoding="utf-8")).get("train_breasts", 1)) > 0
+        except (ValueError, AttributeError) as e:
+            raise MammorgError(f"{path}: not the crop reader's summary ({e}); restore it or start a new run_dir") from e
 
     @property
     def model(self) -> MultiViewClassifier:

@@ -250,3 +250,35 @@ def test_selection_score_weighs_finding_auroc():
     assert selection_score(late) > selection_score(early)
     assert selection_score({"birads_f1": 0.5}) == pytest.approx(0.5)
     assert math.isnan(selection_score({}))
+
+
+def test_crop_reader_without_boxes_trains_with_the_main_epochs(cache_manifest, tmp_path):
+    """A training split without lesion boxes skips the crop reader's phase (said in its summary)
+    and leaves the reader trainable, on the first run and on resume."""
+    from mammorg.io import read_jsonl, write_jsonl_atomic
+    from mammorg.training.checkpoint import load_tensors
+    from stage1_classification.inference import WEIGHTS
+    from stage1_classification.train import CROP_READER_FILE, NO_CROPS
+
+    rows = read_jsonl(cache_manifest)
+    assert any(r.get("lesions") for r in rows)
+    unboxed = cache_manifest.parent / "unboxed.jsonl"
+    write_jsonl_atomic(unboxed, [{k: v for k, v in r.items() if k != "lesions"} for r in rows])
+    base = [
+        f"data.cache_manifest={unboxed}",
+        "data.val_split=train",
+        "model.localise=true",
+        "model.descriptor_heads=true",
+        "model.lesion_crops=true",
+        "model.crop_size=16",
+        "train.crop_epochs=30",
+        "train.epochs=2",
+        f"run_dir={tmp_path / 'r'}",
+    ]
+    run(load_config("stage1/tiny", Stage1Config, [*base, "train.stop_after_epochs=1"]))
+    summary = json.loads((tmp_path / "r" / CROP_READER_FILE).read_text())
+    assert summary["train_breasts"] == 0 and summary["skipped"] == NO_CROPS
+    first = load_tensors(tmp_path / "r" / "checkpoints" / "last" / WEIGHTS)
+    run(load_config("stage1/tiny", Stage1Config, base))  # resumes: still trainable
+    second = load_tensors(tmp_path / "r" / "checkpoints" / "last" / WEIGHTS)
+    assert not torch.equal(first["crops.encoder.0.weight"], second["crops.encoder.0.weight"])
