@@ -44,17 +44,18 @@ from stage1_classification.operating_points import OperatingPoints
 from stage1_classification.train import loader, train, validation_pass
 
 SIZE_LOW, SIZE_HIGH = (128, 64), (256, 128)
+NO_CROPS = ["model.lesion_crops=false", "train.crop_epochs=0"]
 # name: (config overrides, preprocessing size, training exams or None for all)
 ROWS: dict[str, tuple[list[str], tuple[int, int], int | None]] = {
-    "today": (["model.localise=false"], SIZE_LOW, None),
-    "today_256": (["model.localise=false"], SIZE_HIGH, None),
-    "localise": ([], SIZE_HIGH, None),
+    "today": (["model.localise=false", *NO_CROPS], SIZE_LOW, None),
+    "today_256": (["model.localise=false", *NO_CROPS], SIZE_HIGH, None),
+    "localise": ([], SIZE_HIGH, None),  # the default: heatmaps, lesion crops and the crop reader's phase
     "localise_topk": (["model.mil_pooling=topk"], SIZE_HIGH, None),
     "localise_attention": (["model.mil_pooling=attention"], SIZE_HIGH, None),
     "localise_no_box_loss": (["train.localisation_weight=0"], SIZE_HIGH, None),
-    "localise_pooled": (["model.lesion_features=false"], SIZE_HIGH, None),
-    "localise_lesion": (["model.lesion_features=true"], SIZE_HIGH, None),
-    "localise_crops": (["model.lesion_crops=true"], SIZE_HIGH, None),
+    "localise_pooled": (["model.lesion_features=false", *NO_CROPS], SIZE_HIGH, None),
+    "localise_lesion": (["model.lesion_features=true", *NO_CROPS], SIZE_HIGH, None),
+    "localise_crops": (["model.lesion_crops=true", "train.crop_epochs=0"], SIZE_HIGH, None),
     "localise_crop_reader": (["model.lesion_crops=true", "train.crop_epochs=100"], SIZE_HIGH, None),
     "curve_150": ([], SIZE_HIGH, 150),
     "curve_360": ([], SIZE_HIGH, 360),

@@ -66,7 +66,7 @@ if want loc; then
   wait "$prep" || { echo "data set failed:"; tail -5 "$WORK/prep.log"; }
   stamp "stage-1 localisation: data ready"
   # ROW or ROW:SEED; each row is bounded (LOC_LIMIT seconds) so that the merge still runs
-  ROWS=${ROWS:-today localise localise_crop_reader localise_topk localise:1 localise_crop_reader:1 localise:2 localise_crop_reader:2}
+  ROWS=${ROWS:-today localise localise_pooled localise_topk localise:1 localise_pooled:1 localise:2 localise_pooled:2}
   for spec in $ROWS; do
     row=${spec%%:*}; seed=0; [ "$spec" != "$row" ] && seed=${spec##*:}
     timeout "${LOC_LIMIT:-150}" python3 benchmarks/stage1_localisation.py --out "$WORK/loc" --exams "$EXAMS" --epochs "${EPOCHS:-12}" \

@@ -87,7 +87,7 @@ class Stage1Config:
         if self.train.crop_epochs and not (self.model.lesion_crops and self.model.descriptor_heads):
             raise ValueError(
                 "train.crop_epochs trains the lesion crops' descriptor reader: it needs model.lesion_crops=true "
-                "and model.descriptor_heads=true"
+                "and model.descriptor_heads=true (without crops: model.lesion_crops=false train.crop_epochs=0)"
             )
 
     # migrations of configs saved by older versions (mammorg.config.migrate)

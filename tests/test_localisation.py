@@ -185,7 +185,7 @@ def test_lesion_features_read_where_the_heatmap_points():
 
 
 def test_lesion_crops_cut_the_view_where_the_lesion_is():
-    """The crops are cut around the box centre in training and the heatmap's top cell otherwise,
+    """The crops are cut around the box centre in training and the heatmap's peak otherwise,
     at the input's resolution; the descriptor heads read the crop of their finding."""
     from stage1_classification.model import LesionCrops
 
@@ -212,7 +212,7 @@ def test_lesion_crops_cut_the_view_where_the_lesion_is():
     assert float(mass_crop.sum()) == pytest.approx(float(images.sum()), rel=0.3)
     assert float(calc_crop.sum()) == 0.0  # cut at row 1, column 3: far from the lesion
     centre = crops.centres(heat, None, (64, 32))[0, 0, 1]
-    assert centre.tolist() == pytest.approx([3.5 / 4, 1.5 / 8])
+    assert centre.tolist() == pytest.approx([3.5 / 4, 1.5 / 8], abs=1e-3)  # a lone hot cell: its centre
     model = MultiViewClassifier(
         "resnet10t", 16, (2, 2), 2, 0.0, descriptor_heads=True, localise=True, lesion_crops=True
     )
