@@ -199,6 +199,20 @@ def test_descriptor_heads_learn_from_synthetic_descriptors(cache_manifest, tmp_p
     }
 
 
+def _crop_reader_run(manifest, run_dir) -> list[str]:
+    """Overrides of ``stage1/tiny`` for a small run with lesion crops and the crop reader's phase."""
+    return [
+        f"data.cache_manifest={manifest}",
+        "data.val_split=train",
+        "model.localise=true",
+        "model.descriptor_heads=true",
+        "model.lesion_crops=true",
+        "model.crop_size=16",
+        "train.crop_epochs=30",
+        f"run_dir={run_dir}",
+    ]
+
+
 def test_crop_reader_trains_first_then_stays_frozen(cache_manifest, tmp_path):
     """``train.crop_epochs``: the crop reader learns the descriptors from box crops before the
     main epochs, which leave it as it was; a resumed run does not repeat the phase."""
@@ -207,16 +221,7 @@ def test_crop_reader_trains_first_then_stays_frozen(cache_manifest, tmp_path):
     from stage1_classification.inference import WEIGHTS, load_run
     from stage1_classification.train import CROP_READER_FILE
 
-    base = [
-        "data.cache_manifest=" + str(cache_manifest),
-        "data.val_split=train",
-        "model.localise=true",
-        "model.descriptor_heads=true",
-        "model.lesion_crops=true",
-        "model.crop_size=16",
-        "train.crop_epochs=30",
-        f"run_dir={tmp_path / 'r'}",
-    ]
+    base = _crop_reader_run(cache_manifest, tmp_path / "r")
     run(load_config("stage1/tiny", Stage1Config, [*base, "train.epochs=2", "train.stop_after_epochs=1"]))
     summary = json.loads((tmp_path / "r" / CROP_READER_FILE).read_text())
     assert summary["train_breasts"] > 0 and summary["epochs"] == 30
@@ -264,17 +269,7 @@ def test_crop_reader_without_boxes_trains_with_the_main_epochs(cache_manifest, t
     assert any(r.get("lesions") for r in rows)
     unboxed = cache_manifest.parent / "unboxed.jsonl"
     write_jsonl_atomic(unboxed, [{k: v for k, v in r.items() if k != "lesions"} for r in rows])
-    base = [
-        f"data.cache_manifest={unboxed}",
-        "data.val_split=train",
-        "model.localise=true",
-        "model.descriptor_heads=true",
-        "model.lesion_crops=true",
-        "model.crop_size=16",
-        "train.crop_epochs=30",
-        "train.epochs=2",
-        f"run_dir={tmp_path / 'r'}",
-    ]
+    base = [*_crop_reader_run(unboxed, tmp_path / "r"), "train.epochs=2"]
     run(load_config("stage1/tiny", Stage1Config, [*base, "train.stop_after_epochs=1"]))
     summary = json.loads((tmp_path / "r" / CROP_READER_FILE).read_text())
     assert summary["train_breasts"] == 0 and summary["skipped"] == NO_CROPS
