@@ -37,7 +37,7 @@ from stage1_classification.operating_points import OperatingPoints, fit_from_out
 from stage1_classification.plots import confusion_pngs, learning_curve_png
 
 CROP_READER_FILE = "crop_reader.json"  # the crop reader's phase: crops, loss, validation accuracy
-NO_CROPS = "no box of a mass or a calcification in the training split: the crop reader trains with the main epochs"
+CROPS_SKIPPED = "no box of a mass or a calcification in the training split: the crop reader trains with the main epochs"
 
 
 def loader(ds: ExamDataset, cfg: Stage1Config, shuffle: bool, rank: int = 0, world: int = 1) -> DataLoader:
@@ -146,7 +146,7 @@ class Stage1Recipe(EpochRecipe):
                     model, train, val, cfg.train.crop_epochs, cfg.train.crop_lr, cfg.seed, progress=self.rank == 0
                 )
             else:
-                summary = {"train_breasts": 0, "epochs": 0, "skipped": NO_CROPS}
+                summary = {"train_breasts": 0, "epochs": 0, "skipped": CROPS_SKIPPED}
             if self.rank == 0:
                 write_json_atomic(self.run_dir / CROP_READER_FILE, summary)
                 print(f"crop reader: {summary}", file=sys.stderr)

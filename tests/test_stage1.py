@@ -263,7 +263,7 @@ def test_crop_reader_without_boxes_trains_with_the_main_epochs(cache_manifest, t
     from mammorg.io import read_jsonl, write_jsonl_atomic
     from mammorg.training.checkpoint import load_tensors
     from stage1_classification.inference import WEIGHTS
-    from stage1_classification.train import CROP_READER_FILE, NO_CROPS
+    from stage1_classification.train import CROP_READER_FILE, CROPS_SKIPPED
 
     rows = read_jsonl(cache_manifest)
     assert any(r.get("lesions") for r in rows)
@@ -272,7 +272,7 @@ def test_crop_reader_without_boxes_trains_with_the_main_epochs(cache_manifest, t
     base = [*_crop_reader_run(unboxed, tmp_path / "r"), "train.epochs=2"]
     run(load_config("stage1/tiny", Stage1Config, [*base, "train.stop_after_epochs=1"]))
     summary = json.loads((tmp_path / "r" / CROP_READER_FILE).read_text())
-    assert summary["train_breasts"] == 0 and summary["skipped"] == NO_CROPS
+    assert summary["train_breasts"] == 0 and summary["skipped"] == CROPS_SKIPPED
     first = load_tensors(tmp_path / "r" / "checkpoints" / "last" / WEIGHTS)
     run(load_config("stage1/tiny", Stage1Config, base))  # resumes: still trainable
     second = load_tensors(tmp_path / "r" / "checkpoints" / "last" / WEIGHTS)
