@@ -57,6 +57,7 @@ ROWS: dict[str, tuple[list[str], tuple[int, int], int | None]] = {
     "localise_lesion": (["model.lesion_features=true", *NO_CROPS], SIZE_HIGH, None),
     "localise_crops": (["model.lesion_crops=true", "train.crop_epochs=0"], SIZE_HIGH, None),
     "localise_crop_reader": (["model.lesion_crops=true", "train.crop_epochs=100"], SIZE_HIGH, None),
+    "localise_jitter": (["train.crop_jitter=0.2"], SIZE_HIGH, None),  # training crops off the box centres
     "curve_150": ([], SIZE_HIGH, 150),
     "curve_360": ([], SIZE_HIGH, 360),
     "curve_700": ([], SIZE_HIGH, 700),

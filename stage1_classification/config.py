@@ -67,11 +67,14 @@ class Stage1Train(TrainSettings):
     localisation_weight: float = 1.0  # heatmap loss where lesion boxes are known (model.localise)
     crop_epochs: int = 0  # model.lesion_crops: the crop reader's own epochs on box crops first, then frozen
     crop_lr: float = 2.0e-3
+    crop_jitter: float = 0.0  # lesion crops in training: up to this many crop sides off the box centres
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.crop_epochs < 0:
             raise ValueError(f"train.crop_epochs={self.crop_epochs}: expected >= 0")
+        if not 0.0 <= self.crop_jitter <= 0.5:
+            raise ValueError(f"train.crop_jitter={self.crop_jitter}: expected crop sides in [0, 0.5]")
 
 
 @dataclass

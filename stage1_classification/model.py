@@ -105,6 +105,16 @@ class LesionCrops(nn.Module):
         middle = torch.stack([box[..., 1] + box[..., 3], box[..., 2] + box[..., 4]], -1) / 2 / scale
         return torch.where(has.unsqueeze(-1), middle.to(centre.dtype), centre)
 
+    def shifted(self, boxes: torch.Tensor, height: int, spread: float) -> torch.Tensor:
+        """``boxes [..., 5]`` (image pixels) each moved by a uniform random offset of up to
+        ``spread`` crop sides along x and along y (the torch generator's draw): in training, crops
+        cut around them sit off the lesion's centre as far as the heatmap's peak does at inference
+        (measured: a median 0.13 crop sides), not always on it."""
+        side = self.fraction * height
+        offset = (torch.rand(*boxes.shape[:-1], 2, device=boxes.device) * 2 - 1) * spread * side
+        shift = torch.cat([offset, offset], -1).to(boxes.dtype)  # (x, y, x, y)
+        return torch.cat([boxes[..., :1], boxes[..., 1:] + shift], -1)
+
     def cut(self, images: torch.Tensor, centre: torch.Tensor, margin: int = 0) -> torch.Tensor:
         """``images [B, 4, 1, H, W]``, ``centre [B, 4, k, 2]`` (x, y in [0, 1]) -> the crops
         ``[B, 4, k, S + 2 margin, S + 2 margin]``: ``margin`` pixels more on each side, at the

@@ -170,13 +170,21 @@ class Stage1Recipe(EpochRecipe):
         assert isinstance(module, MultiViewClassifier)
         return module
 
+    def crop_boxes(self, batch: dict) -> torch.Tensor | None:
+        """The boxes the lesion crops are cut around in training (``train.crop_jitter``: moved
+        off the lesions' centres); ``None`` without crops or boxes."""
+        boxes = batch.get("boxes")
+        crops = self.model.crops
+        if crops is None or boxes is None or not self.cfg.train.crop_jitter:
+            return None if crops is None else boxes
+        return crops.shifted(boxes, batch["images"].shape[-2], self.cfg.train.crop_jitter)
+
     def train_step(self, batch: dict, last_of_epoch: bool = False) -> torch.Tensor:
         """One optimiser (micro-)step on a batch, moved to the device; the loss, detached."""
         cfg, device = self.cfg, self.device
         batch = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            boxes = batch.get("boxes") if self.model.crops is not None else None  # crops at the lesions
-            out = self.backend.model(batch["images"], batch["view_mask"], boxes)
+            out = self.backend.model(batch["images"], batch["view_mask"], self.crop_boxes(batch))
         loss = stage1_loss(
             {k: v.float() for k, v in out.items()},
             batch,

@@ -222,6 +222,22 @@ def test_lesion_crops_cut_the_view_where_the_lesion_is():
         MultiViewClassifier("resnet10t", 16, (2, 2), 2, lesion_crops=True)
 
 
+def test_training_crops_shift_off_the_box_centres_within_the_jitter():
+    """``train.crop_jitter``: each box moves by up to the spread (in crop sides) along x and y,
+    the same along both of its corners (its size kept); its finding stays."""
+    from stage1_classification.model import LesionCrops
+
+    crops = LesionCrops(8, size=16, fraction=0.25)  # a crop's side: 16 of 64 rows
+    boxes = torch.tensor([[2.0, 8.0, 40.0, 12.0, 44.0], [-1.0, 0.0, 0.0, 0.0, 0.0]]).expand(500, 2, 5)
+    torch.manual_seed(0)
+    moved = crops.shifted(boxes, 64, 0.2)
+    offset = moved[..., 1:3] - boxes[..., 1:3]
+    assert torch.equal(moved[..., 0], boxes[..., 0])
+    assert torch.allclose(moved[..., 3:] - moved[..., 1:3], boxes[..., 3:] - boxes[..., 1:3])
+    assert offset.abs().max() <= 0.2 * 16 + 1e-5 and offset.abs().max() > 0.15 * 16  # spread over the range
+    assert abs(float(offset.mean())) < 0.3 and torch.equal(crops.shifted(boxes, 64, 0.0), boxes)
+
+
 def test_augmentation_moves_boxes_with_the_image():
     exam_boxes = torch.full((4, 8, 5), -1.0)
     exam_boxes[0, 0] = torch.tensor([0.0, 10, 10, 20, 20])

@@ -209,6 +209,7 @@ def _crop_reader_run(manifest, run_dir) -> list[str]:
         "model.lesion_crops=true",
         "model.crop_size=16",
         "train.crop_epochs=30",
+        "train.crop_jitter=0.2",  # main epochs' crops off the box centres
         f"run_dir={run_dir}",
     ]
 
@@ -237,6 +238,8 @@ def test_crop_reader_trains_first_then_stays_frozen(cache_manifest, tmp_path):
     assert not torch.equal(first["birads_head.0.weight"], second["birads_head.0.weight"])
     with pytest.raises(MammorgError, match="it needs model.lesion_crops=true"):
         load_config("stage1/tiny", Stage1Config, ["train.crop_epochs=5"])
+    with pytest.raises(MammorgError, match="train.crop_jitter=0.7"):
+        load_config("stage1/tiny", Stage1Config, ["train.crop_jitter=0.7"])
     config = tmp_path / "r" / "config.yaml"  # weights of another model: named in one line
     config.write_text(
         config.read_text()
