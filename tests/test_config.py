@@ -1,6 +1,7 @@
 """Configs: schemas, _base_ chains, overrides, names, migration, the shipped configs."""
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import ClassVar
 
 import pytest
@@ -82,6 +83,17 @@ def test_migrate_renames_and_drops_keys_of_older_runs(tmp_path):
     assert "legacy" not in raw.train
 
 
+def _check_ablation_rows(cfg: AblationConfig, where: Path) -> None:
+    """Every row's stage-2 config, with the pipeline's and the row's overrides, loads strictly."""
+    pipe_path = resolve_config(cfg.pipeline, relative_to=where)
+    pipe = load_config(pipe_path, PipelineConfig)
+    for row in cfg.grid.values():
+        ref = resolve_config(row.stage2_config, relative_to=where) if row.stage2_config else pipe.stage2.config
+        load_config(
+            resolve_config(ref, relative_to=pipe_path.parent), Stage2Config, [*pipe.stage2.overrides, *row.stage2]
+        )
+
+
 def test_every_shipped_config_loads_and_names_resolve(tmp_path):
     names = list_configs()
     schemas = {
@@ -96,7 +108,9 @@ def test_every_shipped_config_loads_and_names_resolve(tmp_path):
         if family == "deepspeed":
             continue
         schema = PretrainConfig if name == "stage2/pretrain" else schemas[family]
-        load_config(name, schema)
+        cfg = load_config(name, schema)
+        if family == "ablations":
+            _check_ablation_rows(cfg, resolve_config(name).parent)
         text = resolve_config(name).read_text()
         assert text.startswith("# Launch: mammorg "), name  # every config says how it runs
     assert resolve_config("deepspeed/zero2").name == "zero2.json"

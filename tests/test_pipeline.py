@@ -115,6 +115,27 @@ def test_ablation_grid_two_rows(tmp_path, capsys):
     assert "baseline 'elsewhere' is not a row of the grid" in capsys.readouterr().err
 
 
+def test_ablation_row_with_its_own_stage2_config(tmp_path, capsys):
+    cfg = OmegaConf.load(resolve_config("ablations/tiny"))
+    cfg.pipeline = str(resolve_config("pipeline/tiny"))
+    del cfg.grid.discrete
+    cfg.grid.verbaliser = {"stage2_config": "stage2/verbaliser", "stage2": ["train.epochs=1"], "versus": "none"}
+    path = tmp_path / "rows.yaml"
+    OmegaConf.save(cfg, path)
+    out = tmp_path / "ablation"
+    assert cli(["ablate", "--config", str(path), f"out={out}"]) == 0
+    run = OmegaConf.load(out / "runs/verbaliser/seed0/stage2/config.yaml")
+    assert run.visual.enabled is False and run.terminology.category_weight_power == 1.0  # stage2/verbaliser's
+    assert run.generate.max_new_tokens == 12  # the pipeline's overrides still apply
+    assert OmegaConf.load(out / "runs/none/seed0/stage2/config.yaml").visual.enabled is True
+    assert "| verbaliser |" in (out / "table.md").read_text()
+    cfg.grid.verbaliser.stage2_config = "stage2/nowhere"
+    OmegaConf.save(cfg, path)
+    assert cli(["ablate", "--config", str(path), f"out={tmp_path / 'second'}"]) == 2
+    assert "stage2/nowhere: config file not found" in capsys.readouterr().err
+    assert not (tmp_path / "second").exists()  # refused before any work
+
+
 def _ablation_with_versus(tmp_path: Path, versus: str) -> Path:
     """The tiny ablation, its ``none`` row compared with row ``versus`` instead of the baseline."""
     cfg = OmegaConf.load(resolve_config("ablations/tiny"))

@@ -1,10 +1,11 @@
 """``mammorg ablate --config ablations/<name>``: clinical-efficacy ablations.
 
-Each grid row names stage-1 and stage-2 overrides; every row runs for every seed in its own
-folder (a run whose evaluation exists is not redone). Data and each distinct stage-1 setting are
-prepared once. Writes ``table.csv``, ``table.md`` (mean ± 95% t-interval over seeds, paired
-bootstrap on the pooled test exams against the baseline row, or against the row a row names as
-``versus``) and ``ablation.png``.
+Each grid row names stage-1 and stage-2 overrides, and may name a stage-2 config of its own (a
+name, or a path relative to the ablation's file: tiny and pretrained decoders in one table);
+every row runs for every seed in its own folder (a run whose evaluation exists is not redone).
+Data and each distinct stage-1 setting are prepared once. Writes ``table.csv``, ``table.md``
+(mean ± 95% t-interval over seeds, paired bootstrap on the pooled test exams against the
+baseline row, or against the row a row names as ``versus``) and ``ablation.png``.
 """
 
 from __future__ import annotations
@@ -38,6 +39,10 @@ def run_grid(cfg: AblationConfig, config_dir: Path) -> Path:
     out = Path(cfg.out)
     pipe_path = resolve_config(cfg.pipeline, relative_to=config_dir).resolve()
     pipe = Pipeline(load_config(pipe_path, PipelineConfig), pipe_path.parent, out)
+    s2_configs = {  # checked before any work starts
+        name: str(resolve_config(row.stage2_config, relative_to=config_dir).resolve()) if row.stage2_config else None
+        for name, row in cfg.grid.items()
+    }
     out.mkdir(parents=True, exist_ok=True)
     save_config(pipe.cfg, out, "pipeline.yaml")
     pipe.prepare_data()
@@ -51,7 +56,7 @@ def run_grid(cfg: AblationConfig, config_dir: Path) -> Path:
                 print(f"[ablate] {name} seed {seed}: done before, skipped")
                 continue
             s2 = [*pipe.cfg.stage2.overrides, *row.stage2, f"seed={seed}"]
-            pipe.train_stage2(f"{run}/stage2", s1_run, s2)
+            pipe.train_stage2(f"{run}/stage2", s1_run, s2, s2_configs[name])
             pipe.generate_and_evaluate(f"{run}/stage2", f"{run}/")
     return write_table(cfg, out)
 

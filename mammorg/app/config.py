@@ -86,6 +86,7 @@ class AblationRow:
     stage1: list[str] = field(default_factory=list)  # overrides on top of the pipeline's
     stage2: list[str] = field(default_factory=list)
     versus: str | None = None  # the row this one is tested against (default: the baseline)
+    stage2_config: str | None = None  # this row's stage-2 config (name or path; default: the pipeline's)
 
 
 @dataclass

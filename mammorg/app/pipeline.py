@@ -143,9 +143,10 @@ class Pipeline:
                 self.cfg.stage1.oof_folds,
             )
 
-    def train_stage2(self, run: str, stage1_run: str, overrides: list[str]) -> None:
+    def train_stage2(self, run: str, stage1_run: str, overrides: list[str], config: str | None = None) -> None:
+        """Stage-2 training with the pipeline's stage-2 config, or ``config`` (a name or a path) instead."""
         cfg = self.stage_config(
-            self.cfg.stage2.config,
+            config or self.cfg.stage2.config,
             Stage2Config,
             [
                 f"data.manifest={self.cache_manifest}",
