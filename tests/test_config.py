@@ -6,6 +6,7 @@ from typing import ClassVar
 
 import pytest
 
+from mammorg.app.ablate import row_stage2_configs
 from mammorg.app.config import AblationConfig, PipelineConfig
 from mammorg.config import copy_config, list_configs, load_config, migrate, resolve_config, save_config
 from mammorg.io import MammorgError
@@ -87,11 +88,10 @@ def _check_ablation_rows(cfg: AblationConfig, where: Path) -> None:
     """Every row's stage-2 config, with the pipeline's and the row's overrides, loads strictly."""
     pipe_path = resolve_config(cfg.pipeline, relative_to=where)
     pipe = load_config(pipe_path, PipelineConfig)
-    for row in cfg.grid.values():
-        ref = resolve_config(row.stage2_config, relative_to=where) if row.stage2_config else pipe.stage2.config
-        load_config(
-            resolve_config(ref, relative_to=pipe_path.parent), Stage2Config, [*pipe.stage2.overrides, *row.stage2]
-        )
+    for name, own in row_stage2_configs(cfg, where).items():
+        ref = own or pipe.stage2.config
+        overrides = [*pipe.stage2.overrides, *cfg.grid[name].stage2]
+        load_config(resolve_config(ref, relative_to=pipe_path.parent), Stage2Config, overrides)
 
 
 def test_every_shipped_config_loads_and_names_resolve(tmp_path):

@@ -35,14 +35,19 @@ def _stage1_key(overrides: list[str]) -> str:
     return "stage1-" + hashlib.sha1(json.dumps(sorted(overrides)).encode()).hexdigest()[:8]
 
 
+def row_stage2_configs(cfg: AblationConfig, config_dir: Path) -> dict[str, str | None]:
+    """Each row's own stage-2 config file (``None``: the pipeline's), resolved as ``run_grid`` uses it."""
+    return {
+        name: str(resolve_config(row.stage2_config, relative_to=config_dir).resolve()) if row.stage2_config else None
+        for name, row in cfg.grid.items()
+    }
+
+
 def run_grid(cfg: AblationConfig, config_dir: Path) -> Path:
     out = Path(cfg.out)
     pipe_path = resolve_config(cfg.pipeline, relative_to=config_dir).resolve()
     pipe = Pipeline(load_config(pipe_path, PipelineConfig), pipe_path.parent, out)
-    s2_configs = {  # checked before any work starts
-        name: str(resolve_config(row.stage2_config, relative_to=config_dir).resolve()) if row.stage2_config else None
-        for name, row in cfg.grid.items()
-    }
+    s2_configs = row_stage2_configs(cfg, config_dir)  # checked before any work starts
     out.mkdir(parents=True, exist_ok=True)
     save_config(pipe.cfg, out, "pipeline.yaml")
     pipe.prepare_data()
