@@ -6,8 +6,9 @@ from typing import ClassVar
 
 import pytest
 
-from mammorg.app.ablate import row_stage2_configs
+from mammorg.app.ablate import row_plans
 from mammorg.app.config import AblationConfig, PipelineConfig
+from mammorg.app.pipeline import Pipeline
 from mammorg.config import copy_config, list_configs, load_config, migrate, resolve_config, save_config
 from mammorg.io import MammorgError
 from stage1_classification.config import Stage1Config
@@ -84,14 +85,10 @@ def test_migrate_renames_and_drops_keys_of_older_runs(tmp_path):
     assert "legacy" not in raw.train
 
 
-def _check_ablation_rows(cfg: AblationConfig, where: Path) -> None:
-    """Every row's stage-2 config, with the pipeline's and the row's overrides, loads strictly."""
-    pipe_path = resolve_config(cfg.pipeline, relative_to=where)
-    pipe = load_config(pipe_path, PipelineConfig)
-    for name, own in row_stage2_configs(cfg, where).items():
-        ref = own or pipe.stage2.config
-        overrides = [*pipe.stage2.overrides, *cfg.grid[name].stage2]
-        load_config(resolve_config(ref, relative_to=pipe_path.parent), Stage2Config, overrides)
+def _check_ablation_rows(cfg: AblationConfig, where: Path, out: Path) -> None:
+    """Every row's stage-1 and stage-2 configs, with the pipeline's and the row's overrides, load strictly."""
+    pipe_path = resolve_config(cfg.pipeline, relative_to=where).resolve()
+    row_plans(cfg, Pipeline(load_config(pipe_path, PipelineConfig), pipe_path.parent, out), where)
 
 
 def test_every_shipped_config_loads_and_names_resolve(tmp_path):
@@ -110,7 +107,7 @@ def test_every_shipped_config_loads_and_names_resolve(tmp_path):
         schema = PretrainConfig if name == "stage2/pretrain" else schemas[family]
         cfg = load_config(name, schema)
         if family == "ablations":
-            _check_ablation_rows(cfg, resolve_config(name).parent)
+            _check_ablation_rows(cfg, resolve_config(name).parent, tmp_path / "ablation")
         text = resolve_config(name).read_text()
         assert text.startswith("# Launch: mammorg "), name  # every config says how it runs
     assert resolve_config("deepspeed/zero2").name == "zero2.json"

@@ -134,6 +134,12 @@ def test_ablation_row_with_its_own_stage2_config(tmp_path, capsys):
     assert cli(["ablate", "--config", str(path), f"out={tmp_path / 'second'}"]) == 2
     assert "stage2/nowhere: config file not found" in capsys.readouterr().err
     assert not (tmp_path / "second").exists()  # refused before any work
+    cfg.grid.verbaliser.stage2_config = "stage2/verbaliser"
+    cfg.grid.verbaliser.stage2 = ["train.epoch=1"]  # misspelt: refused before any data or training
+    OmegaConf.save(cfg, path)
+    assert cli(["ablate", "--config", str(path), f"out={tmp_path / 'third'}"]) == 2
+    assert "ablation row 'verbaliser': unknown config key 'train.epoch'" in capsys.readouterr().err
+    assert not (tmp_path / "third").exists()
 
 
 def _ablation_with_versus(tmp_path: Path, versus: str) -> Path:

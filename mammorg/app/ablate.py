@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,7 @@ from evaluation.evaluate import paired_scores
 from mammorg.app.config import AblationConfig, PipelineConfig
 from mammorg.app.pipeline import Pipeline, parsed_references, stage1_as_report_metrics, stage1_reports
 from mammorg.config import load_config, resolve_config, save_config
-from mammorg.io import atomic_path, read_jsonl, write_text_atomic
+from mammorg.io import MammorgError, atomic_path, read_jsonl, write_text_atomic
 from mammorg.plotting import pyplot, save_figure
 from mammorg.schema import StructuredReport
 from stage2_sft.reporter import GeneratedReport
@@ -43,26 +44,62 @@ def row_stage2_configs(cfg: AblationConfig, config_dir: Path) -> dict[str, str |
     }
 
 
+@dataclass(frozen=True)
+class RowPlan:
+    """What one grid row trains: its stage-1 run (shared by rows with the same stage-1
+    overrides), its stage-2 overrides before the seed, and its own stage-2 config (or ``None``)."""
+
+    stage1_run: str
+    stage1: list[str]
+    stage2: list[str]
+    stage2_config: str | None
+
+
+def row_plans(cfg: AblationConfig, pipe: Pipeline, config_dir: Path) -> dict[str, RowPlan]:
+    """Every row's plan, its stage-1 and stage-2 configs loaded strictly with its overrides (first
+    seed), so that a wrong config name, key or value is a one-line error naming the row before
+    any data is written or any model trained."""
+    s2_configs = row_stage2_configs(cfg, config_dir)
+    plans = {}
+    for name, row in cfg.grid.items():
+        s1 = [*pipe.cfg.stage1.overrides, *row.stage1]
+        plan = RowPlan(_stage1_key(s1), s1, [*pipe.cfg.stage2.overrides, *row.stage2], s2_configs[name])
+        try:
+            pipe.stage1_config(plan.stage1_run, plan.stage1)
+            pipe.stage2_config(
+                _run(name, cfg.seeds[0]) + "stage2", plan.stage1_run, _seeded(plan, cfg.seeds[0]), plan.stage2_config
+            )
+        except MammorgError as exc:
+            raise MammorgError(f"ablation row {name!r}: {exc}") from exc
+        plans[name] = plan
+    return plans
+
+
+def _run(name: str, seed: int) -> str:
+    return f"runs/{name}/seed{seed}/"
+
+
+def _seeded(plan: RowPlan, seed: int) -> list[str]:
+    return [*plan.stage2, f"seed={seed}"]
+
+
 def run_grid(cfg: AblationConfig, config_dir: Path) -> Path:
     out = Path(cfg.out)
     pipe_path = resolve_config(cfg.pipeline, relative_to=config_dir).resolve()
     pipe = Pipeline(load_config(pipe_path, PipelineConfig), pipe_path.parent, out)
-    s2_configs = row_stage2_configs(cfg, config_dir)  # checked before any work starts
+    plans = row_plans(cfg, pipe, config_dir)  # checked before any work starts
     out.mkdir(parents=True, exist_ok=True)
     save_config(pipe.cfg, out, "pipeline.yaml")
     pipe.prepare_data()
-    for name, row in cfg.grid.items():
-        s1 = [*pipe.cfg.stage1.overrides, *row.stage1]
-        s1_run = _stage1_key(s1)
-        pipe.train_stage1(s1_run, s1)
+    for name, plan in plans.items():
+        pipe.train_stage1(plan.stage1_run, plan.stage1)
         for seed in cfg.seeds:
-            run = f"runs/{name}/seed{seed}"
+            run = _run(name, seed)
             if (out / run / "evaluation" / "metrics.json").exists():
                 print(f"[ablate] {name} seed {seed}: done before, skipped")
                 continue
-            s2 = [*pipe.cfg.stage2.overrides, *row.stage2, f"seed={seed}"]
-            pipe.train_stage2(f"{run}/stage2", s1_run, s2, s2_configs[name])
-            pipe.generate_and_evaluate(f"{run}/stage2", f"{run}/")
+            pipe.train_stage2(run + "stage2", plan.stage1_run, _seeded(plan, seed), plan.stage2_config)
+            pipe.generate_and_evaluate(run + "stage2", run)
     return write_table(cfg, out)
 
 

@@ -104,6 +104,8 @@ class AblationConfig:
     def __post_init__(self) -> None:
         if not self.grid:
             raise ValueError("the grid is empty")
+        if not self.seeds:
+            raise ValueError("seeds is empty")
         for name in (self.baseline, *(row.versus for row in self.grid.values() if row.versus)):
             if name not in self.grid:
                 raise ValueError(f"baseline '{name}' is not a row of the grid")

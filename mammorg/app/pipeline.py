@@ -123,14 +123,32 @@ class Pipeline:
     def stage_config(self, ref: str, schema: type[T], overrides: list[str]) -> T:
         return load_config(resolve_config(ref, relative_to=self.config_dir), schema, overrides)
 
-    def train_stage1(self, run: str, overrides: list[str]) -> None:
-        """Stage-1 training, then predictions (out-of-fold on the training split) with features."""
-        cfg = self.stage_config(
+    def stage1_config(self, run: str, overrides: list[str]) -> Stage1Config:
+        """The stage-1 config of run folder ``run`` (loaded strictly: a wrong key is an error)."""
+        return self.stage_config(
             self.cfg.stage1.config,
             Stage1Config,
             [f"data.cache_manifest={self.cache_manifest}", f"run_dir={self.path(run)}", *overrides],
         )
-        self.step("stage-1 train", train_stage1_run, cfg)
+
+    def stage2_config(self, run: str, stage1_run: str, overrides: list[str], config: str | None = None) -> Stage2Config:
+        """The stage-2 config of run folder ``run`` on ``stage1_run``'s predictions, from the
+        pipeline's stage-2 config or ``config`` (a name or a path) instead."""
+        return self.stage_config(
+            config or self.cfg.stage2.config,
+            Stage2Config,
+            [
+                f"data.manifest={self.cache_manifest}",
+                f"run_dir={self.path(run)}",
+                f"data.predictions={self.path(stage1_run + '/predictions.jsonl')}",
+                f"data.stage1_run={self.path(stage1_run)}",
+                *overrides,
+            ],
+        )
+
+    def train_stage1(self, run: str, overrides: list[str]) -> None:
+        """Stage-1 training, then predictions (out-of-fold on the training split) with features."""
+        self.step("stage-1 train", train_stage1_run, self.stage1_config(run, overrides))
         predictions = self.path(f"{run}/predictions.jsonl")
         if not predictions.exists() or oof_folds(predictions) != self.cfg.stage1.oof_folds:
             self.step(
@@ -145,18 +163,7 @@ class Pipeline:
 
     def train_stage2(self, run: str, stage1_run: str, overrides: list[str], config: str | None = None) -> None:
         """Stage-2 training with the pipeline's stage-2 config, or ``config`` (a name or a path) instead."""
-        cfg = self.stage_config(
-            config or self.cfg.stage2.config,
-            Stage2Config,
-            [
-                f"data.manifest={self.cache_manifest}",
-                f"run_dir={self.path(run)}",
-                f"data.predictions={self.path(stage1_run + '/predictions.jsonl')}",
-                f"data.stage1_run={self.path(stage1_run)}",
-                *overrides,
-            ],
-        )
-        self.step("stage-2 train", train_stage2_run, cfg)
+        self.step("stage-2 train", train_stage2_run, self.stage2_config(run, stage1_run, overrides, config))
 
     def generate_and_evaluate(self, run: str, prefix: str) -> None:
         """``{prefix}generated.jsonl`` on the test split and ``{prefix}evaluation/``."""
