@@ -36,38 +36,32 @@ def _stage1_key(overrides: list[str]) -> str:
     return "stage1-" + hashlib.sha1(json.dumps(sorted(overrides)).encode()).hexdigest()[:8]
 
 
-def row_stage2_configs(cfg: AblationConfig, config_dir: Path) -> dict[str, str | None]:
-    """Each row's own stage-2 config file (``None``: the pipeline's), resolved as ``run_grid`` uses it."""
-    return {
-        name: str(resolve_config(row.stage2_config, relative_to=config_dir).resolve()) if row.stage2_config else None
-        for name, row in cfg.grid.items()
-    }
-
-
 @dataclass(frozen=True)
 class RowPlan:
     """What one grid row trains: its stage-1 run (shared by rows with the same stage-1
-    overrides), its stage-2 overrides before the seed, and its own stage-2 config (or ``None``)."""
+    overrides), its stage-2 overrides before the seed, and its own stage-2 config file (or
+    ``None``: the pipeline's)."""
 
     stage1_run: str
     stage1: list[str]
     stage2: list[str]
-    stage2_config: str | None
+    stage2_file: str | None
 
 
 def row_plans(cfg: AblationConfig, pipe: Pipeline, config_dir: Path) -> dict[str, RowPlan]:
     """Every row's plan, its stage-1 and stage-2 configs loaded strictly with its overrides (first
     seed), so that a wrong config name, key or value is a one-line error naming the row before
-    any data is written or any model trained."""
-    s2_configs = row_stage2_configs(cfg, config_dir)
+    any data is written or any model trained. A row's ``stage2_config`` is a name or a path
+    relative to the ablation's file (``config_dir``)."""
     plans = {}
     for name, row in cfg.grid.items():
         s1 = [*pipe.cfg.stage1.overrides, *row.stage1]
-        plan = RowPlan(_stage1_key(s1), s1, [*pipe.cfg.stage2.overrides, *row.stage2], s2_configs[name])
+        own = str(resolve_config(row.stage2_config, relative_to=config_dir).resolve()) if row.stage2_config else None
+        plan = RowPlan(_stage1_key(s1), s1, [*pipe.cfg.stage2.overrides, *row.stage2], own)
         try:
             pipe.stage1_config(plan.stage1_run, plan.stage1)
             pipe.stage2_config(
-                _run(name, cfg.seeds[0]) + "stage2", plan.stage1_run, _seeded(plan, cfg.seeds[0]), plan.stage2_config
+                _run(name, cfg.seeds[0]) + "stage2", plan.stage1_run, _seeded(plan, cfg.seeds[0]), plan.stage2_file
             )
         except MammorgError as exc:
             raise MammorgError(f"ablation row {name!r}: {exc}") from exc
@@ -98,7 +92,7 @@ def run_grid(cfg: AblationConfig, config_dir: Path) -> Path:
             if (out / run / "evaluation" / "metrics.json").exists():
                 print(f"[ablate] {name} seed {seed}: done before, skipped")
                 continue
-            pipe.train_stage2(run + "stage2", plan.stage1_run, _seeded(plan, seed), plan.stage2_config)
+            pipe.train_stage2(run + "stage2", plan.stage1_run, _seeded(plan, seed), plan.stage2_file)
             pipe.generate_and_evaluate(run + "stage2", run)
     return write_table(cfg, out)
 
