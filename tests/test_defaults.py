@@ -713,6 +713,54 @@ def test_a_finding_sentence_states_where_stage1_located_it(local_decoder, tmp_pa
     assert (free(torch.tensor([ids] * 2), scores).argmax(1) == vocab["upper outer quadrant"]).all()
 
 
+def test_a_finding_left_over_follows_its_article(local_decoder, tmp_path):
+    """After the article a finding left over opens with, its term follows, not a mass's size
+    when the mass was named already; numbers are written in the digits 0-9. Traced on Gemma 3
+    270M's reports of the knowledge benchmark: "A" opened for an asymmetry, the decoder went on
+    with " 20 mm ..." and named the mass again until the token limit; "at  \u09e7 o'clock", stage
+    1's 1 o'clock written with a Bengali one."""
+    from mammorg.labels import FINDINGS
+    from stage2_sft.assembly import lexicon_of
+    from stage2_sft.config import TerminologySettings
+    from stage2_sft.stated_findings import FindingTokens, StatedFindings
+
+    tok = _tokenizer(local_decoder, tmp_path)
+    tok.add_tokens(["FINDINGS", "IMPRESSION"])  # as a tokenizer trained on more reports has them
+    tok.add_tokens(["\u09e7", " \u09e7"])  # Bengali one: str.isdigit() and int() take it
+    tokens = FindingTokens.of(tok, lexicon_of(TerminologySettings()))
+    vocab = tok.get_vocab()
+    for piece in ("\u09e7", " \u09e7"):
+        i = tok.convert_tokens_to_ids(piece)
+        assert int(tokens.place_of[1][i]) == -1 and not tokens.digit_starts[i] and not tokens.digit_ends[i]
+        assert i not in torch.cat(tokens.numbers).tolist()
+    one = tok(" 1", add_special_tokens=False)["input_ids"]
+    assert len(one) == 1 and int(tokens.place_of[1][one[0]]) == 1
+
+    mass, asymmetry = FINDINGS.index("mass"), FINDINGS.index("asymmetry")
+    decided = torch.zeros(1, 2, 7, dtype=torch.bool)
+    decided[0, 1, [mass, asymmetry]] = True  # the right breast's
+    number = tokens.numbers[0][:1].tolist()  # a size after a word boundary (" 2")
+    assert number
+
+    def next_token(text: str, extra: tuple[int, ...] = ()) -> int:
+        ids = tok(text, add_special_tokens=False)["input_ids"] + list(extra)
+        scores = torch.zeros(1, len(tok))
+        scores[0, number[0]] = 5.0
+        return int(StatedFindings(tokens, decided)(torch.tensor([ids]), scores)[0].argmax())
+
+    # the atomic term after a lone word boundary (traced: "Afocal asymmetry" without it)
+    boundary = vocab["Ġ"]
+    named = "Right Breast: There is a 12 mm oval mass with circumscribed margins. A"
+    assert next_token(named) == boundary
+    assert int(tokens.finding_of[next_token(named, (boundary,))]) == asymmetry
+    assert next_token("Right Breast: There is a 12 mm oval mass with circumscribed margins. There is a") == number[0]
+    # the mass not named yet: "A 20 mm ..." may open it
+    assert next_token("Right Breast: A focal asymmetry is seen. A") == number[0]
+    # in a findings section of one line per finding too
+    section = "FINDINGS:\nA 12 mm oval mass in the right breast.\nNo mass in the left breast.\nA"
+    assert int(tokens.finding_of[next_token(section, (boundary,))]) == asymmetry
+
+
 def test_stated_findings_needs_knowledge_and_atomic_terms():
     with pytest.raises(MammorgError, match="generate.findings=stage1 states stage 1's decisions"):
         load_config("stage2/tiny", Stage2Config, ["knowledge.mode=none", "generate.assessment=plan"])
