@@ -759,6 +759,20 @@ def test_a_finding_left_over_follows_its_article(local_decoder, tmp_path):
     # in a findings section of one line per finding too
     section = "FINDINGS:\nA 12 mm oval mass in the right breast.\nNo mass in the left breast.\nA"
     assert int(tokens.finding_of[next_token(section, (boundary,))]) == asymmetry
+    # a sentence that opens with the article no finding left takes gets the other one (traced on
+    # the tiny decoder: "A 8 mm oval ... mass" twice more where a lymph node was left)
+    decided[0, 1, asymmetry] = False
+    decided[0, 1, FINDINGS.index("lymph_node")] = True
+    tok.add_tokens([" A", " An"])  # one token each, as in the benchmark's tokenizers (tiny and Gemma)
+    tokens = FindingTokens.of(tok, lexicon_of(TerminologySettings()))
+    a, an = int(tokens.articles[0, 0]), int(tokens.articles[1, 0])  # " A", " An" right after a sentence's end
+    assert min(a, an) >= 0
+    ids = tok("Right Breast: There is a 12 mm oval mass.", add_special_tokens=False)["input_ids"]
+    scores = torch.zeros(1, len(tok))
+    scores[0, a] = 5.0
+    assert int(StatedFindings(tokens, decided)(torch.tensor([ids]), scores.clone())[0].argmax()) == an
+    ids = tok("Right Breast: There is an intramammary lymph node.", add_special_tokens=False)["input_ids"]
+    assert int(StatedFindings(tokens, decided)(torch.tensor([ids]), scores.clone())[0].argmax()) == a  # mass left
 
 
 def test_stated_findings_needs_knowledge_and_atomic_terms():
