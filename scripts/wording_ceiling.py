@@ -18,7 +18,7 @@ Two knowledge levels: ``truth`` (every lesion detail known; only the wording is 
 ``knowledge`` (also size, nipple distance and mass density redrawn: what gold knowledge tokens
 carry). Prints one JSON object.
 
-Usage: python scripts/wording_ceiling.py [--exams 900 --seed 0 --test-fraction 0.25 --draws 24]
+Usage: python scripts/wording_ceiling.py [--exams 900 --seed 0 --test-fraction 0.25 --draws 24 --styles S,S]
 (the defaults are ``pipeline/benchmark_cpu``'s synthetic set: 231 test exams).
 """
 
@@ -38,7 +38,7 @@ from mammorg.synth.reports import write_report
 from mammorg.synth.writer import SynthSettings, _exam_ids
 
 SCORES = ("bleu_4", "rouge_l", "cider")
-STYLES = ("us_screening", "per_breast")  # pipeline/demo.yaml's synth.styles
+STYLES = "us_screening,per_breast"  # pipeline/demo.yaml's synth.styles
 SIZE_RANGES = {  # findings.py: size_mm = rng.integers(lo, hi) per lesion type
     "mass": (6, 28),
     "calcification": (5, 20),
@@ -79,12 +79,12 @@ def unknown_details(truth: dict, rng: np.random.Generator) -> dict:
     return out
 
 
-def alternatives(index: int, truth: dict, level: str, draws: int, seed: int) -> list[str]:
+def alternatives(index: int, truth: dict, level: str, draws: int, seed: int, styles: tuple[str, ...]) -> list[str]:
     rng = np.random.default_rng([seed, index, 7919])
     out = []
     for _ in range(draws):
         t = unknown_details(truth, rng) if level == "knowledge" else truth
-        out.append(write_report(t, str(rng.choice(STYLES)), rng))
+        out.append(write_report(t, str(rng.choice(styles)), rng))
     return out
 
 
@@ -101,15 +101,17 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--test-fraction", type=float, default=0.25)
     ap.add_argument("--draws", type=int, default=24)
+    ap.add_argument("--styles", default=STYLES, help="comma-separated report styles (as mammorg synth --styles)")
     args = ap.parse_args()
     start = time.perf_counter()
-    settings = SynthSettings(exams=args.exams, seed=args.seed, styles=STYLES, test_fraction=args.test_fraction)
+    styles = tuple(args.styles.split(","))
+    settings = SynthSettings(exams=args.exams, seed=args.seed, styles=styles, test_fraction=args.test_fraction)
     exams = test_exams(settings)
     refs = [r for _, _, r in exams]
     rouge = Rouge()
     result: dict = {"test_exams": len(exams), "draws": args.draws}
     for level in ("truth", "knowledge"):
-        alts = [alternatives(i, t, level, args.draws, args.seed) for i, t, _ in exams]
+        alts = [alternatives(i, t, level, args.draws, args.seed, styles) for i, t, _ in exams]
         draws = [nlg_metrics([a[k] for a in alts], refs, meteor=False) for k in range(args.draws)]
         result[f"{level}/random_draw"] = {m: round(float(np.mean([d[m] for d in draws])), 4) for m in SCORES}
         mbr = nlg_metrics([mbr_pick(a, rouge) for a in alts], refs, meteor=False)

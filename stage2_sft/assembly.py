@@ -259,7 +259,7 @@ def make_builder(cfg: Stage2Config, tok: PreTrainedTokenizerBase) -> PromptBuild
     """The prompt/report tokeniser of a stage-2 config (training, generation and bundles alike)."""
     if cfg.visual.tokens_per_view is None:
         raise MammorgError("visual.tokens_per_view is unset (read from the stage-1 features at training)")
-    normalizer = Normalizer(lexicon_of(cfg.terminology)) if cfg.terminology.normalize else None
+    normalizer = Normalizer.for_reports(lexicon_of(cfg.terminology)) if cfg.terminology.normalize else None
     return PromptBuilder(
         tok,
         cfg.visual.tokens_per_view,

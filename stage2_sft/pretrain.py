@@ -72,7 +72,7 @@ class PretrainRecipe(EpochRecipe):
         lexicon = load_lexicon(cfg.lexicon) if cfg.lexicon else load_lexicon()
         texts = report_texts(cfg.data.manifest, cfg.data.split)
         self.tok = train_bpe_tokenizer(texts, lexicon, self.run_dir, cfg.vocab_size)
-        self.seqs = encode(self.tok, texts, Normalizer(lexicon), cfg.max_tokens)
+        self.seqs = encode(self.tok, texts, Normalizer.for_reports(lexicon), cfg.max_tokens)
         self.model = LlamaForCausalLM(
             LlamaConfig(
                 vocab_size=len(self.tok),

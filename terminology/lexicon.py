@@ -19,6 +19,7 @@ class Term:
     category: str
     variants: tuple[str, ...] = ()
     label: dict = field(default_factory=dict, hash=False, compare=False)
+    forms: tuple[str, ...] = ()  # the term in its other grammatical number ("masses" for "mass")
 
 
 @dataclass(frozen=True)
@@ -29,13 +30,20 @@ class Lexicon:
     def canonical_terms(self) -> list[str]:
         return [t.term for t in self.terms]
 
-    def surface_map(self) -> dict[str, str]:
-        """Lower-cased variant or canonical form → canonical form."""
+    def atomic_terms(self) -> list[str]:
+        """Every term a tokenizer keeps whole: the canonical terms and their other forms."""
+        return [s for t in self.terms for s in (t.term, *t.forms)]
+
+    def surface_map(self, keep_forms: bool = False) -> dict[str, str]:
+        """Lower-cased variant, form or canonical term → canonical term; with ``keep_forms`` a
+        form maps to itself as the lexicon spells it ("masses" stays plural)."""
         out = {}
         for t in self.terms:
             out[t.term.lower()] = t.term
             for v in t.variants:
                 out[v.lower()] = t.term
+            for f in t.forms:
+                out[f.lower()] = f if keep_forms else t.term
         return out
 
 
@@ -49,10 +57,11 @@ def validate(raw: dict, source: Path) -> Lexicon:
             category=str(item["category"]),
             variants=tuple(str(v) for v in item.get("variants") or ()),
             label=dict(item.get("label") or {}),
+            forms=tuple(str(f) for f in item.get("forms") or ()),
         )
         if t.category not in categories:
             raise MammorgError(f"{source}: term {t.term!r} has unknown category {t.category!r}")
-        for surface in (t.term, *t.variants):
+        for surface in (t.term, *t.variants, *t.forms):
             key = surface.lower()
             if key in seen and seen[key] != t.term:
                 raise MammorgError(f"{source}: {surface!r} is a variant of both {seen[key]!r} and {t.term!r}")

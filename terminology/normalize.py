@@ -126,16 +126,21 @@ def _surface_pattern(surface: str) -> str:
 @dataclass
 class Normalizer:
     """Rewrites variants to canonical lexicon terms and BI-RADS notations to ``BI-RADS 4B``;
-    joins terms split by line breaks and splits words glued together."""
+    joins terms split by line breaks and splits words glued together.
+
+    ``keep_forms``: a term's other grammatical number stays as written ("small masses", "no
+    suspicious calcification"): the text a decoder learns (``Normalizer.for_reports``). Without
+    it (the parser) every form becomes its canonical term."""
 
     lexicon: Lexicon
     birads: bool = True
+    keep_forms: bool = False
     _map: dict[str, str] = field(init=False, repr=False)
     _pattern: re.Pattern = field(init=False, repr=False)
     _words: frozenset[str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self._map = {" ".join(k.split()): v for k, v in self.lexicon.surface_map().items()}
+        self._map = {" ".join(k.split()): v for k, v in self.lexicon.surface_map(self.keep_forms).items()}
         alternation = "|".join(_surface_pattern(s) for s in sorted(self._map, key=len, reverse=True))
         self._pattern = re.compile(rf"(?<![\w-])(?:{alternation})(?![\w-])", re.IGNORECASE)
         words = {w.lower() for s in self._map for w in re.findall(r"[a-z]+", s, re.IGNORECASE)}
@@ -144,6 +149,11 @@ class Normalizer:
     @classmethod
     def default(cls) -> Normalizer:
         return cls(load_lexicon(DEFAULT_LEXICON))
+
+    @classmethod
+    def for_reports(cls, lexicon: Lexicon) -> Normalizer:
+        """The normaliser of the report text a decoder learns: terms canonical, forms kept."""
+        return cls(lexicon, keep_forms=True)
 
     def _birads(self, m: re.Match) -> str:
         cats = [canonical_birads(m.group("cat"))]

@@ -31,7 +31,7 @@ def extend_tokenizer(
     pieces, and no lone space piece precedes it) and ``"term"`` (at the start of a line)."""
     pieces = {}
     vocab = tokenizer.get_vocab()
-    for term in lexicon.canonical_terms():
+    for term in lexicon.atomic_terms():
         for token in (" " + term, term):
             token_ids = tokenizer(token, add_special_tokens=False)["input_ids"]
             if token in vocab or (only_multi_piece and len(token_ids) == 1):
@@ -74,7 +74,7 @@ def train_bpe_tokenizer(
 ) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE on normalised reports; lexicon terms are atomic added tokens
     (unless ``atomic_terms`` is false: the ablation without terminology tokens)."""
-    normalizer = normalizer or Normalizer(lexicon)
+    normalizer = normalizer or Normalizer.for_reports(lexicon)
     corpus = [normalizer(t) for t in texts]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -88,7 +88,7 @@ def train_bpe_tokenizer(
     tok.train_from_iterator(corpus, trainer=trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, clean_up_tokenization_spaces=False, **SPECIAL_TOKENS)
     if atomic_terms:
-        fast.add_tokens([_atomic(t) for t in lexicon.canonical_terms()])
+        fast.add_tokens([_atomic(t) for t in lexicon.atomic_terms()])
     fast.save_pretrained(str(out_dir))
     return fast
 
@@ -97,7 +97,7 @@ def term_token_ids(tokenizer: PreTrainedTokenizerBase, lexicon: Lexicon) -> list
     """Ids of lexicon terms that are single tokens in ``tokenizer`` (with and without their
     leading space)."""
     vocab = tokenizer.get_vocab()
-    return sorted(vocab[t] for term in lexicon.canonical_terms() for t in (term, " " + term) if t in vocab)
+    return sorted(vocab[t] for term in lexicon.atomic_terms() for t in (term, " " + term) if t in vocab)
 
 
 def term_loss_weights(vocab_size: int, term_ids: Sequence[int], weight: float) -> torch.Tensor:
@@ -137,7 +137,7 @@ def coverage_report(
     vocab = tokenizer.get_vocab()
     occurrences = atomic = 0
     for text in norm:
-        for term in lexicon.canonical_terms():
+        for term in lexicon.atomic_terms():
             n = text.count(term)
             occurrences += n
             atomic += n if term in vocab else 0

@@ -59,6 +59,9 @@ def test_lexicon_validation_rejects_duplicates(tmp_path):
     }
     with pytest.raises(MammorgError, match="variant of both"):
         validate(raw, tmp_path / "l.yaml")
+    raw["terms"][1] = {"term": "z", "category": "a", "forms": ["X"]}
+    with pytest.raises(MammorgError, match="variant of both"):
+        validate(raw, tmp_path / "l.yaml")
     with pytest.raises(MammorgError, match="unknown category"):
         validate({"categories": ["a"], "terms": [{"term": "x", "category": "b"}]}, tmp_path)
     assert len(load_lexicon().terms) > 60
@@ -70,8 +73,22 @@ def test_normaliser_maps_variants():
     assert n("Ill-defined soft opacity with microcalcifications") == "indistinct mass with calcifications"
 
 
+def test_report_text_keeps_a_terms_number():
+    """The text a decoder learns keeps "masses" plural (the normaliser once wrote "which may
+    obscure small mass"); the parser's normaliser reads every form as its term."""
+    text = "Dense breasts may obscure small masses. No suspicious calcification. Axillary lymph nodes."
+    kept = Normalizer.for_reports(load_lexicon())(text)
+    assert kept == "Dense breasts may obscure small masses. No suspicious calcification. axillary lymph nodes."
+    assert Normalizer.default()(text) == (
+        "Dense breasts may obscure small mass. No suspicious calcifications. axillary lymph node."
+    )
+    assert Normalizer.for_reports(load_lexicon())("soft opacity, microcalcifications") == "mass, calcifications"
+    forms = [f for t in load_lexicon().terms for f in t.forms]
+    assert "masses" in forms and set(forms) <= set(load_lexicon().atomic_terms())
+
+
 def test_every_term_is_one_token_in_trained_bpe(bpe):
-    for term in load_lexicon().canonical_terms():
+    for term in load_lexicon().atomic_terms():
         ids = bpe(term, add_special_tokens=False)["input_ids"]
         assert len(ids) == 1 and bpe.decode(ids) == term, term
 
