@@ -35,31 +35,16 @@ from pycocoevalcap.rouge.rouge import Rouge
 from evaluation.nlg import nlg_metrics, tokenize
 from mammorg.synth import findings
 from mammorg.synth.reports import write_report
-from mammorg.synth.writer import SynthSettings, _exam_ids
+from mammorg.synth.writer import SynthSettings, draw_exam
 
 SCORES = ("bleu_4", "rouge_l", "cider")
 STYLES = "us_screening,per_breast"  # pipeline/demo.yaml's synth.styles
-SIZE_RANGES = {  # findings.py: size_mm = rng.integers(lo, hi) per lesion type
-    "mass": (6, 28),
-    "calcification": (5, 20),
-    "asymmetry": (15, 35),
-    "architectural_distortion": (12, 25),
-}
 
 
 def test_exams(settings: SynthSettings) -> list[tuple[int, dict, str]]:
     """(index, truth, reference report) of every test exam, drawn as ``synthesise_exam`` draws them."""
-    out = []
-    for index in range(settings.exams):
-        rng = np.random.default_rng([settings.seed, index])
-        truth = findings.sample_exam(rng, settings.label_noise, settings.finding_rate)
-        _exam_ids(rng, index, settings.seed)
-        split = "test" if rng.random() < settings.test_fraction else "training"
-        style = str(rng.choice(settings.styles))
-        report = write_report(truth, style, rng)
-        if split == "test":
-            out.append((index, truth, report))
-    return out
+    exams = ((i, draw_exam(i, settings)[0]) for i in range(settings.exams))
+    return [(i, e["truth"], e["report"]) for i, e in exams if e["split"] == "test"]
 
 
 def unknown_details(truth: dict, rng: np.random.Generator) -> dict:
@@ -68,8 +53,8 @@ def unknown_details(truth: dict, rng: np.random.Generator) -> dict:
     for breast in out["breasts"].values():
         for lesion in breast["lesions"]:
             kind = lesion["type"]
-            if kind in SIZE_RANGES:
-                lesion["size_mm"] = int(rng.integers(*SIZE_RANGES[kind]))
+            if kind in findings.SIZE_MM:
+                lesion["size_mm"] = int(rng.integers(*findings.SIZE_MM[kind]))
             if kind == "lymph_node":
                 lesion["size_mm"] = int(rng.integers(14, 24) if lesion["enlarged"] else rng.integers(5, 10))
             if kind == "mass":

@@ -146,7 +146,7 @@ class FindingTokens:
             (spelt, FINDINGS.index(t.label["finding"]))
             for t in lexicon.terms
             if t.label.get("finding") in FINDINGS
-            for spelt in (t.term, *t.forms)
+            for spelt in t.spellings
         ]
         missing = [term for term, _ in terms if term not in vocab]
         if missing:
@@ -169,7 +169,7 @@ class FindingTokens:
         categories = words.where(lambda text: text.strip().startswith("BI-RADS "), lambda raw: "BI-RADS" in raw)
         associated = spell(tok, " There is associated")[-1:]  # the word whole in one piece, or nothing
         opener_of = _opener_of(finding_of, vocab)
-        canonical = {t.term for t in lexicon.terms}  # a sentence left to open names its finding by the term
+        canonical = set(lexicon.canonical_terms())  # a sentence left to open names its finding by the term
         line_terms = torch.tensor(sorted(vocab[term] for term, _ in terms if term in canonical))
         describes = _describes(
             words, size, lexicon, [i for i in associated if str(tok.decode([i])).strip() == "associated"]

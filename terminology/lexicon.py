@@ -21,6 +21,11 @@ class Term:
     label: dict = field(default_factory=dict, hash=False, compare=False)
     forms: tuple[str, ...] = ()  # the term in its other grammatical number ("masses" for "mass")
 
+    @property
+    def spellings(self) -> tuple[str, ...]:
+        """The term and its forms: the spellings a tokenizer keeps whole."""
+        return (self.term, *self.forms)
+
 
 @dataclass(frozen=True)
 class Lexicon:
@@ -32,7 +37,7 @@ class Lexicon:
 
     def atomic_terms(self) -> list[str]:
         """Every term a tokenizer keeps whole: the canonical terms and their other forms."""
-        return [s for t in self.terms for s in (t.term, *t.forms)]
+        return [s for t in self.terms for s in t.spellings]
 
     def surface_map(self, keep_forms: bool = False) -> dict[str, str]:
         """Lower-cased variant, form or canonical term → canonical term; with ``keep_forms`` a
@@ -61,7 +66,7 @@ def validate(raw: dict, source: Path) -> Lexicon:
         )
         if t.category not in categories:
             raise MammorgError(f"{source}: term {t.term!r} has unknown category {t.category!r}")
-        for surface in (t.term, *t.variants, *t.forms):
+        for surface in (*t.spellings, *t.variants):
             key = surface.lower()
             if key in seen and seen[key] != t.term:
                 raise MammorgError(f"{source}: {surface!r} is a variant of both {seen[key]!r} and {t.term!r}")

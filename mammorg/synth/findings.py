@@ -25,6 +25,12 @@ BENIGN_CALCS = ("coarse or popcorn-like", "round", "rim", "vascular", "large rod
 SUSPICIOUS_CALCS = ("amorphous", "coarse heterogeneous", "fine pleomorphic", "fine linear branching")
 SUSPICIOUS_DISTRIBUTIONS = ("grouped", "linear", "segmental", "regional")
 
+SIZE_MM = {  # size_mm = rng.integers(low, high) per lesion type (lymph nodes: by kind, in _lesion)
+    "mass": (6, 28),
+    "calcification": (5, 20),
+    "asymmetry": (15, 35),
+    "architectural_distortion": (12, 25),
+}
 _LESION_WEIGHTS = {
     "mass": 0.36,
     "calcification": 0.32,
@@ -58,7 +64,7 @@ def _mass(rng: np.random.Generator, malignant: bool) -> dict:
         "shape": shape,
         "margin": margin,
         "density": str(rng.choice(MASS_DENSITIES, p=(0.5, 0.4, 0.1))),
-        "size_mm": int(rng.integers(6, 28)),
+        "size_mm": int(rng.integers(*SIZE_MM["mass"])),
     }
 
 
@@ -72,7 +78,7 @@ def _calcification(rng: np.random.Generator, malignant: bool) -> dict:
         "type": "calcification",
         "morphology": morph,
         "distribution": dist,
-        "size_mm": int(rng.integers(5, 20)),
+        "size_mm": int(rng.integers(*SIZE_MM["calcification"])),
     }
 
 
@@ -83,9 +89,9 @@ def _lesion(rng: np.random.Generator, kind: str, side: str) -> dict:
     elif kind == "calcification":
         lesion = _calcification(rng, malignant)
     elif kind == "asymmetry":
-        lesion = {"type": "asymmetry", "kind": "focal asymmetry", "size_mm": int(rng.integers(15, 35))}
+        lesion = {"type": "asymmetry", "kind": "focal asymmetry", "size_mm": int(rng.integers(*SIZE_MM[kind]))}
     elif kind == "architectural_distortion":
-        lesion = {"type": "architectural_distortion", "size_mm": int(rng.integers(12, 25))}
+        lesion = {"type": "architectural_distortion", "size_mm": int(rng.integers(*SIZE_MM[kind]))}
     else:
         axillary = bool(rng.random() < 0.4)
         lesion = {

@@ -161,14 +161,22 @@ def _write_dicom(ds: Dataset, path: Path) -> None:
         ds.save_as(tmp, enforce_file_format=True)
 
 
-def synthesise_exam(index: int, settings: SynthSettings, root: Path) -> dict:
-    """Render, write and describe exam ``index``; deterministic in (seed, index)."""
+def draw_exam(index: int, settings: SynthSettings) -> tuple[dict, np.random.Generator]:
+    """Exam ``index`` before rendering (``ids``, ``truth``, ``split``, ``style``, ``report``) and
+    the generator its rendering goes on with; deterministic in (seed, index)."""
     rng = np.random.default_rng([settings.seed, index])
     truth = sample_exam(rng, settings.label_noise, settings.finding_rate)
     ids = _exam_ids(rng, index, settings.seed)
     split = "test" if rng.random() < settings.test_fraction else "training"
     style = str(rng.choice(settings.styles))
     report = write_report(truth, style, rng)
+    return {"ids": ids, "truth": truth, "split": split, "style": style, "report": report}, rng
+
+
+def synthesise_exam(index: int, settings: SynthSettings, root: Path) -> dict:
+    """Render, write and describe exam ``index``; deterministic in (seed, index)."""
+    exam, rng = draw_exam(index, settings)
+    truth, ids = exam["truth"], exam["ids"]
     images = {}
     for view in VIEWS:
         pixels, boxes = render_view_with_boxes(truth, view, settings.height, settings.width, rng, settings.difficulty)
@@ -181,7 +189,7 @@ def synthesise_exam(index: int, settings: SynthSettings, root: Path) -> dict:
         rel = Path("images") / ids["study_id"] / f"{image_id}.dicom"
         _write_dicom(dicom_dataset(pixels, view, view_ids, rng), root / rel)
         images[view] = {"image_id": image_id, "path": str(rel), "boxes": boxes}
-    return {"ids": ids, "truth": truth, "split": split, "style": style, "report": report, "images": images}
+    return {**exam, "images": images}
 
 
 def _breast_rows(exam: dict, settings: SynthSettings) -> tuple[list[list], list[list]]:
