@@ -28,7 +28,7 @@ from stage2_sft.config import DecoderSettings, LoraSettings, Stage2Config, Termi
 from stage2_sft.data import PromptBuilder
 from stage2_sft.importer import language_model_of
 from stage2_sft.knowledge import KnowledgeVocabulary
-from stage2_sft.model import ReportGenerator, SpecialIds, prompt_tokens, token_id
+from stage2_sft.model import ReportGenerator, SpecialIds, prompt_token_words, prompt_tokens, token_id
 from terminology.lexicon import Lexicon, load_lexicon
 from terminology.normalize import Normalizer
 from terminology.tokenizer import (
@@ -38,6 +38,7 @@ from terminology.tokenizer import (
     term_loss_weights,
     term_token_ids,
     train_bpe_tokenizer,
+    word_pieces,
 )
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -76,11 +77,16 @@ def load_pretrained(name_or_path: str, dtype: torch.dtype, attn_implementation: 
 def build_tokenizer(
     cfg: Stage2Config, train_texts: list[str], out_dir: Path
 ) -> tuple[PreTrainedTokenizerBase, dict[str, list[int]]]:
-    """The decoder's tokenizer with atomic lexicon terms (optional) and stage-2 special tokens."""
+    """The decoder's tokenizer with atomic lexicon terms (optional) and stage-2 special tokens.
+
+    For a pretrained decoder also the piece ids of each added token: of a term its own pieces, of
+    a prompt token those of the words it stands for (``prompt_token_words``); their mean starts
+    the token's embedding row."""
     lexicon = lexicon_of(cfg.terminology)
     pieces: dict[str, list[int]] = {}
     if cfg.decoder.name_or_path:
         tok = AutoTokenizer.from_pretrained(_local_pretrained(cfg.decoder.name_or_path), local_files_only=True)
+        prompt_pieces = {t: word_pieces(tok, " " + words) for t, words in prompt_token_words(lexicon).items()}
         if cfg.terminology.atomic_terms:
             pieces = extend_tokenizer(tok, lexicon)
     else:
@@ -92,6 +98,8 @@ def build_tokenizer(
             atomic_terms=cfg.terminology.atomic_terms,
         )
     tok.add_tokens(prompt_tokens(), special_tokens=True)
+    if cfg.decoder.name_or_path:
+        pieces |= prompt_pieces
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.save_pretrained(str(out_dir))
@@ -196,8 +204,7 @@ def verbal_table(tok: PreTrainedTokenizerBase, forms: dict[str, str]) -> tuple[t
     seqs: list[list[int]] = []
     for token, words in forms.items():
         row[token_id(tok, token)] = len(seqs)
-        ids = tok(" " + words, add_special_tokens=False)["input_ids"]  # as written mid-sentence
-        seqs.append([i for i in ids if str(tok.decode([i])).strip()])  # without bare-space pieces
+        seqs.append(word_pieces(tok, " " + words))  # as written mid-sentence
     pieces = torch.full((len(seqs), max(map(len, seqs))), -1, dtype=torch.long)
     for i, ids in enumerate(seqs):
         pieces[i, : len(ids)] = torch.tensor(ids)
@@ -207,11 +214,9 @@ def verbal_table(tok: PreTrainedTokenizerBase, forms: dict[str, str]) -> tuple[t
 def trained_term_ids(
     cfg: Stage2Config, tok: PreTrainedTokenizerBase, pieces: dict[str, list[int]]
 ) -> torch.Tensor | None:
-    """Ids of the term tokens added to a pretrained vocabulary, whose rows train (also under LoRA)."""
-    if (
-        not (cfg.decoder.name_or_path and cfg.terminology.atomic_terms and cfg.terminology.train_term_rows)
-        or not pieces
-    ):
+    """Ids of the tokens added to a pretrained vocabulary (lexicon terms, prompt and knowledge
+    tokens), whose rows train (also under LoRA: a frozen random row cannot say what it stands for)."""
+    if not (cfg.decoder.name_or_path and cfg.terminology.train_term_rows) or not pieces:
         return None
     return torch.tensor(sorted(token_id(tok, t) for t in pieces), dtype=torch.long)
 

@@ -78,7 +78,7 @@ class TerminologySettings:
     vocab_size: int = 800  # BPE size when the decoder is trained from scratch
     term_loss_weight: float = 1.0  # >1 weights lexicon-term tokens in the loss
     category_weight_power: float = 0.0  # >0: BI-RADS category terms weigh (mean count / count)^p
-    train_term_rows: bool = True  # pretrained decoders: the added term rows train (also under LoRA)
+    train_term_rows: bool = True  # pretrained decoders: added rows (terms, knowledge tokens) train, also under LoRA
 
 
 @dataclass

@@ -26,6 +26,7 @@ from mammorg.schema import Labels, Stage1Prediction
 CONFIDENCE = (("low", 0.5), ("mid", 0.8), ("high", 1.01))  # bucket: upper bound of max prob
 QUADRANTS = ("upper outer", "upper inner", "lower outer", "lower inner")  # location tokens
 DEPTHS = ("anterior", "middle", "posterior")
+SIDE_WORDS = {"L": "left", "R": "right", "exam": "overall"}
 DESCRIPTOR_NAMES = tuple(DESCRIPTORS)  # mass_shape, mass_margin, calc_morphology, calc_distribution
 DESCRIBES = {
     "mass_shape": "mass",
@@ -144,6 +145,29 @@ class KnowledgeVocabulary:
         for side in SIDES:
             forms.update({cls.descriptor(side, n, v): v for n, values in DESCRIPTORS.items() for v in values})
         return forms
+
+    @classmethod
+    def words(cls, lexicon: Any) -> dict[str, str]:
+        """Plain words for every knowledge and plan token, side included (``<R:mass>`` -> ``right
+        mass``, ``<L:no_finding>`` -> ``left no findings``, ``<plan>`` -> ``assessment``): the mean
+        embedding of their pieces starts the token's row in a pretrained vocabulary, so that the
+        decoder reads a knowledge token as the words it stands for from the first step."""
+        forms = cls.verbal_forms(lexicon)
+        words = {cls.density(d): forms[cls.density(d)] for d in DENSITIES}
+        for side in (*SIDES, "exam"):
+            name = SIDE_WORDS[side]
+            words.update({cls.birads(side, c): f"{name} BI-RADS {c}" for c in BIRADS_CLASSES})
+            if side == "exam":
+                continue
+            words.update({cls.finding(side, f): f"{name} {forms[cls.finding(side, f)]}" for f in FINDINGS})
+            words[cls.no_finding(side)] = f"{name} no findings"
+            words[cls.not_imaged(side)] = f"{name} not imaged"
+            values = [(n, v) for n, vs in DESCRIPTORS.items() for v in vs]
+            words.update({cls.descriptor(side, n, v): f"{name} {v}" for n, v in values})
+        words.update({cls.location(q): forms[cls.location(q)] for q in QUADRANTS})
+        words.update({f"<conf:{name}>": f"{name} confidence" for name, _ in CONFIDENCE})
+        words.update({cls.PLAN: "assessment", cls.PLAN_END: "end of assessment"})
+        return words
 
 
 @dataclass

@@ -49,6 +49,19 @@ def prompt_tokens() -> list[str]:
     return [IMAGE, KNOWLEDGE, REPORT, MISSING, *VIEW_MARKERS, *KnowledgeVocabulary.all()]
 
 
+VIEW_WORDS = {"L_CC": "left craniocaudal view", "L_MLO": "left mediolateral oblique view"}
+VIEW_WORDS |= {"R" + v[1:]: "right" + w[4:] for v, w in VIEW_WORDS.items()}
+
+
+def prompt_token_words(lexicon: Any) -> dict[str, str]:
+    """Plain words for the prompt tokens a decoder reads as embeddings of its own (all but the
+    ``<image>`` and ``<knowledge>`` placeholders, which are filled): the mean embedding of their
+    pieces starts each token's row in a pretrained vocabulary (see ``KnowledgeVocabulary.words``)."""
+    words = {REPORT: "report", MISSING: "missing view"}
+    words |= {marker: VIEW_WORDS[view] for marker, view in zip(VIEW_MARKERS, VIEWS, strict=True)}
+    return words | KnowledgeVocabulary.words(lexicon)
+
+
 def _gathered(param: torch.Tensor) -> Any:
     """A context in which a ZeRO-3-partitioned parameter is whole (read only); else nothing."""
     if hasattr(param, "ds_id"):

@@ -20,6 +20,13 @@ def _atomic(term: str) -> AddedToken:
     return AddedToken(term, single_word=True, lstrip=False, rstrip=False, normalized=False, special=False)
 
 
+def word_pieces(tokenizer: PreTrainedTokenizerBase, words: str) -> list[int]:
+    """The piece ids of ``words`` as tokenised (a leading space: as written mid-sentence),
+    bare-space pieces left out unless nothing else is left."""
+    token_ids = list(tokenizer(words, add_special_tokens=False)["input_ids"])
+    return [i for i in token_ids if str(tokenizer.decode([i])).strip()] or token_ids
+
+
 def extend_tokenizer(
     tokenizer: PreTrainedTokenizerBase, lexicon: Lexicon, only_multi_piece: bool = True
 ) -> dict[str, list[int]]:
@@ -36,7 +43,7 @@ def extend_tokenizer(
             token_ids = tokenizer(token, add_special_tokens=False)["input_ids"]
             if token in vocab or (only_multi_piece and len(token_ids) == 1):
                 continue
-            pieces[token] = [i for i in token_ids if str(tokenizer.decode([i])).strip()] or token_ids
+            pieces[token] = word_pieces(tokenizer, token)
     tokenizer.add_tokens([_word_boundary(t) if t.startswith(" ") else _atomic(t) for t in pieces])
     return pieces
 

@@ -172,6 +172,7 @@ def test_terms_take_the_word_boundary_and_their_rows_train(decoders, stage1_outp
     from safetensors.torch import load_file
 
     from stage2_sft.reporter import load_run
+    from terminology.tokenizer import word_pieces
 
     cfg = load_config(
         "stage2/tiny",
@@ -196,6 +197,15 @@ def test_terms_take_the_word_boundary_and_their_rows_train(decoders, stage1_outp
     assert not torch.allclose(start, base[key][model.term_ids].float())  # trained away from the init
     model.sync_term_rows()
     assert torch.allclose(model.decoder.get_input_embeddings().weight[model.term_ids].float(), start)
+    # a knowledge token's row also trains, from the mean embedding of the words it stands for
+    original = AutoModelForCausalLM.from_pretrained(str(decoders["llama"])).get_input_embeddings().weight
+    knowledge = tok.convert_tokens_to_ids("<R:mass>")
+    assert knowledge in model.term_ids.tolist()
+    plain = AutoTokenizer.from_pretrained(str(decoders["llama"]))
+    words = word_pieces(plain, " right mass")
+    assert torch.allclose(base[key][knowledge], original[words].mean(0), atol=1e-6)
+    row = model.term_ids.tolist().index(knowledge)
+    assert not torch.allclose(start[row], base[key][knowledge])
 
 
 def test_report_vocab_head_gives_the_restricted_loss():
