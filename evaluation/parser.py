@@ -58,6 +58,8 @@ SIDE_WORDS = re.compile(
     r"either breast|each breast|both)\b",
     re.IGNORECASE,
 )
+# a sentence of features associated with the finding before it: "There is associated skin thickening."
+ASSOCIATED = re.compile(r"\s*(?:there (?:is|are) |with )?(?:an? )?associated\b", re.IGNORECASE)
 HEADING = re.compile(
     r"^\s*(?P<head>right breast|left breast|[rl]\.?\s+breast|right|left|rt|lt|r|l|bilateral|"
     r"findings|impression|overall|"
@@ -218,23 +220,28 @@ def _density(text: str, rules: _Rules) -> str | None:
 def _sentences(text: str, rules: _Rules) -> list[_Sentence]:
     """Sentences with their side context: a heading line ("Right breast:") sets it for the lines
     below until the next section heading; within a line, a sentence without a side word also
-    inherits the side of the sentence before it."""
+    inherits the side of the sentence before it, and so does one of associated features on the
+    next line ("... mass ... of the right breast." / "There is associated skin thickening.")."""
     out: list[_Sentence] = []
     context: tuple[str, ...] = ()
+    previous: tuple[str, ...] = ()  # the sides of the latest sentence that named one, in this section
     for line in text.splitlines():
         head = HEADING.match(line)
         if head:
             context = _side_of(head.group("head").split()[0])
+            previous = ()
         elif line.lstrip().startswith("BI-RADS"):  # an assessment line is a section of its own
-            context = ()
+            context = previous = ()
         carried = context
         for sent in rules.nlp(line).sents:
             if not sent.text.strip():
                 continue
+            sides = tuple(sorted({s for m in SIDE_WORDS.finditer(sent.text) for s in _side_of(m.group("side"))}))
+            if not sides and not carried and ASSOCIATED.match(sent.text):
+                carried = previous
             out.append(_Sentence(sent.text, context, carried))
-            sides = {s for m in SIDE_WORDS.finditer(sent.text) for s in _side_of(m.group("side"))}
             if sides:
-                carried = tuple(sorted(sides))
+                carried = previous = sides
     return out
 
 

@@ -79,6 +79,19 @@ def test_published_report_quirks():
     assert split["birads"]["L"] is None  # the category stated after "Left breast" is not the left's
 
 
+def test_associated_features_take_the_side_of_the_finding_before_them():
+    """Traced on the knowledge benchmark: "There is associated skin thickening." on the line after
+    a right-breast mass was read as side unstated, in all 41 such references of 900 exams."""
+    parsed = parse_report(
+        "FINDINGS:\nThere is a 26 mm round high density mass with spiculated margins in the right breast.\n"
+        "There is associated skin thickening.\nA focal asymmetry is seen in the left breast.\n"
+        "Calcifications are noted.\nIMPRESSION:\nThere is associated nipple retraction."
+    )
+    assert parsed["findings"]["R"] == {"mass": "pos", "skin_thickening": "pos"}
+    assert parsed["findings"]["L"] == {"asymmetry": "pos"}  # only an associated feature looks back
+    assert parsed["findings"]["U"] == {"calcification": "pos", "nipple_retraction": "pos"}  # not across a heading
+
+
 def test_finding_locations():
     parsed = parse_structured(
         "Right breast: 8 mm oval mass in the upper outer quadrant at 10 o'clock, "
