@@ -20,6 +20,7 @@ import json
 import re
 import sys
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 from evaluation.parser import parse_report
@@ -30,13 +31,11 @@ SENTENCE = re.compile(r"(?<=[.:])\s+|\n")
 
 
 def descriptor_pattern() -> tuple[re.Pattern, dict[str, str]]:
-    """A whole-word pattern of every descriptor spelling (longest first) and spelling -> term."""
-    term_of = {
-        spelling.lower(): t.term
-        for t in load_lexicon().terms
-        if t.category in DESCRIPTORS
-        for spelling in (t.term, *t.variants)
-    }
+    """A whole-word pattern of every descriptor spelling (longest first) and spelling -> term,
+    from the lexicon's surface map (the parser's normaliser reads the same variants)."""
+    lexicon = load_lexicon()
+    terms = {t.term for t in lexicon.terms if t.category in DESCRIPTORS}
+    term_of = {spelling: term for spelling, term in lexicon.surface_map().items() if term in terms}
     words = sorted(term_of, key=len, reverse=True)
     return re.compile(r"\b(" + "|".join(re.escape(w) for w in words) + r")\b"), term_of
 
@@ -68,6 +67,12 @@ def micro_f1(pairs: list[tuple[Counter, Counter]]) -> float:
     return 2 * tp / max(1, 2 * tp + fp + fn)
 
 
+def agreement(read: Callable[[str], Counter], generated: dict[str, str], references: dict[str, str]) -> float:
+    """Micro-F1 of what ``read`` finds in the generated reports against the references, per exam."""
+    ids = [i for i in references if i in generated]
+    return round(micro_f1([(read(generated[i]), read(references[i])) for i in ids]), 3)
+
+
 def read_texts(path: Path) -> dict[str, str]:
     return {row["id"]: row["text"] for row in map(json.loads, path.read_text().splitlines())}
 
@@ -84,16 +89,8 @@ def main() -> None:
         row = {
             "file": name,
             "exams": len(ids),
-            "descriptor_f1": round(
-                micro_f1(
-                    [
-                        (descriptors(generated[i], pattern, term_of), descriptors(references[i], pattern, term_of))
-                        for i in ids
-                    ]
-                ),
-                3,
-            ),
-            "clock_f1": round(micro_f1([(clocks(generated[i]), clocks(references[i])) for i in ids]), 3),
+            "descriptor_f1": agreement(lambda text: descriptors(text, pattern, term_of), generated, references),
+            "clock_f1": agreement(clocks, generated, references),
             "clock_positions_written": dict(sorted(hours.items())),
         }
         print(json.dumps(row))
