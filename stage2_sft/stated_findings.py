@@ -136,6 +136,7 @@ class FindingTokens:
     numbers: tuple[torch.Tensor, torch.Tensor]  # numbers after a word boundary (" 12") and on their own ("12"): a size
     inner_articles: torch.Tensor  # [2] " a", " an" inside a sentence ("There is a"); -1: not one token
     spaced: torch.Tensor  # [V] whether an opener's spelling starts with a word boundary (" mass"; other ids: False)
+    associated: torch.Tensor  # "associated" whole in one token ("There is associated ..."); empty: not whole
 
     @classmethod
     def of(cls, tok: PreTrainedTokenizerBase, lexicon: Lexicon) -> FindingTokens:
@@ -168,13 +169,14 @@ class FindingTokens:
         colons = _mark_ids(words, ":")
         spaces = boundary_ids(words)
         categories = words.where(lambda text: text.strip().startswith("BI-RADS "), lambda raw: "BI-RADS" in raw)
-        associated = spell(tok, " There is associated")[-1:]  # the word whole in one piece, or nothing
+        associated = sorted(  # the word whole in one piece, or nothing
+            {i for line in (" ", "") for i in spell(tok, f"{line}There is associated")[-1:]}
+        )
+        associated = [i for i in associated if str(tok.decode([i])).strip() == "associated"]
         opener_of = _opener_of(finding_of, vocab)
         canonical = set(lexicon.canonical_terms())  # a sentence left to open names its finding by the term
         line_terms = torch.tensor(sorted(vocab[term] for term, _ in terms if term in canonical))
-        describes = _describes(
-            words, size, lexicon, [i for i in associated if str(tok.decode([i])).strip() == "associated"]
-        )
+        describes = _describes(words, size, lexicon, associated)
         place_of = _place_of(words, size)
         return cls(
             finding_of,
@@ -217,6 +219,7 @@ class FindingTokens:
             ),
             torch.tensor([_one_token(tok, " " + a.lower()) for a in ARTICLES]),
             _spaced(tok, size, finding_of, opener_of),
+            torch.tensor(associated, dtype=torch.long),
         )
 
 
@@ -361,6 +364,22 @@ def write_phrase(
             promote(scores, hit, phrase[k], choice[hit])
 
 
+def carry_sides(one_side: torch.Tensor, found: torch.Tensor, associated: torch.Tensor) -> torch.Tensor:
+    """``[B, S, 2]`` each sentence's breast (``one_side``: the sentences that name one breast),
+    where a sentence of associated features only (``associated``: ``[B, S]``, it has the word;
+    ``found``: ``[B, S, 7]`` the findings it names) that names no breast is on the breast of
+    the latest sentence before it that names one: "There is associated skin thickening." on the
+    line after its mass, as the reports write it and the parser reads it."""
+    has = one_side.any(-1)  # [B, S]
+    index = torch.arange(has.shape[1], device=has.device)[None].expand_as(has)
+    latest = torch.cummax(torch.where(has, index, -1), 1).values  # the latest sentence with a breast
+    carried = one_side.gather(1, latest.clamp(min=0)[..., None].expand_as(one_side)) & (latest >= 0)[..., None]
+    others = found.clone()
+    others[..., ASSOCIATED] = False
+    takes = associated & found[..., ASSOCIATED].any(-1) & ~others.any(-1) & ~has
+    return torch.where(takes[..., None], carried, one_side)
+
+
 class StatedFindings(LogitsProcessor):
     """Findings and their sides held to stage 1's decisions (``decided``: ``[N, 2, 7]``, L and R)
     outside negated sentences."""
@@ -417,7 +436,9 @@ class StatedFindings(LogitsProcessor):
             if open_section.any():
                 named_for = self.named_by_side(input_ids, mentions, section, latest["stop"])
                 unnamed = torch.where(open_section[:, None, None], decided & ~named_for, decided)
-            sided = named[0] | named[1]
+                said = self.said_associated(unnamed, decided, open_section & unsided, written | negated[:, None])
+                allowed, described = allowed & ~said, described & ~said
+            sided = named[0] | named[1] | self.carried(input_ids, latest, section, open_section, decided, written)
             self.hold_sides(input_ids, scores, decided, unnamed, written, sided, top, choice)
             side = torch.where(named[0], 0, torch.where(named[1], 1, -1))
             if self.where is not None:
@@ -619,6 +640,48 @@ class StatedFindings(LogitsProcessor):
             if phrase:  # its first token (``place`` writes the rest)
                 write_phrase(input_ids, scores, rows & (home == s) & ~(spaced & bool(bare)), phrase, rows, top, choice)
 
+    def carried(
+        self,
+        input_ids: torch.Tensor,
+        latest: dict[str, torch.Tensor],
+        section: torch.Tensor,
+        open_section: torch.Tensor,
+        decided: torch.Tensor,
+        written: torch.Tensor,
+    ) -> torch.Tensor:
+        """``[B]`` whether the sentence being written names associated features only
+        (``written``: ``[B, 7]``) with the word "associated" and no breast, in an open findings
+        section (``section``: its heading's position) after a sentence naming a breast stage 1
+        decided them for: the sentence is on that breast (``carry_sides``, the parser's reading)
+        and ``place`` leaves it without a side of its own. ``latest``: the positions of the
+        latest side words and sentence end. Traced on the knowledge benchmark: "There is
+        associated skin thickening of the right breast." after its mass's line, where every
+        reference writes the sentence without a side (13 of 13); it led Gemma into repeating the
+        mass's sentence (3 reports)."""
+        device = input_ids.device
+        word = latest_hit(input_ids, self.tokens.associated.to(device)) > latest["stop"]
+        others = written.clone()
+        others[:, ASSOCIATED] = False
+        only = written[:, ASSOCIATED].any(1) & ~others.any(1)
+        left, right = latest["left"], latest["right"]
+        side = (right > left).long()
+        fits = (decided[torch.arange(len(side), device=device), side] | ~written).all(1)
+        return open_section & word & only & (torch.maximum(left, right) > section) & fits
+
+    @staticmethod
+    def said_associated(
+        unnamed: torch.Tensor, decided: torch.Tensor, rows: torch.Tensor, keep: torch.Tensor
+    ) -> torch.Tensor:
+        """``[B, 7]`` the associated features that a line of a findings section naming no breast
+        (``rows``: ``[B]``) may not name again: named for every breast stage 1 decided them for
+        (``unnamed``, ``decided``: ``[B, 2, 7]``), unless ``keep`` (``[B, 7]``: written in the
+        sentence, or the sentence is negated). Blocked with their terms is the word
+        "associated" (``FindingTokens.describes``). Traced on the knowledge benchmark: the
+        tiny decoder wrote "There is associated nipple retraction." three times over."""
+        said = decided.any(1) & ~unnamed.any(1) & rows[:, None] & ~keep
+        said[:, [f for f in range(len(FINDINGS)) if f not in ASSOCIATED]] = False
+        return said
+
     def mentions(self, input_ids: torch.Tensor) -> torch.Tensor:
         """``[B, T, 7]`` the finding each position names (one-hot), outside negated sentences."""
         found = self.tokens.finding_of.to(input_ids.device)[input_ids]  # [B, T]
@@ -653,6 +716,8 @@ class StatedFindings(LogitsProcessor):
 
         found, named = per_sentence(mentions), per_sentence(sides)
         one_side = named & (named.sum(-1, keepdim=True) == 1)  # [B, S, 2]
+        associated = per_sentence(torch.isin(input_ids, self.tokens.associated.to(device))[..., None])
+        one_side = carry_sides(one_side, found, associated[..., 0])
         return (one_side[..., None] & found[:, :, None, :]).any(1)
 
     def findings_section(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -708,7 +773,11 @@ class StatedFindings(LogitsProcessor):
           depth. architectural distortion is seen in ...");
         - a findings section ("FINDINGS:", one line per finding; ``section``: its heading's
           position and whether it is open) does not end while a decided finding is unnamed for
-          its breast (the next line names it; the side words follow ``hold_sides``);
+          its breast (the next line names it; the side words follow ``hold_sides``). Skin
+          thickening and nipple retraction are not added to a finding's line there: they open
+          the next line ("There is associated skin thickening.", ``follow_with_associated``)
+          on the breast of the line before (``carried``), as every reference writes them; added
+          to the mass's line, Gemma wrote them again on the next line;
         - neither a findings section nor the heading line of a breast opens by denying every
           finding ("There is no mass ... in either breast.", "Right Breast: No mass ...") when
           stage 1 decided one for them."""
@@ -719,12 +788,14 @@ class StatedFindings(LogitsProcessor):
         # a breast's heading line ("Left Breast: ..."), not a line of categories ("Left breast: BI-RADS 2")
         heading = (latest_hit(input_ids, tokens.colons) > line) & (latest_hit(input_ids, tokens.categories) <= line)
         remaining = mine & ~named & (side >= 0)[:, None] & (named.any(1) | heading)[:, None]
+        start, open_section = section
+        own_line = open_section & ~heading  # a findings section's line: associated features follow on their own
+        remaining[:, ASSOCIATED] &= ~own_line[:, None]
         lead = tokens.spaces[0] if len(tokens.spaces) else None  # a tokenizer without a lone boundary: the term
         all_terms = tokens.openers
         line_end = (tokens.periods, tokens.line_breaks)  # a sentence ends; the decoder would end the line
         openers = (tokens.mass_opener, tokens.associated_opener)
         self.open_next(input_ids, scores, remaining, line_end, lead, all_terms, openers, top, choice)
-        start, open_section = section
         sentence = self.latest_end(input_ids, tokens.periods)
         first = open_section & (sentence < start)  # its first sentence
         negations = tokens.negations.to(device)  # denies nothing stage 1 decided
@@ -754,6 +825,7 @@ class StatedFindings(LogitsProcessor):
             top,
             choice,
         )
+        self.follow_with_associated(input_ids, scores, unnamed & remaining[:, None], side, start, top, choice)
 
     def open_denied(
         self,
@@ -844,6 +916,33 @@ class StatedFindings(LogitsProcessor):
         associated = remaining[:, ASSOCIATED].any(1) & ~others.any(1) & ~mass
         write_phrase(input_ids, scores, associated, openers[1], closes, top, choice, boundary)
         self.name_associated(input_ids, scores, remaining & associated[:, None], openers[1], top, choice)
+
+    def follow_with_associated(
+        self,
+        input_ids: torch.Tensor,
+        scores: torch.Tensor,
+        unnamed: torch.Tensor,
+        side: torch.Tensor,
+        start: torch.Tensor,
+        top: torch.Tensor,
+        choice: torch.Tensor,
+    ) -> None:
+        """In place, in an open findings section (``start``: its heading's position): the line
+        after a line about a breast whose associated features are still ``unnamed`` (``[B, 2,
+        7]``) opens with them, "There is associated" and the term, without a side (``carried``),
+        as the references write them. ``side``: the breast the current line names (-1: none
+        yet). Left to the section's end, they came after a line of the other breast and needed
+        "of the right breast", which led the tiny decoder astray (6 of 15 reports)."""
+        device = scores.device
+        left, right = latest_hit(input_ids, self.tokens.sides[0]), latest_hit(input_ids, self.tokens.sides[1])
+        before = (right > left).long()  # the breast of the latest line that named one
+        wanted = unnamed[torch.arange(len(side), device=device), before].clone()
+        wanted[:, [f for f in range(len(FINDINGS)) if f not in ASSOCIATED]] = False
+        rows = wanted.any(1) & (side < 0) & (torch.maximum(left, right) > start)
+        opener = self.tokens.associated_line_opener
+        always = torch.ones_like(rows)
+        write_phrase(input_ids, scores, rows, opener, always, top, choice, self.tokens.line_breaks)
+        self.name_associated(input_ids, scores, wanted & rows[:, None], opener, top, choice)
 
     def name_associated(
         self,

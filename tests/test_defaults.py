@@ -515,6 +515,53 @@ def test_a_breast_line_goes_on_until_it_names_stage1_findings(local_decoder, tmp
     )
 
 
+def test_associated_features_follow_their_finding_on_their_own_line(local_decoder, tmp_path):
+    """Every reference writes "There is associated skin thickening." on the line after its mass,
+    without a side (the parser reads it on the mass's breast). Traced on the knowledge benchmark:
+    the rules added it to the mass's line, then forced "of the right breast" onto Gemma's own
+    next line, which went on to repeat the mass's sentence (3 reports)."""
+    from mammorg.labels import FINDINGS
+    from stage2_sft.assembly import lexicon_of
+    from stage2_sft.config import TerminologySettings
+    from stage2_sft.stated_findings import FindingTokens, StatedFindings
+
+    tok = _tokenizer(local_decoder, tmp_path)
+    tok.add_tokens(["FINDINGS", "IMPRESSION", "associated"])  # as a tokenizer trained on more reports has them
+    tokens = FindingTokens.of(tok, lexicon_of(TerminologySettings()))
+    assert len(tokens.associated) == 1
+    vocab = tok.get_vocab()
+    newline, period, impression = tok("\n", add_special_tokens=False)["input_ids"][-1], vocab["."], vocab["IMPRESSION"]
+    decided = torch.zeros(1, 2, 7, dtype=torch.bool)
+    decided[0, 1, FINDINGS.index("mass")] = decided[0, 1, FINDINGS.index("skin_thickening")] = True
+    decided[0, 0, FINDINGS.index("calcification")] = True
+
+    def next_token(text: str, favourite: int) -> int:
+        scores = torch.zeros(1, len(tok))
+        scores[0, favourite] = 5.0
+        ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
+        return int(StatedFindings(tokens, decided)(ids, scores)[0].argmax())
+
+    mass = "FINDINGS:\nThere is a 12 mm oval mass in the Right breast."  # the fixture spells "Right" whole
+    assert next_token(mass, newline) == newline  # the line ends; skin thickening is not added to it
+    # skin thickening on the next line, before the section ends or the other breast's line opens
+    opener = tokens.associated_line_opener
+    assert next_token(mass + "\n", impression) == opener[0]
+    assert next_token(mass + "\n", vocab["fine pleomorphic"]) == opener[0]
+    term = next_token(mass + "\n" + tok.decode(list(opener)), period)
+    assert int(tokens.finding_of[term]) == FINDINGS.index("skin_thickening")
+    skin = mass + "\nThere is associated skin thickening"
+    assert next_token(skin, period) == period  # on the mass's breast without a side of its own
+    # named: the left breast's calcification next, not skin thickening again
+    opened = next_token(skin + ".\n", impression)
+    assert int(tokens.opener_of[opened]) == FINDINGS.index("calcification")
+    word = int(tokens.associated[0])  # traced: "There is associated nipple retraction." three times over
+    assert next_token(skin + ".\n" + tok.decode(list(opener[:-1])), word) != word
+    assert next_token(mass + "\n" + tok.decode(list(opener[:-1])), word) == word
+    # after a line of the other breast, the sentence names its breast
+    other = mass + "\nfine pleomorphic calcifications are seen in the Left breast.\nThere is associated skin thickening"
+    assert next_token(other, period) == tokens.side_phrases[1][0]
+
+
 def test_a_findings_section_names_each_breast_and_its_own_spellings(local_decoder, tmp_path):
     """Traced on the knowledge benchmark: in a findings section of one line per finding, a mass
     decided for both breasts was named once ("... of the right breast") and the section closed,
