@@ -43,7 +43,7 @@ from stage1_classification.localisation import localisation_metrics
 from stage1_classification.operating_points import OperatingPoints
 from stage1_classification.train import loader, train, validation_pass
 
-SIZE_LOW, SIZE_HIGH = (128, 64), (256, 128)
+SIZE_LOW, SIZE_HIGH, SIZE_GPU = (128, 64), (256, 128), (1024, 512)
 NO_CROPS = ["model.lesion_crops=false", "train.crop_epochs=0"]
 # name: (config overrides, preprocessing size, training exams or None for all)
 ROWS: dict[str, tuple[list[str], tuple[int, int], int | None]] = {
@@ -61,20 +61,26 @@ ROWS: dict[str, tuple[list[str], tuple[int, int], int | None]] = {
     "curve_150": ([], SIZE_HIGH, 150),
     "curve_360": ([], SIZE_HIGH, 360),
     "curve_700": ([], SIZE_HIGH, 700),
+    "localise_1024": ([], SIZE_GPU, None),  # stage1/gpu: DICOMs rendered and preprocessed at 1024x512
 }
+CONFIG_OF = {"localise_1024": "stage1/gpu"}  # rows on another shipped config than stage1/default
 
 
-def prepare(out: Path, exams: int, workers: int) -> dict[tuple[int, int], Path]:
-    """The synthetic set, ingested and preprocessed at both sizes (reused when present)."""
-    synth = out / "synth"
-    if not (synth / "manifest.jsonl").exists():
-        settings = SynthSettings(exams=exams, seed=0, height=256, width=128, test_fraction=0.25)
-        synthesise(synth, settings, progress=False, workers=workers)
-    manifest = out / "manifest.jsonl"
-    if not manifest.exists():
-        ingest("vindr", synth, manifest, parse_report)
+def prepare(out: Path, exams: int, workers: int, sizes: set[tuple[int, int]]) -> dict[tuple[int, int], Path]:
+    """The synthetic set, ingested and preprocessed at ``sizes`` (reused when present). The
+    DICOMs are rendered at 256x128, and at 1024x512 for that size: the same exams, labels and
+    splits (drawn before rendering), lesions drawn at the finer resolution."""
     caches = {}
-    for size in (SIZE_LOW, SIZE_HIGH):
+    for size in sorted(sizes):
+        render = SIZE_GPU if size == SIZE_GPU else SIZE_HIGH
+        tag = "" if render == SIZE_HIGH else f"-{render[0]}x{render[1]}"
+        synth = out / f"synth{tag}"
+        if not (synth / "manifest.jsonl").exists():
+            settings = SynthSettings(exams=exams, seed=0, height=render[0], width=render[1], test_fraction=0.25)
+            synthesise(synth, settings, progress=False, workers=workers)
+        manifest = out / f"manifest{tag}.jsonl"
+        if not manifest.exists():
+            ingest("vindr", synth, manifest, parse_report)
         cache = out / f"cache-{size[0]}x{size[1]}"
         if not (cache / "manifest.jsonl").exists():
             preprocess_manifest(manifest, cache, PreprocessSpec(*size), workers=workers, progress=False)
@@ -158,7 +164,7 @@ def run_row(
     extra = [f"train.batch_size={batch_size}"] if batch_size else []
     extra += [f"seed={seed}"] if seed else []
     cfg = load_config(
-        "stage1/default",
+        CONFIG_OF.get(name, "stage1/default"),
         Stage1Config,
         [
             f"data.cache_manifest={manifest}",
@@ -177,6 +183,7 @@ def run_row(
     return {
         "row": label,
         "seed": seed,
+        "config": CONFIG_OF.get(name, "stage1/default"),
         "overrides": overrides,
         "size": list(size),
         "train_exams": train_exams,
@@ -194,20 +201,24 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=0)
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--list", action="store_true")
-    ap.add_argument("--prepare-only", action="store_true", help="write the data set and caches, train nothing")
+    ap.add_argument("--prepare-only", action="store_true", help="write the data set and the caches of --rows only")
     ap.add_argument("--prep-workers", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0, help="training seed (rows other than 0 are named ROW_seedN)")
     ap.add_argument("--result", default="result.json", help="file name of this invocation's JSON under --out")
     args = ap.parse_args()
     if args.list:
-        print(json.dumps({k: {"overrides": v[0], "size": v[1], "train_exams": v[2]} for k, v in ROWS.items()}))
+        listed = {
+            k: {"config": CONFIG_OF.get(k, "stage1/default"), "overrides": v[0], "size": v[1], "train_exams": v[2]}
+            for k, v in ROWS.items()
+        }
+        print(json.dumps(listed))
         return
     unknown = [r for r in args.rows if r not in ROWS]
     if unknown:
         raise SystemExit(f"unknown rows {unknown}; see --list")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    caches = prepare(out, args.exams, args.prep_workers)
+    caches = prepare(out, args.exams, args.prep_workers, {ROWS[name][1] for name in args.rows})
     if args.prepare_only:
         print(json.dumps({"prepared": {f"{h}x{w}": str(p) for (h, w), p in caches.items()}}))
         return

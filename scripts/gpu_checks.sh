@@ -13,6 +13,10 @@
 # Packages the image lacks travel as wheels in .whl/ (pydicom, omegaconf, and the versions of
 # transformers, peft and timm the project is tested with): see docs/benchmarks.md.
 # Usage: bash scripts/gpu_checks.sh   (CHECKS="s2t loc" by default)
+# Issue #19 on one H200 in about 8 minutes: stage 1 at 1024x512 (stage1/gpu) beside the 256x128
+# default, 16 epochs each, side by side, then the throughput at 1024x512:
+#   CHECKS="loc s1t" ROWS="localise localise_1024" EPOCHS=16 LOC_LIMIT=420 PREP_WORKERS=14 \
+#   S1T_EXAMS=128 S1T_WORKERS=14 S1T_LIMIT=150 bash scripts/gpu_checks.sh
 # Dry run on a CPU: EXAMS=24 EPOCHS=1 S2T_SHAPE=tiny S2T_ARGS="--batch 2 --seq 128 --steps 4" bash scripts/gpu_checks.sh
 set -u
 OUT=${OUT:-/tmp/gpu_checks}
@@ -33,9 +37,13 @@ CHECKS=${CHECKS:-s2t loc}
 want() { case " $CHECKS " in *" $1 "*) return 0;; *) return 1;; esac; }
 EXAMS=${EXAMS:-900}
 
+# ROW or ROW:SEED (benchmarks/stage1_localisation.py --list); localise_1024 is stage1/gpu at 1024x512
+ROWS=${ROWS:-today localise localise_pooled localise_topk localise:1 localise_pooled:1 localise:2 localise_pooled:2}
+ROW_NAMES=$(for spec in $ROWS; do echo "${spec%%:*}"; done | sort -u | tr '\n' ' ')
 if want loc; then  # the data set is CPU work: written while the GPU runs stage 2
+  # shellcheck disable=SC2086
   python3 benchmarks/stage1_localisation.py --out "$WORK/loc" --exams "$EXAMS" --prepare-only --prep-workers "${PREP_WORKERS:-10}" \
-    > "$WORK/prep.log" 2>&1 &
+    --rows $ROW_NAMES > "$WORK/prep.log" 2>&1 &
   prep=$!
 fi
 
@@ -65,8 +73,7 @@ fi
 if want loc; then
   wait "$prep" || { echo "data set failed:"; tail -5 "$WORK/prep.log"; }
   stamp "stage-1 localisation: data ready"
-  # ROW or ROW:SEED; each row is bounded (LOC_LIMIT seconds) so that the merge still runs
-  ROWS=${ROWS:-today localise localise_pooled localise_topk localise:1 localise_pooled:1 localise:2 localise_pooled:2}
+  # each row is bounded (LOC_LIMIT seconds) so that the merge still runs
   for spec in $ROWS; do
     row=${spec%%:*}; seed=0; [ "$spec" != "$row" ] && seed=${spec##*:}
     timeout "${LOC_LIMIT:-150}" python3 benchmarks/stage1_localisation.py --out "$WORK/loc" --exams "$EXAMS" --epochs "${EPOCHS:-12}" \
@@ -95,7 +102,8 @@ fi
 
 if want s1t; then
   stamp "stage-1 throughput 1024x512"
-  timeout "${S1T_LIMIT:-80}" python3 benchmarks/stage1_throughput.py --exams 64 --workers 8 > "$OUT/stage1_throughput.json" 2> "$WORK/s1t.log" || tail -5 "$WORK/s1t.log"
+  timeout "${S1T_LIMIT:-80}" python3 benchmarks/stage1_throughput.py --exams "${S1T_EXAMS:-64}" --workers "${S1T_WORKERS:-8}" \
+    > "$OUT/stage1_throughput.json" 2> "$WORK/s1t.log" || tail -5 "$WORK/s1t.log"
   cat "$OUT/stage1_throughput.json"
 fi
 

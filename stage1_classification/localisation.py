@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 
 from mammorg.labels import FINDINGS
 
@@ -141,22 +142,13 @@ def _sensitivity_at(cands: list[tuple[float, int, int]], boxes: int, images: int
 
 
 def peak_box(prob: torch.Tensor, size: tuple[int, int], share: float = 0.5) -> tuple[float, tuple[float, ...]]:
-    """(peak score, box in cached pixels) of one map ``[h, w]``: the connected cells around the
-    hottest one whose score is at least ``share`` of the peak."""
+    """(peak score, box in cached pixels) of one map ``[h, w]``: the connected cells (4-connected)
+    around the hottest one whose score is at least ``share`` of the peak."""
     h, w = prob.shape
     flat = int(prob.argmax())
     peak = float(prob.flatten()[flat])
-    keep = (prob >= share * peak).cpu().numpy()
-    seen = np.zeros_like(keep)
-    stack = [(flat // w, flat % w)]
-    seen[stack[0]] = True
-    while stack:  # flood fill from the peak
-        i, j = stack.pop()
-        for a, b in ((i - 1, j), (i + 1, j), (i, j - 1), (i, j + 1)):
-            if 0 <= a < h and 0 <= b < w and keep[a, b] and not seen[a, b]:
-                seen[a, b] = True
-                stack.append((a, b))
-    ii, jj = np.nonzero(seen)
+    regions, _ = ndimage.label((prob >= share * peak).cpu().numpy())
+    ii, jj = np.nonzero(regions == regions[flat // w, flat % w])
     ch, cw = size[0] / h, size[1] / w
     return peak, (float(jj.min() * cw), float(ii.min() * ch), float((jj.max() + 1) * cw), float((ii.max() + 1) * ch))
 
@@ -217,6 +209,7 @@ def grounded_findings(
 
     size = (images.shape[-2], images.shape[-1])
     out = []
+    extents: dict[str, float] = {}
     for side, findings in positive.items():
         views = [v for v in (f"{side}_CC", f"{side}_MLO") if view_mask[VIEWS.index(v)]]
         for name in findings:
@@ -231,8 +224,9 @@ def grounded_findings(
                 box = box_to_original(box, geometry[view])
             centres = {}
             for v, (_, (x0, y0, x1, y1)) in peaks.items():
-                extent = _breast_extent(images[VIEWS.index(v)])
-                centres[v.split("_")[1]] = (min(1.0, (x0 + x1) / 2 / extent), (y0 + y1) / 2 / size[0])
+                if v not in extents:  # once a view
+                    extents[v] = _breast_extent(images[VIEWS.index(v)])
+                centres[v.split("_")[1]] = (min(1.0, (x0 + x1) / 2 / extents[v]), (y0 + y1) / 2 / size[0])
             location = location_from_views(side, centres.get("CC"), centres.get("MLO"))
             out.append(GroundedFinding(side, name, score, view, box, location))
     return out
