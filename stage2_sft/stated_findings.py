@@ -52,6 +52,7 @@ from terminology.lexicon import Lexicon
 MASS = FINDINGS.index("mass")
 CALCIFICATION = FINDINGS.index("calcification")
 ASSOCIATED = [FINDINGS.index("skin_thickening"), FINDINGS.index("nipple_retraction")]  # "There is associated ..."
+NOT_ASSOCIATED = [f for f in range(len(FINDINGS)) if f not in ASSOCIATED]
 ARTICLES = ("A", "An")
 ARTICLE_OF = {"mass": "A", "asymmetry": "A", "lymph_node": "An"}  # "A 12 mm oval mass", "An intramammary lymph node"
 NEGATIONS = ("no", "not", "without", "negative", "obscure")
@@ -374,9 +375,7 @@ def carry_sides(one_side: torch.Tensor, found: torch.Tensor, associated: torch.T
     index = torch.arange(has.shape[1], device=has.device)[None].expand_as(has)
     latest = torch.cummax(torch.where(has, index, -1), 1).values  # the latest sentence with a breast
     carried = one_side.gather(1, latest.clamp(min=0)[..., None].expand_as(one_side)) & (latest >= 0)[..., None]
-    others = found.clone()
-    others[..., ASSOCIATED] = False
-    takes = associated & found[..., ASSOCIATED].any(-1) & ~others.any(-1) & ~has
+    takes = associated & found[..., ASSOCIATED].any(-1) & ~found[..., NOT_ASSOCIATED].any(-1) & ~has
     return torch.where(takes[..., None], carried, one_side)
 
 
@@ -660,9 +659,7 @@ class StatedFindings(LogitsProcessor):
         mass's sentence (3 reports)."""
         device = input_ids.device
         word = latest_hit(input_ids, self.tokens.associated.to(device)) > latest["stop"]
-        others = written.clone()
-        others[:, ASSOCIATED] = False
-        only = written[:, ASSOCIATED].any(1) & ~others.any(1)
+        only = written[:, ASSOCIATED].any(1) & ~written[:, NOT_ASSOCIATED].any(1)
         left, right = latest["left"], latest["right"]
         side = (right > left).long()
         fits = (decided[torch.arange(len(side), device=device), side] | ~written).all(1)
@@ -679,7 +676,7 @@ class StatedFindings(LogitsProcessor):
         "associated" (``FindingTokens.describes``). Traced on the knowledge benchmark: the
         tiny decoder wrote "There is associated nipple retraction." three times over."""
         said = decided.any(1) & ~unnamed.any(1) & rows[:, None] & ~keep
-        said[:, [f for f in range(len(FINDINGS)) if f not in ASSOCIATED]] = False
+        said[:, NOT_ASSOCIATED] = False
         return said
 
     def mentions(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -937,7 +934,7 @@ class StatedFindings(LogitsProcessor):
         left, right = latest_hit(input_ids, self.tokens.sides[0]), latest_hit(input_ids, self.tokens.sides[1])
         before = (right > left).long()  # the breast of the latest line that named one
         wanted = unnamed[torch.arange(len(side), device=device), before].clone()
-        wanted[:, [f for f in range(len(FINDINGS)) if f not in ASSOCIATED]] = False
+        wanted[:, NOT_ASSOCIATED] = False
         rows = wanted.any(1) & (side < 0) & (torch.maximum(left, right) > start)
         opener = self.tokens.associated_line_opener
         always = torch.ones_like(rows)
