@@ -161,7 +161,7 @@ class _Reading:
             self.findings[side][finding] = state
 
 
-def _side_of(word: str) -> tuple[str, ...]:
+def side_of(word: str) -> tuple[str, ...]:
     w = word.lower()
     if w in ("right", "rt", "r"):
         return ("R",)
@@ -194,7 +194,7 @@ def _nearest_side(sentence: str, start: int, end: int) -> tuple[str, ...]:
         outside = int(m.end() <= lo or m.start() >= hi)
         key = (outside, abs(m.start() - start))
         if best_key is None or key < best_key:
-            best, best_key = _side_of(m.group("side")), key
+            best, best_key = side_of(m.group("side")), key
     return best
 
 
@@ -228,7 +228,7 @@ def _sentences(text: str, rules: _Rules) -> list[_Sentence]:
     for line in text.splitlines():
         head = HEADING.match(line)
         if head:
-            context = _side_of(head.group("head").split()[0])
+            context = side_of(head.group("head").split()[0])
             previous = ()
         elif line.lstrip().startswith("BI-RADS"):  # an assessment line is a section of its own
             context = previous = ()
@@ -236,7 +236,7 @@ def _sentences(text: str, rules: _Rules) -> list[_Sentence]:
         for sent in rules.nlp(line).sents:
             if not sent.text.strip():
                 continue
-            sides = tuple(sorted({s for m in SIDE_WORDS.finditer(sent.text) for s in _side_of(m.group("side"))}))
+            sides = tuple(sorted({s for m in SIDE_WORDS.finditer(sent.text) for s in side_of(m.group("side"))}))
             if not sides and not carried and ASSOCIATED.match(sent.text):
                 carried = previous
             out.append(_Sentence(sent.text, context, carried))
@@ -258,7 +258,7 @@ def _assessments(s: _Sentence, reading: _Reading) -> None:
         for m in SIDE_BIRADS.finditer(s.text):
             cat = canonical_birads(m.group("cat"))
             if cat:
-                reading.side_birads[_side_of(m.group("side"))[0]].append(cat)
+                reading.side_birads[side_of(m.group("side"))[0]].append(cat)
                 reading.exam_birads.append(cat)
 
 
@@ -266,12 +266,12 @@ def _category_side(s: _Sentence, previous_end: int, start: int, end: int) -> tup
     """The side of a stated category and where its statement ends: the side named since the
     previous category ("right BI-RADS 5"), else one named right after it ("BI-RADS 5 left"),
     else the side named last before it, else the heading's."""
-    since = [_side_of(w.group("side")) for w in SIDE_WORDS.finditer(s.text[previous_end:start])]
+    since = [side_of(w.group("side")) for w in SIDE_WORDS.finditer(s.text[previous_end:start])]
     if since:
         return since[-1], end
     if after := FOLLOWING_SIDE.match(s.text[end:]):
-        return _side_of(after.group("side")), end + after.end()
-    named = [_side_of(w.group("side")) for w in SIDE_WORDS.finditer(s.text[:start])]
+        return side_of(after.group("side")), end + after.end()
+    named = [side_of(w.group("side")) for w in SIDE_WORDS.finditer(s.text[:start])]
     return (named[-1] if named else s.heading), end
 
 

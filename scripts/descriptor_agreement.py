@@ -4,7 +4,8 @@ Two scores of generated reports against reference reports, both micro-F1 over ex
 
 - descriptors: the lexicon's descriptor terms (mass shape, margin and density; calcification
   morphology and distribution; variants read as their term) per breast. A sentence that names one
-  breast sets it for the sentences after it until another is named; a term before any is ``U``.
+  breast (the parser's side words) sets it for the sentences after it until another is named; a
+  term before any is ``U``.
 - clock positions: (breast, finding, clock position) of the parser's finding locations.
 
 Also counts the clock positions written, per hour (a decoder that cannot spell a position shows
@@ -23,7 +24,7 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
-from evaluation.parser import parse_report
+from evaluation.parser import SIDE_WORDS, parse_report, side_of
 from terminology.lexicon import load_lexicon
 
 DESCRIPTORS = ("mass_shape", "mass_margin", "mass_density", "calc_benign", "calc_suspicious", "calc_distribution")
@@ -45,9 +46,9 @@ def descriptors(text: str, pattern: re.Pattern, term_of: dict[str, str]) -> Coun
     out: Counter = Counter()
     side = "U"
     for sentence in SENTENCE.split(text.lower()):
-        right, left = "right" in sentence, "left" in sentence
-        if right != left:
-            side = "R" if right else "L"
+        sides = {s for m in SIDE_WORDS.finditer(sentence) for s in side_of(m.group("side"))}
+        if len(sides) == 1:
+            side = sides.pop()
         for m in pattern.finditer(sentence):
             out[(side, term_of[m.group(1)])] += 1
     return out
