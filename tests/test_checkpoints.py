@@ -11,11 +11,15 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 from conftest import ingest_vindr
 
 from mammorg.io import MammorgError
 from mammorg.preprocess import PreprocessSpec, preprocess_manifest
+from mammorg.training.backends import TorchBackend
 from mammorg.training.checkpoint import CheckpointStore, checkpoint_meta, damage, load_tensors, save_tensors
+from mammorg.training.recipe import EpochRecipe
+from mammorg.training.settings import TrainSettings
 
 
 def _writer(value: float):
@@ -127,3 +131,45 @@ def test_a_full_disk_while_saving_is_one_line_and_keeps_the_last_checkpoint(cach
     assert damage(last) is None and (last / "model.safetensors").read_bytes() == before
     assert not list((run_dir / "checkpoints").glob(".*.tmp"))
     assert checkpoint_meta(last)["epoch"] == 0
+
+
+class _OneRankGroupRecipe(EpochRecipe):
+    """Joins a one-rank gloo group in ``setup`` as ``init_distributed`` does under torchrun."""
+
+    def __init__(self, run_dir: Path, fail_in_setup: bool):
+        super().__init__(run_dir, TrainSettings(epochs=1))
+        self.fail_in_setup = fail_in_setup
+
+    def setup(self) -> None:
+        store = dist.FileStore(str(self.run_dir.parent / f"store_{self.fail_in_setup}"), 1)
+        dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+        if self.fail_in_setup:
+            raise MammorgError("setup failed")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        model = torch.nn.Linear(2, 1)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        self.backend = TorchBackend(model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0), 1, 1.0)
+
+    def train_epoch(self, epoch: int) -> float:
+        return 0.0
+
+    def validate(self, epoch: int, train_loss: float) -> tuple[float | None, dict]:
+        return None, {}
+
+    def write_weights(self, folder: Path) -> None:
+        save_tensors(dict(self.backend.module.state_dict()), folder / "model.safetensors")
+
+
+@pytest.mark.parametrize("fail_in_setup", [False, True])
+def test_a_recipe_leaves_its_process_group_when_it_ends(tmp_path, fail_in_setup):
+    """A rank that leaves the group to interpreter shutdown can abort after its work is saved
+    ("terminate called without an active exception" from gloo's threads): the skeleton leaves it,
+    after a finished run and after a failed one."""
+    recipe = _OneRankGroupRecipe(tmp_path / "run", fail_in_setup)
+    if fail_in_setup:
+        with pytest.raises(MammorgError, match="setup failed"):
+            recipe.run()
+    else:
+        recipe.run()
+        assert (tmp_path / "run" / "checkpoints" / "last" / "model.safetensors").exists()
+    assert not dist.is_initialized()

@@ -72,6 +72,17 @@ def init_distributed(use_deepspeed: bool) -> torch.device:
     return torch.device("cpu")
 
 
+def leave_distributed() -> None:
+    """Leave the process group that ``init_distributed`` joined, before the interpreter exits.
+
+    Left to interpreter shutdown, gloo's threads can be destroyed while still joinable and a rank
+    aborts ("terminate called without an active exception") after its work is saved. Local: no
+    collective, so it cannot hang when another rank has failed.
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def fill_deepspeed_config(
     path: str | Path, batch_size: int, grad_accum: int, n_ranks: int, bf16: bool, clip: float
 ) -> dict:

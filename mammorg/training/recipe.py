@@ -22,7 +22,7 @@ import torch
 
 from mammorg.config import load_config
 from mammorg.io import MammorgError
-from mammorg.training.backends import TorchBackend, barrier, broadcast, world
+from mammorg.training.backends import TorchBackend, barrier, broadcast, leave_distributed, world
 from mammorg.training.checkpoint import CheckpointStore
 from mammorg.training.settings import TrainSettings
 
@@ -76,12 +76,13 @@ class EpochRecipe(ABC):
         return CheckpointStore(self.run_dir, self.rank, barrier)
 
     def run(self) -> dict[str, Any]:
-        self.setup()
         try:
+            self.setup()
             self.train()
             self.save()
         finally:
             self.cleanup()
+            leave_distributed()
         return self.result()
 
     def train(self) -> None:
