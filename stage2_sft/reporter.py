@@ -38,6 +38,7 @@ from stage2_sft.data import PromptBuilder, Sample, collate
 from stage2_sft.model import ReportGenerator
 from stage2_sft.stated_findings import FindingTokens, PlannedFindings, StatedFindings
 from terminology.lexicon import Lexicon
+from terminology.normalize import sentence_case
 
 
 @dataclass
@@ -205,6 +206,6 @@ class Reporter:
             )
             ids = self.generator.generate(batch.input_ids, batch.attention_mask, batch.visual, batch.knowledge, **step)
             for exam_id, row in zip(batch.exam_ids, ids):
-                text = str(self.tokenizer.decode(row, skip_special_tokens=True)).strip()
+                text = sentence_case(str(self.tokenizer.decode(row, skip_special_tokens=True)).strip())
                 out.append(GeneratedReport(exam_id, text, parse_report(text)))
         return out

@@ -118,6 +118,19 @@ def canonical_birads(token: str) -> str | None:
     return num + sub.upper()
 
 
+_SENTENCE_OPENING = re.compile(r"(^|[.:]\s+)([a-z])", re.MULTILINE)
+
+
+def sentence_case(text: str) -> str:
+    """Each line and each sentence (after ". " or ": ") opened with a capital letter, as reports
+    are written. The decoder learns normalised text, where a lexicon term is one lower-case unit
+    wherever it stands: a sentence it opens reads "tissue diagnosis is recommended." or "fine
+    pleomorphic calcifications are ..." (in all 462 test reports the tiny decoder and Gemma wrote
+    in the knowledge benchmark, against none of the 231 references). Only a letter's case changes ("7.8 cm" has no
+    space after its point): the parser and the NLG metrics read the text the same."""
+    return _SENTENCE_OPENING.sub(lambda m: m.group(1) + m.group(2).upper(), text)
+
+
 def _surface_pattern(surface: str) -> str:
     """A surface form whose words may be separated by any white space (a line break too)."""
     return r"\s+".join(re.escape(word) for word in surface.split())

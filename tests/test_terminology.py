@@ -12,7 +12,7 @@ from mammorg.io import MammorgError
 from mammorg.synth.findings import sample_exam
 from mammorg.synth.reports import REPORT_STYLES, write_report
 from terminology.lexicon import load_lexicon, validate
-from terminology.normalize import Normalizer
+from terminology.normalize import Normalizer, sentence_case
 from terminology.tokenizer import (
     coverage_report,
     extend_tokenizer,
@@ -85,6 +85,31 @@ def test_report_text_keeps_a_terms_number():
     assert Normalizer.for_reports(load_lexicon())("soft opacity, microcalcifications") == "mass, calcifications"
     forms = [f for t in load_lexicon().terms for f in t.forms]
     assert "masses" in forms and set(forms) <= set(load_lexicon().atomic_terms())
+
+
+def test_generated_sentences_open_with_a_capital():
+    """Normalised text opens a sentence with a lower-case term; the written report does not, and
+    nothing else changes: numbers with a point, references, and what the parser reads."""
+    from evaluation.parser import parse_report
+
+    generated = (
+        "FINDINGS:\nfine pleomorphic calcifications are seen at 2 o'clock, 7.8 cm from the nipple. "
+        "axillary lymph nodes.\nIMPRESSION:\nRight breast: BI-RADS 4C: high suspicion for malignancy.\n"
+        "tissue diagnosis is recommended."
+    )
+    written = sentence_case(generated)
+    assert written == (
+        "FINDINGS:\nFine pleomorphic calcifications are seen at 2 o'clock, 7.8 cm from the nipple. "
+        "Axillary lymph nodes.\nIMPRESSION:\nRight breast: BI-RADS 4C: High suspicion for malignancy.\n"
+        "Tissue diagnosis is recommended."
+    )
+    assert parse_report(written) == parse_report(generated)
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        for style in REPORT_STYLES:
+            reference = write_report(sample_exam(rng), style, rng)
+            if reference != reference.lower():  # one style imitates reports typed all in lower case
+                assert sentence_case(reference) == reference
 
 
 def test_every_term_is_one_token_in_trained_bpe(bpe):
