@@ -54,7 +54,7 @@ CALCIFICATION = FINDINGS.index("calcification")
 ASSOCIATED = [FINDINGS.index("skin_thickening"), FINDINGS.index("nipple_retraction")]  # "There is associated ..."
 NOT_ASSOCIATED = [f for f in range(len(FINDINGS)) if f not in ASSOCIATED]
 ARTICLES = ("A", "An")
-TAKES_ARTICLE = ("mass", "asymmetry", "lymph_node")  # "A 12 mm oval mass", "An intramammary lymph node"
+ARTICLE_OF = {"mass": "A", "asymmetry": "A", "lymph_node": "An"}  # "A 12 mm oval mass", "An intramammary lymph node"
 NEGATIONS = ("no", "not", "without", "negative", "obscure")
 DESCRIBING = {  # lexicon categories of descriptor terms, and the finding they describe
     "mass_shape": "mass",
@@ -133,7 +133,8 @@ class FindingTokens:
     openers: torch.Tensor  # what a sentence naming a finding left over opens with (``_opening_ids``)
     line_openers: torch.Tensor  # the same at a line start
     articles: torch.Tensor  # [2, 2] "A", "An" (``ARTICLES``) after a boundary (" A"), on their own ("A"); -1: no token
-    article_of: torch.Tensor  # [V] the article opening a sentence opened with each token (``ARTICLES``; -1: none)
+    article_of: torch.Tensor  # [7] the article the rules open each finding's sentence with (``ARTICLES``; -1: none)
+    term_article: torch.Tensor  # [V] the article each finding term follows ("An asymmetry"; ``_articles``; -1: none)
     numbers: tuple[torch.Tensor, torch.Tensor]  # numbers after a word boundary (" 12") and on their own ("12"): a size
     inner_articles: torch.Tensor  # [2] " a", " an" inside a sentence ("There is a"); -1: not one token
     spaced: torch.Tensor  # [V] whether an opener's spelling starts with a word boundary (" mass"; other ids: False)
@@ -145,7 +146,7 @@ class FindingTokens:
         vocab = words.ids
         size = max(len(tok), max(vocab.values()) + 1)
         finding_of = torch.full((size,), -1, dtype=torch.long)
-        article_of = torch.full((size,), -1, dtype=torch.long)
+        term_article = torch.full((size,), -1, dtype=torch.long)
         terms = [  # a term's other number names its finding too ("no suspicious calcification")
             (spelt, FINDINGS.index(t.label["finding"]))
             for t in lexicon.terms
@@ -167,7 +168,7 @@ class FindingTokens:
             text = words.text(raw).strip().lower() if last_word.search(raw) else None
             if text in named:
                 finding_of[i] = named[text]
-                article_of[i] = articles.get(text, -1)
+                term_article[i] = articles.get(text, -1)
         negations = words.where(lambda text: text.strip().lower() in NEGATIONS, lambda raw: len(raw) <= 10)
         sides = (side_word_ids(words, "left"), side_word_ids(words, "right"))
         colons = _mark_ids(words, ":")
@@ -216,7 +217,8 @@ class FindingTokens:
             _opening_ids((finding_of >= 0).nonzero().squeeze(1), finding_of, opener_of),
             _opening_ids(line_terms, finding_of, opener_of),
             torch.tensor([[_one_token(tok, lead + a) for lead in (" ", "")] for a in ARTICLES]),
-            article_of,
+            torch.tensor([ARTICLES.index(ARTICLE_OF[f]) if f in ARTICLE_OF else -1 for f in FINDINGS]),
+            term_article,
             (
                 words.where(lambda text: text[:1] == " " and _size(text[1:]), lambda raw: len(raw) <= 4),
                 words.where(_size, lambda raw: len(raw) <= 3),
@@ -228,16 +230,16 @@ class FindingTokens:
 
 
 def _articles(lexicon: Lexicon) -> dict[str, int]:
-    """The article (``ARTICLES`` index) a sentence opened with each finding term opens with,
+    """The article (``ARTICLES`` index) each finding term may follow at a sentence's opening,
     lower-cased spelling → index: "A" for every spelling of a mass (its size comes next: "A 12 mm
     oval mass"); for an asymmetry or a lymph node, as the term sounds ("A focal asymmetry", "An
     asymmetry", "An intramammary lymph node", "A lymph node"), and none for a plural. Traced:
-    one article per finding wrote "A asymmetry is ..." in Gemma's reports of the knowledge
-    benchmark."""
+    with only the finding's article, "A asymmetry is ..." 19 times in Gemma's test reports of
+    the one-style knowledge benchmark."""
     out = {}
     for t in lexicon.terms:
         finding = t.label.get("finding")
-        if finding not in TAKES_ARTICLE:
+        if finding not in ARTICLE_OF:
             continue
         for spelt in t.spellings:
             if finding == "mass":
@@ -913,7 +915,7 @@ class StatedFindings(LogitsProcessor):
         term_ids = terms.to(device)
         wanted = others[:, opener_of[term_ids]]  # [B, K]
         best = term_ids[scores[:, term_ids].masked_fill(~wanted, float("-inf")).argmax(1)]  # [B]
-        takes = self.tokens.article_of.to(device)[best] >= 0
+        takes = self.tokens.article_of.to(device)[opener_of[best]] >= 0
         if lead is None:
             opens_term = others.any(1) & torch.isin(last, boundary) & closes
         else:
@@ -1137,10 +1139,12 @@ class StatedFindings(LogitsProcessor):
         choice: torch.Tensor,
     ) -> None:
         """In place, where a finding left over (``wanted``: ``[B, K]`` over ``term_ids``) opens a
-        sentence after its term's article ("A focal asymmetry", "An intramammary lymph node") and no mass
-        is left: right after an article it takes, where the decoder heads for anything but its
-        term, the likeliest such term follows; where the decoder heads for the article that none
-        of them takes at a sentence's opening, the other is written. Traced on Gemma 3 270M's
+        sentence after an article ("A focal asymmetry", "An intramammary lymph node") and no mass
+        is left: right after an article that one of its terms takes (``FindingTokens.term_article``:
+        "An asymmetry", not "A asymmetry"), where the decoder heads for anything but such a term,
+        the likeliest one follows; where the decoder heads for the article that none of the
+        findings left opens with at a sentence's opening (``FindingTokens.article_of``), the
+        other is written. Traced on Gemma 3 270M's
         reports of the knowledge benchmark: "A" opened for an asymmetry, then " 20 mm ..." (a
         mass's opening), and the mass already named was named again until the token limit (9 of
         231 reports); the tiny decoder's "A 8 mm oval ... mass" twice more where a lymph node was
@@ -1149,8 +1153,9 @@ class StatedFindings(LogitsProcessor):
             return
         device = scores.device
         opens, article, _ = self.opening(input_ids)
-        takes = self.tokens.article_of.to(device)[term_ids]  # [K]
-        fits = wanted & (takes[None] == article[:, None]) & (article >= 0)[:, None]
+        follows = self.tokens.term_article.to(device)[term_ids]  # [K]
+        takes = self.tokens.article_of.to(device)[self.tokens.opener_of.to(device)[term_ids]]  # [K]
+        fits = wanted & (follows[None] == article[:, None]) & (article >= 0)[:, None]
         follow = fits.any(1) & ~(fits & (term_ids[None] == top[:, None])).any(1)
         rows = follow.nonzero().squeeze(1)
         if len(rows):
@@ -1206,11 +1211,11 @@ class StatedFindings(LogitsProcessor):
         choice: torch.Tensor,
         inside: bool = False,
     ) -> None:
-        """In place: ``rows`` write the openers ``ids`` (one each), or the article a sentence
-        opened with each opens with ("A", "An"; ``FindingTokens.article_of``; on its own where
-        ``bare``, else after a space; ``inside`` a sentence: " a", " an")."""
+        """In place: ``rows`` write the openers ``ids`` (one each), or the article their finding's
+        sentence opens with ("A", "An"; on its own where ``bare``, else after a space; ``inside``
+        a sentence: " a", " an")."""
         device = scores.device
-        takes = self.tokens.article_of.to(device)[ids]
+        takes = self.tokens.article_of.to(device)[self.tokens.opener_of.to(device)[ids]]
         if inside:
             article = self.tokens.inner_articles.to(device)[takes.clamp(min=0)]
         else:
@@ -1241,7 +1246,7 @@ class StatedFindings(LogitsProcessor):
         opens, article, bare = self.opening(input_ids)
         openers = tokens.openers.to(device)
         finding = tokens.opener_of.to(device)[openers]
-        takes = tokens.article_of.to(device)[openers]  # [K]
+        follows = tokens.term_article.to(device)[openers]  # [K]
         may = allowed[:, finding]  # [B, K] ("round" opens calcifications, and describes a mass too)
         candidates = scores[:, openers].masked_fill(~may, float("-inf"))
         may &= ~torch.isneginf(candidates)
@@ -1249,7 +1254,7 @@ class StatedFindings(LogitsProcessor):
         rows = steered.nonzero().squeeze(1)
         if len(rows):
             self.open_with(scores, rows, openers[candidates[rows].argmax(1)], bare[rows], choice)
-        fits = may & (takes[None] == article[:, None])
+        fits = may & (follows[None] == article[:, None])
         after = headed & (article >= 0) & fits.any(1) & ~steered
         if not bool(after.any()):
             return steered
