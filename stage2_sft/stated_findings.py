@@ -80,12 +80,15 @@ def _first_pieces(tok: PreTrainedTokenizerBase, headings: tuple[str, ...]) -> to
     return torch.tensor(sorted(i for i in firsts if telling(i)), dtype=torch.long)
 
 
-def _side_phrase(tok: PreTrainedTokenizerBase, side_ids: torch.Tensor, side: str, lead: str = " ") -> tuple[int, ...]:
-    """ " of the left" (or " of the Left") as the tokenizer spells it with the side word whole
-    (the rules see a breast named only in whole side words); none if it spells neither so.
-    ``lead=""``: spelled without its leading word boundary (to follow a lone boundary token)."""
+def _side_phrase(
+    tok: PreTrainedTokenizerBase, side_ids: torch.Tensor, side: str, lead: str = " ", preposition: str = "of"
+) -> tuple[int, ...]:
+    """ " of the left" (or " of the Left"; ``preposition="in"``: " in the left") as the tokenizer
+    spells it with the side word whole (the rules see a breast named only in whole side words);
+    none if it spells neither so. ``lead=""``: spelled without its leading word boundary (to
+    follow a lone boundary token)."""
     for word in (side, side.capitalize()):
-        phrase = spell(tok, f"{lead}of the {word}")
+        phrase = spell(tok, f"{lead}{preposition} the {word}")
         if phrase and phrase[-1] in side_ids.tolist():
             return phrase
     return ()
@@ -139,6 +142,9 @@ class FindingTokens:
     inner_articles: torch.Tensor  # [2] " a", " an" inside a sentence ("There is a"); -1: not one token
     spaced: torch.Tensor  # [V] whether an opener's spelling starts with a word boundary (" mass"; other ids: False)
     associated: torch.Tensor  # "associated" whole in one token ("There is associated ..."); empty: not whole
+    line_denial: int  # "No" opening a line, one token (-1: not one)
+    both_breasts: torch.Tensor  # "either", "both", "bilateral" ("in either breast")
+    denial_side_phrases: tuple[tuple[int, ...], tuple[int, ...]]  # " in the left", " in the right" (empty: not whole)
 
     @classmethod
     def of(cls, tok: PreTrainedTokenizerBase, lexicon: Lexicon) -> FindingTokens:
@@ -226,6 +232,12 @@ class FindingTokens:
             torch.tensor([_one_token(tok, " " + a.lower()) for a in ARTICLES]),
             _spaced(tok, size, finding_of, opener_of),
             torch.tensor(associated, dtype=torch.long),
+            _one_token(tok, "No"),
+            torch.cat([side_word_ids(words, w) for w in ("either", "both", "bilateral")]),
+            (
+                _side_phrase(tok, sides[0], "left", preposition="in"),
+                _side_phrase(tok, sides[1], "right", preposition="in"),
+            ),
         )
 
 
@@ -848,6 +860,67 @@ class StatedFindings(LogitsProcessor):
             choice,
         )
         self.follow_with_associated(input_ids, scores, unnamed & remaining[:, None], side, start, top, choice)
+        self.deny_the_other_breast(input_ids, scores, decided, unnamed, section, top, choice)
+
+    def deny_the_other_breast(
+        self,
+        input_ids: torch.Tensor,
+        scores: torch.Tensor,
+        decided: torch.Tensor,
+        unnamed: torch.Tensor,
+        section: tuple[torch.Tensor, torch.Tensor],
+        top: torch.Tensor,
+        choice: torch.Tensor,
+    ) -> None:
+        """In place: a findings section that has named one breast's findings does not end
+        without a line for the other breast when stage 1 decided nothing for it. Where the
+        decoder heads for the impression heading at a line start, every decided finding named,
+        that line opens with "No" and the decoder words the denial; the line names the other
+        breast only (the named breast's side words and "either", "both" are blocked; where the
+        decoder heads for one of them, or would end the line without a side, the other breast's
+        side word or " in the left" (right) is written). Every reference with findings in one
+        breast has such a line (64 of 64 in the two-style knowledge benchmark's test set); Gemma
+        3 270M left it out in 28 of its 108 such reports, the tiny decoder in 16 of 52."""
+        start, open_section = section
+        tokens = self.tokens
+        if not bool(open_section.any()) or tokens.line_denial < 0:
+            return
+        device = scores.device
+        length = input_ids.shape[1]
+        in_section = torch.arange(1, length + 1, device=device)[None] > start[:, None]
+        sides = [ids.to(device) for ids in tokens.sides]
+        both_ids = tokens.both_breasts.to(device)
+        named = torch.stack([(torch.isin(input_ids, ids) & in_section).any(1) for ids in sides], 1)  # [B, 2]
+        both = (torch.isin(input_ids, both_ids) & in_section).any(1)
+        left_out = ~decided.any(2) & ~named & named.flip(1) & (open_section & ~both)[:, None]  # [B, 2]
+        if not bool(left_out.any()):
+            return
+        at_start = torch.isin(input_ids[:, -1], tokens.line_breaks.to(device))
+        closing = at_start & torch.isin(top, tokens.impression_headings.to(device)) & ~unnamed.flatten(1).any(1)
+        rows = (closing & left_out.any(1)).nonzero().squeeze(1)
+        if len(rows):
+            promote(scores, rows, tokens.line_denial, choice[rows])
+        line = latest_hit(input_ids, tokens.line_breaks)  # the current line's first token is at ``line`` (0-based)
+        first = input_ids.gather(1, line.clamp(max=length - 1)[:, None]).squeeze(1)
+        denying = (line < length) & (first == tokens.line_denial) & left_out.any(1)
+        if not bool(denying.any()):
+            return
+        other = left_out[:, 1].long()  # the breast the line names
+        named_side = [sides[1], sides[0]]  # what each ``other`` blocks
+        blocked = torch.cat([both_ids, tokens.breast.to(device)])
+        for s, ids in enumerate(named_side):
+            mask = (denying & (other == s))[:, None]
+            scores[:, ids] = scores[:, ids].masked_fill(mask, float("-inf"))
+            scores[:, both_ids] = scores[:, both_ids].masked_fill(mask, float("-inf"))
+            headed = denying & (other == s) & torch.isin(top, torch.cat([ids, blocked]))
+            headed &= torch.isin(input_ids[:, -1], tokens.the.to(device))  # "in the" right, breast, ...
+            hit = headed.nonzero().squeeze(1)
+            if len(hit):
+                promote(scores, hit, sides[s][scores[hit][:, sides[s]].argmax(1)], choice[hit])
+        ends = torch.cat([tokens.periods, tokens.line_breaks]).to(device)
+        ending = torch.isin(top, ends) & ~tokens.digit_ends.to(device)[input_ids[:, -1]]
+        for s, phrase in enumerate(tokens.denial_side_phrases):
+            write_phrase(input_ids, scores, denying & (other == s), phrase, ending, top, choice)
 
     def open_denied(
         self,

@@ -915,6 +915,51 @@ def test_the_article_agrees_with_the_term_that_follows_it(local_decoder, tmp_pat
     assert int(StatedFindings(tokens, decided)(ids, scores)[0].argmax()) == a
 
 
+def test_a_findings_section_names_the_breast_stage1_found_nothing_in(local_decoder, tmp_path):
+    """A findings section that named one breast's findings does not end before a line denies
+    findings in the other breast (every reference with findings in one breast has that line;
+    Gemma 3 270M left it out in 28 of 108 reports), and that line names the other breast."""
+    from mammorg.labels import FINDINGS
+    from stage2_sft.assembly import lexicon_of
+    from stage2_sft.config import TerminologySettings
+    from stage2_sft.stated_findings import FindingTokens, StatedFindings
+
+    tok = _tokenizer(local_decoder, tmp_path)
+    tok.add_tokens(
+        ["FINDINGS", "IMPRESSION", "No", " left", " right"]
+    )  # as tokenizers trained on more reports have them
+    tokens = FindingTokens.of(tok, lexicon_of(TerminologySettings()))
+    vocab = tok.get_vocab()
+    assert tokens.line_denial == vocab["No"] and all(tokens.denial_side_phrases)
+    decided = torch.zeros(1, 2, 7, dtype=torch.bool)
+    decided[0, 1, FINDINGS.index("mass")] = True  # the right breast's mass, nothing on the left
+
+    def next_token(text: str, heads_for: int, decided: torch.Tensor = decided) -> int:
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        scores = torch.zeros(1, len(tok))
+        scores[0, heads_for] = 5.0
+        return int(StatedFindings(tokens, decided)(torch.tensor([ids]), scores)[0].argmax())
+
+    section = "FINDINGS:\nA 12 mm oval mass in the upper outer quadrant of the right breast.\n"
+    impression = vocab["IMPRESSION"]
+    assert next_token(section, impression) == vocab["No"]
+    right, left = (
+        tok(" right", add_special_tokens=False)["input_ids"],
+        tok(" left", add_special_tokens=False)["input_ids"],
+    )
+    assert len(right) == len(left) == 1
+    assert next_token(section + "No suspicious mass in the", right[0]) == left[0]
+    period = tok(".", add_special_tokens=False)["input_ids"][0]
+    denial = section + "No suspicious mass, calcifications or architectural distortion"
+    assert next_token(denial, period) == tokens.denial_side_phrases[0][0]  # " in" the left breast
+    # the left breast named, or a finding decided for it, or a line of the decoder's own: no rule
+    assert next_token(section + "No suspicious mass in the left breast.\n", impression) == impression
+    decided_both = decided.clone()
+    decided_both[0, 0, FINDINGS.index("calcification")] = True
+    assert next_token(section, impression, decided_both) != vocab["No"]
+    assert next_token(section + "There is no mass in the", right[0]) == right[0]
+
+
 def test_stated_findings_needs_knowledge_and_atomic_terms():
     with pytest.raises(MammorgError, match="generate.findings=stage1 states stage 1's decisions"):
         load_config("stage2/tiny", Stage2Config, ["knowledge.mode=none", "generate.assessment=plan"])
