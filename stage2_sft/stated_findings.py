@@ -872,15 +872,20 @@ class StatedFindings(LogitsProcessor):
         top: torch.Tensor,
         choice: torch.Tensor,
     ) -> None:
-        """In place: a findings section that has named one breast's findings does not end
-        without a line for the other breast when stage 1 decided nothing for it. Where the
-        decoder heads for the impression heading at a line start, every decided finding named,
-        that line opens with "No" and the decoder words the denial; the line names the other
-        breast only (the named breast's side words and "either", "both" are blocked; where the
-        decoder heads for one of them, or would end the line without a side, the other breast's
-        side word or " in the left" (right) is written). Every reference with findings in one
-        breast has such a line (64 of 64 in the two-style knowledge benchmark's test set); Gemma
-        3 270M left it out in 28 of its 108 such reports, the tiny decoder in 16 of 52."""
+        """In place, in a findings section once every decided finding is named, at a line start:
+
+        - where one breast's findings were named and stage 1 decided nothing for the other, not
+          named yet, the line opens with "No" and the decoder words the denial; the line names
+          that breast only (the named breast's side words and "either", "both" are blocked;
+          where the decoder heads for one of them, or would end the line without a side, that
+          breast's side word or " in the left" (right) is written). Every reference with
+          findings in one breast has such a line (64 of 64 in the two-style knowledge
+          benchmark's test set); Gemma 3 270M left it out in 28 of its 108 such reports, the
+          tiny decoder in 16 of 52, and Gemma repeated its finding lines there instead (2);
+        - where both breasts are named (each with a decided finding, or "either", "both"), the
+          impression heading follows: no reference's findings section has any other line. The
+          demo's tiny decoder, both breasts' masses named, went on to "There is no mass,
+          suspicious calcification, or architectural distortion in the left breast."."""
         start, open_section = section
         tokens = self.tokens
         if not bool(open_section.any()) or tokens.line_denial < 0:
@@ -893,11 +898,16 @@ class StatedFindings(LogitsProcessor):
         named = torch.stack([(torch.isin(input_ids, ids) & in_section).any(1) for ids in sides], 1)  # [B, 2]
         both = (torch.isin(input_ids, both_ids) & in_section).any(1)
         left_out = ~decided.any(2) & ~named & named.flip(1) & (open_section & ~both)[:, None]  # [B, 2]
+        at_start = torch.isin(input_ids[:, -1], tokens.line_breaks.to(device))
+        done = at_start & open_section & ~unnamed.flatten(1).any(1)  # a line opens, every decided finding named
+        covered = done & (named.all(1) | both)
+        headings = tokens.impression_headings.to(device)
+        rows = (covered & ~torch.isin(top, headings)).nonzero().squeeze(1)
+        if len(rows):  # nothing left to write in the section
+            promote(scores, rows, headings[scores[rows][:, headings].argmax(1)], choice[rows])
         if not bool(left_out.any()):
             return
-        at_start = torch.isin(input_ids[:, -1], tokens.line_breaks.to(device))
-        closing = at_start & torch.isin(top, tokens.impression_headings.to(device)) & ~unnamed.flatten(1).any(1)
-        rows = (closing & left_out.any(1)).nonzero().squeeze(1)
+        rows = (done & left_out.any(1) & (top != tokens.line_denial)).nonzero().squeeze(1)
         if len(rows):
             promote(scores, rows, tokens.line_denial, choice[rows])
         line = latest_hit(input_ids, tokens.line_breaks)  # the current line's first token is at ``line`` (0-based)

@@ -918,7 +918,8 @@ def test_the_article_agrees_with_the_term_that_follows_it(local_decoder, tmp_pat
 def test_a_findings_section_names_the_breast_stage1_found_nothing_in(local_decoder, tmp_path):
     """A findings section that named one breast's findings does not end before a line denies
     findings in the other breast (every reference with findings in one breast has that line;
-    Gemma 3 270M left it out in 28 of 108 reports), and that line names the other breast."""
+    Gemma 3 270M left it out in 28 of 108 reports), that line names the other breast, and once
+    both breasts are named the impression follows."""
     from mammorg.labels import FINDINGS
     from stage2_sft.assembly import lexicon_of
     from stage2_sft.config import TerminologySettings
@@ -943,6 +944,8 @@ def test_a_findings_section_names_the_breast_stage1_found_nothing_in(local_decod
     section = "FINDINGS:\nA 12 mm oval mass in the upper outer quadrant of the right breast.\n"
     impression = vocab["IMPRESSION"]
     assert next_token(section, impression) == vocab["No"]
+    a = tok("A", add_special_tokens=False)["input_ids"][0]
+    assert next_token(section, a) == vocab["No"]  # not the mass's line again (Gemma's repeats)
     right, left = (
         tok(" right", add_special_tokens=False)["input_ids"],
         tok(" left", add_special_tokens=False)["input_ids"],
@@ -958,6 +961,15 @@ def test_a_findings_section_names_the_breast_stage1_found_nothing_in(local_decod
     decided_both[0, 0, FINDINGS.index("calcification")] = True
     assert next_token(section, impression, decided_both) != vocab["No"]
     assert next_token(section + "There is no mass in the", right[0]) == right[0]
+    # both breasts named, every decided finding too: the impression follows (no reference's
+    # findings section has another line; the demo's tiny decoder denied a mass it had named)
+    decided_both[0, 0, FINDINGS.index("mass")] = True
+    decided_both[0, 0, FINDINGS.index("calcification")] = False
+    both_named = section + "A 9 mm oval mass in the upper outer quadrant of the left breast.\n"
+    there = tok("There", add_special_tokens=False)["input_ids"][0]
+    assert next_token(both_named, there, decided_both) == impression
+    assert next_token(section + "No suspicious mass in the left breast.\n", there) == impression
+    assert next_token(both_named[:-1] + " There", there, decided_both) == there  # not at a line start
 
 
 def test_stated_findings_needs_knowledge_and_atomic_terms():
