@@ -898,7 +898,7 @@ class StatedFindings(LogitsProcessor):
         named = torch.stack([(torch.isin(input_ids, ids) & in_section).any(1) for ids in sides], 1)  # [B, 2]
         both = (torch.isin(input_ids, both_ids) & in_section).any(1)
         left_out = ~decided.any(2) & ~named & named.flip(1) & (open_section & ~both)[:, None]  # [B, 2]
-        at_start = torch.isin(input_ids[:, -1], tokens.line_breaks.to(device))
+        at_start, _ = self.line_starts(input_ids)
         done = at_start & open_section & ~unnamed.flatten(1).any(1)  # a line opens, every decided finding named
         covered = done & (named.all(1) | both)
         headings = tokens.impression_headings.to(device)
@@ -927,10 +927,7 @@ class StatedFindings(LogitsProcessor):
             hit = headed.nonzero().squeeze(1)
             if len(hit):
                 promote(scores, hit, sides[s][scores[hit][:, sides[s]].argmax(1)], choice[hit])
-        ends = torch.cat([tokens.periods, tokens.line_breaks]).to(device)
-        ending = torch.isin(top, ends) & ~tokens.digit_ends.to(device)[input_ids[:, -1]]
-        for s, phrase in enumerate(tokens.denial_side_phrases):
-            write_phrase(input_ids, scores, denying & (other == s), phrase, ending, top, choice)
+        self.place(input_ids, scores, torch.where(denying, other, -1), top, choice, tokens.denial_side_phrases)
 
     def open_denied(
         self,
@@ -1422,11 +1419,18 @@ class StatedFindings(LogitsProcessor):
                 promote(scores, mine, ids[scores[mine][:, ids].argmax(1)], choice[mine])
 
     def place(
-        self, input_ids: torch.Tensor, scores: torch.Tensor, side: torch.Tensor, top: torch.Tensor, choice: torch.Tensor
+        self,
+        input_ids: torch.Tensor,
+        scores: torch.Tensor,
+        side: torch.Tensor,
+        top: torch.Tensor,
+        choice: torch.Tensor,
+        phrases: tuple[tuple[int, ...], tuple[int, ...]] | None = None,
     ) -> None:
         """In place: a sentence that named findings in a line that names no breast (``side``: the
         breast stage 1 decided them for, -1: none such) does not end before it names the breast:
-        where the decoder would end it, " of the left" (right) is written and the decoder goes on;
+        where the decoder would end it, " of the left" (right; ``phrases``, if given: a denial's
+        " in the left") is written and the decoder goes on;
         where the decoder writes " of" itself ("... in the lower inner quadrant of"), " the left"
         follows. (" in the" was tried first: the decoder's own " in" ("in a regional
         distribution") then became the side, and the location was lost.)
@@ -1437,7 +1441,7 @@ class StatedFindings(LogitsProcessor):
         device = scores.device
         ends = torch.cat([self.tokens.periods, self.tokens.line_breaks]).to(device)
         ending = torch.isin(top, ends) & ~self.tokens.digit_ends.to(device)[input_ids[:, -1]]  # not "7.1"
-        for s, phrase in enumerate(self.tokens.side_phrases):
+        for s, phrase in enumerate(self.tokens.side_phrases if phrases is None else phrases):
             if phrase:  # empty: the tokenizer splits the side word, the rule is off for this side
                 write_phrase(input_ids, scores, side == s, phrase, ending, top, choice)
 
